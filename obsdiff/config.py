@@ -1,0 +1,57 @@
+"""Turning Hydra configs into objects, once, in the apps.
+
+Library code never sees a DictConfig: apps call `instantiate` on a config group node and pass the
+resulting typed objects down. `instantiate` only builds classes of obsdiff itself, so that a
+config file cannot construct arbitrary objects, and it turns a wrong key into one clear error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import hydra.utils
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+ALLOWED_TARGET_PREFIXES = ("obsdiff.",)
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config node cannot be turned into the object it describes."""
+
+
+def instantiate(node: DictConfig, expected: type[T], group: str) -> T:
+    """Build the object of a config group option, e.g. `instantiate(cfg.model, ModelAdapter, "model")`.
+
+    Raises ConfigError naming the group and the problem when the target is missing or not an
+    obsdiff class, a key is unknown or a value invalid, or the result is not an `expected`.
+    """
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
+        raise ConfigError(
+            f"config group {group!r}: `_target_` must name an obsdiff class "
+            f"(prefix {ALLOWED_TARGET_PREFIXES}); got {target!r}"
+        )
+    try:
+        obj = hydra.utils.instantiate(node, _convert_="all")
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise ConfigError(f"config group {group!r} ({target}): {cause}") from err
+    if not isinstance(obj, expected):
+        raise ConfigError(
+            f"config group {group!r}: {target} built a {type(obj).__name__}, "
+            f"expected a {expected.__name__}"
+        )
+    return obj
+
+
+def to_plain(node: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain containers (for result files and loggers)."""
+    plain = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(plain, dict)
+    return {str(k): v for k, v in plain.items()}

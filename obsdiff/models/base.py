@@ -1,0 +1,267 @@
+"""The model adapter contract: how one architecture family is loaded and sampled.
+
+An adapter instance is one model configuration (`conf/model/<name>.yaml`): where the weights come
+from (a hub id, a local directory, or a tiny recipe built in code), the dtype, and the sampling
+defaults of the paper's setup. Everything is validated in the constructor, before any weights are
+touched; `load()` then returns a diffusers pipeline with every component in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DiffusionPipeline
+from torch import nn
+
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class ModelConfigError(ValueError):
+    """A model configuration is invalid; raised before anything is loaded."""
+
+
+class ModelLoadError(RuntimeError):
+    """A pipeline could not be loaded from its hub id or local path."""
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How the pipeline is called by default (the paper's setup for each real model).
+
+    `negative_prompt` and `true_cfg_scale` matter only where the pipeline accepts them
+    (`true_cfg_scale > 1` turns on real classifier-free guidance for Flux).
+    `max_sequence_length` caps the T5 prompt length (SD3 and Flux only).
+    """
+
+    num_inference_steps: int = 28
+    guidance_scale: float = 7.0
+    height: int = 512
+    width: int = 512
+    negative_prompt: str | None = None
+    true_cfg_scale: float | None = None
+    max_sequence_length: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.num_inference_steps < 1:
+            problems.append(f"num_inference_steps={self.num_inference_steps} must be >= 1")
+        if self.guidance_scale < 0:
+            problems.append(f"guidance_scale={self.guidance_scale} must be >= 0")
+        if self.height < 8 or self.width < 8:
+            problems.append(f"height x width = {self.height} x {self.width} is too small")
+        if self.true_cfg_scale is not None and self.true_cfg_scale < 1:
+            problems.append(f"true_cfg_scale={self.true_cfg_scale} must be >= 1 (or null)")
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            problems.append(f"max_sequence_length={self.max_sequence_length} must be >= 1")
+        if problems:
+            raise ModelConfigError("invalid model.sampling: " + "; ".join(problems))
+
+
+def looks_like_local_path(source: str) -> bool:
+    """True when `source` is meant as a filesystem path rather than a hub id (`org/name`)."""
+    return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().exists()
+
+
+def set_eval_mode(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """Put every torch component in eval mode (models built from configs start in train mode)."""
+    for component in pipe.components.values():
+        if isinstance(component, nn.Module):
+            component.eval()
+    return pipe
+
+
+def null_components(model_dir: Path) -> dict[str, None]:
+    """Components that `model_index.json` records as absent (e.g. SD3 saved without T5).
+
+    diffusers refuses to load such a directory unless those components are passed as None.
+    """
+    index_file = model_dir / "model_index.json"
+    if not index_file.is_file():
+        return {}
+    index = json.loads(index_file.read_text())
+    return {
+        name: None
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and value[0] is None
+    }
+
+
+class ModelAdapter(ABC):
+    """One architecture family (SD3/SD3.5, Flux, SDXL) and one model configuration of it."""
+
+    family: ClassVar[str]
+    pipeline_classes: ClassVar[tuple[str, ...]]  # accepted diffusers pipeline class names
+    denoiser_attr: ClassVar[str]  # "transformer" or "unet"
+    tiny_variants: ClassVar[tuple[str, ...]]  # recipes of `obsdiff.models.tiny`
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: str | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        dtype: str = "float32",
+        tiny: str | None = None,
+        seed: int = 0,
+        sampling: dict[str, Any] | SamplingDefaults | None = None,
+        load_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if (pretrained is None) == (tiny is None):
+            raise ModelConfigError(
+                f"model {name!r}: set exactly one of `pretrained` (a hub id or local path) "
+                f"and `tiny` (one of {list(self.tiny_variants)}); got pretrained={pretrained!r}, "
+                f"tiny={tiny!r}"
+            )
+        if dtype not in DTYPES:
+            raise ModelConfigError(
+                f"model {name!r}: dtype={dtype!r} is not supported; use one of {list(DTYPES)}"
+            )
+        if tiny is not None and tiny not in self.tiny_variants:
+            raise ModelConfigError(
+                f"model {name!r}: tiny={tiny!r} is not a {self.family} recipe; "
+                f"use one of {list(self.tiny_variants)}"
+            )
+        if pretrained is not None and looks_like_local_path(pretrained):
+            local = Path(pretrained).expanduser()
+            if not (local / "model_index.json").is_file():
+                raise ModelConfigError(
+                    f"model {name!r}: local path {str(local)!r} is not a diffusers pipeline "
+                    "directory (no model_index.json there). Point `model.pretrained` at the folder "
+                    "written by `pipe.save_pretrained(...)` or by "
+                    "`hf download <hub id> --local-dir <folder>`."
+                )
+        self.name = name
+        self.pretrained = pretrained
+        self.revision = revision
+        self.variant = variant
+        self.dtype = dtype
+        self.tiny = tiny
+        self.seed = seed
+        self.sampling = (
+            sampling
+            if isinstance(sampling, SamplingDefaults)
+            else SamplingDefaults(**(sampling or {}))
+        )
+        self.load_kwargs = dict(load_kwargs or {})
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data summary for logs and result files."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "pretrained": self.pretrained,
+            "revision": self.revision,
+            "variant": self.variant,
+            "dtype": self.dtype,
+            "tiny": self.tiny,
+            "seed": self.seed if self.tiny else None,
+            "sampling": asdict(self.sampling),
+        }
+
+    # ------------------------------------------------------------------ loading
+    def load(self) -> DiffusionPipeline:
+        """The pipeline on the CPU in `self.dtype`, every component in eval mode."""
+        if self.tiny is not None:
+            pipe = self.build_tiny(self.tiny, self.seed)
+            if self.torch_dtype != torch.float32:
+                pipe = pipe.to(self.torch_dtype)
+        else:
+            pipe = self._from_pretrained()
+        return set_eval_mode(pipe)
+
+    def _from_pretrained_kwargs(self) -> dict[str, Any]:
+        """Extra `from_pretrained` arguments of the family (e.g. dropping T5)."""
+        return {}
+
+    def _from_pretrained(self) -> DiffusionPipeline:
+        assert self.pretrained is not None
+        source = self.pretrained
+        kwargs: dict[str, Any] = {
+            "dtype": self.torch_dtype,
+            "use_safetensors": True,  # never unpickle weights
+        }
+        if self.revision is not None:
+            kwargs["revision"] = self.revision
+        if self.variant is not None:
+            kwargs["variant"] = self.variant
+        if looks_like_local_path(source):
+            source = str(Path(source).expanduser())
+            kwargs.update(null_components(Path(source)))
+        kwargs.update(self._from_pretrained_kwargs())
+        kwargs.update(self.load_kwargs)
+        log.info("loading %s pipeline %r (%s)", self.family, source, self.dtype)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(self._load_failure_message(source, err)) from err
+        self._check_pipeline_class(pipe, source)
+        return pipe
+
+    def _load_failure_message(self, source: str, err: Exception) -> str:
+        where = "local directory" if looks_like_local_path(source) else "hub id"
+        revision = f" at revision {self.revision!r}" if self.revision else ""
+        return (
+            f"model {self.name!r}: could not load the {self.family} pipeline from {where} "
+            f"{source!r}{revision}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+            "If this machine has no network access or the repository is gated (accept its licence "
+            "on the hub and run `hf auth login`), download it once elsewhere with "
+            f"`hf download {source} --local-dir <folder>` and point the config at the copy: "
+            f"`model.pretrained=<folder>` on the command line or `pretrained:` in conf/model/{self.name}.yaml."
+        )
+
+    def _check_pipeline_class(self, pipe: DiffusionPipeline, source: str) -> None:
+        cls_name = type(pipe).__name__
+        if cls_name not in self.pipeline_classes:
+            raise ModelLoadError(
+                f"model {self.name!r}: {source!r} holds a {cls_name}, but the {self.family} adapter "
+                f"expects one of {list(self.pipeline_classes)}; pick the model config of the right "
+                "family (see conf/model/)"
+            )
+
+    @abstractmethod
+    def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
+        """A tiny random-weight pipeline of this family, built in code (no files fetched)."""
+
+    # ----------------------------------------------------------------- sampling
+    def denoiser(self, pipe: DiffusionPipeline) -> nn.Module:
+        """The module that is pruned: the MMDiT transformer or the UNet."""
+        return getattr(pipe, self.denoiser_attr)
+
+    def call_kwargs(self, sampling: SamplingDefaults | None = None) -> dict[str, Any]:
+        """Keyword arguments for `pipe(prompt=..., **kwargs)` with these sampling settings."""
+        s = sampling or self.sampling
+        kwargs: dict[str, Any] = {
+            "num_inference_steps": s.num_inference_steps,
+            "guidance_scale": s.guidance_scale,
+            "height": s.height,
+            "width": s.width,
+        }
+        if s.negative_prompt is not None:
+            kwargs["negative_prompt"] = s.negative_prompt
+        return kwargs
+
+    def uses_cfg(self, sampling: SamplingDefaults | None = None) -> bool:
+        """Whether a call runs classifier-free guidance (an unconditional branch)."""
+        s = sampling or self.sampling
+        return s.guidance_scale > 1.0
+
+    def __repr__(self) -> str:
+        source = f"tiny={self.tiny!r}" if self.tiny else f"pretrained={self.pretrained!r}"
+        return f"{type(self).__name__}(name={self.name!r}, {source}, dtype={self.dtype!r})"

@@ -1,0 +1,240 @@
+"""The tiny offline zoo: random-weight pipelines of every supported family, built in code.
+
+Same diffusers classes and module names as the real checkpoints, a few hundred thousand
+parameters each, tokenizers built from in-memory vocabularies (nothing is fetched), deterministic
+from a seed and returned in eval mode. They exercise every code path of obsdiff on a CPU in well
+under a second; they are the test fixtures and the demo models. Sizes are chosen to keep the
+real models' coupling rules (e.g. SD3's joint attention width >= the two CLIP widths together).
+"""
+
+from __future__ import annotations
+
+import string
+
+import tokenizers
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+from obsdiff.models.base import set_eval_mode
+
+
+CLIP_MAX_LENGTH = 77  # as the real CLIP tokenizers; the pipelines assume it
+CLIP_VOCAB_SIZE = 514  # 2 specials + 2 x 256 byte-level characters (see `char_clip_tokenizer`)
+TEXT_WIDTH = 32  # hidden size of the tiny CLIP text encoders
+
+
+# --------------------------------------------------------------------------- tokenizers
+def char_clip_tokenizer() -> CLIPTokenizer:
+    """Byte-level BPE with no merges: one token per character, 514 ids, no files."""
+    chars = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab.update({c: i + 2 for i, c in enumerate(chars)})
+    vocab.update({c + "</w>": i + 2 + len(chars) for i, c in enumerate(chars)})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
+
+
+def char_t5_tokenizer() -> T5Tokenizer:
+    """Unigram pieces for letters, digits and punctuation; <pad>=0, </s>=1, <unk>=2 as in T5."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    for ch in string.ascii_letters + string.digits + ".,!?'-":
+        pieces += [(ch, -5.0), ("\u2581" + ch, -4.0)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=CLIP_MAX_LENGTH)
+
+
+# --------------------------------------------------------------------------- encoders, VAE
+def _clip_config(projection_dim: int = TEXT_WIDTH) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=CLIP_VOCAB_SIZE,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        projection_dim=projection_dim,
+        hidden_act="gelu",
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+
+
+def tiny_clip_text_encoder(with_projection: bool) -> CLIPTextModel | CLIPTextModelWithProjection:
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(_clip_config())
+
+
+def tiny_t5_encoder(d_model: int) -> T5EncoderModel:
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=200,
+            d_model=d_model,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+
+
+def tiny_vae(scaling_factor: float, shift_factor: float | None, quant_conv: bool) -> AutoencoderKL:
+    """Two-level VAE, 4 latent channels, spatial factor 2."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=quant_conv,
+        use_post_quant_conv=quant_conv,
+    )
+
+
+# --------------------------------------------------------------------------- pipelines
+def tiny_sd3_pipeline(
+    seed: int = 0, with_t5: bool = True, sd35: bool = False
+) -> StableDiffusion3Pipeline:
+    """SD3-Medium in miniature: 4 MMDiT blocks of 4 heads x 8, the last one `context_pre_only`.
+
+    `sd35=True` adds the SD3.5-Medium extras: RMS qk-norm everywhere and dual-attention
+    (`attn2`) in the first two blocks.
+    """
+    torch.manual_seed(seed)
+    joint_width = 2 * TEXT_WIDTH  # CLIP-L + CLIP-G widths, zero-padded to the T5 width
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=4,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=joint_width,
+        pooled_projection_dim=2 * TEXT_WIDTH,
+        pos_embed_max_size=32,
+        qk_norm="rms_norm" if sd35 else None,
+        dual_attention_layers=(0, 1) if sd35 else (),
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(scaling_factor=1.5305, shift_factor=0.0609, quant_conv=False),
+        text_encoder=tiny_clip_text_encoder(with_projection=True),
+        tokenizer=char_clip_tokenizer(),
+        text_encoder_2=tiny_clip_text_encoder(with_projection=True),
+        tokenizer_2=char_clip_tokenizer(),
+        text_encoder_3=tiny_t5_encoder(d_model=joint_width) if with_t5 else None,
+        tokenizer_3=char_t5_tokenizer() if with_t5 else None,
+    )
+    return set_eval_mode(pipe)
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> FluxPipeline:
+    """FLUX.1 in miniature: 2 double-stream and 2 single-stream blocks of 2 heads x 16.
+
+    `guidance_embeds=True` is FLUX.1-dev (guidance-distilled); False is FLUX.1-schnell.
+    """
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 VAE latent channels packed 2 x 2
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_WIDTH,  # T5 width
+        pooled_projection_dim=TEXT_WIDTH,  # CLIP pooled width
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
+    )
+    if guidance_embeds:
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=tiny_vae(scaling_factor=0.3611, shift_factor=0.1159, quant_conv=False),
+        text_encoder=tiny_clip_text_encoder(with_projection=False),
+        tokenizer=char_clip_tokenizer(),
+        text_encoder_2=tiny_t5_encoder(d_model=TEXT_WIDTH),
+        tokenizer_2=char_t5_tokenizer(),
+    )
+    return set_eval_mode(pipe)
+
+
+def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL in miniature: a two-level UNet whose cross-attention level holds 1 and 2
+    BasicTransformerBlocks (linear projections, GEGLU FFNs) and `text_time` added conditioning."""
+    torch.manual_seed(seed)
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),  # diffusers' UNet name for the number of heads
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + TEXT_WIDTH,
+        cross_attention_dim=2 * TEXT_WIDTH,  # both CLIP encoders' hidden states, concatenated
+        norm_num_groups=4,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        scheduler=scheduler,
+        vae=tiny_vae(scaling_factor=0.13025, shift_factor=None, quant_conv=True),
+        text_encoder=tiny_clip_text_encoder(with_projection=False),
+        tokenizer=char_clip_tokenizer(),
+        text_encoder_2=tiny_clip_text_encoder(with_projection=True),
+        tokenizer_2=char_clip_tokenizer(),
+    )
+    return set_eval_mode(pipe)

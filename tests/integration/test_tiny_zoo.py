@@ -1,0 +1,224 @@
+"""Every tiny pipeline: built in code, generates with CFG, and round-trips through the real loader."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.normalization import RMSNorm
+from PIL import Image
+
+from obsdiff.models import (
+    FluxAdapter,
+    ModelAdapter,
+    ModelLoadError,
+    SD3Adapter,
+    SDXLAdapter,
+)
+
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["a red circle on a blue background", "a green square"]
+SAMPLING = {"num_inference_steps": 2, "height": 64, "width": 64}
+PARAMETER_BUDGET = 500_000  # "a few hundred thousand parameters at most", whole pipeline
+
+# name -> (adapter class, constructor arguments, denoiser calls per step, batch per call)
+ZOO: dict[str, tuple[type[ModelAdapter], dict[str, Any], int, int]] = {
+    "tiny_sd3": (
+        SD3Adapter,
+        {"tiny": "sd3", "sampling": {**SAMPLING, "guidance_scale": 5.0}},
+        1,
+        4,
+    ),
+    "tiny_sd3_no_t5": (
+        SD3Adapter,
+        {"tiny": "sd3", "with_t5": False, "sampling": {**SAMPLING, "guidance_scale": 5.0}},
+        1,
+        4,
+    ),
+    "tiny_sd35": (
+        SD3Adapter,
+        {"tiny": "sd35", "sampling": {**SAMPLING, "guidance_scale": 5.0}},
+        1,
+        4,
+    ),
+    # Flux-dev is guidance-distilled; real CFG runs the conditional and unconditional calls apart.
+    "tiny_flux": (
+        FluxAdapter,
+        {
+            "tiny": "dev",
+            "sampling": {
+                **SAMPLING,
+                "true_cfg_scale": 4.0,
+                "negative_prompt": "",
+                "guidance_scale": 3.5,
+            },
+        },
+        2,
+        2,
+    ),
+    "tiny_sdxl": (
+        SDXLAdapter,
+        {"tiny": "sdxl", "sampling": {**SAMPLING, "guidance_scale": 5.0}},
+        1,
+        4,
+    ),
+}
+
+
+def make_adapter(name: str, **overrides: Any) -> ModelAdapter:
+    cls, kwargs, _, _ = ZOO[name]
+    return cls(name=name, **{**kwargs, **overrides})
+
+
+def latents(pipe: DiffusionPipeline, adapter: ModelAdapter, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        out = pipe(PROMPTS, generator=generator, output_type="latent", **adapter.call_kwargs())
+    return out.images
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture(params=sorted(ZOO))
+def zoo_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_build_is_small_deterministic_and_in_eval_mode(zoo_name: str) -> None:
+    pipe = make_adapter(zoo_name).load()
+    modules = {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
+    assert all(not m.training for mod in modules.values() for m in mod.modules())
+    assert sum(n_params(m) for m in modules.values()) <= PARAMETER_BUDGET
+
+    again = make_adapter(zoo_name).load()
+    other_seed = make_adapter(zoo_name, seed=1).load()
+    for key, module in modules.items():
+        state, state_again = module.state_dict(), again.components[key].state_dict()
+        assert all(torch.equal(state[k], state_again[k]) for k in state)
+    denoiser = make_adapter(zoo_name).denoiser(pipe)
+    other = make_adapter(zoo_name).denoiser(other_seed)
+    assert any(not torch.equal(a, b) for a, b in zip(denoiser.parameters(), other.parameters()))
+
+
+def test_sd3_structure_matches_the_real_model() -> None:
+    transformer = make_adapter("tiny_sd3").load().transformer
+    blocks = transformer.transformer_blocks
+    assert [b.context_pre_only for b in blocks] == [False, False, False, True]
+    last = blocks[-1]
+    assert last.attn.to_add_out is None and last.ff_context is None
+    names = {n for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
+        "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+        "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear", "norm1_context.linear",
+    } <= names  # fmt: skip
+    assert transformer.config.num_attention_heads >= 2
+    assert all(b.attn2 is None for b in blocks)
+
+
+def test_sd35_has_qk_norm_and_dual_attention() -> None:
+    blocks = make_adapter("tiny_sd35").load().transformer.transformer_blocks
+    assert [b.attn2 is not None for b in blocks] == [True, True, False, False]
+    assert all(isinstance(b.attn.norm_q, RMSNorm) for b in blocks)
+    assert isinstance(blocks[0].attn2.norm_k, RMSNorm)
+    assert blocks[-1].context_pre_only
+
+
+def test_flux_has_double_single_blocks_and_guidance_embedding() -> None:
+    transformer = make_adapter("tiny_flux").load().transformer
+    assert len(transformer.transformer_blocks) == 2
+    assert len(transformer.single_transformer_blocks) == 2
+    assert transformer.config.guidance_embeds
+    assert hasattr(transformer.time_text_embed, "guidance_embedder")
+    single = {n for n, m in transformer.single_transformer_blocks[0].named_modules()}
+    assert {"proj_mlp", "proj_out", "attn.to_q", "attn.to_k", "attn.to_v"} <= single
+    schnell = FluxAdapter(name="s", tiny="schnell").load().transformer
+    assert not schnell.config.guidance_embeds
+
+
+def test_sdxl_has_text_time_linear_projections_and_geglu() -> None:
+    unet = make_adapter("tiny_sdxl").load().unet
+    assert unet.config.addition_embed_type == "text_time"
+    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    assert len(blocks) >= 4
+    assert all(type(b.ff.net[0]).__name__ == "GEGLU" for b in blocks)
+    projections = [m.proj_in for m in unet.modules() if hasattr(m, "proj_in")]
+    assert projections and all(isinstance(p, torch.nn.Linear) for p in projections)
+
+
+def test_generation_with_cfg_latent_and_pil(zoo_name: str) -> None:
+    _, _, calls_per_step, batch_per_call = ZOO[zoo_name]
+    adapter = make_adapter(zoo_name)
+    assert adapter.uses_cfg()
+    pipe = adapter.load()
+    seen: list[int] = []
+
+    def count_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else kwargs.get("sample"))
+        seen.append(hidden.shape[0])
+
+    handle = adapter.denoiser(pipe).register_forward_pre_hook(count_call, with_kwargs=True)
+    try:
+        out = latents(pipe, adapter)
+    finally:
+        handle.remove()
+    steps = SAMPLING["num_inference_steps"]
+    assert seen == [batch_per_call] * (calls_per_step * steps)
+    expected = (
+        (2, 256, 16) if adapter.family == "flux" else (2, 4, 32, 32)
+    )  # Flux latents are packed
+    assert tuple(out.shape) == expected
+    assert torch.isfinite(out).all()
+    assert not torch.equal(out[0], out[1])
+
+    generator = torch.Generator().manual_seed(0)
+    images = pipe(PROMPTS, generator=generator, output_type="pil", **adapter.call_kwargs()).images
+    assert len(images) == 2
+    assert all(isinstance(im, Image.Image) and im.size == (64, 64) for im in images)
+
+
+def test_save_load_round_trip_is_bit_identical(zoo_name: str, tmp_path: Path) -> None:
+    tiny = make_adapter(zoo_name)
+    pipe = tiny.load()
+    reference = latents(pipe, tiny, seed=3)
+    pipe.save_pretrained(tmp_path)
+    assert not list(tmp_path.rglob("*.bin")) and list(tmp_path.rglob("*.safetensors"))
+
+    cls, kwargs, _, _ = ZOO[zoo_name]
+    extra = {k: v for k, v in kwargs.items() if k not in ("tiny",)}
+    real_path = cls(name=zoo_name, pretrained=str(tmp_path), **extra)
+    loaded = real_path.load()
+    assert type(loaded) is type(pipe)
+    assert torch.equal(latents(loaded, real_path, seed=3), reference)
+
+
+def test_bfloat16_dtype_is_applied() -> None:
+    pipe = make_adapter("tiny_sd3", dtype="bfloat16").load()
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
+
+
+def test_unreachable_hub_id_gives_one_clear_error() -> None:
+    adapter = SD3Adapter(name="sd3_medium", pretrained="obsdiff-tests/no-such-model")
+    started = time.perf_counter()
+    with pytest.raises(ModelLoadError) as info:
+        adapter.load()
+    assert time.perf_counter() - started < 30
+    message = str(info.value)
+    assert "obsdiff-tests/no-such-model" in message
+    assert "model.pretrained=<folder>" in message and "conf/model/sd3_medium.yaml" in message
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_pipeline_of_another_family_is_refused(tmp_path: Path) -> None:
+    make_adapter("tiny_flux").load().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="holds a FluxPipeline.*sd3 adapter"):
+        SD3Adapter(name="sd3_medium", pretrained=str(tmp_path)).load()
