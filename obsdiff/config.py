@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 
 def instantiate(node: DictConfig, expected: type[T], group: str) -> T:
-    """Build the object of a config group option, e.g. `instantiate(cfg.model, ModelAdapter, "model")`.
+    """Build the object of a config group option: `instantiate(cfg.model, ModelAdapter, "model")`.
 
     Raises ConfigError naming the group and the problem when the target is missing or not an
     obsdiff class, a key is unknown or a value invalid, or the result is not an `expected`.

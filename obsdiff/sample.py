@@ -1,4 +1,4 @@
-"""`python -m obsdiff.sample`: images for a few prompts from one model config (see conf/sample.yaml)."""
+"""`python -m obsdiff.sample`: images for a few prompts from one model config (conf/sample.yaml)."""
 
 from __future__ import annotations
 

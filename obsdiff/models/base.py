@@ -217,22 +217,24 @@ class ModelAdapter(ABC):
     def _load_failure_message(self, source: str, err: Exception) -> str:
         where = "local directory" if looks_like_local_path(source) else "hub id"
         revision = f" at revision {self.revision!r}" if self.revision else ""
+        reason = str(err).splitlines()[0] if str(err) else ""
         return (
             f"model {self.name!r}: could not load the {self.family} pipeline from {where} "
-            f"{source!r}{revision}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+            f"{source!r}{revision}: {type(err).__name__}: {reason}\n"
             "If this machine has no network access or the repository is gated (accept its licence "
             "on the hub and run `hf auth login`), download it once elsewhere with "
             f"`hf download {source} --local-dir <folder>` and point the config at the copy: "
-            f"`model.pretrained=<folder>` on the command line or `pretrained:` in conf/model/{self.name}.yaml."
+            "`model.pretrained=<folder>` on the command line or `pretrained:` in "
+            f"conf/model/{self.name}.yaml."
         )
 
     def _check_pipeline_class(self, pipe: DiffusionPipeline, source: str) -> None:
         cls_name = type(pipe).__name__
         if cls_name not in self.pipeline_classes:
             raise ModelLoadError(
-                f"model {self.name!r}: {source!r} holds a {cls_name}, but the {self.family} adapter "
-                f"expects one of {list(self.pipeline_classes)}; pick the model config of the right "
-                "family (see conf/model/)"
+                f"model {self.name!r}: {source!r} holds a {cls_name}, but the {self.family} "
+                f"adapter expects one of {list(self.pipeline_classes)}; pick the model config "
+                "of the right family (see conf/model/)"
             )
 
     @abstractmethod

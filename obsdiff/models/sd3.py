@@ -21,7 +21,7 @@ class SD3Adapter(ModelAdapter):
     tiny_variants = ("sd3", "sd35")
 
     def __init__(self, *args: Any, with_t5: bool = True, **kwargs: Any) -> None:
-        """`with_t5=False` drops the T5 encoder (about 4.7 B parameters); SD3 then pads with zeros."""
+        """`with_t5=False` drops the T5 encoder (4.7 B parameters); SD3 then pads with zeros."""
         super().__init__(*args, **kwargs)
         self.with_t5 = with_t5
 

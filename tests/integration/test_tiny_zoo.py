@@ -1,4 +1,4 @@
-"""Every tiny pipeline: built in code, generates with CFG, and round-trips through the real loader."""
+"""Every tiny pipeline: built in code, samples with CFG, round-trips through the real loader."""
 
 from __future__ import annotations
 
@@ -106,7 +106,10 @@ def test_build_is_small_deterministic_and_in_eval_mode(zoo_name: str) -> None:
         assert all(torch.equal(state[k], state_again[k]) for k in state)
     denoiser = make_adapter(zoo_name).denoiser(pipe)
     other = make_adapter(zoo_name).denoiser(other_seed)
-    assert any(not torch.equal(a, b) for a, b in zip(denoiser.parameters(), other.parameters()))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(denoiser.parameters(), other.parameters(), strict=True)
+    )
 
 
 def test_sd3_structure_matches_the_real_model() -> None:
