@@ -14,6 +14,8 @@ import hydra.utils
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from obsdiff.models.base import ModelAdapter
+
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ALLOWED_TARGET_PREFIXES = ("obsdiff.",)
@@ -48,6 +50,11 @@ def instantiate(node: DictConfig, expected: type[T], group: str) -> T:
             f"expected a {expected.__name__}"
         )
     return obj
+
+
+def instantiate_model(node: DictConfig) -> ModelAdapter:
+    """The adapter of the `model` config group."""
+    return instantiate(node, ModelAdapter, "model")  # type: ignore[type-abstract]
 
 
 def to_plain(node: DictConfig) -> dict[str, Any]:

@@ -9,8 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from obsdiff.config import CONF_DIR, ConfigError, instantiate
-from obsdiff.models.base import ModelAdapter
+from obsdiff.config import CONF_DIR, ConfigError, instantiate_model
 from obsdiff.sampling import sample_to_dir
 from obsdiff.utils.devices import resolve_device
 
@@ -20,7 +19,7 @@ log = logging.getLogger(__name__)
 
 @hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    model = instantiate(cfg.model, ModelAdapter, "model")
+    model = instantiate_model(cfg.model)
     prompts = [str(p) for p in cfg.prompts]
     if not prompts:
         raise ConfigError("prompts is empty; give at least one, e.g. 'prompts=[a red circle]'")

@@ -94,7 +94,6 @@ def tiny_t5_encoder(d_model: int) -> T5EncoderModel:
             relative_attention_num_buckets=8,
             pad_token_id=0,
             eos_token_id=1,
-            decoder_start_token_id=0,
         )
     )
 

@@ -1,0 +1,68 @@
+# obsdiff: `make test` and `make run` each set up the environment on their own (see README.md).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.obsdiff-installed
+PYTEST_ARGS ?=
+
+# The tested torch/torchvision pair, installed before the package so that pip never swaps in
+# another torch to satisfy torchvision (clean-fid needs torchvision). Override for your CUDA, e.g.
+#   make install TORCH_SPEC="torch==2.5.1 torchvision==0.20.1 --index-url https://download.pytorch.org/whl/cu124"
+ifeq ($(shell uname -m),aarch64)
+TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+endif
+
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: help install run test test-all test-gpu lint format typecheck clean clean-outputs
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+# (Re)create the virtual environment when it is missing, broken, or older than pyproject.toml.
+$(STAMP): pyproject.toml Makefile
+	@if ! $(PY) -c "import sys" >/dev/null 2>&1; then \
+		echo ">> creating $(VENV) with $$($(PYTHON) --version)"; \
+		rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); \
+	fi
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+	@echo ">> environment ready: $(VENV)"
+
+install: $(STAMP) ## create or update the virtual environment (.venv) with the dev extras
+
+run: $(STAMP) ## the main job on the embedded default: sample every tiny pipeline once
+	$(PY) -m obsdiff.sample --multirun 'model=glob(tiny_*)'
+
+test: $(STAMP) ## run every test tier except gpu (offline, W&B disabled)
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-all: $(STAMP) ## run every tier, gpu included (gpu tests skip themselves without CUDA)
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS)
+
+test-gpu: $(STAMP) ## run only the gpu tier
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+lint: $(STAMP) ## check style and lint (ruff), no changes made
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP) ## fix style and lint where ruff can
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+typecheck: $(STAMP) ## static types (mypy) on the package
+	$(VENV)/bin/mypy
+
+clean: ## remove caches and build artefacts (keeps .venv and outputs/)
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+clean-outputs: ## remove every run under outputs/ (keeps its README)
+	find outputs -mindepth 1 ! -name README.md -exec rm -rf {} +

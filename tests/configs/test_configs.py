@@ -1,0 +1,114 @@
+"""Every config group option composes and instantiates; the apps' configs compose on the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from obsdiff.config import CONF_DIR, ConfigError, instantiate_model
+from obsdiff.models import SD3Adapter
+
+
+REAL_MODELS = {"sd3_medium", "sd35_medium", "sd35_large", "flux_dev", "flux_schnell", "sdxl_base"}
+TINY_MODELS = {"tiny_sd3", "tiny_sd35", "tiny_flux", "tiny_sdxl"}
+MODEL_CONFIGS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+REPO_ROOT = CONF_DIR.parent
+
+
+@pytest.fixture
+def compose_sample() -> Iterator:  # type: ignore[type-arg]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+
+        def _compose(*overrides: str) -> DictConfig:
+            return compose(config_name="sample", overrides=list(overrides))
+
+        yield _compose
+
+
+@pytest.mark.unit
+def test_every_documented_model_has_a_config() -> None:
+    assert set(MODEL_CONFIGS) == REAL_MODELS | TINY_MODELS
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_model_config_instantiates(name: str, compose_sample) -> None:  # type: ignore[no-untyped-def]
+    adapter = instantiate_model(compose_sample(f"model={name}").model)
+    assert adapter.name == name
+    if name in REAL_MODELS:
+        assert adapter.pretrained and adapter.tiny is None
+        assert (adapter.sampling.height, adapter.sampling.width) == (512, 512)  # paper, App. B
+        assert adapter.dtype in ("float16", "bfloat16")
+    else:
+        assert adapter.tiny and adapter.pretrained is None and adapter.dtype == "float32"
+
+
+@pytest.mark.unit
+def test_paper_sampling_setup_of_sd3_medium(compose_sample) -> None:  # type: ignore[no-untyped-def]
+    adapter = instantiate_model(compose_sample("model=sd3_medium").model)
+    assert isinstance(adapter, SD3Adapter)
+    assert (adapter.sampling.num_inference_steps, adapter.sampling.guidance_scale) == (25, 7.0)
+
+
+@pytest.mark.unit
+def test_bad_overrides_give_one_config_error(compose_sample) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match="model.*dtype='fp8'"):
+        instantiate_model(compose_sample("model.dtype=fp8").model)
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'colour'"):
+        instantiate_model(compose_sample("+model.colour=red").model)
+    with pytest.raises(ConfigError, match="must name an obsdiff class"):
+        instantiate_model(compose_sample("model._target_=os.system").model)
+
+
+@pytest.mark.integration
+def test_real_config_loads_a_local_copy(compose_sample, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    tiny = instantiate_model(compose_sample("model=tiny_sd3").model)
+    tiny.load().save_pretrained(tmp_path)
+    cfg = compose_sample("model=sd3_medium", f"model.pretrained={tmp_path}", "model.dtype=float32")
+    pipe = instantiate_model(cfg.model).load()
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+
+
+@pytest.mark.integration
+def test_sample_app_composes_on_the_command_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "obsdiff.sample", "--cfg", "job", "model=tiny_flux"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "name: tiny_flux" in result.stdout
+
+
+@pytest.mark.slow
+def test_sample_app_runs_every_tiny_model(tmp_path: Path) -> None:
+    """What `make run` does: one multirun job per tiny model, images and a record each."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "obsdiff.sample",
+            "--multirun",
+            "model=glob(tiny_*)",
+            f"paths.output_root={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = sorted(tmp_path.glob("sample/multiruns/*/*/samples.json"))
+    assert len(records) == len(TINY_MODELS)
+    for record in records:
+        job = record.parent
+        assert (job / "grid.png").is_file()
+        assert len(list(job.glob("0000*.png"))) == 2
