@@ -1,0 +1,153 @@
+"""Calibration statistics of one layer input, weighted by timestep (paper Eq. 5).
+
+`InputStatistics` is fed one activation batch at a time with the current step's weight alpha_t and
+holds *sums* in float32 (whatever the activation dtype), so partial statistics from several
+batches or processes merge exactly by addition (`merge_`, or an all-reduce over `state_tensors`).
+Modules that read the same input tensor (q/k/v of one stream) share one instance.
+
+Normalisation. The Hessian is H = 2 * sum_t alpha_t X_t^T X_t / normaliser. With
+`normaliser="sample"` (default, as the reference code) it divides by sum_t alpha_t * B_t, B_t being
+the number of samples in the batch (the CFG-doubled batch counts both halves); with "token" it
+divides by sum_t alpha_t * tokens_t. The choice only rescales H, which changes neither OBS masks
+nor updates (damping is relative), but it sets the scale of reported losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+NORMALISERS = ("sample", "token")
+
+
+@dataclass
+class InputStatistics:
+    """Weighted sums over the rows x (length `features`) of every batch fed to `update`.
+
+    hessian:  sum alpha x^T x                                (OBS; `features`^2 floats)
+    moments:  sum alpha x, sum alpha x^2 per column, and the token-weighted sum of per-batch
+              variances (Wanda and DSnoT; 3 x `features` floats)
+    """
+
+    features: int
+    hessian: bool = True
+    moments: bool = True
+    device: torch.device | str | None = None
+    xtx: torch.Tensor | None = field(init=False, default=None)
+    column_sum: torch.Tensor | None = field(init=False, default=None)
+    column_sq_sum: torch.Tensor | None = field(init=False, default=None)
+    variance_sum: torch.Tensor | None = field(init=False, default=None)
+    # [sum alpha * samples, sum alpha * tokens, samples, tokens], float64 for exact counting
+    counts: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.features < 1:
+            raise ValueError(f"features={self.features} must be >= 1")
+        if not (self.hessian or self.moments):
+            raise ValueError("InputStatistics needs hessian=True or moments=True")
+        kw = {"dtype": torch.float32, "device": self.device}
+        if self.hessian:
+            self.xtx = torch.zeros(self.features, self.features, **kw)  # (n, n)
+        if self.moments:
+            self.column_sum = torch.zeros(self.features, **kw)  # (n,)
+            self.column_sq_sum = torch.zeros(self.features, **kw)  # (n,)
+            self.variance_sum = torch.zeros(self.features, **kw)  # (n,)
+        self.counts = torch.zeros(4, dtype=torch.float64, device=self.device)
+
+    # ----------------------------------------------------------------- feeding
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, weight: float = 1.0) -> None:
+        """Add one batch. x: (B, ..., features), B samples (a 1-D x is one sample)."""
+        if x.shape[-1] != self.features:
+            raise ValueError(f"input has {x.shape[-1]} features, statistics expect {self.features}")
+        if weight <= 0:
+            raise ValueError(f"timestep weight {weight} must be > 0")
+        samples = x.shape[0] if x.dim() > 1 else 1
+        rows = x.reshape(-1, self.features).to(torch.float32)  # (tokens, n)
+        tokens = rows.shape[0]
+        if self.xtx is not None:
+            self.xtx.addmm_(rows.T, rows, alpha=weight)  # += alpha X^T X   (n, n)
+        if self.column_sum is not None:
+            assert self.column_sq_sum is not None and self.variance_sum is not None
+            batch_var, batch_mean = torch.var_mean(rows, dim=0, correction=0)  # (n,), (n,)
+            self.column_sum.add_(batch_mean, alpha=weight * tokens)
+            self.column_sq_sum.add_(rows.square().sum(0), alpha=weight)
+            # population variance of this batch over its tokens, weighted by alpha * tokens
+            self.variance_sum.add_(batch_var, alpha=weight * tokens)
+        self.counts += torch.tensor(
+            [weight * samples, weight * tokens, samples, tokens],
+            dtype=torch.float64,
+            device=self.counts.device,
+        )
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every sum, for an in-place all-reduce (SUM) across data-parallel ranks."""
+        tensors = [self.xtx, self.column_sum, self.column_sq_sum, self.variance_sum, self.counts]
+        return [t for t in tensors if t is not None]
+
+    @torch.no_grad()
+    def merge_(self, other: InputStatistics) -> InputStatistics:
+        """Add another instance's sums (same features and kinds) into this one."""
+        if (other.features, other.hessian, other.moments) != (
+            self.features,
+            self.hessian,
+            self.moments,
+        ):
+            raise ValueError("can only merge statistics of the same features and kinds")
+        for mine, theirs in zip(self.state_tensors(), other.state_tensors(), strict=True):
+            mine.add_(theirs.to(mine.device))
+        return self
+
+    # ----------------------------------------------------------------- reading
+    @property
+    def num_samples(self) -> int:
+        return int(self.counts[2].item())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.counts[3].item())
+
+    def _denominator(self, normaliser: str) -> float:
+        if normaliser not in NORMALISERS:
+            raise ValueError(f"normaliser={normaliser!r}; use one of {NORMALISERS}")
+        value = float(self.counts[0 if normaliser == "sample" else 1].item())
+        if value <= 0:
+            raise RuntimeError("no calibration data was recorded for this input")
+        return value
+
+    def hessian_matrix(self, normaliser: str = "sample") -> torch.Tensor:
+        """H = 2 sum_t alpha_t X_t^T X_t / normaliser (Eq. 5). (n, n), float32."""
+        if self.xtx is None:
+            raise RuntimeError("these statistics were collected without the Hessian")
+        return self.xtx * (2.0 / self._denominator(normaliser))
+
+    def _moment(self, tensor: torch.Tensor | None) -> torch.Tensor:
+        if tensor is None:
+            raise RuntimeError("these statistics were collected without column moments")
+        return tensor
+
+    def column_sq_norms(self) -> torch.Tensor:
+        """Wanda's ||X_j||^2: weighted mean over samples of the per-column squared norm. (n,)"""
+        return self._moment(self.column_sq_sum) / self._denominator("sample")
+
+    def column_sum_per_sample(self) -> torch.Tensor:
+        """DSnoT's signed statistic: weighted mean over samples of sum_tokens x_j. (n,)"""
+        return self._moment(self.column_sum) / self._denominator("sample")
+
+    def column_mean(self) -> torch.Tensor:
+        """Weighted mean of x_j per token. (n,)"""
+        return self._moment(self.column_sum) / self._denominator("token")
+
+    def column_variance(self) -> torch.Tensor:
+        """DSnoT's variance: token-weighted mean of the per-batch variances. (n,)"""
+        return self._moment(self.variance_sum) / self._denominator("token")
+
+    @property
+    def tokens_per_sample(self) -> float:
+        """Average tokens per sample (weighted), to normalise token-count-dependent thresholds."""
+        return self._denominator("token") / self._denominator("sample")
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_tensors())
