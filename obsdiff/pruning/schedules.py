@@ -69,7 +69,8 @@ def log_decrease(
 ) -> torch.Tensor:
     """Eq. 4, the paper's choice.
 
-    alpha_t = alpha_min + (alpha_max - alpha_min) / ln T * ln(T - t + 1), t = 1..T, so alpha_1 = alpha_max and alpha_T = alpha_min; most of the drop happens in the last steps.
+    alpha_t = alpha_min + (alpha_max - alpha_min) / ln T * ln(T - t + 1), t = 1..T, so that
+    alpha_1 = alpha_max and alpha_T = alpha_min; most of the drop happens in the last steps.
     """
     return log_increase(num_steps, alpha_min, alpha_max).flip(0)
 
