@@ -72,7 +72,11 @@ def log_decrease(
     alpha_t = alpha_min + (alpha_max - alpha_min) / ln T * ln(T - t + 1), t = 1..T, so that
     alpha_1 = alpha_max and alpha_T = alpha_min; most of the drop happens in the last steps.
     """
-    return log_increase(num_steps, alpha_min, alpha_max).flip(0)
+    _check(num_steps, alpha_min, alpha_max)
+    if num_steps == 1:
+        return torch.full((1,), float(alpha_max), dtype=torch.float64)
+    t = torch.arange(1, num_steps + 1, dtype=torch.float64)
+    return alpha_min + (alpha_max - alpha_min) / math.log(num_steps) * torch.log(num_steps - t + 1)
 
 
 def explicit(num_steps: int, weights: Sequence[float]) -> torch.Tensor:

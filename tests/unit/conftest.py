@@ -1,0 +1,62 @@
+"""Shared data for the kernel tests: layers whose inputs have correlated outlier channels."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+
+def outlier_inputs(
+    tokens: int, features: int, seed: int, dtype: torch.dtype = torch.float64, mean: float = 0.0
+) -> torch.Tensor:
+    """(tokens, features) activations: correlated channels, a few with 10-30x outliers."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(features, features, generator=g, dtype=dtype) / features**0.5
+    x = torch.randn(tokens, features, generator=g, dtype=dtype) @ (
+        torch.eye(features, dtype=dtype) + mixing
+    )
+    outliers = torch.randperm(features, generator=g)[: max(1, features // 16)]
+    x[:, outliers] *= 10 + 20 * torch.rand(len(outliers), generator=g, dtype=dtype)
+    return x + mean
+
+
+@pytest.fixture
+def layer_data() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """make(rows, features, tokens, seed) -> (W (rows, features), X (tokens, features), H).
+
+    H = 2 X^T X / tokens."""
+
+    def make(
+        rows: int, features: int, tokens: int = 512, seed: int = 0, mean: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        X = outlier_inputs(tokens, features, seed, mean=mean)
+        W = torch.randn(
+            rows,
+            features,
+            generator=torch.Generator().manual_seed(seed + 1000),
+            dtype=torch.float64,
+        )
+        return W, X, 2 * X.T @ X / tokens
+
+    return make
+
+
+def output_error(W: torch.Tensor, W_pruned: torch.Tensor, X: torch.Tensor) -> float:
+    """||(W - W') X^T||^2: the layer-wise objective (Eq. 1)."""
+    return float(((W - W_pruned) @ X.T).square().sum())
+
+
+@pytest.fixture(scope="session")
+def bench_kernels() -> ModuleType:
+    """experiments/bench_kernels.py, whose straightforward SparseGPT chain is the test oracle."""
+    path = Path(__file__).resolve().parents[2] / "experiments" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
