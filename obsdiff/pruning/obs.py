@@ -107,6 +107,24 @@ def damped_cholesky(
     )
 
 
+def triangular_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """Inverse of a lower triangular L by recursive halving: [[A, 0], [B, C]]^-1 =
+    [[A^-1, 0], [-C^-1 B A^-1, C^-1]], two matmuls a level (about 2/3 n^3 flops, matmul speed),
+    instead of a triangular solve against the identity (n^3 flops)."""
+    n = L.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        return torch.linalg.solve_triangular(L, eye, upper=False)
+    h = n // 2
+    A_inv = triangular_inverse(L[:h, :h], leaf)  # (h, h)
+    C_inv = triangular_inverse(L[h:, h:], leaf)  # (n - h, n - h)
+    inverse = torch.zeros_like(L)
+    inverse[:h, :h] = A_inv
+    inverse[h:, h:] = C_inv
+    inverse[h:, :h] = -(C_inv @ (L[h:, :h] @ A_inv))
+    return inverse
+
+
 def inverse_cholesky_upper(H: torch.Tensor, **escalation: float) -> torch.Tensor:
     """U upper triangular with U^T U = H^-1, from one factorisation and one triangular inverse.
 
@@ -117,9 +135,7 @@ def inverse_cholesky_upper(H: torch.Tensor, **escalation: float) -> torch.Tensor
     """
     flipped = H.flip(0, 1)  # P H P
     L = damped_cholesky(flipped, **escalation)  # type: ignore[arg-type]
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    L_inv = torch.linalg.solve_triangular(L, eye, upper=False)  # (n, n) lower
-    return L_inv.flip(0, 1)
+    return triangular_inverse(L).flip(0, 1)  # P L^-1 P, (n, n) upper
 
 
 def obs_saliency(
