@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -58,5 +59,6 @@ def bench_kernels() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_kernels", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_kernels"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
