@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from obsdiff.pruning.obs import ObsProblem, obs_prune_problems
-from obsdiff.pruning.patterns import NM, Pattern, Unstructured
+from obsdiff.pruning.patterns import NM, Pattern, Unstructured, lowest_k_mask
 
 
 log = logging.getLogger("bench_kernels")
@@ -55,20 +55,17 @@ def reference_sparsegpt(
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
-        if isinstance(pattern, Unstructured):
+        if isinstance(pattern, Unstructured):  # exact count per block, same selection as obsdiff
             k = int(rows * i2 * pattern.sparsity + 1e-6) - int(rows * i1 * pattern.sparsity + 1e-6)
-            scores = (W1**2 / d.reshape(1, -1) ** 2).flatten()
-            mask1 = torch.zeros(scores.numel(), dtype=torch.bool)
-            mask1[torch.sort(scores, stable=True).indices[:k]] = True
-            mask1 = mask1.reshape(W1.shape)
+            scores = W1**2 / d.reshape(1, -1) ** 2
+            mask1 = lowest_k_mask(scores.reshape(1, -1), k).reshape(W1.shape)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             w = W1[:, i]
             if isinstance(pattern, NM) and i % pattern.m == 0:
                 tmp = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m].reshape(1, -1) ** 2
-                idx = torch.sort(tmp, dim=1, stable=True).indices[:, : pattern.n]
-                mask1.scatter_(1, i + idx, True)
+                mask1[:, i : i + pattern.m] = lowest_k_mask(tmp, pattern.n)
             q = w.clone()
             q[mask1[:, i]] = 0
             Q1[:, i] = q

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from obsdiff.pruning.patterns import NM, Pattern, Unstructured, lowest_k_mask, num_to_prune
+from obsdiff.pruning.patterns import NM, Pattern, lowest_k_mask, num_to_prune
 
 
 log = logging.getLogger(__name__)
@@ -164,83 +164,88 @@ class _Batch:
 
 
 def _select_block(
-    W1: torch.Tensor,
+    Wt1: torch.Tensor,
     d: torch.Tensor,
     segments: list[list[tuple[int, int]]],
     sparsity: float,
     i1: int,
     i2: int,
 ) -> torch.Tensor:
-    """Unstructured mask of columns [i1, i2): per layer, the share of the block that keeps the
-    layer's running count at floor(sparsity * weights seen so far), lowest w^2/d^2 first."""
-    scores = W1.square() / d.square().unsqueeze(1)  # (G, R, c)
-    mask = torch.zeros_like(W1, dtype=torch.bool)
+    """Unstructured mask of columns [i1, i2), columns first (G, c, R): per layer, the share of
+    the block that keeps the layer's running count at floor(sparsity * weights seen so far),
+    lowest w^2 / d^2 first."""
+    scores = Wt1.square() / d.square().unsqueeze(2)  # (G, c, R)
+    mask = torch.zeros_like(Wt1, dtype=torch.bool)
     for g, layer_rows in enumerate(segments):
         for start, stop in layer_rows:
             rows = stop - start
             k = num_to_prune(rows * i2, sparsity) - num_to_prune(rows * i1, sparsity)
-            block = scores[g, start:stop].reshape(1, -1)
-            mask[g, start:stop] = lowest_k_mask(block, k).reshape(rows, -1)
+            block = scores[g, :, start:stop].T.reshape(1, -1)  # row-major order, as the reference
+            mask[g, :, start:stop] = lowest_k_mask(block, k).reshape(rows, -1).T
     return mask
 
 
-def _nm_select(W1: torch.Tensor, d: torch.Tensor, i: int, pattern: NM) -> torch.Tensor:
-    """N:M mask of columns [i, i + M) from the current weights. (G, R, M)"""
-    scores = W1[:, :, i : i + pattern.m].square() / d[:, None, i : i + pattern.m].square()
-    return lowest_k_mask(scores, pattern.n)
+def _nm_select(Wt1: torch.Tensor, d: torch.Tensor, i: int, pattern: NM) -> torch.Tensor:
+    """N:M mask of columns [i, i + M) from the current weights, columns first. (G, M, R)"""
+    scores = Wt1[:, i : i + pattern.m].square() / d[:, i : i + pattern.m, None].square()
+    return lowest_k_mask(scores.transpose(1, 2), pattern.n).transpose(1, 2)
 
 
 @torch.no_grad()
 def _solve(
     batch: _Batch, pattern: Pattern, blocksize: int, compensate: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Blocked OBS on a batch: (weights (G, R, n), masks (G, R, n), per-row losses (G, R))."""
-    W, U = batch.weights, batch.factors  # (G, R, n), (G, n, n)
-    G, R, n = W.shape
-    # Two levels of lazy updates: rank-1 updates only inside sub-blocks of `inner` columns (a
-    # multiple of M), matmuls between sub-blocks and between blocks. Same arithmetic as the
-    # column-by-column loop, a fraction of its memory traffic.
-    inner = INNER_BLOCK if not isinstance(pattern, NM) else pattern.m * -(-INNER_BLOCK // pattern.m)
-    mask = torch.zeros_like(W, dtype=torch.bool)
-    losses = torch.zeros(G, R, dtype=W.dtype, device=W.device)
+    """Blocked OBS on a batch: (weights (G, R, n), masks (G, R, n), per-row losses (G, R)).
+
+    Works on the transposed weights (G, n, R), so that a column is contiguous. Two levels of
+    lazy updates: rank-1 updates only inside sub-blocks of `INNER_BLOCK` columns (a multiple of
+    M), matmuls between sub-blocks and between blocks: the arithmetic of the column-by-column
+    loop at a fraction of its memory traffic.
+    """
+    Wt = batch.weights.transpose(1, 2).contiguous()  # (G, n, R)
+    U = batch.factors  # (G, n, n) upper
+    fixed = None if batch.fixed_masks is None else batch.fixed_masks.transpose(1, 2)  # (G, n, R)
+    G, n, R = Wt.shape
+    nm = pattern if isinstance(pattern, NM) else None
+    inner = INNER_BLOCK if nm is None else nm.m * -(-INNER_BLOCK // nm.m)
+    mask = torch.zeros_like(Wt, dtype=torch.bool)
+    losses = torch.zeros(G, R, dtype=Wt.dtype, device=Wt.device)
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
-        W1 = W[:, :, i1:i2].clone()  # (G, R, c)
+        c = i2 - i1
+        Wt1 = Wt[:, i1:i2].clone()  # (G, c, R)
         U1 = U[:, i1:i2, i1:i2]  # (G, c, c)
         d = torch.diagonal(U1, dim1=-2, dim2=-1)  # (G, c)
-        if batch.fixed_masks is not None:
-            M1 = batch.fixed_masks[:, :, i1:i2].clone()
-        elif isinstance(pattern, Unstructured):
-            M1 = _select_block(W1, d, batch.segments, pattern.sparsity, i1, i2)
+        if fixed is not None:
+            M1 = fixed[:, i1:i2].clone()
+        elif nm is None:
+            M1 = _select_block(Wt1, d, batch.segments, pattern.sparsity, i1, i2)
         else:
-            M1 = torch.zeros_like(W1, dtype=torch.bool)
+            M1 = torch.zeros_like(Wt1, dtype=torch.bool)
+        select_nm = nm is not None and fixed is None
+        Err1 = torch.zeros_like(Wt1)  # (G, c, R): (w - q) / d per column
         if not compensate:
-            if isinstance(pattern, NM) and batch.fixed_masks is None:
-                for i in range(0, i2 - i1, pattern.m):
-                    M1[:, :, i : i + pattern.m] = _nm_select(W1, d, i, pattern)
-            errors = W1 * M1 / d.unsqueeze(1)  # (G, R, c)
-            losses += errors.square().sum(-1) / 2
-            W[:, :, i1:i2] = W1.masked_fill(M1, 0)
-            mask[:, :, i1:i2] = M1
-            continue
-        Err1 = torch.zeros_like(W1)  # (G, R, c)
-        select_nm = isinstance(pattern, NM) and batch.fixed_masks is None
-        for j1 in range(0, i2 - i1, inner):
-            j2 = min(j1 + inner, i2 - i1)
-            for i in range(j1, j2):
-                if select_nm and i % pattern.m == 0:  # type: ignore[union-attr]
-                    M1[:, :, i : i + pattern.m] = _nm_select(W1, d, i, pattern)  # type: ignore[arg-type, union-attr]
-                err = W1[:, :, i] * M1[:, :, i] / d[:, i].unsqueeze(1)  # (w - q) / d    (G, R)
-                W1[:, :, i:j2] -= err.unsqueeze(2) * U1[:, i, i:j2].unsqueeze(1)  # Eq. 2, local
-                Err1[:, :, i] = err
-            if j2 < i2 - i1:  # the sub-block's error reaches the rest of the block in one matmul
-                W1[:, :, j2:] -= torch.bmm(Err1[:, :, j1:j2], U1[:, j1:j2, j2:])
-        losses += Err1.square().sum(-1) / 2
-        W[:, :, i1:i2] = W1.masked_fill(M1, 0)
-        mask[:, :, i1:i2] = M1
-        if i2 < n:
-            W[:, :, i2:] -= torch.bmm(Err1, U[:, i1:i2, i2:])  # lazy update of later columns
-    return W, mask, losses
+            if select_nm:
+                for i in range(0, c, nm.m):  # type: ignore[union-attr]
+                    M1[:, i : i + nm.m] = _nm_select(Wt1, d, i, nm)  # type: ignore[union-attr, arg-type]
+            Err1 = Wt1 * M1 / d.unsqueeze(2)
+        else:
+            for j1 in range(0, c, inner):
+                j2 = min(j1 + inner, c)
+                for i in range(j1, j2):
+                    if select_nm and i % nm.m == 0:  # type: ignore[union-attr]
+                        M1[:, i : i + nm.m] = _nm_select(Wt1, d, i, nm)  # type: ignore[union-attr, arg-type]
+                    err = Wt1[:, i] * M1[:, i] / d[:, i, None]  # (w - q) / d    (G, R)
+                    Wt1[:, i:j2] -= U1[:, i, i:j2, None] * err[:, None]  # Eq. 2 update, local
+                    Err1[:, i] = err
+                if j2 < c:  # the sub-block's error reaches the rest of the block in one matmul
+                    Wt1[:, j2:] -= torch.bmm(U1[:, j1:j2, j2:].transpose(1, 2), Err1[:, j1:j2])
+            if i2 < n:  # lazy update of all later columns
+                Wt[:, i2:] -= torch.bmm(U[:, i1:i2, i2:].transpose(1, 2), Err1)
+        losses += Err1.square().sum(1) / 2
+        Wt[:, i1:i2] = Wt1.masked_fill(M1, 0)
+        mask[:, i1:i2] = M1
+    return Wt.transpose(1, 2), mask.transpose(1, 2), losses
 
 
 @dataclass

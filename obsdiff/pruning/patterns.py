@@ -54,12 +54,21 @@ def num_to_prune(total: int, sparsity: float) -> int:
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """True at the k lowest scores of each row (last dim); ties broken by index (stable sort)."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
-        order = torch.sort(scores, dim=-1, stable=True).indices
-        mask.scatter_(-1, order[..., :k], True)
-    return mask
+    """True at the k lowest scores of each row (last dim); ties go to the lower index.
+
+    The same mask as taking the first k of a stable sort, from a selection (kthvalue) instead of
+    a full sort: exact counts at a fraction of the cost on large blocks.
+    """
+    width = scores.shape[-1]
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= width:
+        return torch.ones_like(scores, dtype=torch.bool)
+    kth = torch.kthvalue(scores, k, dim=-1, keepdim=True).values  # (..., 1)
+    below = scores < kth
+    ties = scores == kth
+    missing = k - below.sum(-1, keepdim=True)  # ties to take, lowest index first
+    return below | (ties & (torch.cumsum(ties, dim=-1) <= missing))
 
 
 def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
