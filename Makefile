@@ -19,7 +19,7 @@ endif
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install run test test-all test-gpu lint format typecheck clean clean-outputs
+.PHONY: help install run test test-all test-gpu lint format typecheck bench-kernels clean clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ format: $(STAMP) ## fix style and lint where ruff can
 
 typecheck: $(STAMP) ## static types (mypy) on the package
 	$(VENV)/bin/mypy
+
+bench-kernels: $(STAMP) ## OBS on one SD3-Medium block vs a straightforward SparseGPT chain (CPU, ~1 min)
+	$(PY) experiments/bench_kernels.py
 
 clean: ## remove caches and build artefacts (keeps .venv and outputs/)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

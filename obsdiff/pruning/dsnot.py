@@ -70,8 +70,8 @@ def dsnot_refine(
     """
     if max_cycles < 0 or update_threshold < 0:
         raise ValueError("max_cycles and update_threshold must be >= 0")
-    nm = isinstance(pattern, NM)
-    check_sign = nm if same_sign is None else same_sign
+    nm = pattern if isinstance(pattern, NM) else None
+    check_sign = nm is not None if same_sign is None else same_sign
     W = weight.to(torch.float32)
     rows, n = W.shape
     dev = W.device
@@ -87,7 +87,7 @@ def dsnot_refine(
         [torch.zeros(rows, dtype=torch.long, device=dev), torch.full((rows,), n - 1, device=dev)], 1
     )  # (rows, 2): front and back pointers into grow_order
 
-    if nm:
+    if nm is not None:
         scores = initial_scores.to(torch.float32).masked_fill(mask, float("inf"))  # (rows, n)
         pruned_marker = (
             scores[torch.isfinite(scores)].max() + 1 if torch.isfinite(scores).any() else 0.0
@@ -121,9 +121,9 @@ def dsnot_refine(
         valid = (g_ptr >= 0) & (g_ptr < n)
         grow_idx = grow_order[row_ids, g_ptr.clamp(0, n - 1)]  # (rows,)
         grow_ptr[row_ids, side] += 1 - 2 * side
-        if nm:
-            start = grow_idx - grow_idx % pattern.m
-            group = start.unsqueeze(1) + torch.arange(pattern.m, device=dev)  # (rows, M)
+        if nm is not None:
+            start = grow_idx - grow_idx % nm.m
+            group = start.unsqueeze(1) + torch.arange(nm.m, device=dev)  # (rows, M)
             prune_idx = group.gather(1, scores.gather(1, group).argmin(1, keepdim=True)).squeeze(1)
         else:
             p_side = (eps < 0).long()  # prune from the back (positive contributions) when eps < 0
@@ -136,7 +136,7 @@ def dsnot_refine(
         update = active & valid & (eps.abs() > update_threshold)
         if check_sign:
             update &= torch.sign(eps_after) == initial_sign
-        if nm:
+        if nm is not None:
             scores[row_ids, prune_idx] = pruned_marker
         changed = row_ids[update]
         mask[changed, grow_idx[update]] = False

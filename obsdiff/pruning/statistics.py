@@ -47,13 +47,13 @@ class InputStatistics:
             raise ValueError(f"features={self.features} must be >= 1")
         if not (self.hessian or self.moments):
             raise ValueError("InputStatistics needs hessian=True or moments=True")
-        kw = {"dtype": torch.float32, "device": self.device}
+        n, device = self.features, self.device
         if self.hessian:
-            self.xtx = torch.zeros(self.features, self.features, **kw)  # (n, n)
+            self.xtx = torch.zeros(n, n, dtype=torch.float32, device=device)  # (n, n)
         if self.moments:
-            self.column_sum = torch.zeros(self.features, **kw)  # (n,)
-            self.column_sq_sum = torch.zeros(self.features, **kw)  # (n,)
-            self.variance_sum = torch.zeros(self.features, **kw)  # (n,)
+            self.column_sum = torch.zeros(n, dtype=torch.float32, device=device)  # (n,)
+            self.column_sq_sum = torch.zeros(n, dtype=torch.float32, device=device)  # (n,)
+            self.variance_sum = torch.zeros(n, dtype=torch.float32, device=device)  # (n,)
         self.counts = torch.zeros(4, dtype=torch.float64, device=self.device)
 
     # ----------------------------------------------------------------- feeding
