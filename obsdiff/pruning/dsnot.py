@@ -76,11 +76,11 @@ def dsnot_refine(
     rows, n = W.shape
     dev = W.device
     mask = initial_mask.clone().to(torch.bool)
-    contribution = W * column_signal.to(torch.float32).unsqueeze(0)  # c_ij, (rows, n)
+    contribution = W * column_signal.to(dev, torch.float32).unsqueeze(0)  # c_ij, (rows, n)
     eps = (contribution * mask).sum(1)  # (rows,)
     initial_sign = torch.sign(eps)
 
-    variance = column_variance.to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+    variance = column_variance.to(dev, torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
     grow_metric = contribution.masked_fill(~mask, 0) / variance.pow(var_power).unsqueeze(0)
     grow_order = torch.sort(grow_metric, dim=1, stable=True).indices  # (rows, n)
     grow_ptr = torch.stack(
@@ -172,7 +172,8 @@ def dsnot_prune(
     elif initial == "magnitude":
         initial_scores = weight.abs().to(torch.float32)
     else:
-        initial_scores = obs_saliency(weight, stats.hessian_matrix(), percdamp).to(torch.float32)
+        hessian = stats.hessian_matrix().to(weight.device)
+        initial_scores = obs_saliency(weight, hessian, percdamp).to(torch.float32)
     mask = mask_for(initial_scores, pattern, group="row")
     threshold = update_threshold
     if reference_tokens is not None:

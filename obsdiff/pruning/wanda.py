@@ -20,7 +20,8 @@ def wanda_scores(weight: torch.Tensor, column_sq_norms: torch.Tensor) -> torch.T
             f"input norms of shape {tuple(column_sq_norms.shape)} do not match weight "
             f"{tuple(weight.shape)}"
         )
-    return weight.abs().to(torch.float32) * column_sq_norms.to(torch.float32).sqrt().unsqueeze(0)
+    norms = column_sq_norms.to(device=weight.device, dtype=torch.float32)
+    return weight.abs().to(torch.float32) * norms.sqrt().unsqueeze(0)
 
 
 def wanda_mask(
