@@ -209,8 +209,9 @@ def test_bfloat16_dtype_is_applied() -> None:
     assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
 
 
-def test_unreachable_hub_id_gives_one_clear_error() -> None:
-    adapter = SD3Adapter(name="sd3_medium", pretrained="obsdiff-tests/no-such-model")
+@pytest.mark.parametrize("cls", [SD3Adapter, FluxAdapter, SDXLAdapter])
+def test_unreachable_hub_id_gives_one_clear_error(cls: type[ModelAdapter]) -> None:
+    adapter = cls(name="sd3_medium", pretrained="obsdiff-tests/no-such-model")
     started = time.perf_counter()
     with pytest.raises(ModelLoadError) as info:
         adapter.load()
