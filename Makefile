@@ -19,7 +19,7 @@ endif
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install run test test-all test-gpu lint format typecheck bench-kernels clean clean-outputs
+.PHONY: help install run sample test test-all test-gpu lint format typecheck bench-kernels clean clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -37,7 +37,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP) ## create or update the virtual environment (.venv) with the dev extras
 
-run: $(STAMP) ## the main job on the embedded default: sample every tiny pipeline once
+run: $(STAMP) ## the main job on the embedded default: OBS-Diff 50% on every tiny family
+	$(PY) -m obsdiff.prune --multirun 'model=glob(tiny_*)'
+
+sample: $(STAMP) ## sample every tiny pipeline once (images, grid, record per model)
 	$(PY) -m obsdiff.sample --multirun 'model=glob(tiny_*)'
 
 test: $(STAMP) ## run every test tier except gpu (offline, W&B disabled)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +28,37 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+
+
+InputGroup = tuple[str, ...]  # linears of one block (relative names) that read one input tensor
+Unit = tuple[InputGroup, ...]  # a basic unit: groups whose inputs do not depend on each other
+CFG_MODES = ("none", "doubled_batch", "separate_calls")
+
+
+def present_groups(block: nn.Module, groups: Sequence[InputGroup]) -> Unit:
+    """The groups restricted to the linears `block` really has (SD3's last block has no context
+    output path, SD3.5-Medium has `attn2` only in its first blocks)."""
+    kept = []
+    for group in groups:
+        names = tuple(name for name in group if is_linear(block, name))
+        if names:
+            kept.append(names)
+    return tuple(kept)
+
+
+def linear_at(module: nn.Module, name: str) -> nn.Linear:
+    """The nn.Linear at `name` inside `module` (a clear error if it is something else)."""
+    found = module.get_submodule(name)
+    if not isinstance(found, nn.Linear):
+        raise TypeError(f"{name} is a {type(found).__name__}, not an nn.Linear")
+    return found
+
+
+def is_linear(block: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(block.get_submodule(name), nn.Linear)
+    except AttributeError:
+        return False
 
 
 class ModelConfigError(ValueError):
@@ -263,6 +295,47 @@ class ModelAdapter(ABC):
         """Whether a call runs classifier-free guidance (an unconditional branch)."""
         s = sampling or self.sampling
         return s.guidance_scale > 1.0
+
+    def cfg_mode(self, sampling: SamplingDefaults | None = None) -> str:
+        """How the unconditional branch reaches the denoiser: `doubled_batch` ([uncond, cond] in
+        one call, SD3 and SDXL), `separate_calls` (cond call, then uncond call: Flux true CFG)
+        or `none`."""
+        return "doubled_batch" if self.uses_cfg(sampling) else "none"
+
+    # ---------------------------------------------------------------- structure
+    @abstractmethod
+    def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The denoiser's transformer blocks in forward order, with their qualified names."""
+
+    @abstractmethod
+    def block_units(self, block: nn.Module) -> list[Unit]:
+        """The target linears of one block as basic units, in forward order (paper Sec. 4.2)."""
+
+    # -------------------------------------------------------------- calibration
+    @abstractmethod
+    def encode_prompts(
+        self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """Prompt embeddings (and the negative ones when CFG is on) as pipeline keyword arguments,
+        computed once and reused by every calibration pass."""
+
+    def calibration_call(
+        self,
+        pipe: DiffusionPipeline,
+        embeddings: dict[str, torch.Tensor],
+        generators: list[torch.Generator],
+        on_step_end: Callable[..., dict[str, Any]],
+    ) -> Any:
+        """One denoising trajectory to latents (no VAE decode), `on_step_end` after each step."""
+        kwargs = self.call_kwargs()
+        kwargs.pop("negative_prompt", None)  # the embeddings carry it
+        return pipe(
+            **embeddings,
+            **kwargs,
+            generator=generators,
+            output_type="latent",
+            callback_on_step_end=on_step_end,
+        )
 
     def __repr__(self) -> str:
         source = f"tiny={self.tiny!r}" if self.tiny else f"pretrained={self.pretrained!r}"

@@ -10,10 +10,28 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers import DiffusionPipeline
+from torch import nn
 
 from obsdiff.models import tiny
-from obsdiff.models.base import ModelAdapter, SamplingDefaults
+from obsdiff.models.base import InputGroup, ModelAdapter, SamplingDefaults, Unit, present_groups
+
+
+DOUBLE_UNITS: list[list[InputGroup]] = [
+    [
+        ("attn.to_q", "attn.to_k", "attn.to_v"),
+        ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    ],
+    [("attn.to_out.0",), ("attn.to_add_out",)],
+    [("ff.net.0.proj",), ("ff_context.net.0.proj",)],
+    [("ff.net.2",), ("ff_context.net.2",)],
+]
+# single-stream blocks: q/k/v and the MLP read one normalised input; proj_out reads [attn, mlp]
+SINGLE_UNITS: list[list[InputGroup]] = [
+    [("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")],
+    [("proj_out",)],
+]
 
 
 class FluxAdapter(ModelAdapter):
@@ -24,6 +42,41 @@ class FluxAdapter(ModelAdapter):
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
         return tiny.tiny_flux_pipeline(seed=seed, guidance_embeds=variant == "dev")
+
+    def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
+        double: nn.ModuleList = denoiser.transformer_blocks  # type: ignore[assignment]
+        single: nn.ModuleList = denoiser.single_transformer_blocks  # type: ignore[assignment]
+        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(double)] + [
+            (f"single_transformer_blocks.{i}", b) for i, b in enumerate(single)
+        ]
+
+    def block_units(self, block: nn.Module) -> list[Unit]:
+        groups = SINGLE_UNITS if hasattr(block, "proj_mlp") else DOUBLE_UNITS
+        units = [present_groups(block, unit) for unit in groups]
+        return [unit for unit in units if unit]
+
+    def cfg_mode(self, sampling: SamplingDefaults | None = None) -> str:
+        return "separate_calls" if self.uses_cfg(sampling) else "none"
+
+    def encode_prompts(
+        self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        length = self.sampling.max_sequence_length or 512
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=device, max_sequence_length=length
+        )
+        out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if self.uses_cfg():
+            negative, negative_pooled, _ = pipe.encode_prompt(
+                prompt=[self.sampling.negative_prompt or ""] * len(prompts),
+                prompt_2=None,
+                device=device,
+                max_sequence_length=length,
+            )
+            out.update(
+                negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled
+            )
+        return out
 
     def call_kwargs(self, sampling: SamplingDefaults | None = None) -> dict[str, Any]:
         s = sampling or self.sampling

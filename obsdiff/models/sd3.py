@@ -8,10 +8,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers import DiffusionPipeline
+from torch import nn
 
 from obsdiff.models import tiny
-from obsdiff.models.base import ModelAdapter, SamplingDefaults
+from obsdiff.models.base import InputGroup, ModelAdapter, SamplingDefaults, Unit, present_groups
+
+
+# The 12 target linears of a JointTransformerBlock (paper Sec. 1.5) as basic units, plus the
+# dual-attention `attn2` of SD3.5-Medium (image tokens only).
+SD3_UNITS: list[list[InputGroup]] = [
+    [
+        ("attn.to_q", "attn.to_k", "attn.to_v"),
+        ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+        ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    ],
+    [("attn.to_out.0",), ("attn.to_add_out",), ("attn2.to_out.0",)],
+    [("ff.net.0.proj",), ("ff_context.net.0.proj",)],
+    [("ff.net.2",), ("ff_context.net.2",)],
+]
 
 
 class SD3Adapter(ModelAdapter):
@@ -33,6 +49,34 @@ class SD3Adapter(ModelAdapter):
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
         return tiny.tiny_sd3_pipeline(seed=seed, with_t5=self.with_t5, sd35=variant == "sd35")
+
+    def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
+        blocks: nn.ModuleList = denoiser.transformer_blocks  # type: ignore[assignment]
+        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(blocks)]
+
+    def block_units(self, block: nn.Module) -> list[Unit]:
+        units = [present_groups(block, groups) for groups in SD3_UNITS]
+        return [unit for unit in units if unit]
+
+    def encode_prompts(
+        self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        cfg = self.uses_cfg()
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=self.sampling.negative_prompt or "",
+            max_sequence_length=self.sampling.max_sequence_length or 256,
+        )
+        out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if cfg:
+            out.update(
+                negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled
+            )
+        return out
 
     def call_kwargs(self, sampling: SamplingDefaults | None = None) -> dict[str, Any]:
         s = sampling or self.sampling

@@ -3,10 +3,25 @@
 
 from __future__ import annotations
 
+import torch
 from diffusers import DiffusionPipeline
+from diffusers.models.attention import BasicTransformerBlock
+from torch import nn
 
 from obsdiff.models import tiny
-from obsdiff.models.base import ModelAdapter
+from obsdiff.models.base import InputGroup, ModelAdapter, Unit, present_groups
+
+
+# A BasicTransformerBlock: self-attention, cross-attention (to_q reads the image tokens, to_k and
+# to_v the text states: parallel), GEGLU FFN (one projection holds both halves).
+SDXL_UNITS: list[list[InputGroup]] = [
+    [("attn1.to_q", "attn1.to_k", "attn1.to_v")],
+    [("attn1.to_out.0",)],
+    [("attn2.to_q",), ("attn2.to_k", "attn2.to_v")],
+    [("attn2.to_out.0",)],
+    [("ff.net.0.proj",)],
+    [("ff.net.2",)],
+]
 
 
 class SDXLAdapter(ModelAdapter):
@@ -17,3 +32,36 @@ class SDXLAdapter(ModelAdapter):
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
         return tiny.tiny_sdxl_pipeline(seed=seed)
+
+    def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Every BasicTransformerBlock in forward order: down blocks, mid block, up blocks."""
+        found = []
+        for part in ("down_blocks", "mid_block", "up_blocks"):
+            module = getattr(denoiser, part, None)
+            if module is None:
+                continue
+            for name, sub in module.named_modules():
+                if isinstance(sub, BasicTransformerBlock):
+                    found.append((f"{part}.{name}", sub))
+        return found
+
+    def block_units(self, block: nn.Module) -> list[Unit]:
+        units = [present_groups(block, groups) for groups in SDXL_UNITS]
+        return [unit for unit in units if unit]
+
+    def encode_prompts(
+        self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        cfg = self.uses_cfg()
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompts,
+            device=device,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=self.sampling.negative_prompt,
+        )
+        out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if cfg:
+            out.update(
+                negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled
+            )
+        return out

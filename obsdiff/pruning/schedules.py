@@ -110,3 +110,45 @@ def timestep_weights(
     if scheme not in SCHEDULES:
         raise ValueError(f"unknown timestep weighting {scheme!r}; use one of {sorted(SCHEDULES)}")
     return SCHEDULES[scheme](num_steps, alpha_min, alpha_max)
+
+
+class TimestepWeighting:
+    """A weighting scheme from the `weighting` config group; T is bound by `weights(T)`.
+
+    `scheme` is one of `SCHEDULES` or `explicit` (then `weights` lists one weight per step).
+    """
+
+    def __init__(
+        self,
+        scheme: str,
+        alpha_min: float = ALPHA_MIN,
+        alpha_max: float = ALPHA_MAX,
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        if scheme == "explicit":
+            if not weights:
+                raise ValueError("the explicit weighting needs `weights`, one per sampling step")
+            explicit(len(weights), weights)  # validates
+        elif scheme not in SCHEDULES:
+            known = sorted(SCHEDULES) + ["explicit"]
+            raise ValueError(f"unknown timestep weighting {scheme!r}; use one of {known}")
+        else:
+            _check(1, alpha_min, alpha_max)
+        self.scheme = scheme
+        self.alpha_min = alpha_min
+        self.alpha_max = alpha_max
+        self.explicit_weights = list(weights) if weights is not None else None
+
+    def weights(self, num_steps: int) -> torch.Tensor:
+        if self.scheme == "explicit":
+            assert self.explicit_weights is not None
+            return explicit(num_steps, self.explicit_weights)
+        return SCHEDULES[self.scheme](num_steps, self.alpha_min, self.alpha_max)
+
+    def describe(self, num_steps: int) -> dict[str, object]:
+        return {
+            "scheme": self.scheme,
+            "alpha_min": self.alpha_min,
+            "alpha_max": self.alpha_max,
+            "weights": [round(float(w), 6) for w in self.weights(num_steps)],
+        }

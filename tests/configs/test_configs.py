@@ -90,7 +90,7 @@ def test_sample_app_composes_on_the_command_line() -> None:
 
 @pytest.mark.slow
 def test_sample_app_runs_every_tiny_model(tmp_path: Path) -> None:
-    """What `make run` does: one multirun job per tiny model, images and a record each."""
+    """What `make sample` does: one multirun job per tiny model, images and a record each."""
     result = subprocess.run(
         [
             sys.executable,
@@ -112,3 +112,62 @@ def test_sample_app_runs_every_tiny_model(tmp_path: Path) -> None:
         job = record.parent
         assert (job / "grid.png").is_file()
         assert len(list(job.glob("0000*.png"))) == 2
+
+
+GROUPS = {
+    "method": ["obsdiff", "wanda", "dsnot", "magnitude", "dense"],
+    "granularity": ["unstructured", "semi_2_4", "semi_4_8", "structured"],
+    "weighting": ["uniform", "linear_increase", "linear_decrease", "log_increase", "log_decrease"],
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, o) for g, options in GROUPS.items() for o in options]
+)
+def test_prune_group_options_instantiate(group: str, option: str) -> None:
+    from obsdiff.config import instantiate
+
+    assert {p.stem for p in (CONF_DIR / group).glob("*.yaml")} >= set(GROUPS[group])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="prune", overrides=[f"{group}={option}"])
+    obj = instantiate(cfg[group], object, group)
+    assert type(obj).__module__.startswith("obsdiff.")
+
+
+@pytest.mark.integration
+def test_prune_app_exits_with_one_message_on_bad_input(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "obsdiff.prune", "sparsity=1.5", f"paths.output_root={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "sparsity=1.5 must lie in [0, 1)" in result.stdout + result.stderr
+    assert not list(tmp_path.rglob("results.json"))
+
+
+@pytest.mark.slow
+def test_prune_multirun_writes_one_results_file_per_job(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "obsdiff.prune",
+            "--multirun",
+            "method=obsdiff,wanda",
+            "model.sampling.num_inference_steps=2",
+            f"paths.output_root={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = sorted(tmp_path.glob("prune/multiruns/*/*/results.json"))
+    import json
+
+    assert sorted(json.loads(p.read_text())["method"] for p in results) == ["obsdiff", "wanda"]

@@ -1,0 +1,1 @@
+"""Feeding the kernels: calibration prompts, module packages, hooks and the sequential loop."""

@@ -1,0 +1,161 @@
+"""The sequential calibrate-and-prune loop over module packages (paper Sec. 4.2).
+
+For each package: attach hooks feeding one `InputStatistics` per input group, run every
+calibration batch through the real pipeline (prompt embeddings computed once, reused by every
+package), remove the hooks, prune the package, free its statistics, go on. Later packages see the
+already pruned earlier ones. Methods that need no statistics (magnitude, dense) skip the passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DiffusionPipeline
+from torch import nn
+from tqdm.auto import tqdm
+
+from obsdiff.calibration.hooks import StatisticsHooks, StepTracker
+from obsdiff.calibration.packages import UnitRef
+from obsdiff.methods.base import GroupJob, LayerRecord, PruningMethod
+from obsdiff.models.base import ModelAdapter, linear_at
+from obsdiff.pruning.patterns import Pattern
+from obsdiff.pruning.statistics import InputStatistics
+from obsdiff.sampling import image_generators
+
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationSettings:
+    """How calibration passes run."""
+
+    batch_size: int = 4
+    seed: int = 0
+    include_uncond: bool = True  # the reference code includes the CFG unconditional half
+
+
+@dataclass
+class LoopReport:
+    records: list[LayerRecord] = field(default_factory=list)
+    calibration_seconds: float = 0.0
+    solve_seconds: float = 0.0
+    packages_done: int = 0
+
+
+def package_jobs(
+    denoiser: nn.Module, package: list[UnitRef], method: PruningMethod
+) -> list[GroupJob]:
+    """One job per input group of the package, with fresh statistics if the method needs them."""
+    jobs = []
+    for unit in package:
+        for group in unit.groups:
+            names = [f"{unit.block_name}.{name}" for name in group]
+            modules = [linear_at(denoiser, name) for name in names]
+            stats = None
+            if method.needs_calibration:
+                stats = InputStatistics(
+                    modules[0].in_features,
+                    hessian=method.needs_hessian,
+                    moments=method.needs_moments,
+                    device=modules[0].weight.device,
+                )
+            jobs.append(GroupJob(names, modules, stats))
+    return jobs
+
+
+def statistics_bytes(denoiser: nn.Module, package: list[UnitRef], method: PruningMethod) -> int:
+    """Memory the package's statistics will take, from the layer shapes alone."""
+    total = 0
+    for unit in package:
+        for group in unit.groups:
+            n = linear_at(denoiser, f"{unit.block_name}.{group[0]}").in_features
+            total += 4 * (
+                (n * n if method.needs_hessian else 0) + (3 * n if method.needs_moments else 0)
+            )
+    return total
+
+
+def embed_batches(
+    adapter: ModelAdapter,
+    pipe: DiffusionPipeline,
+    prompts: list[str],
+    batch_size: int,
+    device: torch.device,
+) -> list[dict[str, torch.Tensor]]:
+    """Prompt embeddings per calibration batch, computed once."""
+    with torch.inference_mode():
+        return [
+            adapter.encode_prompts(pipe, prompts[start : start + batch_size], device)
+            for start in range(0, len(prompts), batch_size)
+        ]
+
+
+def calibrate_and_prune(
+    pipe: DiffusionPipeline,
+    adapter: ModelAdapter,
+    method: PruningMethod,
+    pattern: Pattern,
+    packages: list[list[UnitRef]],
+    step_weights: torch.Tensor,
+    embeddings: list[dict[str, torch.Tensor]],
+    settings: CalibrationSettings,
+    start_package: int = 0,
+    on_package_done: Callable[[int, LoopReport], None] | None = None,
+) -> LoopReport:
+    """Run the loop from package `start_package` on; `on_package_done(index, report)` after each."""
+    denoiser = adapter.denoiser(pipe)
+    tracker = StepTracker()
+    report = LoopReport(packages_done=start_package)
+    cfg_mode = adapter.cfg_mode()
+    if method.needs_calibration:
+        peak = max(statistics_bytes(denoiser, p, method) for p in packages)
+        log.info(
+            "%d packages; calibration statistics need at most %.1f MiB per package",
+            len(packages),
+            peak / 2**20,
+        )
+    package_bar = tqdm(range(start_package, len(packages)), desc="packages", unit="package")
+    for index in package_bar:
+        jobs = package_jobs(denoiser, packages[index], method)
+        started = time.perf_counter()
+        if method.needs_calibration:
+            hooks = StatisticsHooks(
+                denoiser,
+                [(job.modules[0], job.stats) for job in jobs],  # type: ignore[misc]
+                step_weights,
+                tracker,
+                cfg_mode=cfg_mode,
+                include_uncond=settings.include_uncond,
+            )
+            with hooks.attached(), torch.inference_mode():
+                offset = 0
+                for batch in tqdm(
+                    embeddings,
+                    desc=f"package {index + 1}/{len(packages)}",
+                    unit="batch",
+                    leave=False,
+                ):
+                    count = next(iter(batch.values())).shape[0]
+                    tracker.reset()
+                    adapter.calibration_call(
+                        pipe,
+                        batch,
+                        image_generators(settings.seed, offset, count),
+                        tracker.on_step_end,
+                    )
+                    offset += count
+        calibrated = time.perf_counter()
+        with torch.no_grad():
+            report.records.extend(method.prune_groups(jobs, pattern))
+        report.calibration_seconds += calibrated - started
+        report.solve_seconds += time.perf_counter() - calibrated
+        report.packages_done = index + 1
+        del jobs
+        if on_package_done is not None:
+            on_package_done(index, report)
+    return report

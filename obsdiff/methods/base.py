@@ -1,0 +1,79 @@
+"""The method contract: which statistics a method needs and how it prunes groups of layers."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from obsdiff.pruning.patterns import Pattern
+from obsdiff.pruning.statistics import InputStatistics
+
+
+@dataclass
+class GroupJob:
+    """Linears (qualified names) that read one input, with that input's statistics."""
+
+    names: list[str]
+    modules: list[nn.Linear]
+    stats: InputStatistics | None
+
+
+@dataclass
+class LayerRecord:
+    """What pruning did to one linear."""
+
+    name: str
+    shape: tuple[int, ...]
+    pruned: int
+    loss: float | None = None
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / (self.shape[0] * self.shape[1])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "pruned": self.pruned,
+            "sparsity": self.sparsity,
+            "loss": self.loss,
+        }
+
+
+def write_weight(module: nn.Linear, weight: torch.Tensor, mask: torch.Tensor) -> None:
+    """Store a pruned weight in the module's dtype; pruned entries are exact zeros."""
+    module.weight.data.copy_(weight.to(module.weight.dtype).masked_fill(mask, 0))
+
+
+class PruningMethod(ABC):
+    """A pruning method; its YAML in conf/method/ names the subclass and its parameters."""
+
+    name: ClassVar[str]
+    granularities: ClassVar[tuple[str, ...]]  # kinds of obsdiff.methods.Granularity
+    needs_hessian: ClassVar[bool] = False
+    needs_moments: ClassVar[bool] = False
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.needs_hessian or self.needs_moments
+
+    def check_granularity(self, kind: str) -> None:
+        if kind not in self.granularities:
+            raise ValueError(
+                f"method {self.name!r} does not support {kind} pruning; it supports "
+                f"{list(self.granularities)}"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """The method's name and parameters (every method is a dataclass)."""
+        params = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        return {"name": self.name, **params}
+
+    @abstractmethod
+    def prune_groups(self, groups: list[GroupJob], pattern: Pattern) -> list[LayerRecord]:
+        """Prune every linear of `groups` in place (one package) and report what was done."""

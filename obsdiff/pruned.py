@@ -1,0 +1,76 @@
+"""Pruned models on disk: safetensors weights plus a manifest, loaded back without unpickling.
+
+A run directory holds `denoiser.safetensors` (the whole pruned denoiser state), `manifest.json`
+(base model config, method, sparsity, weighting, packages, calibration set, per-layer records,
+versions) and `config.yaml` (the resolved Hydra config). `load_pruned(run_dir)` rebuilds the base
+pipeline from the manifest's model config (hub id, local path, or the tiny recipe built in code)
+and loads the pruned denoiser into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from diffusers import DiffusionPipeline
+from omegaconf import OmegaConf
+from torch import nn
+
+from obsdiff.config import instantiate_model
+from obsdiff.models.base import ModelAdapter
+
+
+MANIFEST = "manifest.json"
+WEIGHTS = "denoiser.safetensors"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically (a crash never leaves half a file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors file, written atomically, tensors moved to the CPU."""
+    tmp = path.with_suffix(".tmp")
+    safetensors.torch.save_file(
+        {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp)
+    )
+    os.replace(tmp, path)
+
+
+def save_pruned(run_dir: Path, denoiser: nn.Module, manifest: dict[str, Any]) -> None:
+    save_tensors(run_dir / WEIGHTS, denoiser.state_dict())
+    write_json(run_dir / MANIFEST, manifest)
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: {run_dir} is not the run directory of a finished prune"
+        )
+    return json.loads(path.read_text())
+
+
+def load_pruned(
+    run_dir: str | Path, pretrained: str | None = None
+) -> tuple[DiffusionPipeline, ModelAdapter, dict[str, Any]]:
+    """(pipeline with the pruned denoiser, its model adapter, the manifest), on the CPU.
+
+    `pretrained` points at another copy of the base model (e.g. a local path on this machine).
+    """
+    manifest = read_manifest(run_dir)
+    model_config = dict(manifest["model_config"])
+    if pretrained is not None:
+        model_config["pretrained"] = pretrained
+    adapter = instantiate_model(OmegaConf.create(model_config))
+    pipe = adapter.load()
+    state = safetensors.torch.load_file(str(Path(run_dir) / WEIGHTS))
+    adapter.denoiser(pipe).load_state_dict(state, strict=True)
+    return pipe, adapter, manifest

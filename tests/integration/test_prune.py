@@ -1,0 +1,215 @@
+"""The prune app on every tiny family: exact sparsity, valid patterns, safe round trip, resume,
+clear errors before any work."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from obsdiff.calibration.hooks import count_hooks
+from obsdiff.calibration.prompts import PromptFileError
+from obsdiff.config import CONF_DIR, ConfigError
+from obsdiff.methods.base import PruningMethod
+from obsdiff.prune import build_job
+from obsdiff.pruned import load_pruned
+from obsdiff.pruning.patterns import num_to_prune
+from obsdiff.sampling import generate
+from obsdiff.workflow import JobError, run_prune
+
+
+pytestmark = pytest.mark.integration
+
+FAMILY_OVERRIDES = {
+    "tiny_sd3": [],
+    "tiny_sd35": [],
+    # Flux-dev with real CFG: two denoiser calls per step, the unconditional one second
+    "tiny_flux": ["model.sampling.true_cfg_scale=3.0", "model.sampling.negative_prompt=''"],
+    "tiny_sdxl": [],
+}
+FAST = ["model.sampling.num_inference_steps=2", "packages=2", "calibration.num_prompts=2"]
+
+
+@pytest.fixture
+def compose_prune() -> Iterator[Callable[..., DictConfig]]:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+
+        def _compose(*overrides: str) -> DictConfig:
+            return compose(config_name="prune", overrides=list(overrides))
+
+        yield _compose
+
+
+def prune(compose_prune, run_dir: Path, *overrides: str) -> dict:  # type: ignore[no-untyped-def]
+    job = build_job(compose_prune(*FAST, *overrides))
+    return run_prune(job, run_dir)
+
+
+def target_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    saved = safetensors.torch.load_file(str(run_dir / "denoiser.safetensors"))
+    return {layer["name"]: saved[layer["name"] + ".weight"] for layer in manifest["layers"]}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_OVERRIDES))
+@pytest.mark.parametrize("method", ["obsdiff", "wanda", "dsnot", "magnitude"])
+@pytest.mark.parametrize("granularity", ["unstructured", "semi_2_4"])
+def test_prune_matrix(
+    family: str, method: str, granularity: str, compose_prune, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    overrides = [
+        f"model={family}",
+        f"method={method}",
+        f"granularity={granularity}",
+        *FAMILY_OVERRIDES[family],
+    ]
+    results = prune(compose_prune, tmp_path, *overrides)
+    weights = target_weights(tmp_path)
+    assert results["target_modules"] == len(weights) > 0
+    expected = sum(num_to_prune(w.numel(), 0.5) for w in weights.values())
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    assert results["achieved_sparsity"] == pytest.approx(expected / results["target_parameters"])
+    assert zeros == expected  # exactly the pruned weights are zero in the saved tensors
+    if granularity == "semi_2_4":
+        for w in weights.values():
+            assert bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) == 2).all())
+    for key in (
+        "params_before",
+        "params_after",
+        "calibration_seconds",
+        "solve_seconds",
+        "peak_memory_bytes",
+    ):
+        assert key in results
+    assert (tmp_path / "results.json").is_file()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_OVERRIDES))
+def test_saved_model_loads_back_and_generates_the_same(
+    family: str, compose_prune, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    cfg = compose_prune(*FAST, f"model={family}", *FAMILY_OVERRIDES[family])
+    job = build_job(cfg)
+    run_prune(job, tmp_path)
+    pipe, adapter, manifest = load_pruned(tmp_path)
+    assert (
+        manifest["method"]["name"] == "obsdiff"
+        and manifest["weighting"]["scheme"] == "log_decrease"
+    )
+    assert count_hooks(adapter.denoiser(pipe)) == 0
+    # the in-memory pruned model: rebuild by pruning again in a fresh directory
+    job_again = build_job(cfg)
+    rerun_dir = tmp_path / "again"
+    run_prune(job_again, rerun_dir)
+    reloaded, _, _ = load_pruned(rerun_dir)
+    prompts = ["a red circle", "a blue square"]
+    a = generate(pipe, adapter, prompts, seed=1, batch_size=2, output_type="latent")
+    b = generate(reloaded, adapter, prompts, seed=1, batch_size=2, output_type="latent")
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    dense = adapter.load()
+    c = generate(dense, adapter, prompts, seed=1, batch_size=2, output_type="latent")
+    assert not torch.equal(a[0], c[0])
+
+
+def test_in_memory_model_equals_the_reloaded_one(
+    compose_prune, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The pipeline run_prune pruned generates what load_pruned rebuilds."""
+    import obsdiff.workflow as workflow
+
+    captured = {}
+    original = workflow.save_pruned
+
+    def spy(run_dir, denoiser, manifest):  # type: ignore[no-untyped-def]
+        captured["denoiser"] = denoiser
+        original(run_dir, denoiser, manifest)
+
+    monkeypatch.setattr(workflow, "save_pruned", spy)
+    prune(compose_prune, tmp_path, "model=tiny_sd3", "granularity=semi_2_4")
+    pipe, adapter, _ = load_pruned(tmp_path)
+    in_memory = adapter.load()
+    in_memory.transformer = captured["denoiser"]
+    prompts = ["a cat"]
+    a = generate(in_memory, adapter, prompts, seed=0, batch_size=1, output_type="latent")
+    b = generate(pipe, adapter, prompts, seed=0, batch_size=1, output_type="latent")
+    assert torch.equal(a[0], b[0])
+
+
+def test_resume_after_a_failure_gives_the_same_weights(
+    compose_prune, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    overrides = ["model=tiny_sd3", "packages=3"]
+    prune(compose_prune, tmp_path / "whole", *overrides)
+    whole = target_weights(tmp_path / "whole")
+
+    calls = {"n": 0}
+    original = PruningMethod.prune_groups
+
+    from obsdiff.methods.obs_diff import ObsDiff
+
+    real = ObsDiff.prune_groups
+
+    def failing(self, groups, pattern):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected failure in package 2")
+        return real(self, groups, pattern)
+
+    monkeypatch.setattr(ObsDiff, "prune_groups", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        prune(compose_prune, tmp_path / "resumed", *overrides)
+    progress = json.loads((tmp_path / "resumed" / "checkpoint" / "progress.json").read_text())
+    assert progress["packages_done"] == 1
+    monkeypatch.setattr(ObsDiff, "prune_groups", real)
+    assert original is PruningMethod.prune_groups
+    results = prune(compose_prune, tmp_path / "resumed", *overrides)
+    resumed = target_weights(tmp_path / "resumed")
+    assert results["packages"] == 3 and resumed.keys() == whole.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+    with pytest.raises(JobError, match="different run"):
+        prune(compose_prune, tmp_path / "resumed", "model=tiny_sd3", "packages=3", "sparsity=0.3")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        (["sparsity=1.0"], JobError, r"sparsity=1.0 must lie in \[0, 1\)"),
+        (["granularity=semi_2_4", "sparsity=0.3"], JobError, "set sparsity=0.5"),
+        (["granularity=structured", "method=magnitude"], JobError, "does not support structured"),
+        (["granularity=structured"], JobError, "structured pruning"),
+        (["weighting.scheme=cosine"], ConfigError, "unknown timestep weighting"),
+        (["+model.colour=red"], ConfigError, "unexpected keyword argument 'colour'"),
+        (["calibration.prompts=/nonexistent/gcc3m.tsv"], PromptFileError, "does not exist"),
+        (["calibration.num_prompts=1000"], PromptFileError, "1000 were asked for"),
+        (
+            ["weighting=explicit", "weighting.weights=[1.0,2.0,3.0]"],
+            JobError,
+            "one weight per step",
+        ),
+    ],
+)
+def test_bad_settings_fail_before_loading(overrides, error, message, compose_prune) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error, match=message):
+        build_job(compose_prune(*FAST, *overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["blocks=[0,99]"], r"outside the model's 4 blocks"),
+        (["packages=1000"], r"packages=1000 must lie"),
+    ],
+)
+def test_bad_ranges_fail_before_calibration(
+    overrides, message, compose_prune, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(JobError, match=message):
+        prune(compose_prune, tmp_path, *overrides)
+    assert not (tmp_path / "checkpoint").exists()
