@@ -22,6 +22,7 @@ from torch import nn
 
 from obsdiff.config import instantiate_model
 from obsdiff.models.base import ModelAdapter
+from obsdiff.surgery import restore_shapes
 
 
 MANIFEST = "manifest.json"
@@ -71,6 +72,9 @@ def load_pruned(
         model_config["pretrained"] = pretrained
     adapter = instantiate_model(OmegaConf.create(model_config))
     pipe = adapter.load()
+    denoiser = adapter.denoiser(pipe)
+    if "structure" in manifest:  # structured: resize linears and head counts first
+        restore_shapes(denoiser, manifest["structure"])
     state = safetensors.torch.load_file(str(Path(run_dir) / WEIGHTS))
-    adapter.denoiser(pipe).load_state_dict(state, strict=True)
+    denoiser.load_state_dict(state, strict=True)
     return pipe, adapter, manifest

@@ -29,12 +29,14 @@ from obsdiff.calibration.sequential import (
     calibrate_and_prune,
     embed_batches,
 )
-from obsdiff.methods.base import LayerRecord, PruningMethod
+from obsdiff.methods.base import GroupJob, LayerRecord, PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.models.base import ModelAdapter, linear_at
 from obsdiff.pruned import save_pruned, save_tensors, write_json
-from obsdiff.pruning.patterns import Pattern
+from obsdiff.pruning.patterns import NM, Pattern
 from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.structured import StructuredRecord, prune_structured_package
+from obsdiff.surgery import forward_flops, restore_shapes, shapes
 
 
 log = logging.getLogger(__name__)
@@ -67,11 +69,11 @@ class PruneJob:
         try:
             self.method.check_granularity(self.granularity.kind)
             if self.granularity.kind == "structured":
-                raise ValueError(
-                    "structured pruning (heads and neurons) is not available in the prune app "
-                    "yet; use granularity=unstructured, semi_2_4 or semi_4_8"
-                )
-            self.pattern: Pattern = self.granularity.pattern(self.sparsity)
+                if not 0.0 <= self.sparsity < 1.0:
+                    raise ValueError(f"sparsity={self.sparsity} must lie in [0, 1)")
+                self.pattern: Pattern | None = None
+            else:
+                self.pattern = self.granularity.pattern(self.sparsity)
             self.weighting.weights(self.model.sampling.num_inference_steps)
         except ValueError as err:
             raise JobError(str(err)) from err
@@ -108,25 +110,40 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
-class Checkpointer:
-    """After each package: that package's pruned weights and the progress, in the run dir."""
+def _check_nm_columns(targets: list[tuple[str, nn.Linear]], pattern: Pattern) -> None:
+    if isinstance(pattern, NM):
+        for name, module in targets:
+            if module.in_features % pattern.m:
+                raise JobError(
+                    f"{name} has {module.in_features} inputs, not divisible by M={pattern.m} of "
+                    f"{pattern.n}:{pattern.m}; exclude its block with blocks=[start,end)"
+                )
 
-    def __init__(
-        self, run_dir: Path, run_key: str, denoiser: nn.Module, packages: list[list[UnitRef]]
-    ):
+
+def _records_from_json(data: list[dict[str, Any]]) -> list[Any]:
+    out: list[Any] = []
+    for r in data:
+        if "kind" in r:
+            out.append(
+                StructuredRecord(r["block"], r["group"], r["kind"], r["before"], r["removed"])
+            )
+        else:
+            out.append(LayerRecord(r["name"], tuple(r["shape"]), r["pruned"], r["loss"]))
+    return out
+
+
+class Checkpointer:
+    """After each package: the denoiser (weights and shapes) and the progress, in the run dir."""
+
+    def __init__(self, run_dir: Path, run_key: str, denoiser: nn.Module, num_packages: int):
         self.dir = run_dir / CHECKPOINT_DIR
         self.run_key = run_key
         self.denoiser = denoiser
-        self.packages = packages
+        self.num_packages = num_packages
 
     def save(self, index: int, report: LoopReport) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        weights = {
-            f"{name}.weight": linear_at(self.denoiser, name).weight
-            for unit in self.packages[index]
-            for name in unit.module_names
-        }
-        save_tensors(self.dir / f"package_{index:04d}.safetensors", weights)
+        save_tensors(self.dir / "denoiser.safetensors", self.denoiser.state_dict())
         write_json(
             self.dir / "progress.json",
             {
@@ -135,11 +152,12 @@ class Checkpointer:
                 "calibration_seconds": report.calibration_seconds,
                 "solve_seconds": report.solve_seconds,
                 "records": [r.as_dict() for r in report.records],
+                "structure": shapes(self.denoiser),
             },
         )
 
     def restore(self) -> LoopReport:
-        """Weights and records of the finished packages (none when starting fresh)."""
+        """Weights, shapes and records of the finished packages (nothing when starting fresh)."""
         progress_file = self.dir / "progress.json"
         if not progress_file.is_file():
             return LoopReport()
@@ -149,23 +167,31 @@ class Checkpointer:
                 f"{self.dir.parent} holds a checkpoint of a different run (run key "
                 f"{progress['run_key']} vs {self.run_key}); use a new run directory"
             )
-        done = int(progress["packages_done"])
-        for index in range(done):
-            state = safetensors.torch.load_file(str(self.dir / f"package_{index:04d}.safetensors"))
-            for key, tensor in state.items():
-                module = linear_at(self.denoiser, key.removesuffix(".weight"))
-                module.weight.data.copy_(tensor.to(module.weight.device, module.weight.dtype))
-        records = [
-            LayerRecord(r["name"], tuple(r["shape"]), r["pruned"], r["loss"])
-            for r in progress["records"]
-        ]
-        log.info("resuming after package %d of %d", done, len(self.packages))
+        restore_shapes(self.denoiser, progress["structure"])
+        state = safetensors.torch.load_file(str(self.dir / "denoiser.safetensors"))
+        self.denoiser.load_state_dict(state, strict=True)
+        log.info("resuming after package %d of %d", progress["packages_done"], self.num_packages)
         return LoopReport(
-            records=records,
+            records=_records_from_json(progress["records"]),
             calibration_seconds=progress["calibration_seconds"],
             solve_seconds=progress["solve_seconds"],
-            packages_done=done,
+            packages_done=int(progress["packages_done"]),
         )
+
+
+def _measure_flops(job: PruneJob, pipe: Any, denoiser: nn.Module) -> float:
+    """FLOPs of one denoiser forward (per sample) at the model's sampling resolution."""
+    kwargs = job.model.call_kwargs()
+    kwargs["num_inference_steps"] = 1
+    return forward_flops(
+        denoiser,
+        lambda: pipe(
+            prompt=["a photograph"],
+            generator=torch.Generator("cpu").manual_seed(0),
+            output_type="latent",
+            **kwargs,
+        ),
+    )
 
 
 def run_prune(job: PruneJob, run_dir: Path) -> dict[str, Any]:
@@ -175,29 +201,40 @@ def run_prune(job: PruneJob, run_dir: Path) -> dict[str, Any]:
     pipe = job.model.load().to(job.device)
     pipe.set_progress_bar_config(leave=False)
     denoiser = job.model.denoiser(pipe)
+    structured = job.granularity.kind == "structured"
     try:
-        units = list_units(job.model, denoiser, job.blocks)
+        units = list_units(job.model, denoiser, job.blocks, structured=structured)
         packages = split_packages(units, job.packages)
     except ValueError as err:
         raise JobError(str(err)) from err
     targets = _target_modules(denoiser, packages)
+    if job.pattern is not None:
+        _check_nm_columns(targets, job.pattern)
     params_before = sum(p.numel() for p in denoiser.parameters())
-    nonzero_before = sum(int(m.weight.count_nonzero()) for _, m in targets)
-    steps = job.model.sampling.num_inference_steps
-    step_weights = job.weighting.weights(steps)
+    flops_before = _measure_flops(job, pipe, denoiser)
+    step_weights = job.weighting.weights(job.model.sampling.num_inference_steps)
 
-    checkpointer = Checkpointer(run_dir, job.run_key, denoiser, packages)
+    checkpointer = Checkpointer(run_dir, job.run_key, denoiser, len(packages))
     previous = checkpointer.restore()
     embeddings = []
     if job.method.needs_calibration and previous.packages_done < len(packages):
         embeddings = embed_batches(
             job.model, pipe, job.prompts.prompts, job.calibration.batch_size, job.device
         )
+
+    def prune_package(index: int, jobs: list[GroupJob]) -> list[Any]:
+        if structured:
+            return prune_structured_package(
+                job.model, denoiser, packages[index], jobs, job.method, job.sparsity
+            )
+        assert job.pattern is not None
+        return job.method.prune_groups(jobs, job.pattern)
+
     report = calibrate_and_prune(
         pipe,
         job.model,
         job.method,
-        job.pattern,
+        prune_package,
         packages,
         step_weights,
         embeddings,
@@ -207,42 +244,55 @@ def run_prune(job: PruneJob, run_dir: Path) -> dict[str, Any]:
     )
     report = _merged(previous, report)
 
-    total = sum(m.weight.numel() for _, m in targets)
-    pruned = sum(r.pruned for r in report.records)
+    params_after = sum(p.numel() for p in denoiser.parameters())
     results = {
         "model": job.model.name,
         "method": job.method.name,
         "granularity": job.granularity.name,
         "sparsity": job.sparsity,
-        "achieved_sparsity": pruned / total,
-        "target_modules": len(targets),
-        "target_parameters": total,
-        "params_before": params_before,
-        "params_after": sum(p.numel() for p in denoiser.parameters()),
-        "nonzero_target_parameters_before": nonzero_before,
-        "nonzero_target_parameters_after": sum(int(m.weight.count_nonzero()) for _, m in targets),
+        "achieved_sparsity": _achieved_sparsity(report, targets, structured),
         "packages": len(packages),
         "weighting": job.weighting.scheme,
+        "params_before": params_before,
+        "params_after": params_after,
+        "tflops_before": flops_before / 1e12,
+        "tflops_after": _measure_flops(job, pipe, denoiser) / 1e12,
         "calibration_seconds": round(report.calibration_seconds, 4),
         "solve_seconds": round(report.solve_seconds, 4),
         "wall_seconds": round(time.perf_counter() - started, 4),
         "peak_memory_bytes": _peak_memory_bytes(job.device),
         "device": str(job.device),
     }
+    if not structured:
+        results["target_modules"] = len(targets)
+        results["target_parameters"] = sum(m.weight.numel() for _, m in targets)
     if job.save:
-        save_pruned(run_dir, denoiser, _manifest(job, results, report, packages))
+        save_pruned(run_dir, denoiser, _manifest(job, results, report, packages, denoiser))
     write_json(run_dir / "results.json", results)
     log.info(
-        "%s %s %.0f%%: achieved %.4f over %d target linears (calibration %.1f s, solve %.1f s)",
+        "%s %s %.0f%%: achieved %.4f; parameters %d -> %d (calibration %.1f s, solve %.1f s)",
         job.method.name,
         job.granularity.name,
         100 * job.sparsity,
         results["achieved_sparsity"],
-        len(targets),
+        params_before,
+        params_after,
         report.calibration_seconds,
         report.solve_seconds,
     )
     return results
+
+
+def _achieved_sparsity(
+    report: LoopReport, targets: list[tuple[str, nn.Linear]], structured: bool
+) -> float:
+    """Unstructured / N:M: pruned weights over the target linears' weights. Structured: removed
+    units (heads and neurons) over the units of the pruned groups."""
+    if structured:
+        before = sum(r.before for r in report.records)
+        return sum(len(r.removed) for r in report.records) / before if before else 0.0
+    total = sum(m.weight.numel() for _, m in targets)
+    return sum(r.pruned for r in report.records) / total
 
 
 def _merged(previous: LoopReport, current: LoopReport) -> LoopReport:
@@ -255,10 +305,14 @@ def _merged(previous: LoopReport, current: LoopReport) -> LoopReport:
 
 
 def _manifest(
-    job: PruneJob, results: dict[str, Any], report: LoopReport, packages: list[list[UnitRef]]
+    job: PruneJob,
+    results: dict[str, Any],
+    report: LoopReport,
+    packages: list[list[UnitRef]],
+    denoiser: nn.Module,
 ) -> dict[str, Any]:
     steps = job.model.sampling.num_inference_steps
-    return {
+    manifest = {
         "format": 1,
         "run_key": job.run_key,
         "model": job.model.describe(),
@@ -270,7 +324,7 @@ def _manifest(
         "weighting": job.weighting.describe(steps),
         "packages": len(packages),
         "package_units": [len(p) for p in packages],
-        "blocks": list(job.blocks) if job.blocks else None,
+        "blocks": sorted({unit.block_index for p in packages for unit in p}),
         "calibration": {
             **job.prompts.describe(),
             "batch_size": job.calibration.batch_size,
@@ -280,8 +334,11 @@ def _manifest(
             "guidance_scale": job.model.sampling.guidance_scale,
             "resolution": [job.model.sampling.height, job.model.sampling.width],
         },
-        "layers": [r.as_dict() for r in report.records],
+        "records": [r.as_dict() for r in report.records],
         "versions": {
             name: version(name) for name in ("obsdiff", "torch", "diffusers", "transformers")
         },
     }
+    if job.granularity.kind == "structured":
+        manifest["structure"] = shapes(denoiser)
+    return manifest

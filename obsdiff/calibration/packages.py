@@ -25,23 +25,33 @@ class UnitRef:
 
 
 def list_units(
-    adapter: ModelAdapter, denoiser: nn.Module, block_range: tuple[int, int] | None = None
+    adapter: ModelAdapter,
+    denoiser: nn.Module,
+    block_range: tuple[int, int] | None = None,
+    structured: bool = False,
 ) -> list[UnitRef]:
-    """Every basic unit of the blocks in [start, end), block by block, in forward order."""
+    """Every basic unit of the blocks in [start, end), block by block, in forward order; for
+    structured pruning the units are the consumers of heads and neurons (output projections,
+    down-projections). Without a range, the adapter's default for the granularity."""
     blocks = adapter.blocks(denoiser)
-    start, end = block_range if block_range is not None else (0, len(blocks))
+    if block_range is None:
+        block_range = adapter.default_blocks(len(blocks), structured)
+    start, end = block_range
     if not 0 <= start < end <= len(blocks):
         raise ValueError(
             f"blocks=[{start},{end}) is outside the model's {len(blocks)} blocks; use 0 <= start "
             f"< end <= {len(blocks)}"
         )
-    units = []
+    units: list[UnitRef] = []
     for index in range(start, end):
         name, block = blocks[index]
-        for unit in adapter.block_units(block):
-            units.append(UnitRef(index, name, unit))
-    if not units:
-        raise ValueError(f"no target modules in blocks [{start}, {end})")
+        block_units = adapter.structured_units(block) if structured else adapter.block_units(block)
+        if not block_units:
+            raise ValueError(
+                f"block {name} has none of the {adapter.family} target linears; is this model "
+                f"config of the right family?"
+            )
+        units.extend(UnitRef(index, name, unit) for unit in block_units)
     return units
 
 

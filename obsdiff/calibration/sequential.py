@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -20,9 +21,8 @@ from tqdm.auto import tqdm
 
 from obsdiff.calibration.hooks import StatisticsHooks, StepTracker
 from obsdiff.calibration.packages import UnitRef
-from obsdiff.methods.base import GroupJob, LayerRecord, PruningMethod
+from obsdiff.methods.base import GroupJob, PruningMethod
 from obsdiff.models.base import ModelAdapter, linear_at
-from obsdiff.pruning.patterns import Pattern
 from obsdiff.pruning.statistics import InputStatistics
 from obsdiff.sampling import image_generators
 
@@ -39,9 +39,12 @@ class CalibrationSettings:
     include_uncond: bool = True  # the reference code includes the CFG unconditional half
 
 
+PackagePruner = Callable[[int, list[GroupJob]], list[Any]]
+
+
 @dataclass
 class LoopReport:
-    records: list[LayerRecord] = field(default_factory=list)
+    records: list[Any] = field(default_factory=list)  # what the package pruner reported
     calibration_seconds: float = 0.0
     solve_seconds: float = 0.0
     packages_done: int = 0
@@ -99,7 +102,7 @@ def calibrate_and_prune(
     pipe: DiffusionPipeline,
     adapter: ModelAdapter,
     method: PruningMethod,
-    pattern: Pattern,
+    prune_package: PackagePruner,
     packages: list[list[UnitRef]],
     step_weights: torch.Tensor,
     embeddings: list[dict[str, torch.Tensor]],
@@ -107,7 +110,8 @@ def calibrate_and_prune(
     start_package: int = 0,
     on_package_done: Callable[[int, LoopReport], None] | None = None,
 ) -> LoopReport:
-    """Run the loop from package `start_package` on; `on_package_done(index, report)` after each."""
+    """Run the loop from package `start_package` on. `prune_package(index, jobs)` prunes one
+    calibrated package and returns its records; `on_package_done(index, report)` follows it."""
     denoiser = adapter.denoiser(pipe)
     tracker = StepTracker()
     report = LoopReport(packages_done=start_package)
@@ -119,14 +123,13 @@ def calibrate_and_prune(
             len(packages),
             peak / 2**20,
         )
-    package_bar = tqdm(range(start_package, len(packages)), desc="packages", unit="package")
-    for index in package_bar:
+    for index in tqdm(range(start_package, len(packages)), desc="packages", unit="package"):
         jobs = package_jobs(denoiser, packages[index], method)
         started = time.perf_counter()
         if method.needs_calibration:
             hooks = StatisticsHooks(
                 denoiser,
-                [(job.modules[0], job.stats) for job in jobs],  # type: ignore[misc]
+                [(job.modules[0], job.stats) for job in jobs if job.stats is not None],
                 step_weights,
                 tracker,
                 cfg_mode=cfg_mode,
@@ -134,24 +137,16 @@ def calibrate_and_prune(
             )
             with hooks.attached(), torch.inference_mode():
                 offset = 0
-                for batch in tqdm(
-                    embeddings,
-                    desc=f"package {index + 1}/{len(packages)}",
-                    unit="batch",
-                    leave=False,
-                ):
+                desc = f"package {index + 1}/{len(packages)}"
+                for batch in tqdm(embeddings, desc=desc, unit="batch", leave=False):
                     count = next(iter(batch.values())).shape[0]
                     tracker.reset()
-                    adapter.calibration_call(
-                        pipe,
-                        batch,
-                        image_generators(settings.seed, offset, count),
-                        tracker.on_step_end,
-                    )
+                    generators = image_generators(settings.seed, offset, count)
+                    adapter.calibration_call(pipe, batch, generators, tracker.on_step_end)
                     offset += count
         calibrated = time.perf_counter()
         with torch.no_grad():
-            report.records.extend(method.prune_groups(jobs, pattern))
+            report.records.extend(prune_package(index, jobs))
         report.calibration_seconds += calibrated - started
         report.solve_seconds += time.perf_counter() - calibrated
         report.packages_done = index + 1

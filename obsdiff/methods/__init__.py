@@ -4,6 +4,7 @@ from obsdiff.methods.base import GroupJob, LayerRecord, PruningMethod
 from obsdiff.methods.dense import Dense
 from obsdiff.methods.dsnot import DSnoT
 from obsdiff.methods.granularity import Granularity
+from obsdiff.methods.l1 import L1
 from obsdiff.methods.magnitude import Magnitude
 from obsdiff.methods.obs_diff import ObsDiff
 from obsdiff.methods.wanda import Wanda
@@ -13,6 +14,7 @@ __all__ = [
     "DSnoT",
     "Dense",
     "Granularity",
+    "L1",
     "GroupJob",
     "LayerRecord",
     "Magnitude",

@@ -77,3 +77,26 @@ class PruningMethod(ABC):
     @abstractmethod
     def prune_groups(self, groups: list[GroupJob], pattern: Pattern) -> list[LayerRecord]:
         """Prune every linear of `groups` in place (one package) and report what was done."""
+
+    def select_heads(
+        self,
+        consumers: list[torch.Tensor],
+        hessians: list[torch.Tensor | None],
+        producers: list[torch.Tensor],
+        head_dim: int,
+        count: int,
+    ) -> tuple[list[torch.Tensor], list[int]]:
+        """Structured: which `count` heads go, and the consumers' new weights (columns of the
+        heads' range, (rows, heads * head_dim) each). Producers are (heads * head_dim, in)."""
+        raise ValueError(f"method {self.name!r} does not support structured pruning")
+
+    def select_neurons(
+        self,
+        consumer: torch.Tensor,
+        hessian: torch.Tensor | None,
+        producers: list[torch.Tensor],
+        count: int,
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Structured: which `count` FFN neurons go, and the down-projection's new weight
+        ((rows, width)). Producers are the (width, in) row blocks of the up-projection(s)."""
+        raise ValueError(f"method {self.name!r} does not support structured pruning")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from obsdiff.methods.base import GroupJob, LayerRecord, PruningMethod
 from obsdiff.pruning.patterns import Pattern
 
@@ -19,3 +21,22 @@ class Dense(PruningMethod):
             for group in groups
             for name, module in zip(group.names, group.modules, strict=True)
         ]
+
+    def select_heads(
+        self,
+        consumers: list[torch.Tensor],
+        hessians: list[torch.Tensor | None],
+        producers: list[torch.Tensor],
+        head_dim: int,
+        count: int,
+    ) -> tuple[list[torch.Tensor], list[int]]:
+        return consumers, []
+
+    def select_neurons(
+        self,
+        consumer: torch.Tensor,
+        hessian: torch.Tensor | None,
+        producers: list[torch.Tensor],
+        count: int,
+    ) -> tuple[torch.Tensor, list[int]]:
+        return consumer, []

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from obsdiff.methods.base import GroupJob, LayerRecord, PruningMethod, write_weight
 from obsdiff.pruning.obs import ObsProblem, obs_prune_problems
+from obsdiff.pruning.obs_structured import HEAD_SALIENCIES, obs_prune_heads, obs_prune_neurons
 from obsdiff.pruning.patterns import Pattern
 
 
@@ -15,14 +18,51 @@ class ObsDiff(PruningMethod):
     blocksize: int = 128
     compensate: bool = True
     normaliser: str = "sample"
+    head_saliency: str = "reference"
+    rrf_k: float = 60.0
 
     name = "obsdiff"
-    granularities = ("unstructured", "nm")
+    granularities = ("unstructured", "nm", "structured")
     needs_hessian = True
 
     def __post_init__(self) -> None:
         if self.percdamp < 0 or self.blocksize < 1:
             raise ValueError("obsdiff needs percdamp >= 0 and blocksize >= 1")
+        if self.head_saliency not in HEAD_SALIENCIES:
+            raise ValueError(f"head_saliency={self.head_saliency!r}; use one of {HEAD_SALIENCIES}")
+
+    def select_heads(
+        self,
+        consumers: list[torch.Tensor],
+        hessians: list[torch.Tensor | None],
+        producers: list[torch.Tensor],
+        head_dim: int,
+        count: int,
+    ) -> tuple[list[torch.Tensor], list[int]]:
+        result = obs_prune_heads(
+            consumers,
+            [h for h in hessians if h is not None],
+            head_dim,
+            count,
+            percdamp=self.percdamp,
+            rrf_k=self.rrf_k,
+            saliency=self.head_saliency,
+            compensate=self.compensate,
+        )
+        return result.weights, result.removed.tolist()
+
+    def select_neurons(
+        self,
+        consumer: torch.Tensor,
+        hessian: torch.Tensor | None,
+        producers: list[torch.Tensor],
+        count: int,
+    ) -> tuple[torch.Tensor, list[int]]:
+        assert hessian is not None
+        result = obs_prune_neurons(
+            consumer, hessian, count, percdamp=self.percdamp, compensate=self.compensate
+        )
+        return result.weights[0], result.removed.tolist()
 
     def prune_groups(self, groups: list[GroupJob], pattern: Pattern) -> list[LayerRecord]:
         problems = []

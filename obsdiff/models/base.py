@@ -35,6 +35,54 @@ Unit = tuple[InputGroup, ...]  # a basic unit: groups whose inputs do not depend
 CFG_MODES = ("none", "doubled_batch", "separate_calls")
 
 
+@dataclass(frozen=True)
+class HeadGroup:
+    """Attention heads of one attention module (names relative to the block).
+
+    Head h owns rows [h d, (h + 1) d) of every producer (q/k/v, add_q/k/v) and columns
+    [offset + h d, offset + (h + 1) d) of every consumer (the output projections, one per
+    stream); `attention` is the module whose `heads` count changes.
+    """
+
+    attention: str
+    producers: tuple[str, ...]
+    consumers: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class NeuronGroup:
+    """FFN neurons: neuron i is row offset + i of each producer (both GEGLU halves) and column
+    offset + i of the consumer (the down-projection); `width` neurons in all."""
+
+    producers: tuple[tuple[str, int], ...]
+    consumer: tuple[str, int]
+    width: int
+
+
+def head_group(
+    block: nn.Module,
+    attention: str,
+    producers: Sequence[str],
+    consumers: Sequence[str],
+    offset: int = 0,
+) -> list[HeadGroup]:
+    """[the group] restricted to the linears present, or [] when the attention is absent."""
+    kept_producers = tuple(name for name in producers if is_linear(block, name))
+    kept_consumers = tuple((name, offset) for name in consumers if is_linear(block, name))
+    if not (kept_producers and kept_consumers):
+        return []
+    return [HeadGroup(attention, kept_producers, kept_consumers)]
+
+
+def ffn_group(block: nn.Module, up: str, down: str, gated: bool = False) -> list[NeuronGroup]:
+    """[the FFN's neurons] (a gated up-projection holds value and gate halves), or []."""
+    if not (is_linear(block, up) and is_linear(block, down)):
+        return []
+    width = linear_at(block, down).in_features
+    producers = ((up, 0), (up, width)) if gated else ((up, 0),)
+    return [NeuronGroup(producers, (down, 0), width)]
+
+
 def present_groups(block: nn.Module, groups: Sequence[InputGroup]) -> Unit:
     """The groups restricted to the linears `block` really has (SD3's last block has no context
     output path, SD3.5-Medium has `attn2` only in its first blocks)."""
@@ -310,6 +358,27 @@ class ModelAdapter(ABC):
     @abstractmethod
     def block_units(self, block: nn.Module) -> list[Unit]:
         """The target linears of one block as basic units, in forward order (paper Sec. 4.2)."""
+
+    def structured_groups(self, block: nn.Module) -> tuple[list[HeadGroup], list[NeuronGroup]]:
+        """The heads and FFN neurons structured pruning may remove from one block."""
+        raise NotImplementedError(f"structured pruning is not available for {self.family}")
+
+    def structured_units(self, block: nn.Module) -> list[Unit]:
+        """The consumers of `structured_groups` (output and down projections) as basic units:
+        the layers whose input statistics structured OBS needs."""
+        heads, neurons = self.structured_groups(block)
+        attention = list(dict.fromkeys((name,) for group in heads for name, _ in group.consumers))
+        ffn = [
+            g
+            for g in dict.fromkeys((group.consumer[0],) for group in neurons)
+            if g not in attention
+        ]
+        return [tuple(unit) for unit in (attention, ffn) if unit]
+
+    def default_blocks(self, num_blocks: int, structured: bool) -> tuple[int, int]:
+        """Blocks pruned when the config names none: all of them, but for structured pruning the
+        first and last are kept (the paper's parameter counts require it)."""
+        return (1, num_blocks - 1) if structured and num_blocks > 2 else (0, num_blocks)
 
     # -------------------------------------------------------------- calibration
     @abstractmethod

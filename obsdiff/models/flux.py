@@ -15,7 +15,18 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from obsdiff.models import tiny
-from obsdiff.models.base import InputGroup, ModelAdapter, SamplingDefaults, Unit, present_groups
+from obsdiff.models.base import (
+    HeadGroup,
+    InputGroup,
+    ModelAdapter,
+    NeuronGroup,
+    SamplingDefaults,
+    Unit,
+    ffn_group,
+    head_group,
+    linear_at,
+    present_groups,
+)
 
 
 DOUBLE_UNITS: list[list[InputGroup]] = [
@@ -54,6 +65,21 @@ class FluxAdapter(ModelAdapter):
         groups = SINGLE_UNITS if hasattr(block, "proj_mlp") else DOUBLE_UNITS
         units = [present_groups(block, unit) for unit in groups]
         return [unit for unit in units if unit]
+
+    def structured_groups(self, block: nn.Module) -> tuple[list[HeadGroup], list[NeuronGroup]]:
+        """Double blocks: as SD3. Single blocks: `proj_out` consumes [attention, MLP], so the
+        heads own its first columns and the MLP neurons the columns after them."""
+        qkv = ["attn.to_q", "attn.to_k", "attn.to_v"]
+        if hasattr(block, "proj_mlp"):
+            inner = linear_at(block, "attn.to_q").out_features
+            mlp = linear_at(block, "proj_mlp").out_features
+            neurons = [NeuronGroup((("proj_mlp", 0),), ("proj_out", inner), mlp)]
+            return head_group(block, "attn", qkv, ["proj_out"]), neurons
+        joint = qkv + ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]
+        heads = head_group(block, "attn", joint, ["attn.to_out.0", "attn.to_add_out"])
+        neurons = ffn_group(block, "ff.net.0.proj", "ff.net.2")
+        neurons += ffn_group(block, "ff_context.net.0.proj", "ff_context.net.2")
+        return heads, neurons
 
     def cfg_mode(self, sampling: SamplingDefaults | None = None) -> str:
         return "separate_calls" if self.uses_cfg(sampling) else "none"

@@ -13,7 +13,17 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from obsdiff.models import tiny
-from obsdiff.models.base import InputGroup, ModelAdapter, SamplingDefaults, Unit, present_groups
+from obsdiff.models.base import (
+    HeadGroup,
+    InputGroup,
+    ModelAdapter,
+    NeuronGroup,
+    SamplingDefaults,
+    Unit,
+    ffn_group,
+    head_group,
+    present_groups,
+)
 
 
 # The 12 target linears of a JointTransformerBlock (paper Sec. 1.5) as basic units, plus the
@@ -57,6 +67,19 @@ class SD3Adapter(ModelAdapter):
     def block_units(self, block: nn.Module) -> list[Unit]:
         units = [present_groups(block, groups) for groups in SD3_UNITS]
         return [unit for unit in units if unit]
+
+    def structured_groups(self, block: nn.Module) -> tuple[list[HeadGroup], list[NeuronGroup]]:
+        """Joint attention (heads shared by both streams, one output projection each), the
+        SD3.5-Medium dual attention, and the two FFNs (GELU, not gated)."""
+        joint = ["attn.to_q", "attn.to_k", "attn.to_v"]
+        joint += ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]
+        heads = head_group(block, "attn", joint, ["attn.to_out.0", "attn.to_add_out"])
+        heads += head_group(
+            block, "attn2", ["attn2.to_q", "attn2.to_k", "attn2.to_v"], ["attn2.to_out.0"]
+        )
+        neurons = ffn_group(block, "ff.net.0.proj", "ff.net.2")
+        neurons += ffn_group(block, "ff_context.net.0.proj", "ff_context.net.2")
+        return heads, neurons
 
     def encode_prompts(
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device

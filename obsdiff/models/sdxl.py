@@ -9,7 +9,16 @@ from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
 from obsdiff.models import tiny
-from obsdiff.models.base import InputGroup, ModelAdapter, Unit, present_groups
+from obsdiff.models.base import (
+    HeadGroup,
+    InputGroup,
+    ModelAdapter,
+    NeuronGroup,
+    Unit,
+    ffn_group,
+    head_group,
+    present_groups,
+)
 
 
 # A BasicTransformerBlock: self-attention, cross-attention (to_q reads the image tokens, to_k and
@@ -48,6 +57,21 @@ class SDXLAdapter(ModelAdapter):
     def block_units(self, block: nn.Module) -> list[Unit]:
         units = [present_groups(block, groups) for groups in SDXL_UNITS]
         return [unit for unit in units if unit]
+
+    def structured_groups(self, block: nn.Module) -> tuple[list[HeadGroup], list[NeuronGroup]]:
+        """Self- and cross-attention heads (cross-attention k/v rows included) and the GEGLU FFN
+        (value and gate halves of one projection kept together)."""
+        heads = head_group(
+            block, "attn1", ["attn1.to_q", "attn1.to_k", "attn1.to_v"], ["attn1.to_out.0"]
+        )
+        heads += head_group(
+            block, "attn2", ["attn2.to_q", "attn2.to_k", "attn2.to_v"], ["attn2.to_out.0"]
+        )
+        return heads, ffn_group(block, "ff.net.0.proj", "ff.net.2", gated=True)
+
+    def default_blocks(self, num_blocks: int, structured: bool) -> tuple[int, int]:
+        """Every BasicTransformerBlock (the released SDXL checkpoints' parameter counts)."""
+        return (0, num_blocks)
 
     def encode_prompts(
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device

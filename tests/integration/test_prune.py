@@ -16,7 +16,6 @@ from omegaconf import DictConfig
 from obsdiff.calibration.hooks import count_hooks
 from obsdiff.calibration.prompts import PromptFileError
 from obsdiff.config import CONF_DIR, ConfigError
-from obsdiff.methods.base import PruningMethod
 from obsdiff.prune import build_job
 from obsdiff.pruned import load_pruned
 from obsdiff.pruning.patterns import num_to_prune
@@ -54,7 +53,7 @@ def prune(compose_prune, run_dir: Path, *overrides: str) -> dict:  # type: ignor
 def target_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     saved = safetensors.torch.load_file(str(run_dir / "denoiser.safetensors"))
-    return {layer["name"]: saved[layer["name"] + ".weight"] for layer in manifest["layers"]}
+    return {layer["name"]: saved[layer["name"] + ".weight"] for layer in manifest["records"]}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_OVERRIDES))
@@ -141,40 +140,40 @@ def test_in_memory_model_equals_the_reloaded_one(
     assert torch.equal(a[0], b[0])
 
 
+@pytest.mark.parametrize("granularity", ["unstructured", "structured"])
 def test_resume_after_a_failure_gives_the_same_weights(
-    compose_prune, tmp_path: Path, monkeypatch
+    granularity: str, compose_prune, tmp_path: Path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
-    overrides = ["model=tiny_sd3", "packages=3"]
+    import obsdiff.calibration.sequential as sequential
+
+    overrides = ["model=tiny_sd3", "packages=3", f"granularity={granularity}", "sparsity=0.25"]
+    if granularity == "structured":
+        overrides[1] = "packages=2"
     prune(compose_prune, tmp_path / "whole", *overrides)
-    whole = target_weights(tmp_path / "whole")
+    whole = safetensors.torch.load_file(str(tmp_path / "whole" / "denoiser.safetensors"))
 
+    real = sequential.package_jobs
     calls = {"n": 0}
-    original = PruningMethod.prune_groups
 
-    from obsdiff.methods.obs_diff import ObsDiff
-
-    real = ObsDiff.prune_groups
-
-    def failing(self, groups, pattern):  # type: ignore[no-untyped-def]
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("injected failure in package 2")
-        return real(self, groups, pattern)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(ObsDiff, "prune_groups", failing)
+    monkeypatch.setattr(sequential, "package_jobs", failing)
     with pytest.raises(RuntimeError, match="injected failure"):
         prune(compose_prune, tmp_path / "resumed", *overrides)
     progress = json.loads((tmp_path / "resumed" / "checkpoint" / "progress.json").read_text())
     assert progress["packages_done"] == 1
-    monkeypatch.setattr(ObsDiff, "prune_groups", real)
-    assert original is PruningMethod.prune_groups
-    results = prune(compose_prune, tmp_path / "resumed", *overrides)
-    resumed = target_weights(tmp_path / "resumed")
-    assert results["packages"] == 3 and resumed.keys() == whole.keys()
+    monkeypatch.setattr(sequential, "package_jobs", real)
+    prune(compose_prune, tmp_path / "resumed", *overrides)
+    resumed = safetensors.torch.load_file(str(tmp_path / "resumed" / "denoiser.safetensors"))
+    assert resumed.keys() == whole.keys()
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
     with pytest.raises(JobError, match="different run"):
-        prune(compose_prune, tmp_path / "resumed", "model=tiny_sd3", "packages=3", "sparsity=0.3")
+        prune(compose_prune, tmp_path / "resumed", *overrides[:-1], "sparsity=0.3")
 
 
 @pytest.mark.parametrize(
@@ -183,7 +182,7 @@ def test_resume_after_a_failure_gives_the_same_weights(
         (["sparsity=1.0"], JobError, r"sparsity=1.0 must lie in \[0, 1\)"),
         (["granularity=semi_2_4", "sparsity=0.3"], JobError, "set sparsity=0.5"),
         (["granularity=structured", "method=magnitude"], JobError, "does not support structured"),
-        (["granularity=structured"], JobError, "structured pruning"),
+        (["granularity=structured", "method=wanda"], JobError, "does not support structured"),
         (["weighting.scheme=cosine"], ConfigError, "unknown timestep weighting"),
         (["+model.colour=red"], ConfigError, "unexpected keyword argument 'colour'"),
         (["calibration.prompts=/nonexistent/gcc3m.tsv"], PromptFileError, "does not exist"),
@@ -213,3 +212,73 @@ def test_bad_ranges_fail_before_calibration(
     with pytest.raises(JobError, match=message):
         prune(compose_prune, tmp_path, *overrides)
     assert not (tmp_path / "checkpoint").exists()
+
+
+def removed_parameters(adapter, base: torch.nn.Module, records: list[dict]) -> int:  # type: ignore[no-untyped-def]
+    """Parameters the rounding rule removes, counted on the base model's shapes."""
+    from obsdiff.models.base import linear_at
+
+    total = 0
+    for record in records:
+        block = base.get_submodule(record["block"])
+        heads, neurons = adapter.structured_groups(block)
+        removed = len(record["removed"])
+        if record["kind"] == "heads":
+            group = next(g for g in heads if g.attention == record["group"])
+            unit = linear_at(block, group.producers[0]).out_features // record["before"]
+            producers = [linear_at(block, n) for n in group.producers]
+            consumers = [linear_at(block, n) for n, _ in group.consumers]
+        else:
+            group = next(g for g in neurons if g.consumer[0] == record["group"])
+            unit = 1
+            producers = [linear_at(block, n) for n, _ in group.producers]
+            consumers = [linear_at(block, group.consumer[0])]
+        per_unit = sum(p.in_features + (p.bias is not None) for p in producers)
+        per_unit += sum(c.out_features for c in consumers)
+        total += removed * unit * per_unit
+    return total
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_OVERRIDES))
+@pytest.mark.parametrize("method", ["obsdiff", "l1"])
+def test_structured_prune(family: str, method: str, compose_prune, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from obsdiff.pruning.obs_structured import structured_count
+
+    overrides = [f"model={family}", "granularity=structured", f"method={method}", "sparsity=0.25"]
+    results = prune(compose_prune, tmp_path, *overrides, *FAMILY_OVERRIDES[family])
+    pipe, adapter, manifest = load_pruned(tmp_path)
+    records = manifest["records"]
+    assert records and all(
+        len(r["removed"]) == structured_count(r["before"], 0.25) for r in records
+    )
+    base = adapter.denoiser(adapter.load())
+    expected = removed_parameters(adapter, base, records)
+    assert results["params_before"] - results["params_after"] == expected > 0
+    assert sum(p.numel() for p in adapter.denoiser(pipe).parameters()) == results["params_after"]
+    assert results["tflops_after"] < results["tflops_before"]
+    blocks = adapter.blocks(base)
+    pruned_blocks = {r["block"] for r in records}
+    if family != "tiny_sdxl":  # first and last blocks are kept (the paper's parameter counts)
+        assert blocks[0][0] not in pruned_blocks and blocks[-1][0] not in pruned_blocks
+    images = generate(pipe, adapter, ["a red circle"], seed=0, batch_size=1, output_type="latent")
+    assert torch.isfinite(images[0]).all()
+
+
+def test_structured_in_memory_equals_reloaded(compose_prune, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import obsdiff.workflow as workflow
+
+    captured = {}
+    original = workflow.save_pruned
+
+    def spy(run_dir, denoiser, manifest):  # type: ignore[no-untyped-def]
+        captured["denoiser"] = denoiser
+        original(run_dir, denoiser, manifest)
+
+    monkeypatch.setattr(workflow, "save_pruned", spy)
+    prune(compose_prune, tmp_path, "model=tiny_sd35", "granularity=structured", "sparsity=0.3")
+    pipe, adapter, _ = load_pruned(tmp_path)
+    in_memory = adapter.load()
+    in_memory.transformer = captured["denoiser"]
+    a = generate(in_memory, adapter, ["a cat"], seed=0, batch_size=1, output_type="latent")
+    b = generate(pipe, adapter, ["a cat"], seed=0, batch_size=1, output_type="latent")
+    assert torch.equal(a[0], b[0])

@@ -1,0 +1,150 @@
+"""Structured surgery: physically remove attention heads and FFN neurons, count what is left.
+
+A `Surgery` collects, for one block, the rows and columns (original indices) to drop from each
+linear and the heads each attention module loses; `apply` replaces the linears by smaller ones and
+updates the `heads` counts, so the smaller model runs through the unchanged diffusers pipeline.
+`shapes` / `restore_shapes` record and rebuild the result for loading saved weights.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from obsdiff.models.base import HeadGroup, NeuronGroup, linear_at
+
+
+def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    parent._modules[child] = new
+
+
+def shrunk_linear(
+    linear: nn.Linear, keep_rows: torch.Tensor, keep_columns: torch.Tensor
+) -> nn.Linear:
+    """A new nn.Linear holding the kept rows (outputs) and columns (inputs) of `linear`."""
+    new = nn.Linear(
+        len(keep_columns),
+        len(keep_rows),
+        bias=linear.bias is not None,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[keep_rows][:, keep_columns])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias[keep_rows])  # type: ignore[union-attr]
+    return new.train(linear.training)
+
+
+@dataclass
+class Surgery:
+    """Removals for one block, in original indices."""
+
+    rows: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    columns: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    heads: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def remove_heads(self, group: HeadGroup, removed: list[int], head_dim: int) -> None:
+        for head in removed:
+            span = range(head * head_dim, (head + 1) * head_dim)
+            for name in group.producers:
+                self.rows[name].update(span)
+            for name, offset in group.consumers:
+                self.columns[name].update(offset + i for i in span)
+        self.heads[group.attention] += len(removed)
+
+    def remove_neurons(self, group: NeuronGroup, removed: list[int]) -> None:
+        for name, offset in group.producers:
+            self.rows[name].update(offset + i for i in removed)
+        name, offset = group.consumer
+        self.columns[name].update(offset + i for i in removed)
+
+    def apply(self, block: nn.Module) -> None:
+        for name in sorted(set(self.rows) | set(self.columns)):
+            linear = linear_at(block, name)
+            device = linear.weight.device
+            keep_rows = [i for i in range(linear.out_features) if i not in self.rows.get(name, ())]
+            keep_cols = [
+                i for i in range(linear.in_features) if i not in self.columns.get(name, ())
+            ]
+            new = shrunk_linear(
+                linear,
+                torch.tensor(keep_rows, device=device),
+                torch.tensor(keep_cols, device=device),
+            )
+            replace_submodule(block, name, new)
+        for attention, removed in self.heads.items():
+            module = block.get_submodule(attention)
+            module.heads = int(module.heads) - removed  # type: ignore[arg-type]
+
+
+def shapes(denoiser: nn.Module) -> dict[str, Any]:
+    """Every linear's (out, in) and every attention's head count, to rebuild a pruned denoiser."""
+    return {
+        "linears": {
+            name: [m.out_features, m.in_features]
+            for name, m in denoiser.named_modules()
+            if isinstance(m, nn.Linear)
+        },
+        "heads": {
+            name: int(m.heads)  # type: ignore[arg-type]
+            for name, m in denoiser.named_modules()
+            if isinstance(getattr(m, "heads", None), int)
+        },
+    }
+
+
+def restore_shapes(denoiser: nn.Module, recorded: dict[str, Any]) -> None:
+    """Resize the base denoiser's linears and head counts to a recorded structure (weights are
+    then loaded with `load_state_dict`)."""
+    for name, (out_features, in_features) in recorded["linears"].items():
+        linear = linear_at(denoiser, name)
+        if (linear.out_features, linear.in_features) != (out_features, in_features):
+            rows = torch.arange(out_features, device=linear.weight.device)
+            columns = torch.arange(in_features, device=linear.weight.device)
+            replace_submodule(denoiser, name, shrunk_linear(linear, rows, columns))
+    for name, heads in recorded["heads"].items():
+        denoiser.get_submodule(name).heads = heads
+
+
+def forward_flops(denoiser: nn.Module, run_once: Callable[[], Any]) -> float:
+    """FLOPs (2 x multiply-adds) of the linear and convolution layers in the denoiser's first
+    forward during `run_once()`, per sample. Attention scores are not counted."""
+    total = [0.0]
+    state = {"calls": 0, "batch": 1}
+
+    def count(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+        if state["calls"] != 1:
+            return
+        if isinstance(module, nn.Linear):
+            total[0] += 2.0 * module.in_features * output.numel()
+        elif isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total[0] += 2.0 * module.in_channels // module.groups * kh * kw * output.numel()
+
+    def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        state["calls"] += 1
+        if state["calls"] == 1:
+            first = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
+            state["batch"] = int(first.shape[0]) if first is not None else 1
+
+    handles = [denoiser.register_forward_pre_hook(enter, with_kwargs=True)]
+    handles += [
+        m.register_forward_hook(count)
+        for m in denoiser.modules()
+        if isinstance(m, nn.Linear | nn.Conv2d)
+    ]
+    try:
+        with torch.inference_mode():
+            run_once()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total[0] / state["batch"]
