@@ -82,7 +82,7 @@ class Surgery:
             replace_submodule(block, name, new)
         for attention, removed in self.heads.items():
             module = block.get_submodule(attention)
-            module.heads = int(module.heads) - removed  # type: ignore[arg-type]
+            module.heads = int(module.heads) - removed  # type: ignore[arg-type, assignment]
 
 
 def shapes(denoiser: nn.Module) -> dict[str, Any]:
