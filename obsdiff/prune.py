@@ -55,6 +55,7 @@ def build_job(cfg: DictConfig) -> PruneJob:
             batch_size=int(calibration.batch_size),
             seed=int(cfg.seed),
             include_uncond=bool(calibration.include_uncond),
+            hessian_precision=str(calibration.hessian_precision),
         ),
         device=resolve_device(str(cfg.device)),
         config=to_plain(cfg),

@@ -35,6 +35,7 @@ from obsdiff.models.base import ModelAdapter, linear_at
 from obsdiff.pruned import save_pruned, save_tensors, write_json
 from obsdiff.pruning.patterns import NM, Pattern
 from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.pruning.statistics import PRODUCTS
 from obsdiff.structured import StructuredRecord, prune_structured_package
 from obsdiff.surgery import forward_flops, restore_shapes, shapes
 
@@ -81,6 +82,11 @@ class PruneJob:
             raise JobError(f"packages={self.packages} must be >= 1")
         if self.blocks is not None and not (0 <= self.blocks[0] < self.blocks[1]):
             raise JobError(f"blocks={list(self.blocks)} must be [start, end) with 0 <= start < end")
+        if self.calibration.hessian_precision not in PRODUCTS:
+            raise JobError(
+                f"calibration.hessian_precision={self.calibration.hessian_precision!r}; use one "
+                f"of {PRODUCTS}"
+            )
         if self.calibration.batch_size < 1:
             raise JobError(f"calibration.batch_size={self.calibration.batch_size} must be >= 1")
 
@@ -330,6 +336,7 @@ def _manifest(
             "batch_size": job.calibration.batch_size,
             "seed": job.calibration.seed,
             "include_uncond": job.calibration.include_uncond,
+            "hessian_precision": job.calibration.hessian_precision,
             "num_inference_steps": steps,
             "guidance_scale": job.model.sampling.guidance_scale,
             "resolution": [job.model.sampling.height, job.model.sampling.width],

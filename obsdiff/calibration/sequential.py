@@ -37,6 +37,7 @@ class CalibrationSettings:
     batch_size: int = 4
     seed: int = 0
     include_uncond: bool = True  # the reference code includes the CFG unconditional half
+    hessian_precision: str = "float32"  # X^T X products: float32 | tf32 | bfloat16
 
 
 PackagePruner = Callable[[int, list[GroupJob]], list[Any]]
@@ -51,7 +52,7 @@ class LoopReport:
 
 
 def package_jobs(
-    denoiser: nn.Module, package: list[UnitRef], method: PruningMethod
+    denoiser: nn.Module, package: list[UnitRef], method: PruningMethod, product: str = "float32"
 ) -> list[GroupJob]:
     """One job per input group of the package, with fresh statistics if the method needs them."""
     jobs = []
@@ -66,6 +67,7 @@ def package_jobs(
                     hessian=method.needs_hessian,
                     moments=method.needs_moments,
                     device=modules[0].weight.device,
+                    product=product,
                 )
             jobs.append(GroupJob(names, modules, stats))
     return jobs
@@ -124,7 +126,7 @@ def calibrate_and_prune(
             peak / 2**20,
         )
     for index in tqdm(range(start_package, len(packages)), desc="packages", unit="package"):
-        jobs = package_jobs(denoiser, packages[index], method)
+        jobs = package_jobs(denoiser, packages[index], method, settings.hessian_precision)
         started = time.perf_counter()
         if method.needs_calibration:
             hooks = StatisticsHooks(

@@ -187,6 +187,7 @@ def test_resume_after_a_failure_gives_the_same_weights(
         (["+model.colour=red"], ConfigError, "unexpected keyword argument 'colour'"),
         (["calibration.prompts=/nonexistent/gcc3m.tsv"], PromptFileError, "does not exist"),
         (["calibration.num_prompts=1000"], PromptFileError, "1000 were asked for"),
+        (["calibration.hessian_precision=fp8"], JobError, "hessian_precision"),
         (
             ["weighting=explicit", "weighting.weights=[1.0,2.0,3.0]"],
             JobError,

@@ -135,3 +135,19 @@ def test_bad_input_is_refused() -> None:
         InputStatistics(4).hessian_matrix("batch")
     with pytest.raises(ValueError):
         InputStatistics(4, hessian=False, moments=False)
+
+
+def test_reduced_precision_products_accumulate_in_float32() -> None:
+    x = torch.randn(3, 20, 16, generator=torch.Generator().manual_seed(6))
+    exact = InputStatistics(16, moments=False)
+    low = InputStatistics(16, moments=False, product="bfloat16")
+    tf32 = InputStatistics(16, moments=False, product="tf32")
+    for stats in (exact, low, tf32):
+        stats.update(x, 1.2)
+    rounded = x.to(torch.bfloat16).to(torch.float32).reshape(-1, 16)
+    assert low.xtx is not None and low.xtx.dtype == torch.float32
+    torch.testing.assert_close(low.xtx, 1.2 * rounded.T @ rounded)
+    torch.testing.assert_close(low.hessian_matrix(), exact.hessian_matrix(), rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(tf32.hessian_matrix(), exact.hessian_matrix())  # CPU: plain float32
+    with pytest.raises(ValueError, match="product="):
+        InputStatistics(4, product="fp8")
