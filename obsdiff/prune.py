@@ -20,6 +20,7 @@ from obsdiff.config import CONF_DIR, ConfigError, instantiate, instantiate_model
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.runners.fabric import RunnerSettings, launch
 from obsdiff.utils.devices import resolve_device
 from obsdiff.workflow import JobError, PruneJob, run_prune
 
@@ -72,9 +73,12 @@ def main(cfg: DictConfig) -> float:
         log.error("%s", err)
         sys.exit(2)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    runner = RunnerSettings(**OmegaConf.to_container(cfg.runner))  # type: ignore[arg-type]
+    job.device, parallel = launch(runner, job.device)
+    if parallel.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     try:
-        results = run_prune(job, run_dir)
+        results = run_prune(job, run_dir, parallel)
     except JobError as err:
         log.error("%s", err)
         sys.exit(2)

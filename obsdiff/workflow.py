@@ -36,6 +36,7 @@ from obsdiff.pruned import save_pruned, save_tensors, write_json
 from obsdiff.pruning.patterns import NM, Pattern
 from obsdiff.pruning.schedules import TimestepWeighting
 from obsdiff.pruning.statistics import PRODUCTS
+from obsdiff.runners.parallel import DataParallel
 from obsdiff.structured import StructuredRecord, prune_structured_package
 from obsdiff.surgery import forward_flops, restore_shapes, shapes
 
@@ -43,7 +44,7 @@ from obsdiff.surgery import forward_flops, restore_shapes, shapes
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
-RUN_KEY_EXCLUDE = ("paths", "device")
+RUN_KEY_EXCLUDE = ("paths", "device", "runner")
 
 
 class JobError(ValueError):
@@ -200,8 +201,12 @@ def _measure_flops(job: PruneJob, pipe: Any, denoiser: nn.Module) -> float:
     )
 
 
-def run_prune(job: PruneJob, run_dir: Path) -> dict[str, Any]:
-    """Prune `job.model`, write the run directory, return the results (also in results.json)."""
+def run_prune(job: PruneJob, run_dir: Path, parallel: DataParallel | None = None) -> dict[str, Any]:
+    """Prune `job.model`, write the run directory, return the results (also in results.json).
+
+    With `parallel` (one call per rank, a process group initialised), each rank calibrates on its
+    share of the prompts; only rank 0 writes checkpoints and outputs."""
+    parallel = parallel or DataParallel.current()
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     pipe = job.model.load().to(job.device)
@@ -223,10 +228,15 @@ def run_prune(job: PruneJob, run_dir: Path) -> dict[str, Any]:
     checkpointer = Checkpointer(run_dir, job.run_key, denoiser, len(packages))
     previous = checkpointer.restore()
     embeddings = []
+    shard = parallel.shard(len(job.prompts.prompts))
     if job.method.needs_calibration and previous.packages_done < len(packages):
-        embeddings = embed_batches(
-            job.model, pipe, job.prompts.prompts, job.calibration.batch_size, job.device
-        )
+        prompts = job.prompts.prompts[shard.start : shard.stop]
+        embeddings = embed_batches(job.model, pipe, prompts, job.calibration.batch_size, job.device)
+
+    def on_package_done(index: int, report: LoopReport) -> None:
+        if parallel.is_main:
+            checkpointer.save(index, _merged(previous, report))
+        parallel.barrier()
 
     def prune_package(index: int, jobs: list[GroupJob]) -> list[Any]:
         if structured:
@@ -246,7 +256,9 @@ def run_prune(job: PruneJob, run_dir: Path) -> dict[str, Any]:
         embeddings,
         job.calibration,
         start_package=previous.packages_done,
-        on_package_done=lambda index, r: checkpointer.save(index, _merged(previous, r)),
+        on_package_done=on_package_done,
+        parallel=parallel,
+        first_prompt=shard.start,
     )
     report = _merged(previous, report)
 
@@ -272,9 +284,12 @@ def run_prune(job: PruneJob, run_dir: Path) -> dict[str, Any]:
     if not structured:
         results["target_modules"] = len(targets)
         results["target_parameters"] = sum(m.weight.numel() for _, m in targets)
-    if job.save:
-        save_pruned(run_dir, denoiser, _manifest(job, results, report, packages, denoiser))
-    write_json(run_dir / "results.json", results)
+    results["world_size"] = parallel.world_size
+    if parallel.is_main:
+        if job.save:
+            save_pruned(run_dir, denoiser, _manifest(job, results, report, packages, denoiser))
+        write_json(run_dir / "results.json", results)
+    parallel.barrier()
     log.info(
         "%s %s %.0f%%: achieved %.4f; parameters %d -> %d (calibration %.1f s, solve %.1f s)",
         job.method.name,

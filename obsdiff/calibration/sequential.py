@@ -24,6 +24,7 @@ from obsdiff.calibration.packages import UnitRef
 from obsdiff.methods.base import GroupJob, PruningMethod
 from obsdiff.models.base import ModelAdapter, linear_at
 from obsdiff.pruning.statistics import InputStatistics
+from obsdiff.runners.parallel import DataParallel
 from obsdiff.sampling import image_generators
 
 
@@ -111,9 +112,16 @@ def calibrate_and_prune(
     settings: CalibrationSettings,
     start_package: int = 0,
     on_package_done: Callable[[int, LoopReport], None] | None = None,
+    parallel: DataParallel | None = None,
+    first_prompt: int = 0,
 ) -> LoopReport:
     """Run the loop from package `start_package` on. `prune_package(index, jobs)` prunes one
-    calibrated package and returns its records; `on_package_done(index, report)` follows it."""
+    calibrated package and returns its records; `on_package_done(index, report)` follows it.
+
+    Data-parallel: `embeddings` hold this rank's prompts, the first of which is prompt number
+    `first_prompt` of the whole set (its noise seed); the statistics are summed over the ranks
+    before the package is solved, so every rank prunes with the statistics of all prompts."""
+    parallel = parallel or DataParallel()
     denoiser = adapter.denoiser(pipe)
     tracker = StepTracker()
     report = LoopReport(packages_done=start_package)
@@ -138,7 +146,7 @@ def calibrate_and_prune(
                 include_uncond=settings.include_uncond,
             )
             with hooks.attached(), torch.inference_mode():
-                offset = 0
+                offset = first_prompt
                 desc = f"package {index + 1}/{len(packages)}"
                 for batch in tqdm(embeddings, desc=desc, unit="batch", leave=False):
                     count = next(iter(batch.values())).shape[0]
@@ -146,6 +154,7 @@ def calibrate_and_prune(
                     generators = image_generators(settings.seed, offset, count)
                     adapter.calibration_call(pipe, batch, generators, tracker.on_step_end)
                     offset += count
+            parallel.all_reduce_(t for job in jobs if job.stats for t in job.stats.state_tensors())
         calibrated = time.perf_counter()
         with torch.no_grad():
             report.records.extend(prune_package(index, jobs))

@@ -1,0 +1,1 @@
+"""Process-level runners: data-parallel helpers and the Lightning Fabric launcher."""

@@ -1,0 +1,33 @@
+"""Lightning Fabric launcher for the apps: device placement and data-parallel processes.
+
+With more than one device Fabric (re)launches one process per device (Hydra-aware) and sets up
+the process group; each process then runs the same job with its `DataParallel` rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from obsdiff.runners.parallel import DataParallel
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+
+
+def launch(settings: RunnerSettings, device: torch.device) -> tuple[torch.device, DataParallel]:
+    """(this process's device, its rank) — a single process on `device` when devices == 1."""
+    if settings.devices in (1, "1") and settings.strategy == "auto":
+        return device, DataParallel()
+    from lightning.fabric import Fabric  # heavy import, only for multi-process runs
+
+    fabric = Fabric(
+        accelerator=settings.accelerator, devices=settings.devices, strategy=settings.strategy
+    )
+    fabric.launch()
+    return fabric.device, DataParallel(fabric.global_rank, fabric.world_size)

@@ -1,0 +1,72 @@
+"""Data-parallel calibration: two CPU processes (gloo, launched by Lightning Fabric) give the
+single-process result."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from obsdiff.runners.parallel import DataParallel
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMMON = [
+    "model.sampling.num_inference_steps=2",
+    "calibration.num_prompts=4",
+    "calibration.batch_size=1",
+    "packages=2",
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("count", "world"), [(100, 3), (4, 2), (5, 4), (2, 2)])
+def test_shards_cover_every_prompt_once(count: int, world: int) -> None:
+    shards = [DataParallel(rank, world).shard(count) for rank in range(world)]
+    assert [i for shard in shards for i in shard] == list(range(count))
+    assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
+    with pytest.raises(ValueError):
+        DataParallel(2, 2)
+
+
+def run(tmp_path: Path, *overrides: str) -> Path:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "obsdiff.prune",
+            *COMMON,
+            *overrides,
+            f"paths.output_root={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = [p.parent for p in tmp_path.glob("prune/runs/*/results.json")]
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("granularity", ["unstructured", "structured"])
+def test_two_gloo_processes_equal_one(granularity: str, tmp_path: Path) -> None:
+    overrides = [f"granularity={granularity}"] + (
+        ["sparsity=0.25"] if granularity == "structured" else []
+    )
+    single = run(tmp_path / "single", *overrides)
+    parallel = run(tmp_path / "ddp", "runner=ddp_cpu", *overrides)
+    assert json.loads((parallel / "results.json").read_text())["world_size"] == 2
+    a = safetensors.torch.load_file(str(single / "denoiser.safetensors"))
+    b = safetensors.torch.load_file(str(parallel / "denoiser.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].shape == b[name].shape, name
+        assert torch.equal(a[name] == 0, b[name] == 0), name  # the same pruning decisions
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
