@@ -19,7 +19,7 @@ endif
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install run sample test test-all test-gpu lint format typecheck bench-kernels clean clean-outputs
+.PHONY: help install run sample test test-all test-gpu lint format typecheck bench-kernels bench-prune clean clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -65,6 +65,10 @@ typecheck: $(STAMP) ## static types (mypy) on the package
 
 bench-kernels: $(STAMP) ## OBS on one SD3-Medium block vs a straightforward SparseGPT chain (CPU, ~1 min)
 	$(PY) experiments/bench_kernels.py
+
+bench-prune: $(STAMP) ## calibration hook overhead, then a full-size random SD3-Medium pruned end to end
+	$(PY) experiments/bench_prune.py overhead
+	$(PY) experiments/bench_prune.py sd3-medium
 
 clean: ## remove caches and build artefacts (keeps .venv and outputs/)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

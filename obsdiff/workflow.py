@@ -127,6 +127,29 @@ def _check_nm_columns(targets: list[tuple[str, nn.Linear]], pattern: Pattern) ->
                 )
 
 
+def _check_structured(adapter: ModelAdapter, denoiser: nn.Module, units: list[UnitRef]) -> None:
+    """Every head group splits evenly into heads, every FFN into its recorded width."""
+    for block_name in dict.fromkeys(unit.block_name for unit in units):
+        block = denoiser.get_submodule(block_name)
+        heads, neurons = adapter.structured_groups(block)
+        for group in heads:
+            count = int(block.get_submodule(group.attention).heads)  # type: ignore[arg-type]
+            for name in group.producers:
+                width = linear_at(block, name).out_features
+                if width % count:
+                    raise JobError(
+                        f"{block_name}.{name} has {width} outputs, not divisible into the "
+                        f"{count} heads of {block_name}.{group.attention}"
+                    )
+        for neuron_group in neurons:
+            for name, offset in neuron_group.producers:
+                if linear_at(block, name).out_features < offset + neuron_group.width:
+                    raise JobError(
+                        f"{block_name}.{name} has fewer outputs than the {neuron_group.width} "
+                        "FFN neurons its down-projection reads"
+                    )
+
+
 def _records_from_json(data: list[dict[str, Any]]) -> list[Any]:
     out: list[Any] = []
     for r in data:
@@ -221,6 +244,8 @@ def run_prune(job: PruneJob, run_dir: Path, parallel: DataParallel | None = None
     targets = _target_modules(denoiser, packages)
     if job.pattern is not None:
         _check_nm_columns(targets, job.pattern)
+    else:
+        _check_structured(job.model, denoiser, units)
     params_before = sum(p.numel() for p in denoiser.parameters())
     flops_before = _measure_flops(job, pipe, denoiser)
     step_weights = job.weighting.weights(job.model.sampling.num_inference_steps)

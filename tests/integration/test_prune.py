@@ -283,3 +283,20 @@ def test_structured_in_memory_equals_reloaded(compose_prune, tmp_path: Path, mon
     a = generate(in_memory, adapter, ["a cat"], seed=0, batch_size=1, output_type="latent")
     b = generate(pipe, adapter, ["a cat"], seed=0, batch_size=1, output_type="latent")
     assert torch.equal(a[0], b[0])
+
+
+def test_layouts_that_cannot_be_pruned_are_refused_before_calibration() -> None:
+    from obsdiff.models import SD3Adapter
+    from obsdiff.pruning.patterns import NM
+    from obsdiff.workflow import _check_nm_columns, _check_structured
+
+    with pytest.raises(JobError, match="30 inputs, not divisible by M=8"):
+        _check_nm_columns([("blocks.0.odd", torch.nn.Linear(30, 4))], NM(4, 8))
+    adapter = SD3Adapter(name="tiny_sd3", tiny="sd3")
+    denoiser = adapter.load().transformer
+    denoiser.transformer_blocks[1].attn.heads = 3  # 32 channels do not split into 3 heads
+    from obsdiff.calibration.packages import list_units
+
+    units = list_units(adapter, denoiser, structured=True)
+    with pytest.raises(JobError, match="not divisible into the 3 heads"):
+        _check_structured(adapter, denoiser, units)
