@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from app_runner import run_app
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -18,7 +17,6 @@ from obsdiff.models import SD3Adapter
 REAL_MODELS = {"sd3_medium", "sd35_medium", "sd35_large", "flux_dev", "flux_schnell", "sdxl_base"}
 TINY_MODELS = {"tiny_sd3", "tiny_sd35", "tiny_flux", "tiny_sdxl"}
 MODEL_CONFIGS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-REPO_ROOT = CONF_DIR.parent
 
 
 @pytest.fixture
@@ -77,13 +75,7 @@ def test_real_config_loads_a_local_copy(compose_sample, tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_sample_app_composes_on_the_command_line() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "obsdiff.sample", "--cfg", "job", "model=tiny_flux"],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=120,
-    )
+    result = run_app("obsdiff.sample", "--cfg", "job", "model=tiny_flux")
     assert result.returncode == 0, result.stderr
     assert "name: tiny_flux" in result.stdout
 
@@ -91,19 +83,8 @@ def test_sample_app_composes_on_the_command_line() -> None:
 @pytest.mark.slow
 def test_sample_app_runs_every_tiny_model(tmp_path: Path) -> None:
     """What `make sample` does: one multirun job per tiny model, images and a record each."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "obsdiff.sample",
-            "--multirun",
-            "model=glob(tiny_*)",
-            f"paths.output_root={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=300,
+    result = run_app(
+        "obsdiff.sample", "--multirun", "model=glob(tiny_*)", f"paths.output_root={tmp_path}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = sorted(tmp_path.glob("sample/multiruns/*/*/samples.json"))
@@ -137,13 +118,7 @@ def test_prune_group_options_instantiate(group: str, option: str) -> None:
 
 @pytest.mark.integration
 def test_prune_app_exits_with_one_message_on_bad_input(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "obsdiff.prune", "sparsity=1.5", f"paths.output_root={tmp_path}"],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=120,
-    )
+    result = run_app("obsdiff.prune", "sparsity=1.5", f"paths.output_root={tmp_path}")
     assert result.returncode == 2
     assert "sparsity=1.5 must lie in [0, 1)" in result.stdout + result.stderr
     assert not list(tmp_path.rglob("results.json"))
@@ -151,20 +126,12 @@ def test_prune_app_exits_with_one_message_on_bad_input(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_prune_multirun_writes_one_results_file_per_job(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "obsdiff.prune",
-            "--multirun",
-            "method=obsdiff,wanda",
-            "model.sampling.num_inference_steps=2",
-            f"paths.output_root={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=300,
+    result = run_app(
+        "obsdiff.prune",
+        "--multirun",
+        "method=obsdiff,wanda",
+        "model.sampling.num_inference_steps=2",
+        f"paths.output_root={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = sorted(tmp_path.glob("prune/multiruns/*/*/results.json"))

@@ -4,18 +4,16 @@ single-process result."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
+from app_runner import run_app
 
 from obsdiff.runners.parallel import DataParallel
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMON = [
     "model.sampling.num_inference_steps=2",
     "calibration.num_prompts=4",
@@ -35,20 +33,7 @@ def test_shards_cover_every_prompt_once(count: int, world: int) -> None:
 
 
 def run(tmp_path: Path, *overrides: str) -> Path:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "obsdiff.prune",
-            *COMMON,
-            *overrides,
-            f"paths.output_root={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=300,
-    )
+    result = run_app("obsdiff.prune", *COMMON, *overrides, f"paths.output_root={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = [p.parent for p in tmp_path.glob("prune/runs/*/results.json")]
     return run_dir

@@ -45,6 +45,22 @@ def compose_prune() -> Iterator[Callable[..., DictConfig]]:
         yield _compose
 
 
+@pytest.fixture
+def saved_denoiser(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """{"denoiser": the in-memory pruned denoiser run_prune saves}, filled when it saves."""
+    import obsdiff.workflow as workflow
+
+    captured: dict = {}
+    original = workflow.save_pruned
+
+    def spy(run_dir, denoiser, manifest):  # type: ignore[no-untyped-def]
+        captured["denoiser"] = denoiser
+        original(run_dir, denoiser, manifest)
+
+    monkeypatch.setattr(workflow, "save_pruned", spy)
+    return captured
+
+
 def prune(compose_prune, run_dir: Path, *overrides: str) -> dict:  # type: ignore[no-untyped-def]
     job = build_job(compose_prune(*FAST, *overrides))
     return run_prune(job, run_dir)
@@ -117,23 +133,13 @@ def test_saved_model_loads_back_and_generates_the_same(
 
 
 def test_in_memory_model_equals_the_reloaded_one(
-    compose_prune, tmp_path: Path, monkeypatch
+    compose_prune, tmp_path: Path, saved_denoiser: dict
 ) -> None:  # type: ignore[no-untyped-def]
     """The pipeline run_prune pruned generates what load_pruned rebuilds."""
-    import obsdiff.workflow as workflow
-
-    captured = {}
-    original = workflow.save_pruned
-
-    def spy(run_dir, denoiser, manifest):  # type: ignore[no-untyped-def]
-        captured["denoiser"] = denoiser
-        original(run_dir, denoiser, manifest)
-
-    monkeypatch.setattr(workflow, "save_pruned", spy)
     prune(compose_prune, tmp_path, "model=tiny_sd3", "granularity=semi_2_4")
     pipe, adapter, _ = load_pruned(tmp_path)
     in_memory = adapter.load()
-    in_memory.transformer = captured["denoiser"]
+    in_memory.transformer = saved_denoiser["denoiser"]
     prompts = ["a cat"]
     a = generate(in_memory, adapter, prompts, seed=0, batch_size=1, output_type="latent")
     b = generate(pipe, adapter, prompts, seed=0, batch_size=1, output_type="latent")
@@ -265,21 +271,13 @@ def test_structured_prune(family: str, method: str, compose_prune, tmp_path: Pat
     assert torch.isfinite(images[0]).all()
 
 
-def test_structured_in_memory_equals_reloaded(compose_prune, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import obsdiff.workflow as workflow
-
-    captured = {}
-    original = workflow.save_pruned
-
-    def spy(run_dir, denoiser, manifest):  # type: ignore[no-untyped-def]
-        captured["denoiser"] = denoiser
-        original(run_dir, denoiser, manifest)
-
-    monkeypatch.setattr(workflow, "save_pruned", spy)
+def test_structured_in_memory_equals_reloaded(
+    compose_prune, tmp_path: Path, saved_denoiser: dict
+) -> None:  # type: ignore[no-untyped-def]
     prune(compose_prune, tmp_path, "model=tiny_sd35", "granularity=structured", "sparsity=0.3")
     pipe, adapter, _ = load_pruned(tmp_path)
     in_memory = adapter.load()
-    in_memory.transformer = captured["denoiser"]
+    in_memory.transformer = saved_denoiser["denoiser"]
     a = generate(in_memory, adapter, ["a cat"], seed=0, batch_size=1, output_type="latent")
     b = generate(pipe, adapter, ["a cat"], seed=0, batch_size=1, output_type="latent")
     assert torch.equal(a[0], b[0])

@@ -7,7 +7,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from conftest import output_error
+from kernel_data import output_error
 
 from obsdiff.pruning import (
     NM,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import outlier_inputs
+from kernel_data import outlier_inputs
 
 from obsdiff.pruning import (
     head_saliency,
