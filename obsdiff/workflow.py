@@ -70,12 +70,7 @@ class PruneJob:
     def __post_init__(self) -> None:
         try:
             self.method.check_granularity(self.granularity.kind)
-            if self.granularity.kind == "structured":
-                if not 0.0 <= self.sparsity < 1.0:
-                    raise ValueError(f"sparsity={self.sparsity} must lie in [0, 1)")
-                self.pattern: Pattern | None = None
-            else:
-                self.pattern = self.granularity.pattern(self.sparsity)
+            self.pattern: Pattern | None = self.granularity.pattern(self.sparsity)
             self.weighting.weights(self.model.sampling.num_inference_steps)
         except ValueError as err:
             raise JobError(str(err)) from err

@@ -25,8 +25,9 @@ class Granularity:
         if self.kind == "nm":
             NM(self.n or 0, self.m or 0)  # validates 0 < n < m
 
-    def pattern(self, sparsity: float) -> Pattern:
-        """The unstructured or N:M pattern for `sparsity` (N:M demands sparsity = N / M)."""
+    def pattern(self, sparsity: float) -> Pattern | None:
+        """The weight pattern for `sparsity` (N:M demands sparsity = N / M); None for structured
+        pruning, which removes whole heads and neurons instead (`obsdiff.structured`)."""
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity={sparsity} must lie in [0, 1)")
         if self.kind == "nm":
@@ -38,5 +39,5 @@ class Granularity:
                 )
             return NM(self.n, self.m)
         if self.kind == "structured":
-            raise ValueError("structured granularity has no weight pattern; it removes units")
+            return None
         return Unstructured(sparsity)
