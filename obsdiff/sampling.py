@@ -26,9 +26,14 @@ from obsdiff.utils.images import make_grid
 log = logging.getLogger(__name__)
 
 
+def generators_for(seed: int, ids: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image: image `i` is seeded with `seed + i`."""
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in ids]
+
+
 def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
-    """One CPU generator per image: image `start + j` is seeded with `seed + start + j`."""
-    return [torch.Generator("cpu").manual_seed(seed + start + j) for j in range(count)]
+    """Generators of images start .. start + count - 1."""
+    return generators_for(seed, list(range(start, start + count)))
 
 
 def generate(

@@ -1,0 +1,1 @@
+"""Evaluation: prompt sets, the generation runner, and metrics with injectable backbones."""

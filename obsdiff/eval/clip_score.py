@@ -1,0 +1,80 @@
+"""CLIP score with torchmetrics, reported as the raw cosine similarity (the paper's ~0.31).
+
+The model is a hub id or local path (default ViT-B/16, as the paper) or a zero-argument callable
+returning (model, processor), so tests inject a tiny CLIP built in code. torchmetrics 1.9
+expects the feature methods of transformers 4 (tensors); `FeatureAdapter` gives transformers 5
+models that interface (torchmetrics issue 3407).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torchmetrics.multimodal.clip_score import CLIPScore as TorchmetricsCLIPScore
+from transformers import CLIPModel, CLIPProcessor
+
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch16"
+
+
+class FeatureAdapter(nn.Module):
+    """A CLIPModel whose get_image_features / get_text_features return tensors."""
+
+    def __init__(self, model: CLIPModel) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(output: Any) -> torch.Tensor:
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+    def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def load_clip(name_or_path: str) -> Callable[[], tuple[nn.Module, CLIPProcessor]]:
+    def load() -> tuple[nn.Module, CLIPProcessor]:
+        model = CLIPModel.from_pretrained(name_or_path, use_safetensors=True).eval()
+        return FeatureAdapter(model), CLIPProcessor.from_pretrained(name_or_path)
+
+    return load
+
+
+class CLIPScore:
+    def __init__(
+        self,
+        model: str | Callable[[], tuple[nn.Module, Any]] = DEFAULT_CLIP,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+    ) -> None:
+        self.name = model if isinstance(model, str) else getattr(model, "__name__", "custom")
+        loader = load_clip(model) if isinstance(model, str) else model
+        self.metric = TorchmetricsCLIPScore(model_name_or_path=loader)  # type: ignore[arg-type]
+        self.metric = self.metric.to(torch.device(device))
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def compute(self, images: list[Image.Image], prompts: list[str]) -> dict[str, Any]:
+        """Mean over images of cos(image, its prompt) (torchmetrics reports 100 x max(cos, 0))."""
+        if len(images) != len(prompts) or not images:
+            raise ValueError("give one prompt per image (and at least one image)")
+        self.metric.reset()
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start : start + self.batch_size]
+            tensors = [torch.from_numpy(_to_array(image)).permute(2, 0, 1) for image in batch]
+            self.metric.update(tensors, prompts[start : start + self.batch_size])
+        return {"clip_score": float(self.metric.compute()) / 100.0, "clip_model": self.name}
+
+
+def _to_array(image: Image.Image) -> Any:
+    import numpy as np
+
+    return np.asarray(image.convert("RGB")).copy()

@@ -1,0 +1,91 @@
+"""Evaluation prompt sets: numbered prompts, recorded by sha256, disjoint from calibration.
+
+Sources: MS-COCO 2014 val captions (`captions_val2014.json`; one caption per image, the first in
+file order, then a seeded sample of images: the paper's 5K and 1K subsets), PartiPrompts /
+DrawBench-style TSV (column `Prompt`), plain text, and the bundled demo prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from obsdiff.calibration.prompts import PromptFileError, load_prompts
+
+
+@dataclass(frozen=True)
+class EvalPrompts:
+    """Prompts with stable ids (the id fixes the noise seed of its image)."""
+
+    ids: list[int]
+    prompts: list[str]
+    source: str
+    file_sha256: str
+
+    @property
+    def prompts_sha256(self) -> str:
+        return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "file_sha256": self.file_sha256,
+            "prompts_sha256": self.prompts_sha256,
+            "num_prompts": len(self.prompts),
+        }
+
+    def check_disjoint(self, calibration: list[str]) -> None:
+        """Evaluation prompts must not be calibration prompts."""
+        shared = set(self.prompts) & set(calibration)
+        if shared:
+            raise PromptFileError(
+                f"{len(shared)} evaluation prompts are also calibration prompts (e.g. "
+                f"{sorted(shared)[0]!r}); use disjoint sets"
+            )
+
+
+def coco_captions(path: str | Path, num_prompts: int | None, seed: int = 0) -> EvalPrompts:
+    """One caption per image of a COCO captions file, `num_prompts` images sampled with `seed`;
+    ids are the COCO image ids."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise PromptFileError(
+            f"COCO captions file {str(file)!r} does not exist; download captions_val2014.json "
+            "(annotations_trainval2014.zip) and point the eval config at it"
+        )
+    data = json.loads(file.read_text())
+    if "annotations" not in data:
+        raise PromptFileError(f"{file}: not a COCO captions file (no 'annotations' list)")
+    first: dict[int, str] = {}
+    for annotation in data["annotations"]:
+        first.setdefault(int(annotation["image_id"]), str(annotation["caption"]).strip())
+    image_ids = sorted(first)
+    if num_prompts is not None:
+        if num_prompts > len(image_ids):
+            raise PromptFileError(
+                f"{file} has {len(image_ids)} images, {num_prompts} were asked for"
+            )
+        image_ids = sorted(random.Random(seed).sample(image_ids, num_prompts))
+    return EvalPrompts(
+        ids=image_ids,
+        prompts=[first[i] for i in image_ids],
+        source=str(file),
+        file_sha256=hashlib.sha256(file.read_bytes()).hexdigest(),
+    )
+
+
+def prompt_file(
+    path: str | Path, num_prompts: int | None = None, fmt: str = "auto", column: str = "Prompt"
+) -> EvalPrompts:
+    """A TSV (PartiPrompts: column `Prompt`), text, CSV or JSONL file, first N; ids 0..N-1."""
+    loaded = load_prompts(path, num_prompts=num_prompts, fmt=fmt, column=column)
+    return EvalPrompts(
+        ids=list(range(len(loaded.prompts))),
+        prompts=loaded.prompts,
+        source=loaded.source,
+        file_sha256=loaded.file_sha256,
+    )
