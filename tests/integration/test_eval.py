@@ -183,3 +183,22 @@ def test_clip_score_prefers_matching_prompts() -> None:
     assert 0 <= shuffled < matching <= 1
     with pytest.raises(ValueError, match="one prompt per image"):
         metric.compute(images, words[:2])
+
+
+def test_efficiency_of_dense_and_pruned_models(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from obsdiff.eval.efficiency import measure_efficiency
+    from obsdiff.surgery import Surgery
+
+    pipe = tiny_model.load()
+    dense = measure_efficiency(pipe, tiny_model, repeats=2)
+    assert dense["forwards_per_image"] == 2  # 2 steps, CFG in one doubled batch
+    assert dense["seconds_per_image"] > dense["seconds_per_forward"] > 0
+    block = pipe.transformer.transformer_blocks[1]
+    heads, neurons = tiny_model.structured_groups(block)
+    surgery = Surgery()
+    surgery.remove_heads(heads[0], [0], head_dim=8)
+    surgery.remove_neurons(neurons[0], list(range(64)))
+    surgery.apply(block)
+    pruned = measure_efficiency(pipe, tiny_model, repeats=2)
+    assert pruned["params"] < dense["params"]
+    assert pruned["tflops_per_forward"] < dense["tflops_per_forward"]

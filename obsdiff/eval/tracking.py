@@ -1,0 +1,78 @@
+"""Weights & Biases tracking: online with a key, offline without one, disabled in tests.
+
+A thin wrapper so that apps log configs, metrics, image grids and tables in one way, and tests
+can run the real offline code path. Every run also writes `results.json` itself, whatever W&B.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+
+MODES = ("auto", "online", "offline", "disabled")
+
+
+def resolve_mode(mode: str) -> str:
+    """`auto`: online when an API key is configured (WANDB_API_KEY or ~/.netrc), else offline;
+    WANDB_MODE in the environment wins (the tests set it to disabled)."""
+    if mode not in MODES:
+        raise ValueError(f"wandb mode {mode!r}; use one of {MODES}")
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if mode != "auto":
+        return mode
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    )
+    return "online" if has_key else "offline"
+
+
+class WandbLogger:
+    def __init__(
+        self,
+        project: str,
+        directory: Path,
+        mode: str = "auto",
+        name: str | None = None,
+        group: str | None = None,
+        tags: Sequence[str] = (),
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        import wandb
+
+        self.mode = resolve_mode(mode)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=project,
+            dir=str(directory),
+            mode=self.mode,  # type: ignore[arg-type]
+            name=name,
+            group=group,
+            tags=list(tags),
+            config=config or {},
+            reinit="finish_previous",
+        )
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.run.log(metrics, step=step)
+
+    def log_images(self, key: str, images: Sequence[Image.Image], captions: Sequence[str]) -> None:
+        import wandb
+
+        self.run.log(
+            {key: [wandb.Image(i, caption=c) for i, c in zip(images, captions, strict=True)]}
+        )
+
+    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        import wandb
+
+        self.run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+
+    def finish(self) -> None:
+        self.run.finish()
