@@ -27,6 +27,20 @@ class PromptFileError(ValueError):
     """A prompt file is missing, unreadable, empty, or holds too few prompts."""
 
 
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prompts_record(prompts: list[str], source: str, file_hash: str) -> dict[str, Any]:
+    """What a result file records of a prompt set: where from, and hashes of file and prompts."""
+    return {
+        "source": source,
+        "file_sha256": file_hash,
+        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        "num_prompts": len(prompts),
+    }
+
+
 @dataclass(frozen=True)
 class PromptSet:
     prompts: list[str]
@@ -35,19 +49,9 @@ class PromptSet:
     selection: str
     seed: int | None
 
-    @property
-    def prompts_sha256(self) -> str:
-        return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()
-
     def describe(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "file_sha256": self.file_sha256,
-            "prompts_sha256": self.prompts_sha256,
-            "num_prompts": len(self.prompts),
-            "selection": self.selection,
-            "seed": self.seed,
-        }
+        record = prompts_record(self.prompts, self.source, self.file_sha256)
+        return {**record, "selection": self.selection, "seed": self.seed}
 
 
 def _detect_format(path: Path) -> str:
@@ -130,7 +134,7 @@ def load_prompts(
     return PromptSet(
         prompts=prompts,
         source=str(file),
-        file_sha256=hashlib.sha256(file.read_bytes()).hexdigest(),
+        file_sha256=file_sha256(file),
         selection=selection,
         seed=seed if selection == "random" else None,
     )

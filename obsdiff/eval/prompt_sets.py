@@ -7,14 +7,18 @@ DrawBench-style TSV (column `Prompt`), plain text, and the bundled demo prompts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from obsdiff.calibration.prompts import PromptFileError, load_prompts
+from obsdiff.calibration.prompts import (
+    PromptFileError,
+    file_sha256,
+    load_prompts,
+    prompts_record,
+)
 
 
 @dataclass(frozen=True)
@@ -26,17 +30,8 @@ class EvalPrompts:
     source: str
     file_sha256: str
 
-    @property
-    def prompts_sha256(self) -> str:
-        return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()
-
     def describe(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "file_sha256": self.file_sha256,
-            "prompts_sha256": self.prompts_sha256,
-            "num_prompts": len(self.prompts),
-        }
+        return prompts_record(self.prompts, self.source, self.file_sha256)
 
     def check_disjoint(self, calibration: list[str]) -> None:
         """Evaluation prompts must not be calibration prompts."""
@@ -74,7 +69,7 @@ def coco_captions(path: str | Path, num_prompts: int | None, seed: int = 0) -> E
         ids=image_ids,
         prompts=[first[i] for i in image_ids],
         source=str(file),
-        file_sha256=hashlib.sha256(file.read_bytes()).hexdigest(),
+        file_sha256=file_sha256(file),
     )
 
 

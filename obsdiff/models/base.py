@@ -83,6 +83,19 @@ def ffn_group(block: nn.Module, up: str, down: str, gated: bool = False) -> list
     return [NeuronGroup(producers, (down, 0), width)]
 
 
+def embedding_kwargs(
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    negative: torch.Tensor | None = None,
+    negative_pooled: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pipeline keyword arguments for precomputed prompt embeddings (negatives only with CFG)."""
+    out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    if negative is not None and negative_pooled is not None:
+        out.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+    return out
+
+
 def present_groups(block: nn.Module, groups: Sequence[InputGroup]) -> Unit:
     """The groups restricted to the linears `block` really has (SD3's last block has no context
     output path, SD3.5-Medium has `attn2` only in its first blocks)."""

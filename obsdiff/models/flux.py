@@ -22,6 +22,7 @@ from obsdiff.models.base import (
     NeuronGroup,
     SamplingDefaults,
     Unit,
+    embedding_kwargs,
     ffn_group,
     head_group,
     linear_at,
@@ -91,18 +92,15 @@ class FluxAdapter(ModelAdapter):
         embeds, pooled, _ = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, device=device, max_sequence_length=length
         )
-        out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        if self.uses_cfg():
-            negative, negative_pooled, _ = pipe.encode_prompt(
-                prompt=[self.sampling.negative_prompt or ""] * len(prompts),
-                prompt_2=None,
-                device=device,
-                max_sequence_length=length,
-            )
-            out.update(
-                negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled
-            )
-        return out
+        if not self.uses_cfg():
+            return embedding_kwargs(embeds, pooled)
+        negative, negative_pooled, _ = pipe.encode_prompt(
+            prompt=[self.sampling.negative_prompt or ""] * len(prompts),
+            prompt_2=None,
+            device=device,
+            max_sequence_length=length,
+        )
+        return embedding_kwargs(embeds, pooled, negative, negative_pooled)
 
     def call_kwargs(self, sampling: SamplingDefaults | None = None) -> dict[str, Any]:
         s = sampling or self.sampling

@@ -20,6 +20,7 @@ from obsdiff.models.base import (
     NeuronGroup,
     SamplingDefaults,
     Unit,
+    embedding_kwargs,
     ffn_group,
     head_group,
     present_groups,
@@ -94,12 +95,9 @@ class SD3Adapter(ModelAdapter):
             negative_prompt=self.sampling.negative_prompt or "",
             max_sequence_length=self.sampling.max_sequence_length or 256,
         )
-        out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        if cfg:
-            out.update(
-                negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled
-            )
-        return out
+        if not cfg:
+            return embedding_kwargs(embeds, pooled)
+        return embedding_kwargs(embeds, pooled, negative, negative_pooled)
 
     def call_kwargs(self, sampling: SamplingDefaults | None = None) -> dict[str, Any]:
         s = sampling or self.sampling

@@ -15,6 +15,7 @@ from obsdiff.models.base import (
     ModelAdapter,
     NeuronGroup,
     Unit,
+    embedding_kwargs,
     ffn_group,
     head_group,
     present_groups,
@@ -83,9 +84,6 @@ class SDXLAdapter(ModelAdapter):
             do_classifier_free_guidance=cfg,
             negative_prompt=self.sampling.negative_prompt,
         )
-        out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        if cfg:
-            out.update(
-                negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled
-            )
-        return out
+        if not cfg:
+            return embedding_kwargs(embeds, pooled)
+        return embedding_kwargs(embeds, pooled, negative, negative_pooled)

@@ -5,8 +5,9 @@ removing weight q of a row costs L_q = w_q^2 / (2 [H^-1]_qq) and the optimal com
 remaining weights is dw = -(w_q / [H^-1]_qq) H^-1_{:,q}. Columns are processed left to right; the
 H^-1 information of the columns still to come is read off U, the upper Cholesky factor of H^-1
 (U^T U = H^-1): diag(U)_q^2 is [H^-1]_qq restricted to columns >= q, and row q of U carries the
-update. Within a block of `blocksize` columns updates are applied column by column; the block's
-accumulated error is pushed to all later columns with one matmul ("lazy batch").
+update. Within a block of `blocksize` columns updates are applied column by column (in sub-blocks
+joined by matmuls, see `_solve`); the block's accumulated error is pushed to all later columns
+with one matmul ("lazy batch").
 
 Masks: unstructured selects, per block, the exact share of each layer's weights with the lowest
 w^2 / diag(U)^2 (the reference code's adaptive mask; exact counts per block and per layer);
