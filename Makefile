@@ -19,7 +19,7 @@ endif
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install run sample test test-all test-gpu lint format typecheck bench-kernels bench-prune clean clean-outputs
+.PHONY: help install imagereward-env run sample test test-all test-gpu lint format typecheck bench-kernels bench-prune clean clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ format: $(STAMP) ## fix style and lint where ruff can
 
 typecheck: $(STAMP) ## static types (mypy) on the package
 	$(VENV)/bin/mypy
+
+imagereward-env: ## ImageReward's own environment (.venv-imagereward: transformers 4.55, ~3 min, 6 GB)
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" IMAGEREWARD_VENV=.venv-imagereward bash experiments/imagereward_env.sh
 
 bench-kernels: $(STAMP) ## OBS on one SD3-Medium block vs a straightforward SparseGPT chain (CPU, ~1 min)
 	$(PY) experiments/bench_kernels.py

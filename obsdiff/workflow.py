@@ -224,6 +224,13 @@ def run_prune(job: PruneJob, run_dir: Path, parallel: DataParallel | None = None
 
     With `parallel` (one call per rank, a process group initialised), each rank calibrates on its
     share of the prompts; only rank 0 writes checkpoints and outputs."""
+    return prune_pipeline(job, run_dir, parallel)[1]
+
+
+def prune_pipeline(
+    job: PruneJob, run_dir: Path, parallel: DataParallel | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """`run_prune` that also returns the pipeline holding the pruned denoiser (on job.device)."""
     parallel = parallel or DataParallel.current()
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -321,7 +328,7 @@ def run_prune(job: PruneJob, run_dir: Path, parallel: DataParallel | None = None
         report.calibration_seconds,
         report.solve_seconds,
     )
-    return results
+    return pipe, results
 
 
 def _achieved_sparsity(

@@ -8,9 +8,11 @@ models that interface (torchmetrics issue 3407).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -62,19 +64,27 @@ class CLIPScore:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def compute(self, images: list[Image.Image], prompts: list[str]) -> dict[str, Any]:
-        """Mean over images of cos(image, its prompt) (torchmetrics reports 100 x max(cos, 0))."""
+    def compute(
+        self, images: Sequence[Image.Image | Path], prompts: Sequence[str]
+    ) -> dict[str, Any]:
+        """Mean over images (PIL or files, opened a batch at a time) of cos(image, its prompt);
+        torchmetrics reports 100 x max(cos, 0)."""
         if len(images) != len(prompts) or not images:
             raise ValueError("give one prompt per image (and at least one image)")
         self.metric.reset()
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
             tensors = [torch.from_numpy(_to_array(image)).permute(2, 0, 1) for image in batch]
-            self.metric.update(tensors, prompts[start : start + self.batch_size])
-        return {"clip_score": float(self.metric.compute()) / 100.0, "clip_model": self.name}
+            self.metric.update(tensors, list(prompts[start : start + self.batch_size]))
+        return {
+            "clip_score": float(self.metric.compute()) / 100.0,
+            "clip_model": self.name,
+            "clip_scale": "cosine",
+        }
 
 
-def _to_array(image: Image.Image) -> Any:
-    import numpy as np
-
+def _to_array(image: Image.Image | Path) -> np.ndarray:
+    if isinstance(image, Path):
+        with Image.open(image) as opened:
+            return np.asarray(opened.convert("RGB")).copy()
     return np.asarray(image.convert("RGB")).copy()

@@ -33,7 +33,8 @@ class FID:
         ):
             raise FileNotFoundError(
                 f"FID reference {str(self.reference)!r} is neither a folder of images nor an .npz "
-                "file of statistics (mu, sigma); point the eval config at one"
+                "file of statistics (mu, sigma); set eval.fid.reference to one "
+                "(or eval.fid.enabled=false)"
             )
         if mode not in ("clean", "legacy_pytorch", "legacy_tensorflow"):
             raise ValueError(f"FID mode {mode!r}; use clean, legacy_pytorch or legacy_tensorflow")

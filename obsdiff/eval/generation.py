@@ -45,6 +45,10 @@ def generate_images(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     (out_dir / IMAGES).mkdir(parents=True, exist_ok=True)
+    if parallel.is_main:
+        for partial in (out_dir / IMAGES).glob("*.tmp.png"):  # left by an interrupted run
+            partial.unlink(missing_ok=True)
+    parallel.barrier()
     manifest: list[dict[str, Any]] = [
         {"id": i, "prompt": p, "seed": seed + i, "file": image_file(i)}
         for i, p in zip(prompts.ids, prompts.prompts, strict=True)

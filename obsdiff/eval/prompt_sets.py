@@ -50,7 +50,7 @@ def coco_captions(path: str | Path, num_prompts: int | None, seed: int = 0) -> E
     if not file.is_file():
         raise PromptFileError(
             f"COCO captions file {str(file)!r} does not exist; download captions_val2014.json "
-            "(annotations_trainval2014.zip) and point the eval config at it"
+            "(annotations_trainval2014.zip) and set eval.prompts.path (or paths.data_root) to it"
         )
     data = json.loads(file.read_text())
     if "annotations" not in data:

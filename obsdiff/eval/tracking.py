@@ -39,6 +39,7 @@ class WandbLogger:
         project: str,
         directory: Path,
         mode: str = "auto",
+        entity: str | None = None,
         name: str | None = None,
         group: str | None = None,
         tags: Sequence[str] = (),
@@ -50,6 +51,7 @@ class WandbLogger:
         directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=project,
+            entity=entity,
             dir=str(directory),
             mode=self.mode,  # type: ignore[arg-type]
             name=name,
@@ -68,6 +70,17 @@ class WandbLogger:
         self.run.log(
             {key: [wandb.Image(i, caption=c) for i, c in zip(images, captions, strict=True)]}
         )
+
+    def log_image_file(self, key: str, path: Path, caption: str = "") -> None:
+        import wandb
+
+        with Image.open(path) as image:
+            self.run.log({key: wandb.Image(image.convert("RGB"), caption=caption)})
+
+    def set_summary(self, metrics: dict[str, Any]) -> None:
+        """Final values shown in the runs table (and compared across a group)."""
+        for key, value in metrics.items():
+            self.run.summary[key] = value
 
     def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         import wandb

@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+from transformers import CLIPProcessor
 
 from obsdiff.calibration.prompts import PromptFileError
 from obsdiff.eval.clip_score import CLIPScore, FeatureAdapter
 from obsdiff.eval.fid import FID
 from obsdiff.eval.generation import MANIFEST, generate_images
 from obsdiff.eval.prompt_sets import coco_captions, prompt_file
+from obsdiff.eval.tiny_backbones import tiny_clip
 from obsdiff.models import SD3Adapter
-from obsdiff.models.tiny import char_clip_tokenizer
 from obsdiff.runners.parallel import DataParallel
 
 
@@ -148,21 +148,9 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
 def trained_tiny_clip() -> tuple[nn.Module, CLIPProcessor]:
-    """A tiny CLIP taught in a few steps that the colour words go with the colours."""
-    torch.manual_seed(0)
-    text = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4}
-    text.update(num_hidden_layers=1, vocab_size=514, max_position_embeddings=77)
-    text.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    vision = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4}
-    vision.update(num_hidden_layers=1, image_size=32, patch_size=8)
-    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-    model = CLIPModel(config)
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-        ),
-        tokenizer=char_clip_tokenizer(),
-    )
+    """The tiny CLIP of `eval=tiny`, taught in a few steps that colour words go with colours."""
+    adapter, processor = tiny_clip(seed=0)
+    model = adapter.model.train()
     images = [Image.new("RGB", (32, 32), c) for c in COLOURS.values()]
     inputs = processor(text=list(COLOURS), images=images, return_tensors="pt", padding=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -1,0 +1,215 @@
+"""An evaluation: generate the prompt set's images, then score them (FID, CLIP, ImageReward,
+efficiency); the dense model's evaluation is cached and shared by every run of a sweep.
+
+`EvalSettings` holds typed objects built once by the apps from the `eval` config group;
+`evaluate_pipeline` evaluates one pipeline into a directory (resumable: images already there
+are kept), `evaluate_dense` does so for the unpruned model under a cache key.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+from torch import nn
+
+from obsdiff.eval.clip_score import CLIPScore
+from obsdiff.eval.efficiency import measure_efficiency
+from obsdiff.eval.fid import FID
+from obsdiff.eval.generation import IMAGES, generate_images
+from obsdiff.eval.image_reward import ImageReward
+from obsdiff.eval.prompt_sets import EvalPrompts
+from obsdiff.models.base import ModelAdapter
+from obsdiff.pruned import write_json
+from obsdiff.runners.parallel import DataParallel
+from obsdiff.utils.images import make_grid
+
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+GRID_FILE = "grid.png"
+DENSE_REFERENCE = "dense"
+
+
+@dataclass
+class FIDSettings:
+    """`reference`: a folder of real images, an `.npz` of (mu, sigma), or "dense" (the dense
+    model's images of the same prompts and seeds). `extractor`: None = clean-fid's Inception."""
+
+    reference: str
+    mode: str = "clean"
+    extractor: nn.Module | None = None
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.reference != DENSE_REFERENCE:
+            self.metric(Path(self.reference))  # a missing reference fails here, before any work
+
+    def metric(self, reference: Path, device: torch.device | str = "cpu") -> FID:
+        return FID(reference, self.mode, self.extractor, device, self.batch_size)
+
+
+@dataclass
+class EvalSettings:
+    name: str
+    prompts: EvalPrompts
+    seed: int = 0
+    batch_size: int = 4
+    fid: FIDSettings | None = None
+    clip: CLIPScore | None = None
+    image_reward: ImageReward | None = None
+    efficiency_repeats: int = 3  # one-image generations timed; 0 skips latency and FLOPs
+    grid_size: int = 8  # the first prompts' images tiled into grid.png (the W&B grid)
+    evaluate_dense: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size={self.batch_size} must be >= 1")
+        if self.grid_size < 1:
+            raise ValueError(f"eval.grid_size={self.grid_size} must be >= 1")
+        if self.fid is not None and self.fid.reference == DENSE_REFERENCE:
+            if not self.evaluate_dense:
+                raise ValueError(
+                    "eval.fid.reference=dense needs the dense images: set eval.dense=true"
+                )
+        if self.image_reward is not None:
+            self.image_reward.check()
+
+    def images_key(self, model_config: dict[str, Any]) -> str:
+        """Hash of what fixes the images: model config, prompts and their ids, seed."""
+        return _hash(
+            {"model": model_config, "prompts": self.prompts.describe(), "ids": self.prompts.ids,
+             "seed": self.seed}
+        )  # fmt: skip
+
+    def metrics_key(self) -> str:
+        """Hash of the metric settings (a change re-scores cached images, never re-renders)."""
+        fid = None
+        if self.fid is not None:
+            fid = (self.fid.reference, self.fid.mode, repr(self.fid.extractor))
+        clip = None if self.clip is None else self.clip.name
+        reward = None if self.image_reward is None else self.image_reward.name
+        return _hash([fid, clip, reward, self.efficiency_repeats, self.grid_size])
+
+
+def _hash(record: Any) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def evaluate_pipeline(
+    pipe: DiffusionPipeline,
+    model: ModelAdapter,
+    settings: EvalSettings,
+    out_dir: Path,
+    parallel: DataParallel | None = None,
+    dense_images: Path | None = None,
+) -> dict[str, Any]:
+    """Images into `out_dir/images`, metrics into `out_dir/metrics.json` (returned on every
+    rank; only rank 0 scores). `dense_images`: the reference of `fid.reference=dense`."""
+    parallel = parallel or DataParallel()
+    started = time.perf_counter()
+    manifest = generate_images(
+        pipe, model, settings.prompts, out_dir, settings.seed, settings.batch_size, parallel
+    )
+    generation_seconds = time.perf_counter() - started
+    metrics: dict[str, Any] = {
+        "set": settings.name,
+        "prompts": settings.prompts.describe(),
+        "num_images": len(manifest),
+        "seed": settings.seed,
+        "images_dir": str((out_dir / IMAGES).resolve()),
+        "grid": str((out_dir / GRID_FILE).resolve()),
+        "generation_seconds": round(generation_seconds, 4),
+        "metrics_key": settings.metrics_key(),
+    }
+    if parallel.is_main:
+        files = [out_dir / entry["file"] for entry in manifest]
+        prompts = [entry["prompt"] for entry in manifest]
+        grid: list[Image.Image] = [Image.open(file) for file in files[: settings.grid_size]]
+        make_grid(grid).save(out_dir / GRID_FILE)
+        metrics["grid_prompts"] = prompts[: settings.grid_size]
+        metrics.update(_score(pipe, model, settings, out_dir, files, prompts, dense_images))
+        write_json(out_dir / METRICS_FILE, metrics)
+    parallel.barrier()
+    if not parallel.is_main:
+        metrics = json.loads((out_dir / METRICS_FILE).read_text())
+    return metrics
+
+
+def _score(
+    pipe: DiffusionPipeline,
+    model: ModelAdapter,
+    settings: EvalSettings,
+    out_dir: Path,
+    files: list[Path],
+    prompts: list[str],
+    dense_images: Path | None,
+) -> dict[str, Any]:
+    device = next(model.denoiser(pipe).parameters()).device
+    scores: dict[str, Any] = {}
+    if settings.fid is not None:
+        if settings.fid.reference != DENSE_REFERENCE:
+            scores.update(settings.fid.metric(Path(settings.fid.reference), device).compute(
+                out_dir / IMAGES
+            ))  # fmt: skip
+        elif dense_images is not None and dense_images.resolve() != (out_dir / IMAGES).resolve():
+            scores.update(settings.fid.metric(dense_images, device).compute(out_dir / IMAGES))
+    if settings.clip is not None:
+        scores.update(settings.clip.compute(files, prompts))
+    if settings.image_reward is not None:
+        scores.update(settings.image_reward.compute(files, prompts))
+    if settings.efficiency_repeats > 0:
+        scores.update(measure_efficiency(pipe, model, repeats=settings.efficiency_repeats))
+    log.info(
+        "%s on %s (%d images): %s",
+        model.name,
+        settings.name,
+        len(files),
+        ", ".join(f"{k}={v:.4g}" for k, v in scores.items() if isinstance(v, float)),
+    )
+    return scores
+
+
+def dense_dir(
+    root: Path, model: ModelAdapter, model_config: dict[str, Any], settings: EvalSettings
+) -> Path:
+    """Where the dense model's images for these settings are cached."""
+    return root / f"{model.name}-{settings.name}-{settings.images_key(model_config)}"
+
+
+def evaluate_dense(
+    model: ModelAdapter,
+    model_config: dict[str, Any],
+    settings: EvalSettings,
+    root: Path,
+    device: torch.device,
+    parallel: DataParallel | None = None,
+) -> dict[str, Any]:
+    """The dense model's metrics: read from the cache when complete, else computed (resuming
+    from the images already there) and cached. The pipeline is freed before returning."""
+    parallel = parallel or DataParallel()
+    out_dir = dense_dir(root, model, model_config, settings)
+    cached = out_dir / METRICS_FILE
+    if cached.is_file():
+        metrics = json.loads(cached.read_text())
+        if metrics.get("metrics_key") == settings.metrics_key():
+            log.info("dense evaluation from the cache: %s", out_dir)
+            return dict(metrics)
+    pipe = model.load().to(device)
+    try:
+        return evaluate_pipeline(pipe, model, settings, out_dir, parallel)
+    finally:
+        del pipe
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

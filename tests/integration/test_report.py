@@ -1,0 +1,223 @@
+"""The sweep report: CSV, Markdown, plots and image grid from a synthetic Hydra multirun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from obsdiff import report
+
+
+pytestmark = pytest.mark.integration
+
+DENSE_COLOUR = (10, 10, 10)
+DENSE_EVAL = {"fid": 5.0, "clip_score": 0.33, "sharpness": 2.0, "params": 2_030_000_000}
+# (method, sparsity, colour of its images, prompt ids it has, eval metrics or a failure)
+JOBS: list[tuple[str, float, tuple[int, int, int], tuple[int, ...], dict[str, Any] | str]] = [
+    ("obsdiff", 0.3, (200, 30, 30), (1, 2), {"fid": 10.0, "clip_score": 0.30, "sharpness": 1.0}),
+    ("wanda", 0.3, (30, 200, 30), (0, 1, 2), {"fid": 12.0, "clip_score": 0.31, "sharpness": 1.5}),
+    ("obsdiff", 0.5, (30, 30, 200), (0, 1, 2), {"fid": 20.0, "clip_score": 0.25, "sharpness": 0.5}),
+    ("wanda", 0.5, (200, 200, 30), (0, 1, 2), {"fid": 15.0, "clip_score": 0.20, "sharpness": 0.7}),
+    ("magnitude", 0.3, (0, 0, 0), (), "RuntimeError('CUDA out of memory')"),
+    ("magnitude", 0.5, (0, 0, 0), (), "missing"),
+]
+
+
+def write_images(folder: Path, colour: tuple[int, int, int], ids: tuple[int, ...]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        Image.new("RGB", (16, 16), colour).save(folder / f"{i:07d}.png")
+
+
+def make_sweep(root: Path) -> Path:
+    """`root/sweep/<n>/` for JOBS, the dense images in a shared cache outside the sweep."""
+    sweep = root / "sweep"
+    dense_images = root / "dense_cache" / "images"
+    write_images(dense_images, DENSE_COLOUR, (0, 1, 2))
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    for n, (method, sparsity, colour, ids, outcome) in enumerate(JOBS):
+        job = sweep / str(n)
+        (job / ".hydra").mkdir(parents=True)
+        OmegaConf.save([f"method={method}", f"sparsity={sparsity}"], job / ".hydra/overrides.yaml")
+        config = {
+            "sparsity": sparsity,
+            "packages": 4,
+            "model": {"name": "tiny_sd3"},
+            "method": {"_target_": f"obsdiff.methods.{method.title()}"},
+            "granularity": {"name": "unstructured"},
+            "weighting": {"scheme": "log_decrease"},
+        }
+        OmegaConf.save(config, job / ".hydra/config.yaml")
+        names: dict[str, Any] = {"model": "tiny_sd3", "method": method, "sparsity": sparsity}
+        names |= {"granularity": "unstructured", "weighting": "log_decrease", "packages": 4}
+        if outcome == "missing":
+            continue
+        results: dict[str, Any] = {"status": "failed", "error": outcome, **names}
+        if isinstance(outcome, dict):
+            write_images(job / "eval/pruned/images", colour, ids)
+            pruned = {**outcome, "params": 1_000_000, "seconds_per_image": 0.5}
+            results = {
+                "status": "completed",
+                **names,
+                "achieved_sparsity": sparsity,
+                "wall_seconds": 3.0,
+                "eval": {
+                    "set": "tiny",
+                    "num_images": 3,
+                    **pruned,
+                    "images_dir": "eval/pruned/images",
+                },
+                "dense": {"set": "tiny", **DENSE_EVAL, "images_dir": str(dense_images)},
+            }
+        (job / "results.json").write_text(json.dumps(results))
+    return sweep
+
+
+@pytest.fixture()
+def sweep(tmp_path: Path) -> Path:
+    return make_sweep(tmp_path)
+
+
+def table_cells(markdown: str) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of the first table of the Markdown."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    split = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
+    header, rows = split[0], []
+    for cells in split[2:]:
+        if cells[0] == "job":  # the failed-jobs table
+            break
+        rows.append(dict(zip(header, cells, strict=True)))
+    return header, rows
+
+
+def test_collect_and_csv(sweep: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        jobs = report.collect(sweep)
+    assert [j.job for j in jobs] == [str(n) for n in range(len(JOBS))]
+    assert [j.status for j in jobs] == ["completed"] * 4 + ["failed"] * 2
+    assert jobs[5].method == "magnitude" and jobs[5].sparsity == 0.5  # from .hydra alone
+    assert "CUDA out of memory" in caplog.text and "no results.json" in caplog.text
+
+    report.write_csv(jobs, sweep / "results.csv")
+    with (sweep / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0])[:10] == [
+        "job", "status", "error", "model", "method", "granularity", "sparsity", "weighting",
+        "packages", "achieved_sparsity",
+    ]  # fmt: skip
+    assert [(r["job"], r["method"], r["status"]) for r in rows] == [
+        ("0/dense", "dense", "completed"),
+        *((str(n), job[0], "completed" if n < 4 else "failed") for n, job in enumerate(JOBS)),
+    ]
+    assert float(rows[0]["sparsity"]) == 0.0 and float(rows[0]["fid"]) == 5.0
+    assert float(rows[1]["fid"]) == 10.0 and float(rows[1]["sharpness"]) == 1.0
+    assert float(rows[1]["wall_seconds"]) == 3.0 and rows[1]["num_images"] == "3"
+    assert rows[5]["error"] == "RuntimeError('CUDA out of memory')"
+    assert rows[6]["error"].startswith("no results.json") and rows[6]["sparsity"] == "0.5"
+
+
+def test_markdown_bold_and_failed(sweep: Path) -> None:
+    text = report.markdown_report(report.collect(sweep), "sweep")
+    header, rows = table_cells(text)
+    assert header == [
+        "method", "sparsity", "FID ↓", "CLIP score ↑", "sharpness", "params", "s / image",
+    ]  # fmt: skip
+    assert rows[0]["method"] == "dense" and "**" not in "".join(rows[0].values())
+    assert rows[0]["params"] == "2.03B" and rows[1]["params"] == "1M"
+    assert [(r["method"], r["sparsity"]) for r in rows[1:]] == [
+        ("obsdiff", "0.3"), ("obsdiff", "0.5"), ("wanda", "0.3"), ("wanda", "0.5"),
+    ]  # fmt: skip
+    for metric, column, pick in (("fid", "FID ↓", min), ("clip_score", "CLIP score ↑", max)):
+        for sparsity in (0.3, 0.5):
+            done = [j for j in JOBS if j[1] == sparsity and isinstance(j[4], dict)]
+            best = pick(done, key=lambda j: j[4][metric])  # type: ignore[index]
+            for method, *_ in done:
+                cell = next(
+                    r for r in rows if (r["method"], r["sparsity"]) == (method, f"{sparsity:g}")
+                )
+                assert cell[column].startswith("**") == (method == best[0]), (
+                    metric,
+                    sparsity,
+                    cell,
+                )
+    assert "**" not in "".join(r["sharpness"] for r in rows)  # no known direction: no bold
+    failed = text.split("## Failed jobs", 1)[1]
+    assert "| 4 | tiny_sd3 | magnitude | 0.3 | RuntimeError('CUDA out of memory') |" in failed
+    assert "| 5 | tiny_sd3 | magnitude | 0.5 | no results.json" in failed
+
+
+def test_app_writes_everything(sweep: Path) -> None:
+    assert report.main([str(sweep)]) == 0
+    out = sweep / "report"
+    summary = json.loads((out / "report.json").read_text())
+    assert (summary["completed"], summary["failed"]) == (4, 2)
+    for metric in ("fid", "clip_score", "sharpness", "params", "seconds_per_image"):
+        path = out / "plots" / f"{metric}.png"
+        assert f"plots/{metric}.png" in summary["files"]
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.width > 100
+    assert {"results.csv", "results.md", "grid.png"} <= set(summary["files"])
+
+    with Image.open(out / "grid.png") as opened:
+        grid = opened.convert("RGB")
+    methods, sparsities = ["obsdiff", "magnitude", "wanda"], [0.3, 0.5]  # obsdiff first
+    assert grid.size == report.cell_origin(len(methods), 1 + len(sparsities))
+    assert grid.size == (
+        report.LEFT + 3 * (report.CELL + report.GAP),
+        report.TOP + 3 * (report.CELL + report.GAP),
+    )
+
+    def centre(row: int, col: int) -> tuple[int, int, int]:
+        x, y = report.cell_origin(row, col)
+        return grid.getpixel((x + report.CELL // 2, y + report.CELL // 2))  # type: ignore[return-value]
+
+    for method, sparsity, colour, _, outcome in JOBS:
+        expected = colour if isinstance(outcome, dict) else report.PLACEHOLDER
+        assert centre(methods.index(method), 1 + sparsities.index(sparsity)) == expected
+    assert all(centre(row, 0) == DENSE_COLOUR for row in range(len(methods)))
+
+
+def test_prompt_id_and_placeholder(sweep: Path) -> None:
+    jobs = report.collect(sweep)
+    reference = report.references(jobs)["tiny_sd3"]
+    assert report.default_prompt_id([reference.images_dir, *(j.images_dir for j in jobs)]) == 1
+    grid = report.comparison_grid(jobs, reference, prompt_id=0)
+    assert grid is not None
+    x, y = report.cell_origin(0, 1)  # obsdiff at 0.3 has no image 0
+    assert grid.getpixel((x + report.CELL // 2, y + report.CELL // 2)) == report.PLACEHOLDER
+    assert report.comparison_grid(jobs[4:], None) is None  # no images at all
+
+
+def test_varying_settings_become_columns(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path)
+    results = json.loads((sweep / "3/results.json").read_text())
+    (sweep / "3/results.json").write_text(json.dumps({**results, "packages": 8}))
+    jobs = report.collect(sweep)
+    assert report.varying_keys(jobs) == ["packages"]
+    header, rows = table_cells(report.markdown_report(jobs, "sweep"))
+    assert header[:3] == ["method", "sparsity", "packages"] and rows[-1]["packages"] == "8"
+
+
+def test_run_dir_and_sweep_of_sweeps(sweep: Path, tmp_path: Path) -> None:
+    assert report.main([str(sweep / "2"), "--out", str(tmp_path / "one")]) == 0
+    summary = json.loads((tmp_path / "one/report.json").read_text())
+    assert (summary["completed"], summary["failed"]) == (1, 0)
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    sweep.rename(outer / "a")
+    assert [j.job for j in report.collect(outer)][:2] == ["a/0", "a/1"]
+
+
+def test_missing_or_empty_directory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert report.main([str(tmp_path / "nope")]) == 2
+    assert "is not a directory" in caplog.text
+    assert report.main([str(tmp_path)]) == 2
+    assert "holds no job directories" in caplog.text
