@@ -61,6 +61,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         job = build_job(cfg)
         settings = build_eval(cfg.eval, device=str(job.device))
+        settings.prompts.check_disjoint(job.prompts.prompts)
     except (*SETTING_ERRORS, ImageRewardUnavailable) as err:
         fail(str(err), names)
     out = run_dir()

@@ -138,3 +138,47 @@ def test_prune_multirun_writes_one_results_file_per_job(tmp_path: Path) -> None:
     import json
 
     assert sorted(json.loads(p.read_text())["method"] for p in results) == ["obsdiff", "wanda"]
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("table*.yaml"))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("recipe", EXPERIMENTS)
+def test_paper_recipes_compose_with_the_paper_protocol(recipe: str) -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("run", overrides=[f"+experiment={recipe}"], return_hydra_config=True)
+    choices = cfg.hydra.runtime.choices
+    assert choices.calibration == "gcc3m_100" and cfg.packages in (4, 1)
+    assert choices.eval in ("coco2014_5k", "coco2014_1k") and choices.weighting == "log_decrease"
+    assert cfg.hydra.sweeper.params  # a sweep: methods, sparsities, weightings or packages
+    assert choices.model in REAL_MODELS
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("launcher", ["joblib", "slurm", "submitit_local"])
+def test_launchers_compose(launcher: str) -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("run", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert "launcher" in cfg.hydra.launcher._target_.lower()
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.tasks_per_node == 1
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("option", ["tiny", "coco2014_5k", "coco2014_1k", "parti"])
+def test_eval_sets_compose_and_report_missing_data(option: str, tmp_path: Path) -> None:
+    from obsdiff.app import build_eval
+    from obsdiff.calibration.prompts import BUNDLED_PROMPTS, PromptFileError, load_prompts
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("run", overrides=[f"eval={option}", f"paths.data_root={tmp_path}"])
+    assert cfg.eval.name == option
+    if option == "tiny":
+        settings = build_eval(cfg.eval)
+        assert len(settings.prompts.prompts) == 4 and settings.fid and settings.clip
+        settings.prompts.check_disjoint(load_prompts(BUNDLED_PROMPTS).prompts)  # bundled sets
+        return
+    assert cfg.eval.clip_score.model == "openai/clip-vit-base-patch16"  # the paper's ViT-B/16
+    with pytest.raises(PromptFileError, match=str(tmp_path)):
+        build_eval(cfg.eval)
