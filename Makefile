@@ -19,7 +19,7 @@ endif
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install imagereward-env run sample test test-all test-gpu lint format typecheck bench-kernels bench-prune clean clean-outputs
+.PHONY: help install imagereward-env train-toy bench-quality run sample test test-all test-gpu lint format typecheck bench-kernels bench-prune clean clean-outputs
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -37,8 +37,8 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP) ## create or update the virtual environment (.venv) with the dev extras
 
-run: $(STAMP) ## the main job on the embedded default: OBS-Diff 50% on every tiny family
-	$(PY) -m obsdiff.prune --multirun 'model=glob(tiny_*)'
+run: $(STAMP) ## the main job: prune the toy model (OBS-Diff 50%), evaluate dense and pruned
+	$(PY) -m obsdiff.run
 
 sample: $(STAMP) ## sample every tiny pipeline once (images, grid, record per model)
 	$(PY) -m obsdiff.sample --multirun 'model=glob(tiny_*)'
@@ -65,6 +65,13 @@ typecheck: $(STAMP) ## static types (mypy) on the package
 
 imagereward-env: ## ImageReward's own environment (.venv-imagereward: transformers 4.55, ~3 min, 6 GB)
 	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" IMAGEREWARD_VENV=.venv-imagereward bash experiments/imagereward_env.sh
+
+train-toy: $(STAMP) ## re-train the toy pipeline from scratch (CPU, ~30 min) into obsdiff/data/toy
+	$(PY) -m obsdiff.toy.train
+	$(PY) -m obsdiff.toy.train_classifier
+
+bench-quality: $(STAMP) ## the toy quality benchmark: every method, sparsity, granularity, weighting, package count
+	$(PY) experiments/reproduce.py toy_ --out experiments/toy_quality
 
 bench-kernels: $(STAMP) ## OBS on one SD3-Medium block vs a straightforward SparseGPT chain (CPU, ~1 min)
 	$(PY) experiments/bench_kernels.py

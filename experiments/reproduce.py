@@ -4,6 +4,7 @@
     python experiments/reproduce.py table6_weighting --launcher joblib --jobs 2
     python experiments/reproduce.py table4_sd35_large --launcher slurm hydra.launcher.partition=gpu
     python experiments/reproduce.py table1 --dry-run                        # every Table 1 model
+    python experiments/reproduce.py toy_ --out experiments/toy_quality      # make bench-quality
 
 A table name runs every recipe whose name starts with it (table1 -> its three models). The recipes
 are Hydra configs in conf/experiment/ (the protocol in paper.yaml); extra arguments are Hydra
@@ -23,6 +24,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = REPO_ROOT / "conf" / "experiment"
+SHARED = {"paper", "toy"}  # protocols the recipes include, not sweeps themselves
 LAUNCHERS = {
     "basic": [],
     "joblib": ["hydra/launcher=joblib"],
@@ -33,9 +35,9 @@ log = logging.getLogger("reproduce")
 
 
 def recipes(prefix: str) -> list[str]:
-    names = sorted(p.stem for p in RECIPES.glob("table*.yaml") if p.stem.startswith(prefix))
+    available = sorted(p.stem for p in RECIPES.glob("*.yaml") if p.stem not in SHARED)
+    names = [name for name in available if name.startswith(prefix)]
     if not names:
-        available = sorted(p.stem for p in RECIPES.glob("table*.yaml"))
         raise SystemExit(f"no recipe matches {prefix!r}; available: {', '.join(available)}")
     return names
 
@@ -57,13 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher", choices=sorted(LAUNCHERS), default="basic")
     parser.add_argument("--jobs", type=int, default=None, help="joblib: parallel jobs")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "paper")
+    parser.add_argument(
+        "--stamp",
+        default=time.strftime("%Y-%m-%d_%H-%M-%S"),
+        help="sweep directory name under <out>/<recipe>/ (default: the time)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     failed = 0
     for recipe in recipes(args.table):
-        sweep_dir = args.out / recipe / stamp
+        sweep_dir = args.out / recipe / args.stamp
         for command in commands(recipe, args.launcher, args.jobs, overrides, sweep_dir):
             log.info("$ %s", " ".join(command))
             if not args.dry_run:

@@ -12,15 +12,19 @@ from typing import Any, NoReturn
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from torch import nn
 
 from obsdiff.calibration.prompts import BUNDLED_PROMPTS
 from obsdiff.eval.clip_score import CLIPScore
 from obsdiff.eval.image_reward import ImageReward
+from obsdiff.eval.prompt_fidelity import PromptFidelity
 from obsdiff.eval.prompt_sets import EvalPrompts, coco_captions, prompt_file
 from obsdiff.eval.tiny_backbones import RandomFeatures, tiny_clip
 from obsdiff.eval.tracking import WandbLogger
-from obsdiff.evaluation import EvalSettings, FIDSettings
+from obsdiff.evaluation import EvalSettings, FIDSettings, TextImageMetric
 from obsdiff.pruned import write_json
+from obsdiff.toy.classifier import ClassifierFeatures, load_classifier
+from obsdiff.toy.data import render_folder
 
 
 log = logging.getLogger(__name__)
@@ -28,6 +32,9 @@ log = logging.getLogger(__name__)
 TAG_KEYS = ("model", "method", "granularity", "sparsity", "weighting", "packages", "eval_set")
 BUNDLED_EVAL_PROMPTS = BUNDLED_PROMPTS.with_name("eval_prompts.txt")
 TINY = "tiny"
+TOY_DATASET = "toy_dataset"
+TOY_REFERENCE_SEED = 100_000  # the toy FID reference images: seeds unlike any generation's
+TOY_REFERENCE_REPEATS = 2  # reference images per evaluation prompt (less noise on that side)
 
 
 class JobFailed(RuntimeError):
@@ -66,31 +73,59 @@ def eval_prompts(node: DictConfig) -> EvalPrompts:
     raise ValueError(f"eval.prompts.source={source!r}; use bundled, coco or file")
 
 
-def build_eval(node: DictConfig, device: str = "cpu") -> EvalSettings:
-    """The `eval` group as settings; every file and backend is checked here, before any work."""
+def fid_extractor(name: str) -> nn.Module | None:
+    """`inception` (clean-fid's, None), `tiny` (random features) or `toy_classifier`."""
+    if name == "inception":
+        return None
+    if name == TINY:
+        return RandomFeatures()
+    if name == "toy_classifier":
+        return ClassifierFeatures(load_classifier())
+    raise ValueError(f"eval.fid.extractor={name!r}; use inception, tiny or toy_classifier")
+
+
+def fid_reference(reference: str, prompts: EvalPrompts, cache_dir: Path) -> str:
+    """`toy_dataset`: fresh toy-dataset images of the evaluation prompts, rendered once."""
+    if reference != TOY_DATASET:
+        return reference
+    key = prompts.describe()["prompts_sha256"][:16]
+    folder = cache_dir / f"toy-reference-{key}-x{TOY_REFERENCE_REPEATS}"
+    captions = prompts.prompts * TOY_REFERENCE_REPEATS
+    return str(render_folder(folder, captions, seed=TOY_REFERENCE_SEED))
+
+
+def build_eval(
+    node: DictConfig, device: str = "cpu", cache_dir: Path = Path("outputs/dense")
+) -> EvalSettings:
+    """The `eval` group as settings; every file and backend is checked here, before any work
+    (`cache_dir`: where the toy FID reference is rendered, paths.dense_cache)."""
     prompts = eval_prompts(node.prompts)
     fid = None
     if node.fid.enabled:
-        extractor = {"tiny": RandomFeatures(), "inception": None}.get(str(node.fid.extractor), "?")
-        if extractor == "?":
-            raise ValueError(f"eval.fid.extractor={node.fid.extractor!r}; use inception or tiny")
+        extractor = fid_extractor(str(node.fid.extractor))
+        reference = fid_reference(str(node.fid.reference), prompts, cache_dir)
         fid = FIDSettings(
-            reference=str(node.fid.reference),
+            reference=reference,
             mode=str(node.fid.mode),
-            extractor=extractor,  # type: ignore[arg-type]
+            extractor=extractor,
             batch_size=int(node.fid.batch_size),
         )
-    clip = None
+    text_image: list[TextImageMetric] = []
     if node.clip_score.enabled:
         model = tiny_clip if node.clip_score.model == TINY else str(node.clip_score.model)
-        clip = CLIPScore(model, device=device, batch_size=int(node.clip_score.batch_size))
-    image_reward = None
+        text_image.append(
+            CLIPScore(model, device=device, batch_size=int(node.clip_score.batch_size))
+        )
+    if node.get("prompt_fidelity", {}).get("enabled", False):
+        text_image.append(PromptFidelity(device=device))
     if node.image_reward.enabled:
-        image_reward = ImageReward(
-            model=str(node.image_reward.model),
-            python=node.image_reward.python,
-            device=device,
-            download_root=node.image_reward.download_root,
+        text_image.append(
+            ImageReward(
+                model=str(node.image_reward.model),
+                python=node.image_reward.python,
+                device=device,
+                download_root=node.image_reward.download_root,
+            )
         )
     return EvalSettings(
         name=str(node.name),
@@ -98,8 +133,7 @@ def build_eval(node: DictConfig, device: str = "cpu") -> EvalSettings:
         seed=int(node.seed),
         batch_size=int(node.batch_size),
         fid=fid,
-        clip=clip,
-        image_reward=image_reward,
+        text_image=text_image,
         efficiency_repeats=int(node.efficiency.repeats),
         grid_size=int(node.grid_size),
         evaluate_dense=bool(node.dense),
@@ -149,6 +183,7 @@ def _is_number(value: Any) -> bool:
 
 SUMMARY_KEYS = (
     "fid",
+    "prompt_fidelity",
     "clip_score",
     "image_reward",
     "params",
@@ -161,7 +196,6 @@ def summary_table(results: dict[str, Any]) -> str:
     """A short dense-vs-pruned table of the headline metrics (for the log)."""
     pruned, dense = results.get("eval") or {}, results.get("dense") or {}
     keys = [k for k in SUMMARY_KEYS if k in pruned or k in dense]
-    keys += sorted(k for k in pruned if k not in keys and k.startswith(("prompt_", "toy_")))
     title = f"{results.get('method')} {results.get('granularity')} {results.get('sparsity')}"
     lines = [f"{'metric':<20} {'dense':>12} {title:>28}"]
     for key in keys:

@@ -18,9 +18,14 @@ from obsdiff.models.base import ModelAdapter
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+DATA_DIR = Path(__file__).resolve().parent / "data"
 ALLOWED_TARGET_PREFIXES = ("obsdiff.",)
 
 T = TypeVar("T")
+
+
+# `${obsdiff_data:toy/pipeline}`: a file shipped in obsdiff/data, wherever obsdiff is installed.
+OmegaConf.register_new_resolver("obsdiff_data", lambda rel: str(DATA_DIR / rel), replace=True)
 
 
 class ConfigError(ValueError):

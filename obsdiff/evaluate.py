@@ -66,7 +66,7 @@ def main(cfg: DictConfig) -> None:
             if cfg.pretrained is not None:
                 model_config["pretrained"] = str(cfg.pretrained)
         model = instantiate_model(OmegaConf.create(model_config))
-        settings = build_eval(cfg.eval, device=str(device))
+        settings = build_eval(cfg.eval, str(device), Path(cfg.paths.dense_cache))
     except (*SETTING_ERRORS, ImageRewardUnavailable) as err:
         fail(str(err), names)
     out = run_dir()

@@ -13,20 +13,19 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 from torch import nn
 
-from obsdiff.eval.clip_score import CLIPScore
 from obsdiff.eval.efficiency import measure_efficiency
 from obsdiff.eval.fid import FID
 from obsdiff.eval.generation import IMAGES, generate_images
-from obsdiff.eval.image_reward import ImageReward
 from obsdiff.eval.prompt_sets import EvalPrompts
 from obsdiff.models.base import ModelAdapter
 from obsdiff.pruned import write_json
@@ -59,6 +58,14 @@ class FIDSettings:
         return FID(reference, self.mode, self.extractor, device, self.batch_size)
 
 
+class TextImageMetric(Protocol):
+    """A metric of images and their prompts: CLIPScore, ImageReward, PromptFidelity."""
+
+    name: str
+
+    def compute(self, images: Sequence[Path], prompts: Sequence[str]) -> dict[str, Any]: ...
+
+
 @dataclass
 class EvalSettings:
     name: str
@@ -66,8 +73,7 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 4
     fid: FIDSettings | None = None
-    clip: CLIPScore | None = None
-    image_reward: ImageReward | None = None
+    text_image: list[TextImageMetric] = field(default_factory=list)
     efficiency_repeats: int = 3  # one-image generations timed; 0 skips latency and FLOPs
     grid_size: int = 8  # the first prompts' images tiled into grid.png (the W&B grid)
     evaluate_dense: bool = True
@@ -82,8 +88,10 @@ class EvalSettings:
                 raise ValueError(
                     "eval.fid.reference=dense needs the dense images: set eval.dense=true"
                 )
-        if self.image_reward is not None:
-            self.image_reward.check()
+        for metric in self.text_image:
+            check = getattr(metric, "check", None)  # e.g. ImageReward's environment
+            if check is not None:
+                check()
 
     def images_key(self, model_config: dict[str, Any]) -> str:
         """Hash of what fixes the images: model config, prompts and their ids, seed."""
@@ -97,9 +105,8 @@ class EvalSettings:
         fid = None
         if self.fid is not None:
             fid = (self.fid.reference, self.fid.mode, repr(self.fid.extractor))
-        clip = None if self.clip is None else self.clip.name
-        reward = None if self.image_reward is None else self.image_reward.name
-        return _hash([fid, clip, reward, self.efficiency_repeats, self.grid_size])
+        names = [f"{type(m).__name__}:{m.name}" for m in self.text_image]
+        return _hash([fid, names, self.efficiency_repeats, self.grid_size])
 
 
 def _hash(record: Any) -> str:
@@ -164,10 +171,8 @@ def _score(
             ))  # fmt: skip
         elif dense_images is not None and dense_images.resolve() != (out_dir / IMAGES).resolve():
             scores.update(settings.fid.metric(dense_images, device).compute(out_dir / IMAGES))
-    if settings.clip is not None:
-        scores.update(settings.clip.compute(files, prompts))
-    if settings.image_reward is not None:
-        scores.update(settings.image_reward.compute(files, prompts))
+    for metric in settings.text_image:
+        scores.update(metric.compute(files, prompts))
     if settings.efficiency_repeats > 0:
         scores.update(measure_efficiency(pipe, model, repeats=settings.efficiency_repeats))
     log.info(

@@ -60,7 +60,7 @@ def main(cfg: DictConfig) -> float | None:
     names = identity(cfg)
     try:
         job = build_job(cfg)
-        settings = build_eval(cfg.eval, device=str(job.device))
+        settings = build_eval(cfg.eval, str(job.device), Path(cfg.paths.dense_cache))
         settings.prompts.check_disjoint(job.prompts.prompts)
     except (*SETTING_ERRORS, ImageRewardUnavailable) as err:
         fail(str(err), names)

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +91,7 @@ class ImageReward:
             answer = self._run(["--check"], None, ImageRewardUnavailable, CHECK_TIMEOUT_S)
             log.info("ImageReward %s in %s", answer.get("image_reward"), self.interpreter())
 
-    def compute(self, image_files: list[Path], prompts: list[str]) -> dict[str, Any]:
+    def compute(self, image_files: Sequence[Path], prompts: Sequence[str]) -> dict[str, Any]:
         """Mean over images of the reward of the image for its prompt."""
         if len(image_files) != len(prompts) or not image_files:
             raise ValueError("give one prompt per image (and at least one image)")

@@ -130,6 +130,8 @@ def test_prune_multirun_writes_one_results_file_per_job(tmp_path: Path) -> None:
         "obsdiff.prune",
         "--multirun",
         "method=obsdiff,wanda",
+        "model=tiny_sd3",
+        "calibration=tiny",
         "model.sampling.num_inference_steps=2",
         f"paths.output_root={tmp_path}",
     )
@@ -176,7 +178,7 @@ def test_eval_sets_compose_and_report_missing_data(option: str, tmp_path: Path) 
     assert cfg.eval.name == option
     if option == "tiny":
         settings = build_eval(cfg.eval)
-        assert len(settings.prompts.prompts) == 4 and settings.fid and settings.clip
+        assert len(settings.prompts.prompts) == 4 and settings.fid and settings.text_image
         settings.prompts.check_disjoint(load_prompts(BUNDLED_PROMPTS).prompts)  # bundled sets
         return
     assert cfg.eval.clip_score.model == "openai/clip-vit-base-patch16"  # the paper's ViT-B/16

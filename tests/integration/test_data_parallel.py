@@ -15,6 +15,8 @@ from obsdiff.runners.parallel import DataParallel
 
 
 COMMON = [
+    "model=tiny_sd3",
+    "calibration=tiny",
     "model.sampling.num_inference_steps=2",
     "calibration.num_prompts=4",
     "calibration.batch_size=1",

@@ -33,6 +33,11 @@ FAMILY_OVERRIDES = {
     "tiny_sdxl": [],
 }
 FAST = ["model.sampling.num_inference_steps=2", "packages=2", "calibration.num_prompts=2"]
+TINY = {"model": "tiny_sd3", "calibration": "tiny"}
+
+
+def _overridden(group: str, overrides: tuple[str, ...]) -> bool:
+    return any(o.startswith(f"{group}=") for o in overrides)
 
 
 @pytest.fixture
@@ -40,7 +45,9 @@ def compose_prune() -> Iterator[Callable[..., DictConfig]]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
 
         def _compose(*overrides: str) -> DictConfig:
-            return compose(config_name="prune", overrides=list(overrides))
+            """The tiny SD3 and the bundled calibration prompts unless the overrides say."""
+            tiny = [f"{g}={o}" for g, o in TINY.items() if not _overridden(g, overrides)]
+            return compose(config_name="prune", overrides=tiny + list(overrides))
 
         yield _compose
 

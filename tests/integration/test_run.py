@@ -14,7 +14,8 @@ from PIL import Image
 
 pytestmark = pytest.mark.integration
 
-FAST = ["model.sampling.num_inference_steps=2", "eval.prompts.num_prompts=3", "save=false"]
+TINY = ["model=tiny_sd3", "calibration=tiny", "eval=tiny"]
+FAST = [*TINY, "model.sampling.num_inference_steps=2", "eval.prompts.num_prompts=3", "save=false"]
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,7 @@ def test_wandb_offline_run_and_evaluate_app(sweep, tmp_path: Path) -> None:  # t
     result = run_app(
         "obsdiff.evaluate",
         f"pruned={tmp_path / 'pruned'}",
+        "eval=tiny",
         "eval.prompts.num_prompts=3",
         f"paths.output_root={sweep_dir.parent}",
         f"hydra.run.dir={evaluated}",
@@ -119,6 +121,7 @@ def test_wandb_offline_run_and_evaluate_app(sweep, tmp_path: Path) -> None:  # t
 def test_bad_eval_settings_fail_before_any_work(tmp_path: Path) -> None:
     result = run_app(
         "obsdiff.run",
+        *TINY[:2],
         "eval=coco2014_5k",
         f"paths.data_root={tmp_path / 'data'}",
         f"paths.output_root={tmp_path}",
