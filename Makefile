@@ -71,7 +71,7 @@ train-toy: $(STAMP) ## re-train the toy pipeline from scratch (CPU, ~30 min) int
 	$(PY) -m obsdiff.toy.train_classifier
 
 bench-quality: $(STAMP) ## the toy quality benchmark: every method, sparsity, granularity, weighting, package count
-	$(PY) experiments/reproduce.py toy_ --out experiments/toy_quality
+	$(PY) experiments/reproduce.py toy_ --out outputs/toy_quality --reports experiments/toy_quality
 
 bench-kernels: $(STAMP) ## OBS on one SD3-Medium block vs a straightforward SparseGPT chain (CPU, ~1 min)
 	$(PY) experiments/bench_kernels.py

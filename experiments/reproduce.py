@@ -4,7 +4,7 @@
     python experiments/reproduce.py table6_weighting --launcher joblib --jobs 2
     python experiments/reproduce.py table4_sd35_large --launcher slurm hydra.launcher.partition=gpu
     python experiments/reproduce.py table1 --dry-run                        # every Table 1 model
-    python experiments/reproduce.py toy_ --out experiments/toy_quality      # make bench-quality
+    python experiments/reproduce.py toy_ --reports experiments/toy_quality  # make bench-quality
 
 A table name runs every recipe whose name starts with it (table1 -> its three models). The recipes
 are Hydra configs in conf/experiment/ (the protocol in paper.yaml); extra arguments are Hydra
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         help="sweep directory name under <out>/<recipe>/ (default: the time)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument(
+        "--reports",
+        type=Path,
+        default=None,
+        help="also copy each sweep's report/ to <reports>/<recipe>/",
+    )
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     failed = 0
@@ -75,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.dry_run:
                 # A sweep with failed jobs exits non-zero; the report still runs and lists them.
                 failed += subprocess.run(command, cwd=REPO_ROOT).returncode != 0
+        if args.reports is not None and (sweep_dir / "report").is_dir():
+            shutil.copytree(sweep_dir / "report", args.reports / recipe, dirs_exist_ok=True)
     return 1 if failed else 0
 
 

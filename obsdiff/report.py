@@ -42,6 +42,7 @@ EFFICIENCY = (
     "params", "tflops_per_forward", "seconds_per_image", "seconds_per_forward",
     "generation_seconds",
 )  # fmt: skip
+BREAKDOWNS = ("prompt_fidelity_",)  # per-attribute parts of a metric: CSV only
 EVAL_INFO = ("num_images", "seed", "num_inference_steps", "forwards_per_image")  # not metrics
 SETTINGS = ("model", "method", "granularity", "sparsity", "weighting", "packages")
 RUN = (
@@ -294,9 +295,12 @@ def series_label(job: JobResult, keys: Sequence[str], sep: str = ", ") -> str:
 
 
 def metric_columns(jobs: Sequence[JobResult]) -> list[str]:
-    """Metrics that at least one job has: quality (known, then others), then efficiency."""
+    """Metrics that at least one job has: quality (known, then others), then efficiency;
+    per-attribute breakdowns (prompt_fidelity_<attribute>) stay in the CSV only."""
     present = {k for job in jobs for k in job.metrics}
-    others = sorted(present - set(QUALITY) - set(EFFICIENCY))
+    others = sorted(
+        k for k in present - set(QUALITY) - set(EFFICIENCY) if not k.startswith(BREAKDOWNS)
+    )
     return [k for k in QUALITY if k in present] + others + [k for k in EFFICIENCY if k in present]
 
 

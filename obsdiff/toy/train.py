@@ -85,7 +85,7 @@ def train_vae(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         images, _ = sample_batch(scenes, 1024, rng)
@@ -171,7 +171,7 @@ def train_denoiser(
             for name, module in modules.items():
                 for p_ema, p in zip(ema[name].parameters(), module.parameters(), strict=True):
                     p_ema.lerp_(p, 1 - decay)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses, ema
 
 

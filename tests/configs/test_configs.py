@@ -16,6 +16,7 @@ from obsdiff.models import SD3Adapter
 
 REAL_MODELS = {"sd3_medium", "sd35_medium", "sd35_large", "flux_dev", "flux_schnell", "sdxl_base"}
 TINY_MODELS = {"tiny_sd3", "tiny_sd35", "tiny_flux", "tiny_sdxl"}
+TOY_MODEL = "toy"
 MODEL_CONFIGS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
@@ -31,7 +32,7 @@ def compose_sample() -> Iterator:  # type: ignore[type-arg]
 
 @pytest.mark.unit
 def test_every_documented_model_has_a_config() -> None:
-    assert set(MODEL_CONFIGS) == REAL_MODELS | TINY_MODELS
+    assert set(MODEL_CONFIGS) == REAL_MODELS | TINY_MODELS | {TOY_MODEL}
 
 
 @pytest.mark.unit
@@ -43,6 +44,10 @@ def test_model_config_instantiates(name: str, compose_sample) -> None:  # type: 
         assert adapter.pretrained and adapter.tiny is None
         assert (adapter.sampling.height, adapter.sampling.width) == (512, 512)  # paper, App. B
         assert adapter.dtype in ("float16", "bfloat16")
+    elif name == TOY_MODEL:  # the committed pipeline directory, loaded like a checkpoint
+        assert (
+            adapter.tiny is None and (Path(str(adapter.pretrained)) / "model_index.json").is_file()
+        )
     else:
         assert adapter.tiny and adapter.pretrained is None and adapter.dtype == "float32"
 
