@@ -158,6 +158,14 @@ def build_logger(
     )
 
 
+def record_run(out: Path, results: dict[str, Any], logger: WandbLogger | None) -> None:
+    """results.json, the dense-vs-pruned table in the log, and W&B (rank 0)."""
+    write_json(out / "results.json", results)
+    log.info("%s\n%s", out, summary_table(results))
+    if logger is not None:
+        log_run(logger, results)
+
+
 def log_run(logger: WandbLogger, results: dict[str, Any]) -> None:
     """Metrics (prune/, eval/, dense/ namespaces), the fixed-prompt grids and a results row."""
     flat: dict[str, Any] = {}

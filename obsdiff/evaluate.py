@@ -19,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from obsdiff.app import build_eval, build_logger, fail, log_run, run_dir, summary_table
+from obsdiff.app import build_eval, build_logger, fail, record_run, run_dir
 from obsdiff.config import CONF_DIR, instantiate_model, to_plain
 from obsdiff.eval.image_reward import ImageRewardUnavailable
 from obsdiff.evaluation import evaluate_dense, evaluate_pipeline
@@ -91,10 +91,7 @@ def main(cfg: DictConfig) -> None:
             metrics = evaluate_pipeline(pipe, model, settings, out / "eval", parallel, dense_images)
             results = {"status": "completed", **names, "eval": metrics, "dense": dense}
         if parallel.is_main:
-            write_json(out / "results.json", results)
-            log.info("%s\n%s", out, summary_table(results))
-            assert logger is not None
-            log_run(logger, results)
+            record_run(out, results, logger)
     except Exception as err:
         write_json(out / "results.json", {"status": "failed", "error": repr(err), **names})
         raise

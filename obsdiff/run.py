@@ -22,9 +22,8 @@ from obsdiff.app import (
     build_eval,
     build_logger,
     fail,
-    log_run,
+    record_run,
     run_dir,
-    summary_table,
 )
 from obsdiff.calibration.prompts import PromptFileError
 from obsdiff.config import CONF_DIR, ConfigError
@@ -83,10 +82,7 @@ def main(cfg: DictConfig) -> float | None:
         metrics = evaluate_pipeline(pipe, job.model, settings, out / "eval", parallel, dense_images)
         results = {"status": "completed", **names, **pruned, "eval": metrics, "dense": dense}
         if parallel.is_main:
-            write_json(out / "results.json", results)
-            log.info("%s\n%s", out, summary_table(results))
-            assert logger is not None
-            log_run(logger, results)
+            record_run(out, results, logger)
     except JobError as err:
         fail(str(err), names)
     except Exception as err:
