@@ -4,8 +4,10 @@ on; a single run exits with code 2 for a bad setting)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,7 +25,7 @@ from obsdiff.eval.tiny_backbones import RandomFeatures, tiny_clip
 from obsdiff.eval.tracking import WandbLogger
 from obsdiff.evaluation import EvalSettings, FIDSettings, TextImageMetric
 from obsdiff.pruned import write_json
-from obsdiff.toy.classifier import ClassifierFeatures, load_classifier
+from obsdiff.toy.classifier import AttributeClassifier, ClassifierFeatures, load_classifier
 from obsdiff.toy.data import render_folder
 
 
@@ -73,14 +75,14 @@ def eval_prompts(node: DictConfig) -> EvalPrompts:
     raise ValueError(f"eval.prompts.source={source!r}; use bundled, coco or file")
 
 
-def fid_extractor(name: str) -> nn.Module | None:
+def fid_extractor(name: str, classifier: Callable[[], AttributeClassifier]) -> nn.Module | None:
     """`inception` (clean-fid's, None), `tiny` (random features) or `toy_classifier`."""
     if name == "inception":
         return None
     if name == TINY:
         return RandomFeatures()
     if name == "toy_classifier":
-        return ClassifierFeatures(load_classifier())
+        return ClassifierFeatures(classifier())
     raise ValueError(f"eval.fid.extractor={name!r}; use inception, tiny or toy_classifier")
 
 
@@ -100,15 +102,17 @@ def build_eval(
     """The `eval` group as settings; every file and backend is checked here, before any work
     (`cache_dir`: where the toy FID reference is rendered, paths.dense_cache)."""
     prompts = eval_prompts(node.prompts)
+    classifier = functools.cache(load_classifier)  # the toy metrics share one classifier
     fid = None
     if node.fid.enabled:
-        extractor = fid_extractor(str(node.fid.extractor))
+        extractor = fid_extractor(str(node.fid.extractor), classifier)
         reference = fid_reference(str(node.fid.reference), prompts, cache_dir)
         fid = FIDSettings(
             reference=reference,
             mode=str(node.fid.mode),
             extractor=extractor,
             batch_size=int(node.fid.batch_size),
+            cache_dir=cache_dir,
         )
     text_image: list[TextImageMetric] = []
     if node.clip_score.enabled:
@@ -117,7 +121,7 @@ def build_eval(
             CLIPScore(model, device=device, batch_size=int(node.clip_score.batch_size))
         )
     if node.get("prompt_fidelity", {}).get("enabled", False):
-        text_image.append(PromptFidelity(device=device))
+        text_image.append(PromptFidelity(classifier(), device=device))
     if node.image_reward.enabled:
         text_image.append(
             ImageReward(

@@ -37,8 +37,7 @@ def _pruned_identity(pruned_dir: Path, manifest: dict[str, Any]) -> dict[str, An
     results_file = pruned_dir / "results.json"
     if results_file.is_file():
         previous = json.loads(results_file.read_text())
-        previous.pop("eval", None), previous.pop("dense", None), previous.pop("status", None)
-        return dict(previous)
+        return {k: v for k, v in previous.items() if k not in ("eval", "dense", "status")}
     return {
         "model": manifest["model"]["name"],
         "method": manifest["method"]["name"],

@@ -49,13 +49,14 @@ class FIDSettings:
     mode: str = "clean"
     extractor: nn.Module | None = None
     batch_size: int = 32
+    cache_dir: Path | None = None  # reference statistics computed once, kept as .npz here
 
     def __post_init__(self) -> None:
         if self.reference != DENSE_REFERENCE:
             self.metric(Path(self.reference))  # a missing reference fails here, before any work
 
     def metric(self, reference: Path, device: torch.device | str = "cpu") -> FID:
-        return FID(reference, self.mode, self.extractor, device, self.batch_size)
+        return FID(reference, self.mode, self.extractor, device, self.batch_size, self.cache_dir)
 
 
 class TextImageMetric(Protocol):

@@ -9,6 +9,8 @@ weights on first use into the system temp directory, so on an offline machine pu
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ class FID:
         feature_extractor: nn.Module | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
+        cache_dir: Path | None = None,
     ) -> None:
         self.reference = Path(reference).expanduser()
         if not (
@@ -41,6 +44,7 @@ class FID:
         self.mode = mode
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.cache_dir = cache_dir
         self._extractor = feature_extractor
 
     @property
@@ -63,10 +67,24 @@ class FID:
         return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
     def reference_statistics(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.reference.is_dir():
-            return self.statistics(self.reference)
-        with np.load(self.reference, allow_pickle=False) as data:
-            return data["mu"], data["sigma"]
+        """From the `.npz`, or computed from the folder: once per (folder, its file names, mode,
+        extractor) when `cache_dir` is given, so that every job of a sweep reuses them."""
+        if not self.reference.is_dir():
+            return _load_npz(self.reference)
+        cached = None if self.cache_dir is None else self.cache_dir / self._cache_name()
+        if cached is not None and cached.is_file():
+            return _load_npz(cached)
+        mu, sigma = self.statistics(self.reference)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cached, mu=mu, sigma=sigma)
+        return mu, sigma
+
+    def _cache_name(self) -> str:
+        files = sorted(p.name for p in self.reference.iterdir() if p.is_file())
+        extractor = "inception" if self._extractor is None else repr(self._extractor)
+        record = json.dumps([str(self.reference.resolve()), files, self.mode, extractor])
+        return f"fid-reference-{hashlib.sha256(record.encode()).hexdigest()[:16]}.npz"
 
     def save_reference_statistics(self, path: Path) -> None:
         mu, sigma = self.reference_statistics()
@@ -77,3 +95,8 @@ class FID:
         mu_ref, sigma_ref = self.reference_statistics()
         value = float(cleanfid.frechet_distance(mu, sigma, mu_ref, sigma_ref))
         return {"fid": value, "fid_reference": str(self.reference), "fid_mode": self.mode}
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return data["mu"], data["sigma"]

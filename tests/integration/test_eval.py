@@ -142,6 +142,13 @@ def test_fid_against_itself_is_zero_and_grows_with_a_shift(tmp_path: Path) -> No
     assert cached.compute(shifted)["fid"] == pytest.approx(far, rel=1e-6)
     with pytest.raises(FileNotFoundError, match="neither a folder"):
         FID(tmp_path / "nothing.npz")
+    # reference statistics of a folder are computed once per cache and reused by later runs
+    cache = tmp_path / "cache"
+    first = FID(reference, feature_extractor=TinyFeatures(), cache_dir=cache).compute(shifted)
+    assert len(list(cache.glob("fid-reference-*.npz"))) == 1
+    np.savez(next(cache.glob("*.npz")), mu=np.zeros(8), sigma=np.eye(8))  # prove it is read
+    again = FID(reference, feature_extractor=TinyFeatures(), cache_dir=cache).compute(shifted)
+    assert again["fid"] != pytest.approx(first["fid"]) and first["fid"] == pytest.approx(far)
 
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
