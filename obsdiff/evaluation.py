@@ -189,8 +189,9 @@ def _score(
 def dense_dir(
     root: Path, model: ModelAdapter, model_config: dict[str, Any], settings: EvalSettings
 ) -> Path:
-    """Where the dense model's images for these settings are cached."""
-    return root / f"{model.name}-{settings.name}-{settings.images_key(model_config)}"
+    """Where the dense model's images for these settings (and these weights) are cached."""
+    identity = {**model_config, "weights_fingerprint": model.weights_fingerprint()}
+    return root / f"{model.name}-{settings.name}-{settings.images_key(identity)}"
 
 
 def evaluate_dense(

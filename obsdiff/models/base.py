@@ -8,6 +8,7 @@ touched; `load()` then returns a diffusers pipeline with every component in eval
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -267,6 +268,20 @@ class ModelAdapter(ABC):
             "seed": self.seed if self.tiny else None,
             "sampling": asdict(self.sampling),
         }
+
+    def weights_fingerprint(self) -> str | None:
+        """For a local checkpoint directory: a hash of its files' names, sizes and modification
+        times, so that a checkpoint re-trained or re-saved at the same path never reuses images
+        cached for the old weights. None for hub ids and tiny models (id, revision or seed name
+        their weights)."""
+        if self.pretrained is None or not looks_like_local_path(self.pretrained):
+            return None
+        root = Path(self.pretrained).expanduser()
+        sha = hashlib.sha256()
+        for file in sorted(f for f in root.rglob("*") if f.is_file()):
+            stat = file.stat()
+            sha.update(f"{file.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        return sha.hexdigest()[:16]
 
     # ------------------------------------------------------------------ loading
     def load(self) -> DiffusionPipeline:

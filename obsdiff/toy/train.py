@@ -28,10 +28,19 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from obsdiff.toy.data import ATTRIBUTES, HELD_OUT_FRACTION, IMAGE_SIZE, sample_batch, split_scenes
+from obsdiff.eval.prompt_fidelity import PromptFidelity
+from obsdiff.toy.data import (
+    ATTRIBUTES,
+    HELD_OUT_FRACTION,
+    IMAGE_SIZE,
+    all_scenes,
+    sample_batch,
+    split_scenes,
+)
 from obsdiff.toy.pipeline import PIPELINE_DIR, build_pipeline
 from obsdiff.utils.images import make_grid
 
@@ -42,21 +51,23 @@ log = logging.getLogger("obsdiff.toy.train")
 @dataclass(frozen=True)
 class Recipe:
     seed: int = 0
-    vae_steps: int = 500
+    vae_steps: int = 1500
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
     kl_weight: float = 1e-5
     pool_size: int = 32768  # training images rendered and encoded once
-    denoiser_steps: int = 2400
-    denoiser_lr: float = 5e-4
-    warmup: int = 200
-    batch_size: int = 64
+    denoiser_steps: int = 7000
+    denoiser_lr: float = 1e-3
+    warmup: int = 300
+    batch_size: int = 32
     caption_dropout: float = 0.1
     ema_decay: float = 0.998
     threads: int = 2
     sample_steps: int = 20
     sample_guidance: float = 4.0
     max_sequence_length: int = 4  # zero tokens in SD3's T5 slot (the toy has no T5)
+    monitor_every: int = 500  # prompt fidelity of the EMA model on the held-out prompts
+    monitor_steps: int = 12
 
 
 def _lr(step: int, total: int, warmup: int) -> float:
@@ -65,6 +76,57 @@ def _lr(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images."""
+    array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).numpy()]
+
+
+@torch.no_grad()
+def vae_fidelity(pipe: StableDiffusion3Pipeline, count: int = 720) -> dict[str, float]:
+    """Prompt fidelity of VAE round trips (encode, decode) of fresh images of every scene: the
+    ceiling for the denoiser. Its own seed: monitoring does not change training."""
+    scenes = all_scenes()
+    images, chosen = sample_batch(scenes, count, np.random.default_rng(10_000))
+    decoded = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mode()).sample
+    return PromptFidelity().compute(_pil(decoded), [s.caption for s in chosen])
+
+
+@torch.no_grad()
+def sample(
+    pipe: StableDiffusion3Pipeline, prompts: list[str], recipe: Recipe, steps: int
+) -> list[Image.Image]:
+    """One image per prompt (seed i for prompt i) at the recipe's guidance."""
+    return pipe(
+        prompt=prompts,
+        num_inference_steps=steps,
+        guidance_scale=recipe.sample_guidance,
+        height=IMAGE_SIZE,
+        width=IMAGE_SIZE,
+        max_sequence_length=recipe.max_sequence_length,
+        generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+    ).images
+
+
+def sample_fidelity(
+    pipe: StableDiffusion3Pipeline, modules: dict[str, nn.Module], recipe: Recipe
+) -> dict[str, float]:
+    """Prompt fidelity of `modules` (the EMA weights) on every held-out prompt, sampled with
+    `monitor_steps` steps."""
+    sampler = StableDiffusion3Pipeline(**{**pipe.components, **modules})
+    sampler.set_progress_bar_config(disable=True)
+    prompts = [s.caption for s in split_scenes()[1]]
+    return PromptFidelity().compute(sample(sampler, prompts, recipe, recipe.monitor_steps), prompts)
+
+
+def write_samples(pipe: StableDiffusion3Pipeline, recipe: Recipe, path: Path) -> list[str]:
+    """A grid of every third held-out prompt (all shapes, colours, places) at `path`."""
+    prompts = [s.caption for s in split_scenes()[1][::3]]
+    images = sample(pipe, prompts, recipe, recipe.sample_steps)
+    make_grid([i.resize((96, 96), 0) for i in images], cols=8).save(path)
+    return prompts
 
 
 def train_vae(
@@ -128,7 +190,9 @@ def latent_pool(
 
 def train_denoiser(
     pipe: StableDiffusion3Pipeline, recipe: Recipe, rng: np.random.Generator
-) -> tuple[list[float], dict[str, nn.Module]]:
+) -> tuple[list[float], dict[str, nn.Module], list[dict[str, float]]]:
+    """Returns (losses, EMA modules, fidelity curve: the held-out prompt fidelity of the EMA
+    model every `monitor_every` steps, 0 for none)."""
     means, stds, pool_captions = latent_pool(pipe, recipe, rng)  # (N, 4, 16, 16) each
     modules: dict[str, nn.Module] = {
         "transformer": pipe.transformer,
@@ -139,7 +203,8 @@ def train_denoiser(
     optimizer = torch.optim.AdamW(params, lr=recipe.denoiser_lr, weight_decay=0.0)
     ema = {name: copy.deepcopy(m).eval().requires_grad_(False) for name, m in modules.items()}
     vae = pipe.vae
-    losses = []
+    losses: list[float] = []
+    monitor: list[dict[str, float]] = []
     for step in tqdm(range(recipe.denoiser_steps), desc="denoiser", unit="step"):
         index = torch.from_numpy(rng.integers(0, len(means), recipe.batch_size))
         drop = rng.random(recipe.batch_size) < recipe.caption_dropout
@@ -172,7 +237,14 @@ def train_denoiser(
                 for p_ema, p in zip(ema[name].parameters(), module.parameters(), strict=True):
                     p_ema.lerp_(p, 1 - decay)
         losses.append(float(loss.detach()))
-    return losses, ema
+        done = step + 1
+        if recipe.monitor_every and (
+            done % recipe.monitor_every == 0 or done == recipe.denoiser_steps
+        ):
+            scores = sample_fidelity(pipe, ema, recipe)
+            monitor.append({"step": done, **{k: round(v, 4) for k, v in scores.items()}})
+            log.info("held-out prompt fidelity %s", monitor[-1])
+    return losses, ema, monitor
 
 
 def _smooth(values: list[float], window: int = 50) -> list[float]:
@@ -199,25 +271,16 @@ def train(recipe: Recipe, out: Path) -> dict[str, Any]:
     started = time.perf_counter()
     vae_losses = train_vae(pipe, recipe, rng)
     vae_seconds = time.perf_counter() - started
-    denoiser_losses, ema = train_denoiser(pipe, recipe, rng)
+    vae_scores = vae_fidelity(pipe)
+    log.info("vae round trip: prompt fidelity %s", vae_scores)
+    denoiser_losses, ema, monitor = train_denoiser(pipe, recipe, rng)
     pipe.register_modules(**ema)  # the EMA weights are the ones saved
     total_seconds = time.perf_counter() - started
 
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
+    prompts = write_samples(pipe, recipe, out / "samples.png")
     _, held_out = split_scenes()
-    prompts = [s.caption for s in held_out[:16]]
-    with torch.inference_mode():
-        images = pipe(
-            prompt=prompts,
-            num_inference_steps=recipe.sample_steps,
-            guidance_scale=recipe.sample_guidance,
-            height=IMAGE_SIZE,
-            width=IMAGE_SIZE,
-            max_sequence_length=recipe.max_sequence_length,
-            generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
-        ).images
-    make_grid([i.resize((96, 96), 0) for i in images], cols=8).save(out / "samples.png")
     curves = {"vae": _smooth(vae_losses), "denoiser": _smooth(denoiser_losses)}
     _plot(curves, out / "training_curves.png")
     record = {
@@ -237,6 +300,8 @@ def train(recipe: Recipe, out: Path) -> dict[str, Any]:
         },
         "seconds": {"vae": round(vae_seconds, 1), "total": round(total_seconds, 1)},
         "loss_curves_every_50_steps": curves,
+        "vae_round_trip_fidelity": {k: round(v, 4) for k, v in vae_scores.items()},
+        "held_out_fidelity_curve": monitor,
         "samples": {"file": "samples.png", "prompts": prompts},
         "torch": torch.__version__,
     }

@@ -100,6 +100,20 @@ def test_null_components_are_read_from_model_index(tmp_path: Path) -> None:
     assert null_components(tmp_path / "elsewhere") == {}
 
 
+def test_weights_fingerprint_follows_the_files_of_a_local_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "transformer").mkdir()
+    weights = tmp_path / "transformer" / "model.safetensors"
+    weights.write_bytes(b"old weights")
+    adapter = SD3Adapter(name="local", pretrained=str(tmp_path))
+    before = adapter.weights_fingerprint()
+    assert before is not None and adapter.weights_fingerprint() == before
+    weights.write_bytes(b"re-trained weights")  # same path, new weights: cached images are stale
+    assert adapter.weights_fingerprint() != before
+    assert SD3Adapter(name="hub", pretrained="org/repo").weights_fingerprint() is None
+    assert SD3Adapter(name="tiny", tiny="sd3").weights_fingerprint() is None
+
+
 def test_resolve_device() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type in ("cpu", "cuda")
