@@ -66,7 +66,7 @@ typecheck: $(STAMP) ## static types (mypy) on the package
 imagereward-env: ## ImageReward's own environment (.venv-imagereward: transformers 4.55, ~3 min, 6 GB)
 	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" IMAGEREWARD_VENV=.venv-imagereward bash experiments/imagereward_env.sh
 
-train-toy: $(STAMP) ## re-train the toy pipeline from scratch (CPU, ~30 min) into obsdiff/data/toy
+train-toy: $(STAMP) ## re-train the toy pipeline from scratch (CPU, ~45 min) into obsdiff/data/toy
 	$(PY) -m obsdiff.toy.train
 	$(PY) -m obsdiff.toy.train_classifier
 

@@ -9,8 +9,11 @@
    (x_t = (1 - s) x_0 + s e, the target e - x_0, s logit-normal), the caption dropped to "" for
    10% of the images (classifier-free guidance), an EMA of the weights saved at the end.
 Only the training scenes are seen: the held-out combinations of obsdiff.toy.data never are.
-Writes the diffusers pipeline directory (safetensors), `training.json` (recipe, seed, data,
-times, loss curves), `training_curves.png` and `samples.png` (held-out prompts).
+Monitored without touching the training's random streams: the VAE's round trips and, every
+`monitor_every` steps, the EMA model on every held-out prompt, both read by the attribute
+classifier (prompt fidelity). Writes the diffusers pipeline directory (safetensors),
+`training.json` (recipe, seed, data, times, loss curves, the monitored fidelities),
+`training_curves.png` and `samples.png` (every third held-out prompt).
 """
 
 from __future__ import annotations
