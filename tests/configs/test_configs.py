@@ -162,6 +162,25 @@ def test_paper_recipes_compose_with_the_paper_protocol(recipe: str) -> None:
     assert choices.model in REAL_MODELS
 
 
+TOY_RECIPES = sorted(p.stem for p in (CONF_DIR / "experiment").glob("toy_*.yaml"))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("recipe", TOY_RECIPES)
+def test_toy_benchmark_recipes_compose_with_the_toy_protocol(recipe: str) -> None:
+    from obsdiff.config import instantiate
+    from obsdiff.methods import PruningMethod
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("run", overrides=[f"+experiment={recipe}"], return_hydra_config=True)
+    choices = cfg.hydra.runtime.choices
+    assert (choices.model, choices.calibration, choices.eval) == ("toy", "toy", "toy")
+    assert cfg.hydra.sweeper.params and cfg.save is False
+    method = instantiate(cfg.method, PruningMethod, "method")
+    if recipe == "toy_7_dsnot_official":  # DSnoT's official threshold and skipped MLP layers
+        assert method.reference_tokens is None and method.skip_mlp is True
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("launcher", ["joblib", "slurm", "submitit_local"])
 def test_launchers_compose(launcher: str) -> None:
