@@ -150,11 +150,16 @@ def test_prune_multirun_writes_one_results_file_per_job(tmp_path: Path) -> None:
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("table*.yaml"))
 
 
+def _compose_recipe(recipe: str) -> DictConfig:
+    """The run config with `+experiment=recipe`, Hydra's own node included."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("run", overrides=[f"+experiment={recipe}"], return_hydra_config=True)
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("recipe", EXPERIMENTS)
 def test_paper_recipes_compose_with_the_paper_protocol(recipe: str) -> None:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("run", overrides=[f"+experiment={recipe}"], return_hydra_config=True)
+    cfg = _compose_recipe(recipe)
     choices = cfg.hydra.runtime.choices
     assert choices.calibration == "gcc3m_100" and cfg.packages in (4, 1)
     assert choices.eval in ("coco2014_5k", "coco2014_1k") and choices.weighting == "log_decrease"
@@ -171,8 +176,7 @@ def test_toy_benchmark_recipes_compose_with_the_toy_protocol(recipe: str) -> Non
     from obsdiff.config import instantiate
     from obsdiff.methods import PruningMethod
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("run", overrides=[f"+experiment={recipe}"], return_hydra_config=True)
+    cfg = _compose_recipe(recipe)
     choices = cfg.hydra.runtime.choices
     assert (choices.model, choices.calibration, choices.eval) == ("toy", "toy", "toy")
     assert cfg.hydra.sweeper.params and cfg.save is False
