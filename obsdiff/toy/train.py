@@ -81,20 +81,17 @@ def _lr(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images."""
-    array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).numpy()]
-
-
 @torch.no_grad()
-def vae_fidelity(pipe: StableDiffusion3Pipeline, count: int = 720) -> dict[str, float]:
+def vae_fidelity(
+    pipe: StableDiffusion3Pipeline, fidelity: PromptFidelity, count: int = 720
+) -> dict[str, float]:
     """Prompt fidelity of VAE round trips (encode, decode) of fresh images of every scene: the
     ceiling for the denoiser. Its own seed: monitoring does not change training."""
     scenes = all_scenes()
     images, chosen = sample_batch(scenes, count, np.random.default_rng(10_000))
     decoded = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mode()).sample
-    return PromptFidelity().compute(_pil(decoded), [s.caption for s in chosen])
+    images = pipe.image_processor.postprocess(decoded, output_type="pil")
+    return fidelity.compute(images, [s.caption for s in chosen])
 
 
 @torch.no_grad()
@@ -114,14 +111,17 @@ def sample(
 
 
 def sample_fidelity(
-    pipe: StableDiffusion3Pipeline, modules: dict[str, nn.Module], recipe: Recipe
+    pipe: StableDiffusion3Pipeline,
+    modules: dict[str, nn.Module],
+    recipe: Recipe,
+    fidelity: PromptFidelity,
 ) -> dict[str, float]:
     """Prompt fidelity of `modules` (the EMA weights) on every held-out prompt, sampled with
     `monitor_steps` steps."""
     sampler = StableDiffusion3Pipeline(**{**pipe.components, **modules})
     sampler.set_progress_bar_config(disable=True)
     prompts = [s.caption for s in split_scenes()[1]]
-    return PromptFidelity().compute(sample(sampler, prompts, recipe, recipe.monitor_steps), prompts)
+    return fidelity.compute(sample(sampler, prompts, recipe, recipe.monitor_steps), prompts)
 
 
 def write_samples(pipe: StableDiffusion3Pipeline, recipe: Recipe, path: Path) -> list[str]:
@@ -192,7 +192,10 @@ def latent_pool(
 
 
 def train_denoiser(
-    pipe: StableDiffusion3Pipeline, recipe: Recipe, rng: np.random.Generator
+    pipe: StableDiffusion3Pipeline,
+    recipe: Recipe,
+    rng: np.random.Generator,
+    fidelity: PromptFidelity,
 ) -> tuple[list[float], dict[str, nn.Module], list[dict[str, float]]]:
     """Returns (losses, EMA modules, fidelity curve: the held-out prompt fidelity of the EMA
     model every `monitor_every` steps, 0 for none)."""
@@ -244,7 +247,7 @@ def train_denoiser(
         if recipe.monitor_every and (
             done % recipe.monitor_every == 0 or done == recipe.denoiser_steps
         ):
-            scores = sample_fidelity(pipe, ema, recipe)
+            scores = sample_fidelity(pipe, ema, recipe, fidelity)
             monitor.append({"step": done, **{k: round(v, 4) for k, v in scores.items()}})
             log.info("held-out prompt fidelity %s", monitor[-1])
     return losses, ema, monitor
@@ -274,9 +277,10 @@ def train(recipe: Recipe, out: Path) -> dict[str, Any]:
     started = time.perf_counter()
     vae_losses = train_vae(pipe, recipe, rng)
     vae_seconds = time.perf_counter() - started
-    vae_scores = vae_fidelity(pipe)
+    fidelity = PromptFidelity()  # the committed attribute classifier, loaded once
+    vae_scores = vae_fidelity(pipe, fidelity)
     log.info("vae round trip: prompt fidelity %s", vae_scores)
-    denoiser_losses, ema, monitor = train_denoiser(pipe, recipe, rng)
+    denoiser_losses, ema, monitor = train_denoiser(pipe, recipe, rng, fidelity)
     pipe.register_modules(**ema)  # the EMA weights are the ones saved
     total_seconds = time.perf_counter() - started
 
