@@ -11,31 +11,71 @@ PYTEST_ARGS ?=
 # The tested torch/torchvision pair, installed before the package so that pip never swaps in
 # another torch to satisfy torchvision (clean-fid needs torchvision). Override for your CUDA, e.g.
 #   make install TORCH_SPEC="torch==2.5.1 torchvision==0.20.1 --index-url https://download.pytorch.org/whl/cu124"
+# (add LOCK=none when that torch's own pins conflict with the lock: torch 2.5.1 pins sympy==1.13.1)
 ifeq ($(shell uname -m),aarch64)
 TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
 else
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 endif
 
+# The tested environment: every other package pinned in requirements/lock.txt (written by
+# `make lock`), which `make install` passes to pip as constraints. LOCK=none installs without it,
+# in a fresh .venv: the newest versions pyproject.toml's ranges allow, e.g. `make test LOCK=none`.
+LOCK_FILE := requirements/lock.txt
+LOCK ?= $(LOCK_FILE)
+LOCK_DEP := $(filter-out none,$(LOCK))
+LOCK_ARGS := $(if $(LOCK_DEP),-c $(LOCK_DEP))
+# The stamp records how .venv was installed; another LOCK than the recorded one reinstalls.
+INSTALL_MODE := lock=$(or $(LOCK_DEP),none)
+ifneq ($(shell cat $(STAMP) 2>/dev/null),$(INSTALL_MODE))
+STAMP_FORCE := FORCE
+endif
+
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install imagereward-env train-toy bench-quality run sample test test-all test-gpu lint format typecheck bench-kernels bench-prune clean clean-outputs
+.PHONY: help install lock check-lock imagereward-env train-toy bench-quality run sample test test-fast test-all test-gpu lint format typecheck bench-kernels bench-prune clean clean-outputs FORCE
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
-# (Re)create the virtual environment when it is missing, broken, or older than pyproject.toml.
-$(STAMP): pyproject.toml Makefile
+# (Re)create the virtual environment when it is missing, broken, older than pyproject.toml or the
+# lock, or installed with another LOCK. Switching to LOCK=none starts from a fresh venv, since pip
+# keeps the installed versions that still satisfy the ranges.
+$(STAMP): pyproject.toml Makefile $(LOCK_DEP) $(STAMP_FORCE)
+	@if [ -z "$(LOCK_DEP)" ] && [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" != "$(INSTALL_MODE)" ]; then \
+		echo ">> LOCK=none: removing $(VENV) (installed with $$(cat $(STAMP)))"; \
+		rm -rf $(VENV); \
+	fi
 	@if ! $(PY) -c "import sys" >/dev/null 2>&1; then \
 		echo ">> creating $(VENV) with $$($(PYTHON) --version)"; \
 		rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); \
 	fi
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[dev]'
-	@touch $(STAMP)
-	@echo ">> environment ready: $(VENV)"
+	$(PY) -m pip install --quiet $(LOCK_ARGS) -e '.[dev]'
+	@echo '$(INSTALL_MODE)' > $(STAMP)
+	@echo ">> environment ready: $(VENV) ($(if $(LOCK_DEP),locked by $(LOCK_DEP),LOCK=none: newest versions))"
 
-install: $(STAMP) ## create or update the virtual environment (.venv) with the dev extras
+FORCE:
+
+install: $(STAMP) ## create or update .venv (dev extras) pinned by requirements/lock.txt; LOCK=none: unpinned
+
+lock: ## rewrite requirements/lock.txt: the newest versions the ranges allow, in a fresh temporary venv
+	@set -euo pipefail; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo ">> fresh venv in $$tmp with $$($(PYTHON) --version), no constraints"; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	start=$$SECONDS; \
+	"$$tmp/venv/bin/python" -m pip install --quiet $(TORCH_SPEC); \
+	"$$tmp/venv/bin/python" -m pip install --quiet -e '.[dev]'; \
+	echo ">> installed in $$((SECONDS - start)) s"; \
+	"$$tmp/venv/bin/python" -m pip freeze >"$$tmp/freeze.txt"; \
+	"$$tmp/venv/bin/python" requirements/check_lock.py --write "$$tmp/freeze.txt" \
+		--lock $(LOCK_FILE) --torch-spec "$(TORCH_SPEC)"
+
+check-lock: ## check that .venv has every locked package at exactly its locked version
+	@test -x $(PY) || { echo "check-lock: no $(VENV) yet (make install)" >&2; exit 1; }
+	@$(PY) requirements/check_lock.py --lock $(or $(LOCK_DEP),$(LOCK_FILE)) || { \
+		echo "check-lock: to reinstall with the lock: rm $(STAMP) && make install" >&2; exit 1; }
 
 run: $(STAMP) ## the main job: prune the toy model (OBS-Diff 50%), evaluate dense and pruned
 	$(PY) -m obsdiff.run
@@ -45,6 +85,11 @@ sample: $(STAMP) ## sample every tiny pipeline once (images, grid, record per mo
 
 test: $(STAMP) ## run every test tier except gpu (offline, W&B disabled)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# Every `unit` test wherever it lives: tests/unit, the config composition tests in tests/configs,
+# the sharding test in tests/integration.
+test-fast: $(STAMP) ## the fast tier: only the unit tests, config composition included (~15 s)
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -m unit $(PYTEST_ARGS)
 
 test-all: $(STAMP) ## run every tier, gpu included (gpu tests skip themselves without CUDA)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS)

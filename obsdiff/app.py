@@ -1,32 +1,61 @@
-"""What the Hydra apps share: the eval and tracking groups turned into objects, run identity,
-and failure handling (one clear message; in a sweep the failure is recorded and the sweep goes
-on; a single run exits with code 2 for a bad setting)."""
+"""What the Hydra apps share: one shell with one failure policy, settings turned into typed
+objects, the run directory's records, the eval and tracking groups turned into objects.
+
+The shell (`execute`) runs every app in the same order: check every setting (typed values, the
+model's layout from its config, the runner, the run directory) before any weights are loaded;
+only then write the run directory (`config.yaml`, `.hydra/`, the log file, `results.json` with
+`status: running`), do the work, and record `status: completed`. A bad setting is one message
+naming the key: exit code 2 when run alone (and no run directory left behind), a `failed`
+results.json inside a multirun, whose other jobs go on and whose exit status is 1 when any job
+did not complete (`SweepStatus`). A run directory that holds a run of other settings is refused
+before anything is written to it; one that holds the same run, completed, is left as it is (a
+re-run sweep skips its finished jobs). Ctrl-C records `status: interrupted` and says how to
+resume.
+"""
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import math
+import os
+import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
+import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from obsdiff.calibration.prompts import BUNDLED_PROMPTS
+from obsdiff.calibration.prompts import BUNDLED_PROMPTS, PromptFileError, load_prompts
+from obsdiff.calibration.sequential import CalibrationSettings
+from obsdiff.config import ConfigError, instantiate, instantiate_model, to_plain
 from obsdiff.eval.clip_score import CLIPScore
-from obsdiff.eval.image_reward import ImageReward
+from obsdiff.eval.image_reward import ImageReward, ImageRewardUnavailable
 from obsdiff.eval.prompt_fidelity import PromptFidelity
 from obsdiff.eval.prompt_sets import EvalPrompts, coco_captions, prompt_file
 from obsdiff.eval.tiny_backbones import RandomFeatures, tiny_clip
 from obsdiff.eval.tracking import WandbLogger
 from obsdiff.evaluation import EvalSettings, FIDSettings, TextImageMetric
+from obsdiff.methods.base import PruningMethod
+from obsdiff.methods.granularity import Granularity
+from obsdiff.models.base import ModelLoadError
 from obsdiff.pruned import write_json
+from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.runners.fabric import RunnerSettings, launch
+from obsdiff.runners.parallel import DataParallel
 from obsdiff.toy.classifier import AttributeClassifier, ClassifierFeatures, load_classifier
 from obsdiff.toy.data import render_folder
+from obsdiff.utils.devices import resolve_device
+from obsdiff.utils.progress import quiet_library_bars
+from obsdiff.workflow import JobError, PruneJob, check_layout, remove_checkpoint
 
 
 log = logging.getLogger(__name__)
@@ -37,12 +66,136 @@ TINY = "tiny"
 TOY_DATASET = "toy_dataset"
 TOY_REFERENCE_SEED = 100_000  # the toy FID reference images: seeds unlike any generation's
 TOY_REFERENCE_REPEATS = 2  # reference images per evaluation prompt (less noise on that side)
+RESULTS = "results.json"
+CONFIG = "config.yaml"
+# Keys that do not change what a run computes: a run directory may be resumed with other values.
+NEUTRAL_KEYS = ("paths", "device", "runner", "tracking", "save", "keep_checkpoint")
+EXIT_SETTING = 2
+EXIT_INTERRUPTED = 130
+
+# A bad setting: one message, exit code 2 (a multirun records it and goes on). Before any work
+# every ValueError is one (the checks raise them); once working, only these named kinds are, so
+# that a bug still shows its traceback.
+SETTING_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    JobError,
+    PromptFileError,
+    ModelLoadError,
+    ImageRewardUnavailable,
+    FileNotFoundError,
+    ValueError,
+)
+WORK_SETTING_ERRORS: tuple[type[Exception], ...] = (ModelLoadError, JobError, ConfigError)
+
+T = TypeVar("T")
 
 
-class JobFailed(RuntimeError):
-    """A sweep job failed; its results.json says why (Hydra records it and runs the others)."""
+class RunDirectoryError(ValueError):
+    """The run directory holds a run of other settings."""
 
 
+# ------------------------------------------------------------------------- typed settings
+def number(node: DictConfig, key: str, kind: type[T], example: str) -> T:
+    """`node[key]` as an int or float, or one ConfigError naming the key and an example."""
+    value = OmegaConf.select(node, key)
+    problem = f"{key}={value!r} is not {'an integer' if kind is int else 'a number'}"
+    if isinstance(value, bool) or value is None:
+        raise ConfigError(f"{problem}; set e.g. {key}={example}")
+    try:
+        converted = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{problem}; set e.g. {key}={example}") from None
+    if not math.isfinite(converted) or (kind is int and converted != int(converted)):
+        raise ConfigError(f"{problem}; set e.g. {key}={example}")
+    return kind(converted)  # type: ignore[call-arg]
+
+
+def block_range(value: Any) -> tuple[int, int] | None:
+    """`blocks`: null or [start, end) as two integers."""
+    if value is None:
+        return None
+    hint = "blocks must be null (the granularity's default) or [start, end), e.g. blocks=[1,23]"
+    if isinstance(value, ListConfig):
+        value = OmegaConf.to_container(value)
+    if not isinstance(value, list) or len(value) != 2:
+        raise ConfigError(f"blocks={value!r}: {hint}")
+    if not all(isinstance(b, int) and not isinstance(b, bool) for b in value):
+        raise ConfigError(f"blocks={value!r}: {hint}")
+    return value[0], value[1]
+
+
+def runner_settings(node: DictConfig) -> RunnerSettings:
+    """The `runner` group, checked against the machine: CUDA runners need visible GPUs."""
+    settings = RunnerSettings(**OmegaConf.to_container(node))  # type: ignore[arg-type]
+    multi = settings.devices not in (1, "1") or settings.strategy != "auto"
+    if multi and settings.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"runner.accelerator={settings.accelerator} (runner.devices={settings.devices}) asks "
+            "for CUDA devices, but none is visible; use runner=single, or runner=ddp_cpu to "
+            "run the multi-process path on CPU processes"
+        )
+    return settings
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """What names a run in a sweep (also for a run that failed before anything was built)."""
+    choices = HydraConfig.get().runtime.choices
+    names = {"model": choices.get("model")}
+    if "method" in cfg:
+        names |= {
+            "method": choices.get("method"),
+            "granularity": choices.get("granularity"),
+            "sparsity": cfg.get("sparsity"),
+            "weighting": choices.get("weighting"),
+            "packages": cfg.get("packages"),
+        }
+    if "eval" in cfg:
+        names["eval_set"] = choices.get("eval")
+    return names
+
+
+def build_prune_job(cfg: DictConfig) -> PruneJob:
+    """The composed prune (or run) config as a validated job, with the model's layout checked
+    from its architecture alone: nothing is loaded here."""
+    calibration = cfg.calibration
+    source = BUNDLED_PROMPTS if calibration.prompts == "bundled" else calibration.prompts
+    seed = number(cfg, "seed", int, "0")
+    prompts = load_prompts(
+        source,
+        num_prompts=None  # all of the file's prompts
+        if calibration.num_prompts is None
+        else number(cfg, "calibration.num_prompts", int, "100"),
+        fmt=calibration.format,
+        column=calibration.column,
+        selection=calibration.selection,
+        seed=seed,
+    )
+    job = PruneJob(
+        model=instantiate_model(cfg.model),
+        model_config=to_plain(cfg.model),
+        method=instantiate(cfg.method, PruningMethod, "method"),  # type: ignore[type-abstract]
+        granularity=instantiate(cfg.granularity, Granularity, "granularity"),
+        sparsity=number(cfg, "sparsity", float, "0.5"),
+        weighting=instantiate(cfg.weighting, TimestepWeighting, "weighting"),
+        packages=number(cfg, "packages", int, "4"),
+        prompts=prompts,
+        calibration=CalibrationSettings(
+            batch_size=number(cfg, "calibration.batch_size", int, "4"),
+            seed=seed,
+            include_uncond=bool(calibration.include_uncond),
+            hessian_precision=str(calibration.hessian_precision),
+        ),
+        device=resolve_device(str(cfg.device)),
+        config=to_plain(cfg),
+        blocks=block_range(cfg.blocks),
+        save=bool(cfg.save),
+        keep_checkpoint=bool(cfg.get("keep_checkpoint", False)),
+    )
+    check_layout(job)
+    return job
+
+
+# ------------------------------------------------------------------------- run directory
 def run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
@@ -56,13 +209,217 @@ def sweep_id() -> str | None:
     return Path(HydraConfig.get().sweep.dir).name if is_multirun() else None
 
 
-def fail(message: str, identity: dict[str, Any], code: int = 2) -> NoReturn:
-    """Log, record `status: failed` in results.json, then exit (single run) or raise (sweep)."""
-    log.error("%s", message)
-    write_json(run_dir() / "results.json", {"status": "failed", "error": message, **identity})
-    if is_multirun():
-        raise JobFailed(message)
-    sys.exit(code)
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def setting_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every setting that changes what a run computes."""
+    a, b = _flat(old), _flat(new)
+    missing = "(unset)"
+    return [
+        f"{key}: {a.get(key, missing)!r} -> {b.get(key, missing)!r}"
+        for key in sorted(set(a) | set(b))
+        if key.split(".")[0] not in NEUTRAL_KEYS and a.get(key, missing) != b.get(key, missing)
+    ]
+
+
+def check_run_dir(out: Path, config: dict[str, Any]) -> None:
+    """Refuse a directory that holds a run of other settings (its `config.yaml` says which)."""
+    previous = out / CONFIG
+    if not previous.is_file():
+        return
+    old = OmegaConf.to_container(OmegaConf.load(previous))
+    differences = setting_differences(old, config)  # type: ignore[arg-type]
+    if differences:
+        raise RunDirectoryError(
+            f"{out} holds a run with other settings ({'; '.join(differences)}); nothing was "
+            "changed there. Resume it with its own settings, or start a new run without "
+            "hydra.run.dir (or with a new directory)."
+        )
+
+
+def prepare_run_dir(out: Path, cfg: DictConfig, names: dict[str, Any]) -> logging.Handler:
+    """The run is accepted: its config, Hydra's records, the log file, `status: running`."""
+    hydra_cfg = HydraConfig.get()
+    hydra_dir = out / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(out / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+    _write_text(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    _write_text(hydra_dir / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
+    _write_text(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
+    handler = logging.FileHandler(out / f"{hydra_cfg.job.name}.log")
+    console = next(iter(logging.getLogger().handlers), None)
+    if console is not None and console.formatter is not None:
+        handler.setFormatter(console.formatter)
+    logging.getLogger().addHandler(handler)
+    mark(out, "running", names)
+    return handler
+
+
+def mark(out: Path, status: str, names: dict[str, Any], error: str | None = None) -> None:
+    """results.json of a run that has not completed (running, interrupted or failed)."""
+    record: dict[str, Any] = {"status": status, **names}
+    if error is not None:
+        record["error"] = error
+    write_json(out / RESULTS, record)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------- the shell
+@dataclass
+class RunContext:
+    """What the work of an app gets: its directory, device, rank and W&B logger (rank 0)."""
+
+    out: Path
+    device: torch.device
+    parallel: DataParallel
+    logger: WandbLogger | None = None
+
+
+def execute(
+    cfg: DictConfig,
+    validate: Callable[[], tuple[T, torch.device]],
+    work: Callable[[T, RunContext], dict[str, Any]],
+    names: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """Run one app job under the failure policy (module docstring); returns its results, or
+    None when it failed inside a multirun."""
+    quiet_library_bars()
+    out = run_dir()
+    names = identity(cfg) if names is None else names
+    fresh = not any(out.iterdir())  # Hydra has just created it (it writes nothing else there)
+    try:
+        job, device = validate()
+        runner = runner_settings(cfg.runner) if "runner" in cfg else RunnerSettings()
+        check_run_dir(out, to_plain(cfg))
+    except SETTING_ERRORS as err:
+        _refuse(err, out, names, fresh)
+        return None
+    except KeyboardInterrupt:
+        _interrupted(out, None, fresh)
+    finally:
+        if fresh and not out.exists():  # refused: no empty run folders left behind either
+            _remove_empty_parents(out, Path(cfg.paths.output_root) if "paths" in cfg else None)
+    previous = _completed(out)
+    if previous is not None:  # the same settings, finished: a resumed sweep skips it
+        log.info("%s already holds this run, completed; nothing to do", out)
+        return previous
+    device, parallel = launch(runner, device)
+    context = RunContext(out, device, parallel)
+    log_file = None
+    if parallel.is_main:
+        log_file = prepare_run_dir(out, cfg, names)
+        if "tracking" in cfg:
+            context.logger = build_logger(cfg.tracking, out, to_plain(cfg), names)
+    status = "failed"
+    try:
+        results = {"status": "completed", **names, **work(job, context)}
+        if parallel.is_main:
+            record_run(out, results, context.logger)
+            if not cfg.get("keep_checkpoint", False):
+                remove_checkpoint(out)
+        status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        _interrupted(out, names if parallel.is_main else None, False)
+    except WORK_SETTING_ERRORS as err:  # found while working (a model that does not load, ...)
+        log.error("%s", err)
+        if parallel.is_main:
+            mark(out, "failed", names, str(err))
+        if not is_multirun():
+            sys.exit(EXIT_SETTING)
+        return None
+    except Exception as err:
+        if parallel.is_main:
+            mark(out, "failed", names, repr(err))
+        raise
+    finally:
+        if context.logger is not None:
+            context.logger.finish(status)
+        if status == "completed":
+            log.info("run directory: %s", out)
+        if log_file is not None:
+            logging.getLogger().removeHandler(log_file)
+            log_file.close()
+    return results
+
+
+def _completed(out: Path) -> dict[str, Any] | None:
+    """The results of a completed run in `out` (whose settings `check_run_dir` has matched)."""
+    if not (out / CONFIG).is_file() or not (out / RESULTS).is_file():
+        return None
+    try:
+        results = json.loads((out / RESULTS).read_text())
+    except ValueError:
+        return None
+    return results if isinstance(results, dict) and results.get("status") == "completed" else None
+
+
+def _refuse(err: Exception, out: Path, names: dict[str, Any], fresh: bool) -> None:
+    """A bad setting found before any work: one message; alone, exit 2 and no run directory
+    left behind; in a multirun, a failed results.json (unless the directory holds another
+    run, which stays untouched) and the sweep goes on."""
+    log.error("%s", err)
+    if not is_multirun():
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        sys.exit(EXIT_SETTING)
+    if not isinstance(err, RunDirectoryError):
+        mark(out, "failed", names, str(err))
+
+
+def _remove_empty_parents(out: Path, root: Path | None) -> None:
+    if root is None:
+        return
+    root = root.resolve()
+    for parent in out.resolve().parents:
+        if parent == root or root not in parent.parents or any(parent.iterdir()):
+            return
+        parent.rmdir()
+
+
+def _interrupted(out: Path, names: dict[str, Any] | None, fresh: bool) -> NoReturn:
+    """Ctrl-C: record `interrupted` and say, in one line, how to resume."""
+    if names is not None:
+        mark(out, "interrupted", names, "interrupted (Ctrl-C) before it finished")
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+        log.error("interrupted before the run started; nothing was written")
+    elif is_multirun():
+        sweep = HydraConfig.get().sweep.dir
+        log.error("interrupted; resume with the same command plus hydra.sweep.dir=%s", sweep)
+    else:
+        log.error("interrupted; resume with the same command plus hydra.run.dir=%s", out)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+class SweepStatus(Callback):
+    """After a multirun: one line per job that did not complete, and exit status 1 if any."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        bad = []
+        for results in sorted(sweep.glob(f"*/{RESULTS}")):
+            try:
+                record = json.loads(results.read_text())
+            except ValueError:
+                record = {"status": "unreadable"}
+            if record.get("status") != "completed":
+                bad.append(f"{results.parent}: {record.get('status')}: {record.get('error', '')}")
+        if bad:
+            log.error("%d job(s) of the sweep did not complete:\n%s", len(bad), "\n".join(bad))
+            sys.exit(1)
 
 
 def eval_prompts(node: DictConfig) -> EvalPrompts:
@@ -164,8 +521,9 @@ def build_logger(
 
 def record_run(out: Path, results: dict[str, Any], logger: WandbLogger | None) -> None:
     """results.json, the dense-vs-pruned table in the log, and W&B (rank 0)."""
-    write_json(out / "results.json", results)
-    log.info("%s\n%s", out, summary_table(results))
+    write_json(out / RESULTS, results)
+    if results.get("eval") or results.get("dense"):
+        log.info("%s\n%s", out, summary_table(results))
     if logger is not None:
         log_run(logger, results)
 

@@ -6,30 +6,26 @@
 
 The run directory receives `eval/` (images, manifest, grid, metrics) and `results.json` with
 an `eval` section and, for a pruned model, a `dense` section and the prune run's results.
+Failures follow `obsdiff.app.execute`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from obsdiff.app import build_eval, build_logger, fail, record_run, run_dir
+from obsdiff.app import RunContext, build_eval, execute, identity
 from obsdiff.config import CONF_DIR, instantiate_model, to_plain
-from obsdiff.eval.image_reward import ImageRewardUnavailable
-from obsdiff.evaluation import evaluate_dense, evaluate_pipeline
-from obsdiff.pruned import load_pruned, read_manifest, write_json
-from obsdiff.run import SETTING_ERRORS
-from obsdiff.runners.fabric import RunnerSettings, launch
+from obsdiff.evaluation import EvalSettings, evaluate_dense, evaluate_pipeline
+from obsdiff.models.base import ModelAdapter
+from obsdiff.pruned import load_pruned, read_manifest
 from obsdiff.utils.devices import resolve_device
-
-
-log = logging.getLogger(__name__)
 
 
 def _pruned_identity(pruned_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -37,7 +33,8 @@ def _pruned_identity(pruned_dir: Path, manifest: dict[str, Any]) -> dict[str, An
     results_file = pruned_dir / "results.json"
     if results_file.is_file():
         previous = json.loads(results_file.read_text())
-        return {k: v for k, v in previous.items() if k not in ("eval", "dense", "status")}
+        if previous.get("status") == "completed":
+            return {k: v for k, v in previous.items() if k not in ("eval", "dense", "status")}
     return {
         "model": manifest["model"]["name"],
         "method": manifest["method"]["name"],
@@ -49,54 +46,56 @@ def _pruned_identity(pruned_dir: Path, manifest: dict[str, Any]) -> dict[str, An
     }
 
 
+@dataclass
+class Evaluation:
+    model: ModelAdapter
+    model_config: dict[str, Any]
+    settings: EvalSettings
+    pruned_dir: Path | None
+    pretrained: str | None
+
+
+def evaluate(job: Evaluation, dense_cache: Path, context: RunContext) -> dict[str, Any]:
+    dense = None
+    if job.settings.evaluate_dense or job.pruned_dir is None:
+        dense = evaluate_dense(
+            job.model, job.model_config, job.settings, dense_cache, context.device,
+            context.parallel,
+        )  # fmt: skip
+    if job.pruned_dir is None:
+        return {"eval": dense}
+    pipe, _, _ = load_pruned(job.pruned_dir, job.pretrained)
+    pipe = pipe.to(context.device)
+    dense_images = None if dense is None else Path(dense["images_dir"])
+    metrics = evaluate_pipeline(
+        pipe, job.model, job.settings, context.out / "eval", context.parallel, dense_images
+    )
+    return {"eval": metrics, "dense": dense}
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    choices = HydraConfig.get().runtime.choices
-    names: dict[str, Any] = {"model": choices.get("model"), "method": "dense", "sparsity": 0.0}
+    names: dict[str, Any] = {**identity(cfg), "method": "dense", "sparsity": 0.0}
     pruned_dir = None if cfg.pruned is None else Path(str(cfg.pruned)).expanduser()
-    try:
+    pretrained = None if cfg.pretrained is None else str(cfg.pretrained)
+    dense_cache = Path(cfg.paths.dense_cache)
+
+    def validate() -> tuple[Evaluation, torch.device]:
         device = resolve_device(str(cfg.device))
         if pruned_dir is None:
             model_config = to_plain(cfg.model)
         else:
             manifest = read_manifest(pruned_dir)
-            names = _pruned_identity(pruned_dir, manifest) | {"pruned_run": str(pruned_dir)}
+            names.update(_pruned_identity(pruned_dir, manifest), pruned_run=str(pruned_dir))
             model_config = dict(manifest["model_config"])
-            if cfg.pretrained is not None:
-                model_config["pretrained"] = str(cfg.pretrained)
+            if pretrained is not None:
+                model_config["pretrained"] = pretrained
         model = instantiate_model(OmegaConf.create(model_config))
-        settings = build_eval(cfg.eval, str(device), Path(cfg.paths.dense_cache))
-    except (*SETTING_ERRORS, ImageRewardUnavailable) as err:
-        fail(str(err), names)
-    out = run_dir()
-    runner = RunnerSettings(**OmegaConf.to_container(cfg.runner))  # type: ignore[arg-type]
-    device, parallel = launch(runner, device)
-    logger = None
-    if parallel.is_main:
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        logger = build_logger(cfg.tracking, out, to_plain(cfg), names)
-    try:
-        dense = None
-        if settings.evaluate_dense or pruned_dir is None:
-            dense = evaluate_dense(
-                model, model_config, settings, Path(cfg.paths.dense_cache), device, parallel
-            )
-        if pruned_dir is None:
-            results = {"status": "completed", **names, "eval": dense}
-        else:
-            pipe, _, _ = load_pruned(pruned_dir, cfg.pretrained)
-            pipe = pipe.to(device)
-            dense_images = None if dense is None else Path(dense["images_dir"])
-            metrics = evaluate_pipeline(pipe, model, settings, out / "eval", parallel, dense_images)
-            results = {"status": "completed", **names, "eval": metrics, "dense": dense}
-        if parallel.is_main:
-            record_run(out, results, logger)
-    except Exception as err:
-        write_json(out / "results.json", {"status": "failed", "error": repr(err), **names})
-        raise
-    finally:
-        if logger is not None:
-            logger.finish()
+        model.denoiser_skeleton()  # the model's files are reachable (a clear error if not)
+        settings = build_eval(cfg.eval, str(device), dense_cache)
+        return Evaluation(model, model_config, settings, pruned_dir, pretrained), device
+
+    execute(cfg, validate, lambda job, context: evaluate(job, dense_cache, context), names)
 
 
 if __name__ == "__main__":

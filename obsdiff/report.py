@@ -1,7 +1,7 @@
 """`python -m obsdiff.report <sweep dir>`: tables, plots and an image grid from a Hydra sweep.
 
-Reads every job directory of a multirun (`<sweep>/<n>/` holding `.hydra/`; a sweep of sweeps or a
-single run directory works too) and its `results.json`, and writes `<sweep>/report/`:
+Reads every job directory of a multirun (`<sweep>/<n>/`; a sweep of sweeps or a single run
+directory works too) and its `results.json`, and writes `<sweep>/report/`:
 `results.csv` (one row per job plus one dense row per model), `results.md` (a table per model and
 granularity, the best method at each sparsity in bold, then the failed jobs), `plots/<metric>.png`
 (metric against sparsity, a line per method, dense dashed), `grid.png` (one prompt's image per
@@ -112,15 +112,23 @@ def _subdirs(path: Path) -> list[Path]:
 
 def find_job_dirs(root: Path) -> list[Path]:
     """`root` itself if it is a run directory, else its job directories, one or two levels down."""
-    if (root / ".hydra").is_dir():
+    if _is_job(root):
         return [root]
     found = []
     for child in _subdirs(root):
-        if (child / ".hydra").is_dir():
+        if _is_job(child):
             found.append(child)
         else:
-            found.extend(p for p in _subdirs(child) if (p / ".hydra").is_dir())
+            found.extend(p for p in _subdirs(child) if _is_job(p))
     return sorted(found, key=lambda p: _natural(p.relative_to(root)))
+
+
+def _is_job(path: Path) -> bool:
+    """A run directory: Hydra's records or a results.json (a job refused before it started has
+    only the latter), or any job folder of a multirun (one killed before writing anything)."""
+    if (path / ".hydra").is_dir() or (path / RESULTS).is_file():
+        return True
+    return (path.parent / "multirun.yaml").is_file() and not (path / "report.json").is_file()
 
 
 def _load_yaml(path: Path) -> Any:
@@ -200,7 +208,8 @@ def _read_results(path: Path) -> tuple[dict[str, Any], str]:
     if status == "failed":
         return data, str(data.get("error") or "failed (no error message)")
     if status != "completed":
-        return data, f"status {status!r} in results.json"
+        error = data.get("error") or "crashed, killed or still running"
+        return data, f"incomplete ({status}): {error}"
     return data, ""
 
 
@@ -628,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     jobs = collect(sweep_dir)
     if not jobs:
-        log.error("%s holds no job directories (subdirectories with .hydra/)", sweep_dir)
+        log.error("%s holds no run directories (with .hydra/ or results.json)", sweep_dir)
         return 2
     out_dir = args.out if args.out is not None else sweep_dir / "report"
     summary = write_report(jobs, sweep_dir, out_dir, args.prompt_id)

@@ -2,30 +2,49 @@
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
+import torch
 from omegaconf import DictConfig
 
+from obsdiff.app import RunContext, execute, number
 from obsdiff.config import CONF_DIR, ConfigError, instantiate_model
+from obsdiff.models.base import ModelAdapter
 from obsdiff.sampling import sample_to_dir
 from obsdiff.utils.devices import resolve_device
 
 
-log = logging.getLogger(__name__)
+@dataclass
+class SampleJob:
+    model: ModelAdapter
+    prompts: list[str]
+    seed: int
+    batch_size: int
+
+
+def sample(job: SampleJob, context: RunContext) -> dict[str, Any]:
+    record = sample_to_dir(
+        job.model, job.prompts, job.seed, job.batch_size, context.device, context.out
+    )
+    return {"images": len(record.images), "samples": "samples.json"}
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    model = instantiate_model(cfg.model)
-    prompts = [str(p) for p in cfg.prompts]
-    if not prompts:
-        raise ConfigError("prompts is empty; give at least one, e.g. 'prompts=[a red circle]'")
-    device = resolve_device(str(cfg.device))
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    sample_to_dir(model, prompts, int(cfg.seed), int(cfg.batch_size), device, out_dir)
+    def validate() -> tuple[SampleJob, torch.device]:
+        model = instantiate_model(cfg.model)
+        prompts = [str(p) for p in cfg.prompts]
+        if not prompts:
+            raise ConfigError("prompts is empty; give at least one, e.g. 'prompts=[a red circle]'")
+        model.denoiser_skeleton()  # the model's files are reachable (a clear error if not)
+        job = SampleJob(
+            model, prompts, number(cfg, "seed", int, "0"), number(cfg, "batch_size", int, "4")
+        )
+        return job, resolve_device(str(cfg.device))
+
+    execute(cfg, validate, sample)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
-from tqdm.auto import tqdm
 
 from obsdiff.models.base import ModelAdapter
 from obsdiff.utils.images import make_grid
+from obsdiff.utils.progress import progress
 
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def generate(
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     outputs: list[Any] = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=f"{model.name}: batches", unit="batch", disable=len(starts) < 2):
+    for start in progress(starts, f"{model.name}: batches", "batch", enabled=len(starts) > 1):
         batch = prompts[start : start + batch_size]
         with torch.inference_mode():
             result = pipe(
@@ -90,7 +90,7 @@ def sample_to_dir(
     started = time.perf_counter()
     pipe = model.load().to(device)
     loaded = time.perf_counter()
-    pipe.set_progress_bar_config(leave=False)
+    pipe.set_progress_bar_config(disable=True)  # one bar: the batches
     images: list[Image.Image] = generate(pipe, model, prompts, seed, batch_size)
     generated = time.perf_counter()
 

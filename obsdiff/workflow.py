@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -32,7 +33,7 @@ from obsdiff.calibration.sequential import (
 from obsdiff.methods.base import GroupJob, LayerRecord, PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.models.base import ModelAdapter, linear_at
-from obsdiff.pruned import save_pruned, save_tensors, write_json
+from obsdiff.pruned import MANIFEST, save_pruned, save_tensors, write_json
 from obsdiff.pruning.patterns import NM, Pattern
 from obsdiff.pruning.schedules import TimestepWeighting
 from obsdiff.pruning.statistics import PRODUCTS
@@ -44,7 +45,7 @@ from obsdiff.surgery import forward_flops, restore_shapes, shapes
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
-RUN_KEY_EXCLUDE = ("paths", "device", "runner")
+RUN_KEY_EXCLUDE = ("paths", "device", "runner", "tracking", "save", "keep_checkpoint")
 
 
 class JobError(ValueError):
@@ -66,6 +67,7 @@ class PruneJob:
     config: dict[str, Any]
     blocks: tuple[int, int] | None = None
     save: bool = True
+    keep_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -93,6 +95,32 @@ class PruneJob:
         return hashlib.sha256(
             json.dumps(semantic, sort_keys=True, default=str).encode()
         ).hexdigest()[:16]
+
+
+def plan_packages(
+    job: PruneJob, denoiser: nn.Module
+) -> tuple[list[list[UnitRef]], list[tuple[str, nn.Linear]]]:
+    """The packages and target linears of `job` on `denoiser`, with every layout check (block
+    range, package count, N:M columns, head and FFN widths). Works on the weightless skeleton
+    (`check_layout`) as on the loaded denoiser."""
+    structured = job.granularity.kind == "structured"
+    try:
+        units = list_units(job.model, denoiser, job.blocks, structured=structured)
+        packages = split_packages(units, job.packages)
+    except ValueError as err:
+        raise JobError(str(err)) from err
+    targets = _target_modules(denoiser, packages)
+    if job.pattern is not None:
+        _check_nm_columns(targets, job.pattern)
+    else:
+        _check_structured(job.model, denoiser, units)
+    return packages, targets
+
+
+def check_layout(job: PruneJob) -> None:
+    """Every layout check of `plan_packages` on the model's architecture alone (built from its
+    config on the meta device, or the tiny recipe): before any weights are loaded."""
+    plan_packages(job, job.model.denoiser_skeleton())
 
 
 def _target_modules(
@@ -155,6 +183,19 @@ def _records_from_json(data: list[dict[str, Any]]) -> list[Any]:
         else:
             out.append(LayerRecord(r["name"], tuple(r["shape"]), r["pruned"], r["loss"]))
     return out
+
+
+def check_previous_run(run_dir: Path, run_key: str) -> None:
+    """Refuse a directory whose saved model or checkpoint belongs to another run (before
+    anything is loaded; the apps also compare the whole config, `obsdiff.app.check_run_dir`)."""
+    for record in (run_dir / CHECKPOINT_DIR / "progress.json", run_dir / MANIFEST):
+        if record.is_file():
+            previous = json.loads(record.read_text()).get("run_key")
+            if previous not in (None, run_key):
+                raise JobError(
+                    f"{run_dir} holds {record.name} of a different run (run key {previous} vs "
+                    f"{run_key}); use a new run directory"
+                )
 
 
 class Checkpointer:
@@ -223,31 +264,37 @@ def run_prune(job: PruneJob, run_dir: Path, parallel: DataParallel | None = None
     """Prune `job.model`, write the run directory, return the results (also in results.json).
 
     With `parallel` (one call per rank, a process group initialised), each rank calibrates on its
-    share of the prompts; only rank 0 writes checkpoints and outputs."""
-    return prune_pipeline(job, run_dir, parallel)[1]
+    share of the prompts; only rank 0 writes checkpoints and outputs. The checkpoint goes once
+    the pruned model is saved, unless `job.keep_checkpoint`."""
+    parallel = parallel or DataParallel.current()
+    results = {"status": "completed", **prune_pipeline(job, run_dir, parallel)[1]}
+    if parallel.is_main:
+        write_json(run_dir / "results.json", results)
+        if not job.keep_checkpoint:
+            remove_checkpoint(run_dir)
+    return results
+
+
+def remove_checkpoint(run_dir: Path) -> None:
+    """Delete the resume checkpoint of a finished run (a full copy of the denoiser)."""
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def prune_pipeline(
     job: PruneJob, run_dir: Path, parallel: DataParallel | None = None
 ) -> tuple[Any, dict[str, Any]]:
-    """`run_prune` that also returns the pipeline holding the pruned denoiser (on job.device)."""
+    """Prune and save (with `job.save`); return the pipeline holding the pruned denoiser (on
+    job.device) and the results. Writes no results.json and keeps the checkpoint: the caller
+    (`run_prune`, or the run app after its evaluation) records the finished run."""
     parallel = parallel or DataParallel.current()
+    check_previous_run(run_dir, job.run_key)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     pipe = job.model.load().to(job.device)
-    pipe.set_progress_bar_config(leave=False)
+    pipe.set_progress_bar_config(disable=True)  # the package and batch bars say where we are
     denoiser = job.model.denoiser(pipe)
     structured = job.granularity.kind == "structured"
-    try:
-        units = list_units(job.model, denoiser, job.blocks, structured=structured)
-        packages = split_packages(units, job.packages)
-    except ValueError as err:
-        raise JobError(str(err)) from err
-    targets = _target_modules(denoiser, packages)
-    if job.pattern is not None:
-        _check_nm_columns(targets, job.pattern)
-    else:
-        _check_structured(job.model, denoiser, units)
+    packages, targets = plan_packages(job, denoiser)
     params_before = sum(p.numel() for p in denoiser.parameters())
     flops_before = _measure_flops(job, pipe, denoiser)
     step_weights = job.weighting.weights(job.model.sampling.num_inference_steps)
@@ -315,7 +362,6 @@ def prune_pipeline(
     if parallel.is_main:
         if job.save:
             save_pruned(run_dir, denoiser, _manifest(job, results, report, packages, denoiser))
-        write_json(run_dir / "results.json", results)
     parallel.barrier()
     log.info(
         "%s %s %.0f%%: achieved %.4f; parameters %d -> %d (calibration %.1f s, solve %.1f s)",

@@ -16,6 +16,25 @@ def run_app(
 ) -> subprocess.CompletedProcess[str]:
     """`python -m <module> <args>` from the repository root, output captured; `env` adds to
     (a value) or removes from (None) the test environment."""
+    return _run([sys.executable, "-m", module, *args], timeout, env)
+
+
+def run_python(
+    prelude: str, module: str, *args: str, timeout: int = 300
+) -> subprocess.CompletedProcess[str]:
+    """As `run_app`, after running the Python code `prelude` in the same process (to inject a
+    failure or an interruption at a chosen point, as a user's Ctrl-C would)."""
+    launch = (
+        "import runpy, sys\n"
+        f"sys.argv = [{module!r}, *{list(args)!r}]\n"
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+    )
+    return _run([sys.executable, "-c", prelude + "\n" + launch], timeout, None)
+
+
+def _run(
+    command: list[str], timeout: int, env: dict[str, str | None] | None
+) -> subprocess.CompletedProcess[str]:
     environment = dict(os.environ)
     for key, value in (env or {}).items():
         if value is None:
@@ -23,7 +42,7 @@ def run_app(
         else:
             environment[key] = value
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
+        command,
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 from torch import nn
-from tqdm.auto import tqdm
 
 from obsdiff.calibration.hooks import StatisticsHooks, StepTracker
 from obsdiff.calibration.packages import UnitRef
@@ -26,6 +25,7 @@ from obsdiff.models.base import ModelAdapter, linear_at
 from obsdiff.pruning.statistics import InputStatistics
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.sampling import image_generators
+from obsdiff.utils.progress import progress
 
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def calibrate_and_prune(
             len(packages),
             peak / 2**20,
         )
-    for index in tqdm(range(start_package, len(packages)), desc="packages", unit="package"):
+    for index in progress(range(start_package, len(packages)), "packages", "package"):
         jobs = package_jobs(denoiser, packages[index], method, settings.hessian_precision)
         started = time.perf_counter()
         if method.needs_calibration:
@@ -148,7 +148,7 @@ def calibrate_and_prune(
             with hooks.attached(), torch.inference_mode():
                 offset = first_prompt
                 desc = f"package {index + 1}/{len(packages)}"
-                for batch in tqdm(embeddings, desc=desc, unit="batch", leave=False):
+                for batch in progress(embeddings, desc, "batch", leave=False):
                     count = next(iter(batch.values())).shape[0]
                     tracker.reset()
                     generators = image_generators(settings.seed, offset, count)
@@ -158,9 +158,18 @@ def calibrate_and_prune(
         calibrated = time.perf_counter()
         with torch.no_grad():
             report.records.extend(prune_package(index, jobs))
+        solved = time.perf_counter()
         report.calibration_seconds += calibrated - started
-        report.solve_seconds += time.perf_counter() - calibrated
+        report.solve_seconds += solved - calibrated
         report.packages_done = index + 1
+        log.info(
+            "package %d/%d: %d layers, calibration %.1f s, solve %.1f s",
+            index + 1,
+            len(packages),
+            sum(len(job.modules) for job in jobs),
+            calibrated - started,
+            solved - calibrated,
+        )
         del jobs
         if on_package_done is not None:
             on_package_done(index, report)

@@ -19,6 +19,8 @@ from torch import nn
 from torchmetrics.multimodal.clip_score import CLIPScore as TorchmetricsCLIPScore
 from transformers import CLIPModel, CLIPProcessor
 
+from obsdiff.utils.memory import own_memory
+
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 
@@ -45,6 +47,7 @@ class FeatureAdapter(nn.Module):
 def load_clip(name_or_path: str) -> Callable[[], tuple[nn.Module, CLIPProcessor]]:
     def load() -> tuple[nn.Module, CLIPProcessor]:
         model = CLIPModel.from_pretrained(name_or_path, use_safetensors=True).eval()
+        own_memory(model)  # scores independent of where the file mapping lands (utils.memory)
         return FeatureAdapter(model), CLIPProcessor.from_pretrained(name_or_path)
 
     return load

@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from tqdm.auto import tqdm
 
 from obsdiff.eval.prompt_sets import EvalPrompts
 from obsdiff.models.base import ModelAdapter
 from obsdiff.pruned import write_json
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.sampling import generators_for
+from obsdiff.utils.progress import progress
 
 
 IMAGES = "images"
@@ -57,8 +57,8 @@ def generate_images(
     todo = [entry for entry in mine if not (out_dir / entry["file"]).is_file()]
     pipe.set_progress_bar_config(disable=True)
     starts = range(0, len(todo), batch_size)
-    for start in tqdm(
-        starts, desc=f"generating (rank {parallel.rank})", unit="batch", disable=not starts
+    for start in progress(
+        starts, f"generating (rank {parallel.rank})", "batch", enabled=bool(starts)
     ):
         batch = todo[start : start + batch_size]
         with torch.inference_mode():

@@ -87,5 +87,8 @@ class WandbLogger:
 
         self.run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, status: str = "completed") -> None:
+        """End the run; anything but `completed` (failed, interrupted) ends it with exit code 1,
+        which W&B shows as a failed run, and `status` goes to the summary."""
+        self.run.summary["status"] = status
+        self.run.finish(exit_code=0 if status == "completed" else 1)

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from obsdiff.methods.granularity import GRANULARITY_OPTIONS
 from obsdiff.pruning.patterns import Pattern
 from obsdiff.pruning.statistics import InputStatistics
 
@@ -64,9 +65,10 @@ class PruningMethod(ABC):
 
     def check_granularity(self, kind: str) -> None:
         if kind not in self.granularities:
+            options = [o for k in self.granularities for o in GRANULARITY_OPTIONS[k]]
             raise ValueError(
-                f"method {self.name!r} does not support {kind} pruning; it supports "
-                f"{list(self.granularities)}"
+                f"method {self.name!r} does not support {kind} pruning; with method="
+                f"{self.name} use granularity={' or '.join(options)}"
             )
 
     def describe(self) -> dict[str, Any]:

@@ -8,6 +8,12 @@ from obsdiff.pruning.patterns import NM, Pattern, Unstructured
 
 
 KINDS = ("unstructured", "nm", "structured")
+# The `granularity` options (conf/granularity/) of each kind: what a user types.
+GRANULARITY_OPTIONS = {
+    "unstructured": ("unstructured",),
+    "nm": ("semi_2_4", "semi_4_8"),
+    "structured": ("structured",),
+}
 
 
 @dataclass(frozen=True)

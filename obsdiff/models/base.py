@@ -9,6 +9,7 @@ touched; `load()` then returns a diffusers pipeline with every component in eval
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -20,6 +21,8 @@ from typing import Any, ClassVar
 import torch
 from diffusers import DiffusionPipeline
 from torch import nn
+
+from obsdiff.utils.memory import own_memory
 
 
 log = logging.getLogger(__name__)
@@ -285,14 +288,54 @@ class ModelAdapter(ABC):
 
     # ------------------------------------------------------------------ loading
     def load(self) -> DiffusionPipeline:
-        """The pipeline on the CPU in `self.dtype`, every component in eval mode."""
+        """The pipeline on the CPU in `self.dtype`, every component in eval mode. Weights read
+        from files are copied into memory of their own (`obsdiff.utils.memory`), so a pipeline
+        saved and loaded back computes bit for bit what the saved one does, on any CPU."""
         if self.tiny is not None:
             pipe = self.build_tiny(self.tiny, self.seed)
             if self.torch_dtype != torch.float32:
                 pipe = pipe.to(self.torch_dtype)
         else:
             pipe = self._from_pretrained()
+        log.info("loaded model %r", self.name)
         return set_eval_mode(pipe)
+
+    def denoiser_skeleton(self) -> nn.Module:
+        """The denoiser's architecture without its weights, for checks before loading: built on
+        the meta device from the checkpoint's `model_index.json` and denoiser `config.json` (a
+        local directory, or two small files from the hub or its cache), or the tiny recipe's
+        denoiser (built in code, under a second). A pipeline of another family, or a hub id
+        that cannot be reached and is not cached, fails here with `ModelLoadError`."""
+        if self.tiny is not None:
+            return self.denoiser(self.build_tiny(self.tiny, self.seed))
+        assert self.pretrained is not None
+        index = self._read_json("model_index.json")
+        if index.get("_class_name") not in self.pipeline_classes:
+            raise ModelLoadError(
+                f"model {self.name!r}: {self.pretrained!r} holds a {index.get('_class_name')}, but "
+                f"the {self.family} adapter expects one of {list(self.pipeline_classes)}; pick the "
+                "model config of the right family (see conf/model/)"
+            )
+        library, class_name = index[self.denoiser_attr]
+        config = self._read_json(f"{self.denoiser_attr}/config.json")
+        cls = getattr(importlib.import_module(library), class_name)
+        with torch.device("meta"):
+            return cls.from_config(config)  # type: ignore[no-any-return]
+
+    def _read_json(self, relative: str) -> dict[str, Any]:
+        """A small file of the checkpoint (local directory, hub cache, or the hub)."""
+        assert self.pretrained is not None
+        source = self.pretrained
+        try:
+            if looks_like_local_path(source):
+                path = Path(source).expanduser() / relative
+            else:
+                from huggingface_hub import hf_hub_download
+
+                path = Path(hf_hub_download(source, relative, revision=self.revision))
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(self._load_failure_message(source, err)) from err
 
     def _from_pretrained_kwargs(self) -> dict[str, Any]:
         """Extra `from_pretrained` arguments of the family (e.g. dropping T5)."""
@@ -320,6 +363,9 @@ class ModelAdapter(ABC):
         except (OSError, ValueError) as err:
             raise ModelLoadError(self._load_failure_message(source, err)) from err
         self._check_pipeline_class(pipe, source)
+        for component in pipe.components.values():
+            if isinstance(component, nn.Module):
+                own_memory(component)  # compute exactly as the saved pipeline (utils.memory)
         return pipe
 
     def _load_failure_message(self, source: str, err: Exception) -> str:
@@ -328,7 +374,7 @@ class ModelAdapter(ABC):
         reason = str(err).splitlines()[0] if str(err) else ""
         return (
             f"model {self.name!r}: could not load the {self.family} pipeline from {where} "
-            f"{source!r}{revision}: {type(err).__name__}: {reason}\n"
+            f"model.pretrained={source!r}{revision}: {type(err).__name__}: {reason}\n"
             "If this machine has no network access or the repository is gated (accept its licence "
             "on the hub and run `hf auth login`), download it once elsewhere with "
             f"`hf download {source} --local-dir <folder>` and point the config at the copy: "

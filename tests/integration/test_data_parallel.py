@@ -44,15 +44,25 @@ def run(tmp_path: Path, *overrides: str) -> Path:
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
     """Structured: statistics all-reduced, then the same heads, neurons and surgery on every rank
-    (the unstructured path shares the reduction; one run keeps the suite fast)."""
+    (the unstructured path shares the reduction; one run keeps the suite fast).
+
+    The decisions (which heads and neurons go) must agree exactly. The weights agree to float32
+    round-off only: the all-reduce adds two partial sums where one process adds one running sum,
+    and the processes run their kernels with other thread counts, so each Hessian entry (a float32
+    sum of ~10^3 products here) may differ by a few ulps times the number of terms (~1e-4
+    relative), which the OBS compensation carries into the kept weights."""
     overrides = ["granularity=structured", "sparsity=0.25"]
     single = run(tmp_path / "single", *overrides)
     parallel = run(tmp_path / "ddp", "runner=ddp_cpu", *overrides)
     assert json.loads((parallel / "results.json").read_text())["world_size"] == 2
+    decisions = [
+        [(r["block"], r["group"], r["removed"]) for r in json.loads(m.read_text())["records"]]
+        for m in (single / "manifest.json", parallel / "manifest.json")
+    ]
+    assert decisions[0] == decisions[1] and decisions[0]
     a = safetensors.torch.load_file(str(single / "denoiser.safetensors"))
     b = safetensors.torch.load_file(str(parallel / "denoiser.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].shape == b[name].shape, name
-        assert torch.equal(a[name] == 0, b[name] == 0), name  # the same pruning decisions
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)

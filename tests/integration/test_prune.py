@@ -13,10 +13,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from obsdiff.app import build_prune_job as build_job
 from obsdiff.calibration.hooks import count_hooks
 from obsdiff.calibration.prompts import PromptFileError
 from obsdiff.config import CONF_DIR, ConfigError
-from obsdiff.prune import build_job
+from obsdiff.models.base import ModelLoadError
 from obsdiff.pruned import load_pruned
 from obsdiff.pruning.patterns import num_to_prune
 from obsdiff.sampling import generate
@@ -211,6 +212,54 @@ def test_resume_after_a_failure_gives_the_same_weights(
 def test_bad_settings_fail_before_loading(overrides, error, message, compose_prune) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(error, match=message):
         build_job(compose_prune(*FAST, *overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=sd3_medium"], r"model.pretrained='stabilityai/stable-diffusion-3-medium"),
+        (["blocks=3"], r"blocks=3: blocks must be null .* or \[start, end\)"),
+        (["blocks=[0,x]"], r"blocks=\[0, 'x'\]"),
+        (["sparsity=half"], r"sparsity='half' is not a number; set e.g. sparsity=0.5"),
+        (["packages=2.5"], r"packages=2.5 is not an integer"),
+        (["packages=1000"], r"packages=1000 must lie in \[1, 16\]"),
+        (["blocks=[0,999]"], r"blocks=\[0,999\) is outside the model's 4 blocks"),
+        (["granularity=structured", "blocks=[0,9]"], r"outside the model's 4 blocks"),
+        (
+            ["method=wanda", "granularity=structured"],
+            r"with method=wanda use granularity=unstructured or semi_2_4 or semi_4_8",
+        ),
+    ],
+)
+def test_every_setting_is_checked_before_any_weights_load(
+    overrides, message, compose_prune, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The inputs a new user got wrong: each names its key, and no adapter loads anything
+    (packages and blocks are checked on the denoiser built from the model's config)."""
+    from obsdiff.models.base import ModelAdapter
+
+    def no_loading(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("weights were loaded before the settings were checked")
+
+    monkeypatch.setattr(ModelAdapter, "load", no_loading)
+    with pytest.raises((ConfigError, JobError, ModelLoadError), match=message):
+        build_job(compose_prune(*FAST, *overrides))
+
+
+def test_skeleton_of_a_local_pipeline_is_weightless(tmp_path: Path) -> None:
+    """The layout checks of a local checkpoint read its config only (the meta device)."""
+    from obsdiff.models import FluxAdapter, SD3Adapter
+
+    tiny = FluxAdapter(name="tiny_flux", tiny="dev")
+    pipe = tiny.load()
+    pipe.save_pretrained(tmp_path)
+    skeleton = FluxAdapter(name="local", pretrained=str(tmp_path)).denoiser_skeleton()
+    assert {p.device.type for p in skeleton.parameters()} == {"meta"}
+    real = tiny.denoiser(pipe)
+    shapes = [(n, p.shape) for n, p in skeleton.named_parameters()]
+    assert shapes == [(n, p.shape) for n, p in real.named_parameters()]
+    with pytest.raises(ModelLoadError, match="holds a FluxPipeline"):
+        SD3Adapter(name="sd3", pretrained=str(tmp_path)).denoiser_skeleton()
 
 
 @pytest.mark.parametrize(

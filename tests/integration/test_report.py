@@ -220,4 +220,4 @@ def test_missing_or_empty_directory(tmp_path: Path, caplog: pytest.LogCaptureFix
     assert report.main([str(tmp_path / "nope")]) == 2
     assert "is not a directory" in caplog.text
     assert report.main([str(tmp_path)]) == 2
-    assert "holds no job directories" in caplog.text
+    assert "holds no run directories" in caplog.text

@@ -1,0 +1,183 @@
+"""The apps' shared failure policy, run as a user would: bad settings refused before any weights
+load (exit 2, one message naming the key, no run directory left), a sweep that survives a bad
+job, a refused resume that changes nothing, an interrupted run that reads as incomplete, and no
+checkpoint left after a finished run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from app_runner import run_app, run_python
+
+from obsdiff.report import main as report_main
+
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model=tiny_sd3",
+    "calibration=tiny",
+    "model.sampling.num_inference_steps=2",
+    "calibration.num_prompts=2",
+    "packages=2",
+]
+EVAL = ["eval=tiny", "eval.prompts.num_prompts=2"]
+LOADED = "loaded model"  # the log line of ModelAdapter.load
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file under `directory` (relative name -> sha256 of its bytes)."""
+    return {
+        str(f.relative_to(directory)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(directory.rglob("*"))
+        if f.is_file()
+    }
+
+
+def load(path: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize(
+    ("app", "overrides", "key"),
+    [
+        ("obsdiff.prune", ["model=sd3_medium"], "model.pretrained"),  # offline, not cached
+        ("obsdiff.prune", ["runner=ddp"], "runner.accelerator"),
+        ("obsdiff.prune", ["blocks=3"], "blocks=3"),
+        ("obsdiff.prune", ["packages=1000"], "packages=1000"),  # from the model's config
+        ("obsdiff.run", ["calibration.batch_size=two"], "calibration.batch_size"),
+        ("obsdiff.evaluate", ["model=flux_dev"], "model.pretrained"),
+        ("obsdiff.sample", ["model=sdxl_base"], "model.pretrained"),
+    ],
+)
+def test_bad_setting_exits_2_naming_its_key_before_loading(
+    app: str, overrides: list[str], key: str, tmp_path: Path
+) -> None:
+    """As a user sees it, for every app (each input of the prune app's list is checked in
+    process by tests/integration/test_prune.py)."""
+    common = TINY if app in ("obsdiff.prune", "obsdiff.run") else ["model=tiny_sd3"]
+    if app == "obsdiff.run":
+        common = [*common, *EVAL]
+    result = run_app(app, *common, *overrides, f"paths.output_root={tmp_path}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert output.count("[ERROR]") == 1, output[-3000:]
+    first_line = output[output.index("[ERROR]") :].splitlines()[0]
+    assert key in first_line, output[-3000:]
+    assert "Traceback" not in output
+    assert LOADED not in output  # refused before any weights were loaded (or built)
+    assert not any(tmp_path.iterdir())  # no run directory left behind
+
+
+def test_prune_sweep_survives_a_bad_job(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_app("obsdiff.prune", "-m", *TINY, "method=l1,obsdiff", f"hydra.sweep.dir={sweep}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]  # the sweep says that something failed
+    bad, good = load(sweep / "0" / "results.json"), load(sweep / "1" / "results.json")
+    assert bad["status"] == "failed" and bad["method"] == "l1"
+    assert (
+        "does not support unstructured" in bad["error"]
+        and "granularity=structured" in (bad["error"])
+    )
+    assert good["status"] == "completed" and good["achieved_sparsity"] == pytest.approx(0.5)
+    assert (sweep / "1" / "denoiser.safetensors").is_file()
+    assert "1 job(s) of the sweep did not complete" in output and str(sweep / "0") in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("app", "extra", "change"),
+    [("obsdiff.run", EVAL, "eval.seed=5"), ("obsdiff.prune", [], "sparsity=0.3")],
+)
+def test_refused_resume_changes_nothing(
+    app: str, extra: list[str], change: str, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    common = [*TINY, *extra, f"paths.output_root={tmp_path}", f"hydra.run.dir={run}"]
+    first = run_app(app, *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before, dense_before = snapshot(run), snapshot(tmp_path / "dense")
+    again = run_app(app, *common, change)
+    output = again.stdout + again.stderr
+    assert again.returncode == 2, output[-3000:]
+    key = change.split("=")[0]
+    assert f"{key}: " in output and "holds a run with other settings" in output
+    assert LOADED not in output and "Traceback" not in output
+    assert snapshot(run) == before  # byte-identical, results.json and .hydra included
+    assert snapshot(tmp_path / "dense") == dense_before  # no new dense evaluation either
+    assert load(run / "results.json")["status"] == "completed"
+    same = run_app(app, *common, "device=cpu")  # a neutral key: the same run, already done
+    assert same.returncode == 0 and "completed; nothing to do" in same.stdout + same.stderr
+    assert LOADED not in same.stdout + same.stderr
+    assert snapshot(run) == before
+
+
+INTERRUPT_DURING_EVAL = textwrap.dedent(
+    """
+    from pathlib import Path
+
+    import obsdiff.evaluation
+
+    original = obsdiff.evaluation.evaluate_pipeline
+
+    def interrupted(pipe, model, settings, images_dir, *args, **kwargs):
+        if Path(images_dir).name == "eval":  # the pruned model's evaluation, not the dense one
+            raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
+        return original(pipe, model, settings, images_dir, *args, **kwargs)
+
+    obsdiff.evaluation.evaluate_pipeline = interrupted
+    """
+)
+
+
+def test_interrupted_run_reads_incomplete_then_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [*TINY, *EVAL, "save=false", f"paths.output_root={tmp_path}", f"hydra.run.dir={run}"]
+    result = run_python(INTERRUPT_DURING_EVAL, "obsdiff.run", *args)
+    output = result.stdout + result.stderr
+    assert result.returncode == 130, output[-3000:]
+    assert "Traceback" not in output
+    assert f"resume with the same command plus hydra.run.dir={run}" in output
+    record = load(run / "results.json")
+    assert record["status"] == "interrupted" and "eval" not in record
+    assert (run / "checkpoint" / "progress.json").is_file()  # what the resume continues from
+
+    assert report_main([str(run), "--out", str(tmp_path / "report")]) == 0
+    rows = (tmp_path / "report" / "results.csv").read_text()
+    assert "interrupted" in rows and ",completed," not in rows
+
+    resumed = run_app("obsdiff.run", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after package 2 of 2" in resumed.stdout + resumed.stderr
+    record = load(run / "results.json")
+    assert record["status"] == "completed" and record["eval"]["num_images"] == 2
+    # save=false: no pruned model and, once finished, no checkpoint (a full denoiser copy)
+    assert not (run / "checkpoint").exists() and not (run / "denoiser.safetensors").exists()
+
+
+def test_keep_checkpoint_keeps_it_and_every_app_names_its_directory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = run_app("obsdiff.prune", *TINY, "keep_checkpoint=true", f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "checkpoint" / "denoiser.safetensors").is_file()
+    assert result.stdout.strip().splitlines()[-1].endswith(f"run directory: {run}")
+    assert (run / "prune.log").read_text().count("run directory") == 1
+    plain = tmp_path / "plain"
+    result = run_app("obsdiff.prune", *TINY, f"hydra.run.dir={plain}")
+    assert result.returncode == 0 and not (plain / "checkpoint").exists()
+    assert (plain / "denoiser.safetensors").is_file()
+
+
+def test_logs_have_no_bar_flood_off_a_terminal(tmp_path: Path) -> None:
+    """A 4-package prune writes a few lines per package, not one per denoising step."""
+    run = tmp_path / "run"
+    result = run_app("obsdiff.prune", *TINY, "packages=4", f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    assert len(lines) <= 12, "\n".join(lines)
+    assert sum("package " in line and "calibration" in line for line in lines) == 4
