@@ -79,6 +79,23 @@ def test_real_config_loads_a_local_copy(compose_sample, tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.unit
+def test_every_app_has_a_console_script() -> None:
+    """obsdiff-sample, -prune, -run, -evaluate (Hydra mains) and -report (argparse)."""
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((CONF_DIR.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {f"obsdiff-{app}" for app in APPS}
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        assert module == f"obsdiff.{name.removeprefix('obsdiff-')}"
+        assert callable(getattr(importlib.import_module(module), function))
+
+
+APPS = ("sample", "prune", "run", "evaluate", "report")
+
+
 def test_sample_app_composes_on_the_command_line() -> None:
     result = run_app("obsdiff.sample", "--cfg", "job", "model=tiny_flux")
     assert result.returncode == 0, result.stderr
