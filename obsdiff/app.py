@@ -68,6 +68,9 @@ TOY_REFERENCE_SEED = 100_000  # the toy FID reference images: seeds unlike any g
 TOY_REFERENCE_REPEATS = 2  # reference images per evaluation prompt (less noise on that side)
 RESULTS = "results.json"
 CONFIG = "config.yaml"
+REFUSED = (
+    ".refused"  # in a sweep directory: the jobs refused because their directory held another run
+)
 # Keys that do not change what a run computes: a run directory may be resumed with other values.
 NEUTRAL_KEYS = ("paths", "device", "runner", "tracking", "save", "keep_checkpoint")
 EXIT_SETTING = 2
@@ -375,7 +378,11 @@ def _refuse(err: Exception, out: Path, names: dict[str, Any], fresh: bool) -> No
         if fresh:
             shutil.rmtree(out, ignore_errors=True)
         sys.exit(EXIT_SETTING)
-    if not isinstance(err, RunDirectoryError):
+    if isinstance(err, RunDirectoryError):  # its directory must not change: note it beside
+        refused = Path(HydraConfig.get().sweep.dir) / REFUSED
+        refused.mkdir(parents=True, exist_ok=True)
+        _write_text(refused / f"{out.name}.txt", f"{out}: refused: {err}\n")
+    else:
         mark(out, "failed", names, str(err))
 
 
@@ -405,11 +412,15 @@ def _interrupted(out: Path, names: dict[str, Any] | None, fresh: bool) -> NoRetu
 
 
 class SweepStatus(Callback):
-    """After a multirun: one line per job that did not complete, and exit status 1 if any."""
+    """After a multirun: one line per job that did not complete (or was refused: its directory
+    held a run of other settings), and exit status 1 if any."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        shutil.rmtree(Path(str(config.hydra.sweep.dir)) / REFUSED, ignore_errors=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(str(config.hydra.sweep.dir))
-        bad = []
+        bad = [f.read_text().strip() for f in sorted((sweep / REFUSED).glob("*.txt"))]
         for results in sorted(sweep.glob(f"*/{RESULTS}")):
             try:
                 record = json.loads(results.read_text())

@@ -89,6 +89,21 @@ def test_prune_sweep_survives_a_bad_job(tmp_path: Path) -> None:
     assert "1 job(s) of the sweep did not complete" in output and str(sweep / "0") in output
     assert "Traceback" not in output
 
+    # the same sweep directory with another sparsity: job 1 holds a finished run of other
+    # settings, so it is refused and left as it is; the sweep still says so
+    finished = snapshot(sweep / "1")
+    again = run_app("obsdiff.prune", "-m", *TINY, "method=l1,obsdiff", "sparsity=0.4",
+                    f"hydra.sweep.dir={sweep}")  # fmt: skip
+    output = again.stdout + again.stderr
+    assert again.returncode == 1, output[-3000:]
+    assert "2 job(s) of the sweep did not complete" in output and "sparsity: 0.5 -> 0.4" in output
+    assert snapshot(sweep / "1") == finished
+    # and the original sweep again: its finished job is not redone
+    resumed = run_app("obsdiff.prune", "-m", *TINY, "method=l1,obsdiff", f"hydra.sweep.dir={sweep}")
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 1 and "1 job(s) of the sweep did not complete" in output
+    assert "completed; nothing to do" in output and snapshot(sweep / "1") == finished
+
 
 @pytest.mark.parametrize(
     ("app", "extra", "change"),

@@ -154,6 +154,31 @@ def test_in_memory_model_equals_the_reloaded_one(
     assert torch.equal(a[0], b[0])
 
 
+@pytest.mark.parametrize("granularity", ["semi_2_4", "structured"])
+def test_pruned_model_of_a_local_checkpoint_loads_into_memory_of_its_own(
+    granularity: str, compose_prune, tmp_path: Path, saved_denoiser: dict
+) -> None:  # type: ignore[no-untyped-def]
+    """A base model read from files (as the toy and every real model): `load_pruned` hands back
+    every tensor in allocator memory, so the loaded pruned model computes bit for bit what the
+    pruned one did, on any CPU (obsdiff.utils.memory)."""
+    from obsdiff.models import SD3Adapter
+    from obsdiff.utils.memory import is_allocator_aligned
+
+    base = tmp_path / "base"
+    SD3Adapter(name="tiny_sd3", tiny="sd3").load().save_pretrained(base)
+    local = ["model.tiny=null", f"+model.pretrained={base}"]
+    sparsity = "sparsity=0.5" if granularity == "semi_2_4" else "sparsity=0.3"
+    prune(compose_prune, tmp_path / "run", *local, f"granularity={granularity}", sparsity)
+    pipe, adapter, _ = load_pruned(tmp_path / "run")
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    assert all(is_allocator_aligned(m) for m in modules)
+    in_memory = adapter.load()
+    in_memory.transformer = saved_denoiser["denoiser"]
+    a = generate(in_memory, adapter, ["a cat"], seed=0, batch_size=1, output_type="latent")
+    b = generate(pipe, adapter, ["a cat"], seed=0, batch_size=1, output_type="latent")
+    assert torch.equal(a[0], b[0])
+
+
 @pytest.mark.parametrize("granularity", ["unstructured", "structured"])
 def test_resume_after_a_failure_gives_the_same_weights(
     granularity: str, compose_prune, tmp_path: Path, monkeypatch
