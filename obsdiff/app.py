@@ -224,9 +224,13 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
 def setting_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`key: old -> new` for every setting that changes what a run computes."""
     a, b = _flat(old), _flat(new)
-    missing = "(unset)"
+    missing = object()
+
+    def shown(value: Any) -> str:
+        return "(unset)" if value is missing else repr(value)
+
     return [
-        f"{key}: {a.get(key, missing)!r} -> {b.get(key, missing)!r}"
+        f"{key}: {shown(a.get(key, missing))} -> {shown(b.get(key, missing))}"
         for key in sorted(set(a) | set(b))
         if key.split(".")[0] not in NEUTRAL_KEYS and a.get(key, missing) != b.get(key, missing)
     ]

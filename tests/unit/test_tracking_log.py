@@ -61,3 +61,23 @@ def test_log_run_namespaces_metrics_and_logs_both_grids(tmp_path: Path) -> None:
     assert rows == [[spy.metrics[c] for c in columns]] and "eval/fid" in columns
     table = summary_table(results)
     assert "fid" in table and "30.5" in table and "0.32" in table
+
+
+class SpyRun:
+    def __init__(self) -> None:
+        self.summary: dict[str, Any] = {}
+        self.exit_code: int | None = None
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.exit_code = exit_code
+
+
+@pytest.mark.parametrize(("status", "code"), [("completed", 0), ("interrupted", 1), ("failed", 1)])
+def test_an_unfinished_run_ends_failed_in_wandb(status: str, code: int) -> None:
+    """W&B shows an interrupted or failed run as failed (exit code 1), never as finished."""
+    from obsdiff.eval.tracking import WandbLogger
+
+    logger = WandbLogger.__new__(WandbLogger)
+    logger.run = SpyRun()  # type: ignore[assignment]
+    logger.finish(status)
+    assert logger.run.exit_code == code and logger.run.summary["status"] == status
