@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import sys
 from collections.abc import Callable
@@ -38,11 +39,12 @@ from obsdiff.calibration.prompts import BUNDLED_PROMPTS, PromptFileError, load_p
 from obsdiff.calibration.sequential import CalibrationSettings
 from obsdiff.config import ConfigError, instantiate, instantiate_model, to_plain
 from obsdiff.eval.clip_score import CLIPScore
+from obsdiff.eval.fid import FID_MODES, ensure_inception
 from obsdiff.eval.image_reward import ImageReward, ImageRewardUnavailable
 from obsdiff.eval.prompt_fidelity import PromptFidelity
 from obsdiff.eval.prompt_sets import EvalPrompts, coco_captions, prompt_file
 from obsdiff.eval.tiny_backbones import RandomFeatures, tiny_clip
-from obsdiff.eval.tracking import WandbLogger
+from obsdiff.eval.tracking import WandbLogger, resolve_mode
 from obsdiff.evaluation import EvalSettings, FIDSettings, TextImageMetric
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
@@ -72,7 +74,8 @@ REFUSED = (
     ".refused"  # in a sweep directory: the jobs refused because their directory held another run
 )
 # Keys that do not change what a run computes: a run directory may be resumed with other values.
-NEUTRAL_KEYS = ("paths", "device", "runner", "tracking", "save", "keep_checkpoint")
+NEUTRAL_KEYS = ("paths", "device", "runner", "tracking", "keep_checkpoint")
+MAX_SHOWN = 8  # differences named when a run directory is refused
 EXIT_SETTING = 2
 EXIT_INTERRUPTED = 130
 
@@ -98,18 +101,29 @@ class RunDirectoryError(ValueError):
 
 
 # ------------------------------------------------------------------------- typed settings
-def number(node: DictConfig, key: str, kind: type[T], example: str) -> T:
-    """`node[key]` as an int or float, or one ConfigError naming the key and an example."""
+def number(
+    node: DictConfig,
+    key: str,
+    kind: type[T],
+    example: str,
+    minimum: float | None = None,
+    prefix: str = "",
+) -> T:
+    """`node[key]` as an int or float (at least `minimum`), or one ConfigError naming the key
+    (`prefix` + key: where the node sits in the config) and an example."""
     value = OmegaConf.select(node, key)
-    problem = f"{key}={value!r} is not {'an integer' if kind is int else 'a number'}"
+    name = prefix + key
+    problem = f"{name}={value!r} is not {'an integer' if kind is int else 'a number'}"
     if isinstance(value, bool) or value is None:
-        raise ConfigError(f"{problem}; set e.g. {key}={example}")
+        raise ConfigError(f"{problem}; set e.g. {name}={example}")
     try:
         converted = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{problem}; set e.g. {key}={example}") from None
+        raise ConfigError(f"{problem}; set e.g. {name}={example}") from None
     if not math.isfinite(converted) or (kind is int and converted != int(converted)):
-        raise ConfigError(f"{problem}; set e.g. {key}={example}")
+        raise ConfigError(f"{problem}; set e.g. {name}={example}")
+    if minimum is not None and converted < minimum:
+        raise ConfigError(f"{name}={value!r} must be >= {minimum:g}; set e.g. {name}={example}")
     return kind(converted)  # type: ignore[call-arg]
 
 
@@ -131,6 +145,13 @@ def runner_settings(node: DictConfig) -> RunnerSettings:
     """The `runner` group, checked against the machine: CUDA runners need visible GPUs."""
     settings = RunnerSettings(**OmegaConf.to_container(node))  # type: ignore[arg-type]
     multi = settings.devices not in (1, "1") or settings.strategy != "auto"
+    if multi and is_multirun():
+        raise ConfigError(
+            f"runner.devices={settings.devices} inside a multirun: Lightning relaunches the whole "
+            "command per rank, sweep included; run each job of the sweep as its own command "
+            "(e.g. one `python -m obsdiff.run runner=ddp ...` per setting), or sweep with "
+            "runner=single and a launcher that gives each job its GPU (--launcher slurm)"
+        )
     if multi and settings.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
         raise ConfigError(
             f"runner.accelerator={settings.accelerator} (runner.devices={settings.devices}) asks "
@@ -241,8 +262,19 @@ def check_run_dir(out: Path, config: dict[str, Any]) -> None:
     previous = out / CONFIG
     if not previous.is_file():
         return
-    old = OmegaConf.to_container(OmegaConf.load(previous))
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(previous))
+    except Exception as err:  # not YAML, or not a mapping: not a run of ours to resume
+        raise RunDirectoryError(
+            f"{out} holds a config.yaml that cannot be read ({type(err).__name__}); nothing was "
+            "changed there. Start a new run without hydra.run.dir (or with a new directory)."
+        ) from None
+    if not isinstance(old, dict):
+        raise RunDirectoryError(f"{out}/config.yaml is not a run's config; use a new directory")
     differences = setting_differences(old, config)  # type: ignore[arg-type]
+    if len(differences) > MAX_SHOWN:
+        more = len(differences) - MAX_SHOWN
+        differences = [*differences[:MAX_SHOWN], f"and {more} more"]
     if differences:
         raise RunDirectoryError(
             f"{out} holds a run with other settings ({'; '.join(differences)}); nothing was "
@@ -306,10 +338,12 @@ def execute(
     out = run_dir()
     names = identity(cfg) if names is None else names
     fresh = not any(out.iterdir())  # Hydra has just created it (it writes nothing else there)
-    try:
-        job, device = validate()
+    try:  # the cheap checks first: a refused directory is refused before anything is built
         runner = runner_settings(cfg.runner) if "runner" in cfg else RunnerSettings()
+        if "tracking" in cfg:
+            resolve_mode(str(cfg.tracking.mode))
         check_run_dir(out, to_plain(cfg))
+        job, device = validate()
     except SETTING_ERRORS as err:
         _refuse(err, out, names, fresh)
         return None
@@ -322,37 +356,44 @@ def execute(
     if previous is not None:  # the same settings, finished: a resumed sweep skips it
         log.info("%s already holds this run, completed; nothing to do", out)
         return previous
-    device, parallel = launch(runner, device)
-    context = RunContext(out, device, parallel)
-    log_file = None
-    if parallel.is_main:
-        log_file = prepare_run_dir(out, cfg, names)
-        if "tracking" in cfg:
-            context.logger = build_logger(cfg.tracking, out, to_plain(cfg), names)
-    status = "failed"
+    status, main, log_file = "failed", True, None
+    context: RunContext | None = None
     try:
+        device, parallel = launch(runner, device)
+        main = parallel.is_main
+        if not main:
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 tells the story
+        context = RunContext(out, device, parallel)
+        if main:
+            log_file = prepare_run_dir(out, cfg, names)
+            if "tracking" in cfg:
+                context.logger = build_logger(cfg.tracking, out, to_plain(cfg), names)
         results = {"status": "completed", **names, **work(job, context)}
-        if parallel.is_main:
+        if main:
             record_run(out, results, context.logger)
             if not cfg.get("keep_checkpoint", False):
                 remove_checkpoint(out)
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
-        _interrupted(out, names if parallel.is_main else None, False)
+        _interrupted(out, names if main else None, False)
     except WORK_SETTING_ERRORS as err:  # found while working (a model that does not load, ...)
         log.error("%s", err)
-        if parallel.is_main:
+        if main:
             mark(out, "failed", names, str(err))
         if not is_multirun():
             sys.exit(EXIT_SETTING)
         return None
     except Exception as err:
-        if parallel.is_main:
+        if main:
             mark(out, "failed", names, repr(err))
-        raise
+        if not is_multirun():
+            raise
+        # a sweep records the failure (traceback in the log) and goes on; SweepStatus reports it
+        log.exception("job failed: %s", out)
+        return None
     finally:
-        if context.logger is not None:
+        if context is not None and context.logger is not None:
             context.logger.finish(status)
         if status == "completed":
             log.info("run directory: %s", out)
@@ -409,10 +450,16 @@ def _interrupted(out: Path, names: dict[str, Any] | None, fresh: bool) -> NoRetu
         log.error("interrupted before the run started; nothing was written")
     elif is_multirun():
         sweep = HydraConfig.get().sweep.dir
-        log.error("interrupted; resume with the same command plus hydra.sweep.dir=%s", sweep)
+        log.error("interrupted; resume with the same command plus %s", _override("sweep", sweep))
     else:
-        log.error("interrupted; resume with the same command plus hydra.run.dir=%s", out)
+        log.error("interrupted; resume with the same command plus %s", _override("run", out))
     sys.exit(EXIT_INTERRUPTED)
+
+
+def _override(kind: str, directory: str | Path) -> str:
+    """`hydra.run.dir=<dir>` as it must be typed in a shell (quoted when it needs to be)."""
+    plain = f"hydra.{kind}.dir={directory}"
+    return plain if shlex.quote(plain) == plain else shlex.quote(f'hydra.{kind}.dir="{directory}"')
 
 
 class SweepStatus(Callback):
@@ -439,11 +486,15 @@ class SweepStatus(Callback):
 
 def eval_prompts(node: DictConfig) -> EvalPrompts:
     source = str(node.source)
+    count = None
+    if node.num_prompts is not None:
+        count = number(node, "num_prompts", int, "1000", minimum=1, prefix="eval.prompts.")
     if source == "coco":
-        return coco_captions(node.path, node.num_prompts, seed=int(node.subset_seed))
+        seed = number(node, "subset_seed", int, "0", prefix="eval.prompts.")
+        return coco_captions(node.path, count, seed=seed)
     if source in ("file", "bundled"):
         path = BUNDLED_EVAL_PROMPTS if source == "bundled" else node.path
-        return prompt_file(path, node.num_prompts, fmt=str(node.format), column=str(node.column))
+        return prompt_file(path, count, fmt=str(node.format), column=str(node.column))
     raise ValueError(f"eval.prompts.source={source!r}; use bundled, coco or file")
 
 
@@ -473,25 +524,38 @@ def build_eval(
 ) -> EvalSettings:
     """The `eval` group as settings; every file and backend is checked here, before any work
     (`cache_dir`: where the toy FID reference is rendered, paths.dense_cache)."""
+
+    def whole(key: str, example: str, minimum: int = 1) -> int:
+        return number(node, key, int, example, minimum=minimum, prefix="eval.")
+
     prompts = eval_prompts(node.prompts)
+    seed, batch_size = whole("seed", "0", minimum=0), whole("batch_size", "4")
+    repeats, grid_size = whole("efficiency.repeats", "3", 0), whole("grid_size", "8", 0)
     classifier = functools.cache(load_classifier)  # the toy metrics share one classifier
     fid = None
     if node.fid.enabled:
+        mode = str(node.fid.mode)
+        if mode not in FID_MODES:
+            raise ConfigError(f"eval.fid.mode={mode!r}; use one of {', '.join(FID_MODES)}")
         extractor = fid_extractor(str(node.fid.extractor), classifier)
+        if extractor is None:
+            ensure_inception(mode)  # fetched now, or one clear error: not after the images
+        fid_batch = whole("fid.batch_size", "32")
         reference = fid_reference(str(node.fid.reference), prompts, cache_dir)
-        fid = FIDSettings(
-            reference=reference,
-            mode=str(node.fid.mode),
-            extractor=extractor,
-            batch_size=int(node.fid.batch_size),
-            cache_dir=cache_dir,
-        )
+        fid = FIDSettings(reference, mode, extractor, fid_batch, cache_dir)
     text_image: list[TextImageMetric] = []
     if node.clip_score.enabled:
         model = tiny_clip if node.clip_score.model == TINY else str(node.clip_score.model)
-        text_image.append(
-            CLIPScore(model, device=device, batch_size=int(node.clip_score.batch_size))
-        )
+        try:
+            clip = CLIPScore(model, device=device, batch_size=whole("clip_score.batch_size", "32"))
+        except OSError as err:
+            raise ConfigError(
+                f"eval.clip_score.model={model!r} could not be loaded: "
+                f"{str(err).splitlines()[0]}; on a machine without network access download it "
+                "once (`hf download <id> --local-dir <folder>`) and set eval.clip_score.model="
+                "<folder>, or eval.clip_score.enabled=false"
+            ) from err
+        text_image.append(clip)
     if node.get("prompt_fidelity", {}).get("enabled", False):
         text_image.append(PromptFidelity(classifier(), device=device))
     if node.image_reward.enabled:
@@ -506,12 +570,12 @@ def build_eval(
     return EvalSettings(
         name=str(node.name),
         prompts=prompts,
-        seed=int(node.seed),
-        batch_size=int(node.batch_size),
+        seed=seed,
+        batch_size=batch_size,
         fid=fid,
         text_image=text_image,
-        efficiency_repeats=int(node.efficiency.repeats),
-        grid_size=int(node.grid_size),
+        efficiency_repeats=repeats,
+        grid_size=grid_size,
         evaluate_dense=bool(node.dense),
     )
 

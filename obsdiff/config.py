@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import hydra.utils
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from obsdiff.models.base import ModelAdapter
 
@@ -49,6 +50,13 @@ def instantiate(node: DictConfig, expected: type[T], group: str) -> T:
     except InstantiationException as err:
         cause = err.__cause__ or err
         raise ConfigError(f"config group {group!r} ({target}): {cause}") from err
+    except OmegaConfBaseException as err:  # e.g. a mandatory value left at ???
+        reason = str(err).splitlines()[0]
+        key = getattr(err, "full_key", None) or f"{group}.<key>"
+        raise ConfigError(
+            f"config group {group!r} ({target}): {reason}; set it on the command line: "
+            f"{key}=<value> (see conf/{group}/)"
+        ) from None
     if not isinstance(obj, expected):
         raise ConfigError(
             f"config group {group!r}: {target} built a {type(obj).__name__}, "

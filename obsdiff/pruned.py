@@ -53,6 +53,12 @@ def save_pruned(run_dir: Path, denoiser: nn.Module, manifest: dict[str, Any]) ->
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
+        config = Path(run_dir) / "config.yaml"
+        if config.is_file() and "\nsave: false" in "\n" + config.read_text():
+            raise FileNotFoundError(
+                f"{run_dir} was run with save=false: no pruned model was written there; prune "
+                "again with save=true to evaluate or load it"
+            )
         raise FileNotFoundError(
             f"{path} does not exist: {run_dir} is not the run directory of a finished prune"
         )

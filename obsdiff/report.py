@@ -3,10 +3,10 @@
 Reads every job directory of a multirun (`<sweep>/<n>/`; a sweep of sweeps or a single run
 directory works too) and its `results.json`, and writes `<sweep>/report/`:
 `results.csv` (one row per job plus one dense row per model), `results.md` (a table per model and
-granularity, the best method at each sparsity in bold, then the failed jobs), `plots/<metric>.png`
-(metric against sparsity, a line per method, dense dashed), `grid.png` (one prompt's image per
-method and sparsity) and `report.json`. A job without a readable, completed `results.json` is
-reported as failed, never dropped.
+granularity, the best method at each sparsity in bold, then the jobs that did not complete),
+`plots/<metric>.png` (metric against sparsity, a line per method, dense dashed), `grid.png` (one
+prompt's image per method and sparsity) and `report.json`. A job without a readable, completed
+`results.json` is listed as one that did not complete, with why, never dropped.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageOps
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
+INCOMPLETE = "Jobs that did not complete (failed, interrupted, killed or still running)"
 DENSE = "dense"
 HIGHER_IS_BETTER = {
     "clip_score": True,
@@ -403,14 +404,16 @@ def markdown_report(jobs: Sequence[JobResult], title: str) -> str:
     lines = [
         f"# {title}",
         "",
-        f"{len(jobs) - len(failed)} completed and {len(failed)} failed jobs. In **bold**: the best "
-        "method at each sparsity (the dense row is the reference).",
+        f"{len(jobs) - len(failed)} completed jobs and {len(failed)} that did not complete. In "
+        "**bold**: the best method at each sparsity (the dense row is the reference).",
     ]
     for (model, granularity), members in groups(jobs).items():
+        if not any(j.completed for j in members):
+            continue  # listed below, with why
         table = markdown_table(members, keys, refs.get(model))
         lines += ["", f"## {model} · {granularity}", "", table]
     if failed:
-        lines += ["", "## Failed jobs", "", failed_table(failed)]
+        lines += ["", f"## {INCOMPLETE}", "", failed_table(failed)]
     return "\n".join(lines) + "\n"
 
 
@@ -642,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out if args.out is not None else sweep_dir / "report"
     summary = write_report(jobs, sweep_dir, out_dir, args.prompt_id)
     log.info(
-        "%d completed and %d failed jobs; wrote %d files to %s",
+        "%d completed jobs and %d that did not complete; wrote %d files to %s",
         summary["completed"],
         summary["failed"],
         len(summary["files"]) + 1,

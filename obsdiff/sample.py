@@ -35,12 +35,16 @@ def sample(job: SampleJob, context: RunContext) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     def validate() -> tuple[SampleJob, torch.device]:
         model = instantiate_model(cfg.model)
-        prompts = [str(p) for p in cfg.prompts]
+        given = cfg.prompts
+        prompts = [str(given)] if isinstance(given, str) else [str(p) for p in given]
         if not prompts:
             raise ConfigError("prompts is empty; give at least one, e.g. 'prompts=[a red circle]'")
         model.denoiser_skeleton()  # the model's files are reachable (a clear error if not)
         job = SampleJob(
-            model, prompts, number(cfg, "seed", int, "0"), number(cfg, "batch_size", int, "4")
+            model,
+            prompts,
+            number(cfg, "seed", int, "0"),
+            number(cfg, "batch_size", int, "4", minimum=1),
         )
         return job, resolve_device(str(cfg.device))
 

@@ -34,6 +34,7 @@ from obsdiff.methods.base import GroupJob, LayerRecord, PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.models.base import ModelAdapter, linear_at
 from obsdiff.pruned import MANIFEST, save_pruned, save_tensors, write_json
+from obsdiff.pruning.obs_structured import structured_count
 from obsdiff.pruning.patterns import NM, Pattern
 from obsdiff.pruning.schedules import TimestepWeighting
 from obsdiff.pruning.statistics import PRODUCTS
@@ -45,7 +46,7 @@ from obsdiff.surgery import forward_flops, restore_shapes, shapes
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
-RUN_KEY_EXCLUDE = ("paths", "device", "runner", "tracking", "save", "keep_checkpoint")
+RUN_KEY_EXCLUDE = ("paths", "device", "runner", "tracking", "keep_checkpoint")
 
 
 class JobError(ValueError):
@@ -113,7 +114,7 @@ def plan_packages(
     if job.pattern is not None:
         _check_nm_columns(targets, job.pattern)
     else:
-        _check_structured(job.model, denoiser, units)
+        _check_structured(job.model, denoiser, units, job.sparsity)
     return packages, targets
 
 
@@ -150,13 +151,17 @@ def _check_nm_columns(targets: list[tuple[str, nn.Linear]], pattern: Pattern) ->
                 )
 
 
-def _check_structured(adapter: ModelAdapter, denoiser: nn.Module, units: list[UnitRef]) -> None:
-    """Every head group splits evenly into heads, every FFN into its recorded width."""
+def _check_structured(
+    adapter: ModelAdapter, denoiser: nn.Module, units: list[UnitRef], sparsity: float
+) -> None:
+    """Every head group splits evenly into heads, every FFN into its recorded width, and the
+    sparsity leaves at least one head and one neuron in each."""
     for block_name in dict.fromkeys(unit.block_name for unit in units):
         block = denoiser.get_submodule(block_name)
         heads, neurons = adapter.structured_groups(block)
         for group in heads:
             count = int(block.get_submodule(group.attention).heads)  # type: ignore[arg-type]
+            _check_keeps_one(sparsity, count, f"heads of {block_name}.{group.attention}")
             for name in group.producers:
                 width = linear_at(block, name).out_features
                 if width % count:
@@ -165,12 +170,24 @@ def _check_structured(adapter: ModelAdapter, denoiser: nn.Module, units: list[Un
                         f"{count} heads of {block_name}.{group.attention}"
                     )
         for neuron_group in neurons:
+            where = f"FFN neurons of {block_name}.{neuron_group.consumer[0]}"
+            _check_keeps_one(sparsity, neuron_group.width, where)
             for name, offset in neuron_group.producers:
                 if linear_at(block, name).out_features < offset + neuron_group.width:
                     raise JobError(
                         f"{block_name}.{name} has fewer outputs than the {neuron_group.width} "
                         "FFN neurons its down-projection reads"
                     )
+
+
+def _check_keeps_one(sparsity: float, units: int, what: str) -> None:
+    removed = structured_count(units, sparsity)
+    if removed >= units:
+        raise JobError(
+            f"sparsity={sparsity} would remove all {units} {what} (round({units} x {sparsity}) = "
+            f"{removed}); structured pruning keeps at least one: use a sparsity below "
+            f"{(units - 0.5) / units:.3f}"
+        )
 
 
 def _records_from_json(data: list[dict[str, Any]]) -> list[Any]:
@@ -199,7 +216,13 @@ def check_previous_run(run_dir: Path, run_key: str) -> None:
 
 
 class Checkpointer:
-    """After each package: the denoiser (weights and shapes) and the progress, in the run dir."""
+    """After each package: the denoiser (weights and shapes) and the progress, in the run dir.
+
+    `progress.json` is the commit point: the weights of package i go to a file of their own
+    (`denoiser-<i>.safetensors`), then progress.json names it (an atomic replace), then the
+    previous weights file goes. An interruption at any moment leaves a progress.json whose
+    weights file exists and matches its package count, so a resume never prunes a package
+    twice."""
 
     def __init__(self, run_dir: Path, run_key: str, denoiser: nn.Module, num_packages: int):
         self.dir = run_dir / CHECKPOINT_DIR
@@ -209,11 +232,13 @@ class Checkpointer:
 
     def save(self, index: int, report: LoopReport) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        save_tensors(self.dir / "denoiser.safetensors", self.denoiser.state_dict())
+        weights = f"denoiser-{index + 1}.safetensors"
+        save_tensors(self.dir / weights, self.denoiser.state_dict())
         write_json(
             self.dir / "progress.json",
             {
                 "run_key": self.run_key,
+                "weights": weights,
                 "packages_done": index + 1,
                 "calibration_seconds": report.calibration_seconds,
                 "solve_seconds": report.solve_seconds,
@@ -221,6 +246,9 @@ class Checkpointer:
                 "structure": shapes(self.denoiser),
             },
         )
+        for old in self.dir.glob("denoiser*.safetensors"):
+            if old.name != weights:
+                old.unlink()
 
     def restore(self) -> LoopReport:
         """Weights, shapes and records of the finished packages (nothing when starting fresh)."""
@@ -234,7 +262,8 @@ class Checkpointer:
                 f"{progress['run_key']} vs {self.run_key}); use a new run directory"
             )
         restore_shapes(self.denoiser, progress["structure"])
-        state = safetensors.torch.load_file(str(self.dir / "denoiser.safetensors"))
+        weights = progress.get("weights", "denoiser.safetensors")  # older checkpoints: one name
+        state = safetensors.torch.load_file(str(self.dir / weights))
         self.denoiser.load_state_dict(state, strict=True)
         log.info("resuming after package %d of %d", progress["packages_done"], self.num_packages)
         return LoopReport(

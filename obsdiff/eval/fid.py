@@ -11,13 +11,51 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from cleanfid import downloads_helper
 from cleanfid import fid as cleanfid
 from torch import nn
+
+
+FID_MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
+# Where clean-fid looks for its Inception weights (clean and legacy_tensorflow modes).
+INCEPTION_DIR = Path("./" if platform.system() == "Windows" else "/tmp")
+INCEPTION_FILE = "inception-2015-12-05.pt"
+
+
+def ensure_inception(mode: str) -> Path:
+    """The Inception weights of `mode`, downloaded now when missing (clean-fid would fetch them
+    only when the first features are computed, after every image is rendered), or one
+    FileNotFoundError saying where to put them. Written atomically (no half file is kept)."""
+    if mode == "legacy_pytorch":
+        from cleanfid.inception_pytorch import FID_WEIGHTS_URL
+
+        url = FID_WEIGHTS_URL
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    else:
+        url, path = downloads_helper.inception_url, INCEPTION_DIR / INCEPTION_FILE
+    if path.is_file():
+        return path
+    tmp = path.with_name(path.name + ".part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(tmp), progress=False)
+        tmp.replace(path)
+    except Exception as err:  # no network, refused, interrupted: nothing is left behind
+        tmp.unlink(missing_ok=True)
+        reason = f"{type(err).__name__}: {next(iter(str(err).splitlines()), '')}"
+        raise FileNotFoundError(
+            f"FID's Inception weights {str(path)!r} (eval.fid.mode={mode}) are missing and could "
+            f"not be downloaded ({reason}); "
+            f"on a machine without network access copy {Path(url).name} from {url} there, "
+            "or set eval.fid.enabled=false"
+        ) from None
+    return path
 
 
 class FID:
@@ -39,7 +77,7 @@ class FID:
                 "file of statistics (mu, sigma); set eval.fid.reference to one "
                 "(or eval.fid.enabled=false)"
             )
-        if mode not in ("clean", "legacy_pytorch", "legacy_tensorflow"):
+        if mode not in FID_MODES:
             raise ValueError(f"FID mode {mode!r}; use clean, legacy_pytorch or legacy_tensorflow")
         self.mode = mode
         self.device = torch.device(device)

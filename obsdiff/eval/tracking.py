@@ -21,7 +21,7 @@ def resolve_mode(mode: str) -> str:
     """`auto`: online when an API key is configured (WANDB_API_KEY or ~/.netrc), else offline;
     WANDB_MODE in the environment wins (the tests set it to disabled)."""
     if mode not in MODES:
-        raise ValueError(f"wandb mode {mode!r}; use one of {MODES}")
+        raise ValueError(f"tracking.mode={mode!r}; use one of {', '.join(MODES)}")
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     if mode != "auto":

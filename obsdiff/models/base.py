@@ -153,6 +153,23 @@ class SamplingDefaults:
 
     def __post_init__(self) -> None:
         problems = []
+        kinds = {
+            "num_inference_steps": int,
+            "height": int,
+            "width": int,
+            "guidance_scale": float,
+            "true_cfg_scale": float,
+            "max_sequence_length": int,
+        }
+        for key, kind in kinds.items():
+            value = getattr(self, key)
+            if value is None and key in ("true_cfg_scale", "max_sequence_length"):
+                continue
+            allowed, what = ((int,), "an integer") if kind is int else ((int, float), "a number")
+            if isinstance(value, bool) or not isinstance(value, allowed):
+                problems.append(f"model.sampling.{key}={value!r} is not {what}")
+        if problems:
+            raise ModelConfigError("invalid model.sampling: " + "; ".join(problems))
         if self.num_inference_steps < 1:
             problems.append(f"num_inference_steps={self.num_inference_steps} must be >= 1")
         if self.guidance_scale < 0:

@@ -150,6 +150,9 @@ def render_folder(folder: Path, captions: list[str], seed: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i, caption in enumerate(captions):
         target = folder / f"{i:07d}.png"
-        if not target.is_file():
-            render(parse_caption(caption), np.random.default_rng(seed + i)).save(target)
+        if not target.is_file():  # written atomically: an interrupted render leaves no half image
+            partial = target.with_name(target.name + ".part")
+            image = render(parse_caption(caption), np.random.default_rng(seed + i))
+            image.save(partial, format="PNG")
+            partial.replace(target)
     return folder

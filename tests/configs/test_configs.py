@@ -229,3 +229,33 @@ def test_eval_sets_compose_and_report_missing_data(option: str, tmp_path: Path) 
     assert cfg.eval.clip_score.model == "openai/clip-vit-base-patch16"  # the paper's ViT-B/16
     with pytest.raises(PromptFileError, match=str(tmp_path)):
         build_eval(cfg.eval)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["eval.fid.mode=bogus"], r"eval.fid.mode='bogus'; use one of clean"),
+        (["eval.seed=x"], r"eval.seed='x' is not an integer"),
+        (["eval.grid_size=x"], r"eval.grid_size='x' is not an integer"),
+        (["eval.efficiency.repeats=-1"], r"eval.efficiency.repeats=-1 must be >= 0"),
+        (["eval.prompts.num_prompts=abc"], r"eval.prompts.num_prompts='abc' is not an integer"),
+        (["eval.clip_score.model=/nonexistent/clip"], r"eval.clip_score.model='/nonexistent/clip'"),
+        # FID with Inception: the weights are fetched (here: refused, no network) before any work
+        (["eval.fid.extractor=inception", "eval.fid.reference=REFERENCE"], r"Inception weights"),
+    ],
+)
+def test_bad_eval_settings_name_their_key(
+    overrides: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import obsdiff.eval.fid
+    from obsdiff.app import build_eval
+
+    monkeypatch.setattr(obsdiff.eval.fid, "INCEPTION_DIR", tmp_path / "no-inception-here")
+    (tmp_path / "reference").mkdir()
+    overrides = [o.replace("REFERENCE", str(tmp_path / "reference")) for o in overrides]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("run", overrides=["eval=tiny", *overrides])
+    with pytest.raises((ConfigError, FileNotFoundError), match=message):
+        build_eval(cfg.eval)
+    assert not list((tmp_path / "no-inception-here").glob("*"))  # no half-downloaded file kept

@@ -179,7 +179,9 @@ def test_keep_checkpoint_keeps_it_and_every_app_names_its_directory(tmp_path: Pa
     run = tmp_path / "run"
     result = run_app("obsdiff.prune", *TINY, "keep_checkpoint=true", f"hydra.run.dir={run}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (run / "checkpoint" / "denoiser.safetensors").is_file()
+    assert [f.name for f in (run / "checkpoint").glob("*.safetensors")] == [
+        "denoiser-2.safetensors"
+    ]
     assert result.stdout.strip().splitlines()[-1].endswith(f"run directory: {run}")
     assert (run / "prune.log").read_text().count("run directory") == 1
     plain = tmp_path / "plain"
@@ -196,3 +198,58 @@ def test_logs_have_no_bar_flood_off_a_terminal(tmp_path: Path) -> None:
     lines = (result.stdout + result.stderr).splitlines()
     assert len(lines) <= 12, "\n".join(lines)
     assert sum("package " in line and "calibration" in line for line in lines) == 4
+
+
+CRASH_AT_30_PERCENT = textwrap.dedent(
+    """
+    import obsdiff.workflow
+
+    original = obsdiff.workflow.prune_pipeline
+
+    def crashing(job, *args, **kwargs):
+        if job.sparsity == 0.3:
+            raise RuntimeError("injected crash")  # a bug or an out-of-memory, not a setting
+        return original(job, *args, **kwargs)
+
+    obsdiff.workflow.prune_pipeline = crashing
+    """
+)
+
+
+def test_a_crashing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_python(
+        CRASH_AT_30_PERCENT, "obsdiff.prune", "-m", *TINY, "sparsity=0.3,0.5",
+        f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    crashed, done = load(sweep / "0" / "results.json"), load(sweep / "1" / "results.json")
+    assert crashed["status"] == "failed" and "injected crash" in crashed["error"]
+    assert done["status"] == "completed"
+    assert "1 job(s) of the sweep did not complete" in output
+    assert "RuntimeError: injected crash" in output  # the traceback, in the log
+
+
+def test_multi_process_runner_in_a_multirun_is_refused(tmp_path: Path) -> None:
+    result = run_app(
+        "obsdiff.prune", "-m", *TINY, "runner=ddp_cpu", "sparsity=0.3,0.5",
+        f"paths.output_root={tmp_path}",
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    (sweep,) = (tmp_path / "prune" / "multiruns").iterdir()  # no second sweep from a relaunch
+    for job in ("0", "1"):
+        record = load(sweep / job / "results.json")
+        assert record["status"] == "failed" and "inside a multirun" in record["error"]
+    assert LOADED not in output
+
+
+def test_sample_takes_one_prompt_as_text_and_refuses_batch_size_0(tmp_path: Path) -> None:
+    run = tmp_path / "one"
+    result = run_app("obsdiff.sample", "prompts=a red circle", f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [i["prompt"] for i in load(run / "samples.json")["images"]] == ["a red circle"]
+    bad = run_app("obsdiff.sample", "batch_size=0", f"paths.output_root={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and "batch_size=0 must be >= 1" in bad.stdout + bad.stderr
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())

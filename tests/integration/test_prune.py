@@ -254,6 +254,12 @@ def test_bad_settings_fail_before_loading(overrides, error, message, compose_pru
             ["method=wanda", "granularity=structured"],
             r"with method=wanda use granularity=unstructured or semi_2_4 or semi_4_8",
         ),
+        (["granularity=structured", "sparsity=0.9"], r"sparsity=0.9 would remove all \d+ heads"),
+        (["weighting=explicit"], r"config group 'weighting'.*weights"),
+        (
+            ["model.sampling.num_inference_steps=x"],
+            r"model.sampling.num_inference_steps='x' is not an integer",
+        ),
     ],
 )
 def test_every_setting_is_checked_before_any_weights_load(
@@ -378,4 +384,4 @@ def test_layouts_that_cannot_be_pruned_are_refused_before_calibration() -> None:
 
     units = list_units(adapter, denoiser, structured=True)
     with pytest.raises(JobError, match="not divisible into the 3 heads"):
-        _check_structured(adapter, denoiser, units)
+        _check_structured(adapter, denoiser, units, 0.25)

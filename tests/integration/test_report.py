@@ -149,7 +149,7 @@ def test_markdown_bold_and_failed(sweep: Path) -> None:
                     cell,
                 )
     assert "**" not in "".join(r["sharpness"] for r in rows)  # no known direction: no bold
-    failed = text.split("## Failed jobs", 1)[1]
+    failed = text.split("## Jobs that did not complete", 1)[1]
     assert "| 4 | tiny_sd3 | magnitude | 0.3 | RuntimeError('CUDA out of memory') |" in failed
     assert "| 5 | tiny_sd3 | magnitude | 0.5 | no results.json" in failed
 

@@ -22,7 +22,7 @@ def test_mode_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     assert resolve_mode("auto") == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert resolve_mode("auto") == "online"
-    with pytest.raises(ValueError, match="wandb mode"):
+    with pytest.raises(ValueError, match="tracking.mode="):
         resolve_mode("cloud")
 
 

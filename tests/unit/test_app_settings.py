@@ -37,7 +37,7 @@ def test_block_range_accepts_null_and_a_pair() -> None:
 
 
 def test_setting_differences_ignore_neutral_keys() -> None:
-    old = {"sparsity": 0.5, "eval": {"seed": 0}, "paths": {"output_root": "a"}, "save": True}
+    old = {"sparsity": 0.5, "eval": {"seed": 0}, "paths": {"output_root": "a"}, "device": "cpu"}
     new = {"sparsity": 0.5, "eval": {"seed": 5, "new": 1}, "paths": {"output_root": "b"}}
     assert setting_differences(old, new) == ["eval.new: (unset) -> 1", "eval.seed: 0 -> 5"]
     assert setting_differences(old, old) == []
