@@ -33,6 +33,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from obsdiff.calibration.prompts import BUNDLED_PROMPTS, PromptFileError, load_prompts
@@ -90,6 +91,7 @@ SETTING_ERRORS: tuple[type[Exception], ...] = (
     ImageRewardUnavailable,
     FileNotFoundError,
     ValueError,
+    OmegaConfBaseException,  # an interpolation that does not resolve, a missing ??? value
 )
 WORK_SETTING_ERRORS: tuple[type[Exception], ...] = (ModelLoadError, JobError, ConfigError)
 
