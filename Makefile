@@ -97,9 +97,10 @@ test-all: $(STAMP) ## run every tier, gpu included (gpu tests skip themselves wi
 test-gpu: $(STAMP) ## run only the gpu tier
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
-lint: $(STAMP) ## check style and lint (ruff), no changes made
+lint: $(STAMP) ## check style and lint (ruff) and the import layers (import-linter), no changes made
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 format: $(STAMP) ## fix style and lint where ruff can
 	$(VENV)/bin/ruff check --fix .

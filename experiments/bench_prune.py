@@ -40,8 +40,8 @@ from obsdiff.models import SD3Adapter
 from obsdiff.models.base import SamplingDefaults, set_eval_mode
 from obsdiff.models.tiny import char_clip_tokenizer, char_t5_tokenizer
 from obsdiff.pruning.schedules import TimestepWeighting
-from obsdiff.sampling import image_generators
 from obsdiff.utils.devices import resolve_device
+from obsdiff.utils.seeds import image_generators
 from obsdiff.workflow import PruneJob, run_prune
 
 

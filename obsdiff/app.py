@@ -50,13 +50,13 @@ from obsdiff.evaluation import EvalSettings, FIDSettings, TextImageMetric
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.models.base import ModelLoadError
-from obsdiff.pruned import write_json
 from obsdiff.pruning.schedules import TimestepWeighting
 from obsdiff.runners.fabric import RunnerSettings, launch
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.toy.classifier import AttributeClassifier, ClassifierFeatures, load_classifier
 from obsdiff.toy.data import render_folder
 from obsdiff.utils.devices import resolve_device
+from obsdiff.utils.io import write_json
 from obsdiff.utils.progress import quiet_library_bars
 from obsdiff.workflow import JobError, PruneJob, check_layout, remove_checkpoint
 

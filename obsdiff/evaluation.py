@@ -28,9 +28,9 @@ from obsdiff.eval.fid import FID
 from obsdiff.eval.generation import IMAGES, generate_images
 from obsdiff.eval.prompt_sets import EvalPrompts
 from obsdiff.models.base import ModelAdapter
-from obsdiff.pruned import write_json
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.images import make_grid
+from obsdiff.utils.io import write_json
 
 
 log = logging.getLogger(__name__)

@@ -10,39 +10,20 @@ and loads the pruned denoiser into it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
-import torch
 from diffusers import DiffusionPipeline
-from omegaconf import OmegaConf
 from torch import nn
 
-from obsdiff.config import instantiate_model
-from obsdiff.models.base import ModelAdapter
+from obsdiff.models.base import ModelAdapter, adapter_from_config
 from obsdiff.surgery import restore_shapes
+from obsdiff.utils.io import save_tensors, write_json
 
 
 MANIFEST = "manifest.json"
 WEIGHTS = "denoiser.safetensors"
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically (a crash never leaves half a file)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors file, written atomically, tensors moved to the CPU."""
-    tmp = path.with_suffix(".tmp")
-    safetensors.torch.save_file(
-        {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp)
-    )
-    os.replace(tmp, path)
 
 
 def save_pruned(run_dir: Path, denoiser: nn.Module, manifest: dict[str, Any]) -> None:
@@ -76,7 +57,7 @@ def load_pruned(
     model_config = dict(manifest["model_config"])
     if pretrained is not None:
         model_config["pretrained"] = pretrained
-    adapter = instantiate_model(OmegaConf.create(model_config))
+    adapter = adapter_from_config(model_config)
     pipe = adapter.load()
     denoiser = adapter.denoiser(pipe)
     if "structure" in manifest:  # structured: resize linears and head counts first

@@ -21,19 +21,10 @@ from PIL import Image
 from obsdiff.models.base import ModelAdapter
 from obsdiff.utils.images import make_grid
 from obsdiff.utils.progress import progress
+from obsdiff.utils.seeds import image_generators
 
 
 log = logging.getLogger(__name__)
-
-
-def generators_for(seed: int, ids: list[int]) -> list[torch.Generator]:
-    """One CPU generator per image: image `i` is seeded with `seed + i`."""
-    return [torch.Generator("cpu").manual_seed(seed + i) for i in ids]
-
-
-def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
-    """Generators of images start .. start + count - 1."""
-    return generators_for(seed, list(range(start, start + count)))
 
 
 def generate(

@@ -9,7 +9,6 @@ updates the `heads` counts, so the smaller model runs through the unchanged diff
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,39 +111,3 @@ def restore_shapes(denoiser: nn.Module, recorded: dict[str, Any]) -> None:
             replace_submodule(denoiser, name, shrunk_linear(linear, rows, columns))
     for name, heads in recorded["heads"].items():
         denoiser.get_submodule(name).heads = heads
-
-
-def forward_flops(denoiser: nn.Module, run_once: Callable[[], Any]) -> float:
-    """FLOPs (2 x multiply-adds) of the linear and convolution layers in the denoiser's first
-    forward during `run_once()`, per sample. Attention scores are not counted."""
-    total = [0.0]
-    state = {"calls": 0, "batch": 1}
-
-    def count(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-        if state["calls"] != 1:
-            return
-        if isinstance(module, nn.Linear):
-            total[0] += 2.0 * module.in_features * output.numel()
-        elif isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            total[0] += 2.0 * module.in_channels // module.groups * kh * kw * output.numel()
-
-    def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        state["calls"] += 1
-        if state["calls"] == 1:
-            first = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
-            state["batch"] = int(first.shape[0]) if first is not None else 1
-
-    handles = [denoiser.register_forward_pre_hook(enter, with_kwargs=True)]
-    handles += [
-        m.register_forward_hook(count)
-        for m in denoiser.modules()
-        if isinstance(m, nn.Linear | nn.Conv2d)
-    ]
-    try:
-        with torch.inference_mode():
-            run_once()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total[0] / state["batch"]

@@ -33,14 +33,16 @@ from obsdiff.calibration.sequential import (
 from obsdiff.methods.base import GroupJob, LayerRecord, PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.models.base import ModelAdapter, linear_at
-from obsdiff.pruned import MANIFEST, save_pruned, save_tensors, write_json
+from obsdiff.pruned import MANIFEST, save_pruned
 from obsdiff.pruning.obs_structured import structured_count
 from obsdiff.pruning.patterns import NM, Pattern
 from obsdiff.pruning.schedules import TimestepWeighting
 from obsdiff.pruning.statistics import PRODUCTS
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.structured import StructuredRecord, prune_structured_package
-from obsdiff.surgery import forward_flops, restore_shapes, shapes
+from obsdiff.surgery import restore_shapes, shapes
+from obsdiff.utils.flops import pipeline_flops
+from obsdiff.utils.io import save_tensors, write_json
 
 
 log = logging.getLogger(__name__)
@@ -274,21 +276,6 @@ class Checkpointer:
         )
 
 
-def _measure_flops(job: PruneJob, pipe: Any, denoiser: nn.Module) -> float:
-    """FLOPs of one denoiser forward (per sample) at the model's sampling resolution."""
-    kwargs = job.model.call_kwargs()
-    kwargs["num_inference_steps"] = 1
-    return forward_flops(
-        denoiser,
-        lambda: pipe(
-            prompt=["a photograph"],
-            generator=torch.Generator("cpu").manual_seed(0),
-            output_type="latent",
-            **kwargs,
-        ),
-    )
-
-
 def run_prune(job: PruneJob, run_dir: Path, parallel: DataParallel | None = None) -> dict[str, Any]:
     """Prune `job.model`, write the run directory, return the results (also in results.json).
 
@@ -325,7 +312,7 @@ def prune_pipeline(
     structured = job.granularity.kind == "structured"
     packages, targets = plan_packages(job, denoiser)
     params_before = sum(p.numel() for p in denoiser.parameters())
-    flops_before = _measure_flops(job, pipe, denoiser)
+    flops_before = pipeline_flops(pipe, denoiser, job.model.call_kwargs())
     step_weights = job.weighting.weights(job.model.sampling.num_inference_steps)
 
     checkpointer = Checkpointer(run_dir, job.run_key, denoiser, len(packages))
@@ -377,7 +364,7 @@ def prune_pipeline(
         "params_before": params_before,
         "params_after": params_after,
         "tflops_before": flops_before / 1e12,
-        "tflops_after": _measure_flops(job, pipe, denoiser) / 1e12,
+        "tflops_after": pipeline_flops(pipe, denoiser, job.model.call_kwargs()) / 1e12,
         "calibration_seconds": round(report.calibration_seconds, 4),
         "solve_seconds": round(report.solve_seconds, 4),
         "wall_seconds": round(time.perf_counter() - started, 4),

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from obsdiff.models.base import CFG_DOUBLED_BATCH, CFG_NONE, CFG_SEPARATE_CALLS
 from obsdiff.pruning.statistics import InputStatistics
 
 
@@ -49,7 +50,7 @@ class StatisticsHooks:
     groups: list[tuple[nn.Linear, InputStatistics]]
     weights: torch.Tensor  # alpha_t per step, float64 (T,)
     tracker: StepTracker
-    cfg_mode: str = "none"
+    cfg_mode: str = CFG_NONE
     include_uncond: bool = True
     handles: list[RemovableHandle] = field(default_factory=list)
 
@@ -57,9 +58,9 @@ class StatisticsHooks:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             if not self.include_uncond:
-                if self.cfg_mode == "doubled_batch":
+                if self.cfg_mode == CFG_DOUBLED_BATCH:
                     x = x[x.shape[0] // 2 :]  # [uncond, cond]: keep the conditional half
-                elif self.cfg_mode == "separate_calls" and self.tracker.call_in_step > 1:
+                elif self.cfg_mode == CFG_SEPARATE_CALLS and self.tracker.call_in_step > 1:
                     return  # the second call of a step is the unconditional one
             step = min(self.tracker.step, len(self.weights) - 1)
             stats.update(x.detach(), float(self.weights[step]))

@@ -24,8 +24,8 @@ from obsdiff.methods.base import GroupJob, PruningMethod
 from obsdiff.models.base import ModelAdapter, linear_at
 from obsdiff.pruning.statistics import InputStatistics
 from obsdiff.runners.parallel import DataParallel
-from obsdiff.sampling import image_generators
 from obsdiff.utils.progress import progress
+from obsdiff.utils.seeds import image_generators
 
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,14 @@ class LoopReport:
 
 
 def package_jobs(
-    denoiser: nn.Module, package: list[UnitRef], method: PruningMethod, product: str = "float32"
+    denoiser: nn.Module,
+    package: list[UnitRef],
+    method: PruningMethod,
+    product: str = "float32",
+    adapter: ModelAdapter | None = None,
 ) -> list[GroupJob]:
-    """One job per input group of the package, with fresh statistics if the method needs them."""
+    """One job per input group of the package, with fresh statistics if the method needs them
+    and, with `adapter`, which of its linears belong to a feed-forward network."""
     jobs = []
     for unit in package:
         for group in unit.groups:
@@ -70,7 +75,8 @@ def package_jobs(
                     device=modules[0].weight.device,
                     product=product,
                 )
-            jobs.append(GroupJob(names, modules, stats))
+            ffn = [adapter.is_ffn(name) for name in names] if adapter is not None else []
+            jobs.append(GroupJob(names, modules, stats, ffn))
     return jobs
 
 
@@ -134,7 +140,7 @@ def calibrate_and_prune(
             peak / 2**20,
         )
     for index in progress(range(start_package, len(packages)), "packages", "package"):
-        jobs = package_jobs(denoiser, packages[index], method, settings.hessian_precision)
+        jobs = package_jobs(denoiser, packages[index], method, settings.hessian_precision, adapter)
         started = time.perf_counter()
         if method.needs_calibration:
             hooks = StatisticsHooks(

@@ -13,7 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from obsdiff.models.base import ModelAdapter
-from obsdiff.surgery import forward_flops
+from obsdiff.utils.flops import pipeline_flops
 
 
 def _elapsed(run: Any, device: torch.device) -> float:
@@ -51,12 +51,7 @@ def measure_efficiency(
             **kwargs,
         )
 
-    one_step = {**kwargs, "num_inference_steps": 1}
-    flops = forward_flops(
-        denoiser,
-        lambda: pipe(prompt=["a photograph"], generator=torch.Generator("cpu").manual_seed(0),
-                     output_type="latent", **one_step),
-    )  # fmt: skip
+    flops = pipeline_flops(pipe, denoiser, kwargs)
     pipe.set_progress_bar_config(disable=True)
     with torch.inference_mode():
         for _ in range(warmup):

@@ -17,10 +17,10 @@ from diffusers import DiffusionPipeline
 
 from obsdiff.eval.prompt_sets import EvalPrompts
 from obsdiff.models.base import ModelAdapter
-from obsdiff.pruned import write_json
 from obsdiff.runners.parallel import DataParallel
-from obsdiff.sampling import generators_for
+from obsdiff.utils.io import write_json
 from obsdiff.utils.progress import progress
+from obsdiff.utils.seeds import generators_for
 
 
 IMAGES = "images"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +21,10 @@ class GroupJob:
     names: list[str]
     modules: list[nn.Linear]
     stats: InputStatistics | None
+    ffn: list[bool] = field(default_factory=list)  # per linear: part of a feed-forward network
+
+    def is_ffn(self, index: int) -> bool:
+        return bool(self.ffn) and self.ffn[index]
 
 
 @dataclass

@@ -9,12 +9,6 @@ from obsdiff.pruning.dsnot import INITIAL_METHODS, REFERENCE_TOKENS, dsnot_prune
 from obsdiff.pruning.patterns import Pattern
 
 
-def is_mlp(name: str) -> bool:
-    """FFN linears of every family (in Flux single blocks: proj_mlp and proj_out)."""
-    parts = name.split(".")
-    return "ff" in parts or "ff_context" in parts or parts[-1] in ("proj_mlp", "proj_out")
-
-
 @dataclass
 class DSnoT(PruningMethod):
     """`skip_mlp=True` is the official default (`--skip_layer mlp`): FFN layers keep their
@@ -43,8 +37,8 @@ class DSnoT(PruningMethod):
         records = []
         for group in groups:
             assert group.stats is not None
-            for name, module in zip(group.names, group.modules, strict=True):
-                cycles = 0 if self.skip_mlp and is_mlp(name) else self.max_cycles
+            for index, (name, module) in enumerate(zip(group.names, group.modules, strict=True)):
+                cycles = 0 if self.skip_mlp and group.is_ffn(index) else self.max_cycles
                 weight, mask = dsnot_prune(
                     module.weight.data,
                     group.stats,

@@ -36,7 +36,12 @@ DTYPES: dict[str, torch.dtype] = {
 
 InputGroup = tuple[str, ...]  # linears of one block (relative names) that read one input tensor
 Unit = tuple[InputGroup, ...]  # a basic unit: groups whose inputs do not depend on each other
-CFG_MODES = ("none", "doubled_batch", "separate_calls")
+# How classifier-free guidance reaches the denoiser (`ModelAdapter.cfg_mode`).
+CFG_NONE, CFG_DOUBLED_BATCH, CFG_SEPARATE_CALLS = CFG_MODES = (
+    "none",
+    "doubled_batch",
+    "separate_calls",
+)
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,7 @@ class ModelAdapter(ABC):
     pipeline_classes: ClassVar[tuple[str, ...]]  # accepted diffusers pipeline class names
     denoiser_attr: ClassVar[str]  # "transformer" or "unet"
     tiny_variants: ClassVar[tuple[str, ...]]  # recipes of `obsdiff.models.tiny`
+    ffn_modules: ClassVar[tuple[str, ...]] = ("ff", "ff_context")  # names of FFN submodules
 
     def __init__(
         self,
@@ -439,9 +445,14 @@ class ModelAdapter(ABC):
         """How the unconditional branch reaches the denoiser: `doubled_batch` ([uncond, cond] in
         one call, SD3 and SDXL), `separate_calls` (cond call, then uncond call: Flux true CFG)
         or `none`."""
-        return "doubled_batch" if self.uses_cfg(sampling) else "none"
+        return CFG_DOUBLED_BATCH if self.uses_cfg(sampling) else CFG_NONE
 
     # ---------------------------------------------------------------- structure
+    def is_ffn(self, name: str) -> bool:
+        """Whether the linear at qualified `name` belongs to a feed-forward network (what
+        DSnoT's official `--skip_layer mlp` skips)."""
+        return any(part in self.ffn_modules for part in name.split("."))
+
     @abstractmethod
     def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
         """The denoiser's transformer blocks in forward order, with their qualified names."""
@@ -500,3 +511,23 @@ class ModelAdapter(ABC):
     def __repr__(self) -> str:
         source = f"tiny={self.tiny!r}" if self.tiny else f"pretrained={self.pretrained!r}"
         return f"{type(self).__name__}(name={self.name!r}, {source}, dtype={self.dtype!r})"
+
+
+def adapter_from_config(config: dict[str, Any]) -> ModelAdapter:
+    """The adapter of a plain model config (a manifest's `model_config`, `conf/model/<name>.yaml`
+    resolved): `_target_` names an obsdiff adapter class, the other keys are its arguments.
+    The library's way back from a saved run to its model, without Hydra."""
+    target = config.get("_target_")
+    module_name, _, class_name = str(target).rpartition(".")
+    if not module_name.startswith("obsdiff.models"):
+        raise ModelConfigError(
+            f"model config: `_target_` must name an obsdiff adapter; got {target!r}"
+        )
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
+        raise ModelConfigError(f"model config: {target!r} is not a model adapter class")
+    arguments = {k: v for k, v in config.items() if k != "_target_"}
+    try:
+        return cls(**arguments)
+    except TypeError as err:
+        raise ModelConfigError(f"model config ({target}): {err}") from err

@@ -16,6 +16,8 @@ from torch import nn
 
 from obsdiff.models import tiny
 from obsdiff.models.base import (
+    CFG_NONE,
+    CFG_SEPARATE_CALLS,
     HeadGroup,
     InputGroup,
     ModelAdapter,
@@ -50,6 +52,8 @@ class FluxAdapter(ModelAdapter):
     family = "flux"
     pipeline_classes = ("FluxPipeline",)
     denoiser_attr = "transformer"
+    # single blocks: proj_mlp is the MLP's up-projection, proj_out reads [attention, MLP]
+    ffn_modules = ("ff", "ff_context", "proj_mlp", "proj_out")
     tiny_variants = ("dev", "schnell")
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
@@ -83,7 +87,7 @@ class FluxAdapter(ModelAdapter):
         return heads, neurons
 
     def cfg_mode(self, sampling: SamplingDefaults | None = None) -> str:
-        return "separate_calls" if self.uses_cfg(sampling) else "none"
+        return CFG_SEPARATE_CALLS if self.uses_cfg(sampling) else CFG_NONE
 
     def encode_prompts(
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device

@@ -8,7 +8,7 @@ import torch
 from obsdiff.calibration.hooks import StatisticsHooks, StepTracker, count_hooks
 from obsdiff.models import FluxAdapter, ModelAdapter, SD3Adapter, SDXLAdapter
 from obsdiff.pruning import InputStatistics, log_decrease
-from obsdiff.sampling import image_generators
+from obsdiff.utils.seeds import image_generators
 
 
 pytestmark = pytest.mark.integration

@@ -138,3 +138,30 @@ def test_make_grid_tiles_row_by_row() -> None:
     assert grid.getpixel((12, 10)) == (255, 255, 255)  # empty cell
     with pytest.raises(ValueError):
         make_grid([])
+
+
+@pytest.mark.parametrize(
+    ("adapter", "name", "ffn"),
+    [
+        (SD3Adapter(name="s", tiny="sd3"), "transformer_blocks.0.ff.net.0.proj", True),
+        (SD3Adapter(name="s", tiny="sd3"), "transformer_blocks.0.ff_context.net.2", True),
+        (SD3Adapter(name="s", tiny="sd3"), "transformer_blocks.0.attn.to_out.0", False),
+        (FluxAdapter(name="f", tiny="dev"), "single_transformer_blocks.0.proj_mlp", True),
+        (FluxAdapter(name="f", tiny="dev"), "single_transformer_blocks.0.proj_out", True),
+        (FluxAdapter(name="f", tiny="dev"), "single_transformer_blocks.0.attn.to_q", False),
+        (FluxAdapter(name="f", tiny="dev"), "transformer_blocks.1.ff.net.2", True),
+        (
+            SDXLAdapter(name="x", tiny="sdxl"),
+            "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2",
+            True,
+        ),
+        (
+            SDXLAdapter(name="x", tiny="sdxl"),
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+            False,
+        ),
+    ],
+)
+def test_the_adapter_names_its_feed_forward_linears(adapter, name: str, ffn: bool) -> None:  # type: ignore[no-untyped-def]
+    """What DSnoT's skip_mlp skips: the family's FFN linears, named by the adapter."""
+    assert adapter.is_ffn(name) is ffn
