@@ -17,6 +17,7 @@ import safetensors.torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
+from obsdiff.models import adapter_for
 from obsdiff.models.base import ModelAdapter, adapter_from_config
 from obsdiff.surgery import restore_shapes
 from obsdiff.utils.io import save_tensors, write_json
@@ -47,17 +48,30 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
 
 
 def load_pruned(
-    run_dir: str | Path, pretrained: str | None = None
+    run_dir: str | Path,
+    pretrained: str | None = None,
+    pipeline: DiffusionPipeline | None = None,
 ) -> tuple[DiffusionPipeline, ModelAdapter, dict[str, Any]]:
     """(pipeline with the pruned denoiser, its model adapter, the manifest), on the CPU.
 
-    `pretrained` points at another copy of the base model (e.g. a local path on this machine).
+    `pretrained` points at another copy of the base model (e.g. a local path on this machine);
+    `pipeline` is the base pipeline itself, in memory (needed for a run of `obsdiff.prune`
+    on a pipeline in memory, whose manifest names no source): its denoiser is replaced.
     """
     manifest = read_manifest(run_dir)
     model_config = dict(manifest["model_config"])
-    if pretrained is not None:
-        model_config["pretrained"] = pretrained
-    adapter = adapter_from_config(model_config)
+    if pipeline is not None:
+        name = str(model_config.get("name", "in_memory"))
+        adapter = adapter_for(pipeline, model_config.get("sampling"), name)
+    elif "_target_" not in model_config:
+        raise ValueError(
+            f"{run_dir} pruned a pipeline in memory (obsdiff.prune): its manifest names no model "
+            "to load; pass the base pipeline: load_pruned(run_dir, pipeline=<it>)"
+        )
+    else:
+        if pretrained is not None:
+            model_config["pretrained"] = pretrained
+        adapter = adapter_from_config(model_config)
     pipe = adapter.load()
     denoiser = adapter.denoiser(pipe)
     if "structure" in manifest:  # structured: resize linears and head counts first

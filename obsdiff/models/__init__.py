@@ -1,5 +1,7 @@
 """Model adapters, one module per architecture family; the tiny offline zoo is in `tiny`."""
 
+from typing import Any
+
 from obsdiff.models.base import (
     ModelAdapter,
     ModelConfigError,
@@ -11,7 +13,28 @@ from obsdiff.models.sd3 import SD3Adapter
 from obsdiff.models.sdxl import SDXLAdapter
 
 
+ADAPTERS: tuple[type[ModelAdapter], ...] = (SD3Adapter, FluxAdapter, SDXLAdapter)
+
+
+def adapter_for(
+    pipe: Any,
+    sampling: dict[str, Any] | SamplingDefaults | None = None,
+    name: str = "in_memory",
+) -> ModelAdapter:
+    """The adapter of `pipe`'s family (recognised from its class), holding `pipe` itself;
+    `sampling` as a model config's (steps, guidance, resolution)."""
+    for cls in ADAPTERS:
+        if type(pipe).__name__ in cls.pipeline_classes:
+            return cls(name=name, pipeline=pipe, sampling=sampling)
+    supported = [c for cls in ADAPTERS for c in cls.pipeline_classes]
+    raise ModelConfigError(
+        f"a {type(pipe).__name__} cannot be pruned by obsdiff; it supports {', '.join(supported)}"
+    )
+
+
 __all__ = [
+    "ADAPTERS",
+    "adapter_for",
     "FluxAdapter",
     "ModelAdapter",
     "ModelConfigError",

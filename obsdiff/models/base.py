@@ -238,13 +238,19 @@ class ModelAdapter(ABC):
         seed: int = 0,
         sampling: dict[str, Any] | SamplingDefaults | None = None,
         load_kwargs: dict[str, Any] | None = None,
+        pipeline: DiffusionPipeline | None = None,
     ) -> None:
-        if (pretrained is None) == (tiny is None):
+        """`pipeline`: a pipeline already in memory (the Python API), instead of a source."""
+        if [pretrained, tiny, pipeline].count(None) != 2:
             raise ModelConfigError(
                 f"model {name!r}: set exactly one of `pretrained` (a hub id or local path) "
-                f"and `tiny` (one of {list(self.tiny_variants)}); got pretrained={pretrained!r}, "
-                f"tiny={tiny!r}"
+                f"and `tiny` (one of {list(self.tiny_variants)}), or from Python `pipeline`; got "
+                f"pretrained={pretrained!r}, tiny={tiny!r}"
             )
+        if pipeline is not None:
+            self._check_pipeline_class(pipeline, "the pipeline given", name)
+            first = next(getattr(pipeline, self.denoiser_attr).parameters())
+            dtype = next((k for k, v in DTYPES.items() if v == first.dtype), dtype)
         if dtype not in DTYPES:
             raise ModelConfigError(
                 f"model {name!r}: dtype={dtype!r} is not supported; use one of {list(DTYPES)}"
@@ -276,6 +282,7 @@ class ModelAdapter(ABC):
             else SamplingDefaults(**(sampling or {}))
         )
         self.load_kwargs = dict(load_kwargs or {})
+        self.pipeline = pipeline
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -291,6 +298,7 @@ class ModelAdapter(ABC):
             "variant": self.variant,
             "dtype": self.dtype,
             "tiny": self.tiny,
+            "in_memory": self.pipeline is not None,
             "seed": self.seed if self.tiny else None,
             "sampling": asdict(self.sampling),
         }
@@ -314,7 +322,12 @@ class ModelAdapter(ABC):
         """The pipeline on the CPU in `self.dtype`, every component in eval mode. Weights read
         from files are copied into memory of their own (`obsdiff.utils.memory`), so a pipeline
         saved and loaded back computes bit for bit what the saved one does, on any CPU."""
-        if self.tiny is not None:
+        if self.pipeline is not None:  # the caller's pipeline itself (pruned in place)
+            pipe = self.pipeline
+            for component in pipe.components.values():
+                if isinstance(component, nn.Module):
+                    own_memory(component)  # as a loaded one: the same results on any CPU
+        elif self.tiny is not None:
             pipe = self.build_tiny(self.tiny, self.seed)
             if self.torch_dtype != torch.float32:
                 pipe = pipe.to(self.torch_dtype)
@@ -329,6 +342,8 @@ class ModelAdapter(ABC):
         local directory, or two small files from the hub or its cache), or the tiny recipe's
         denoiser (built in code, under a second). A pipeline of another family, or a hub id
         that cannot be reached and is not cached, fails here with `ModelLoadError`."""
+        if self.pipeline is not None:
+            return self.denoiser(self.pipeline)
         if self.tiny is not None:
             return self.denoiser(self.build_tiny(self.tiny, self.seed))
         assert self.pretrained is not None
@@ -405,13 +420,15 @@ class ModelAdapter(ABC):
             f"conf/model/{self.name}.yaml."
         )
 
-    def _check_pipeline_class(self, pipe: DiffusionPipeline, source: str) -> None:
+    def _check_pipeline_class(
+        self, pipe: DiffusionPipeline, source: str, name: str | None = None
+    ) -> None:
         cls_name = type(pipe).__name__
         if cls_name not in self.pipeline_classes:
             raise ModelLoadError(
-                f"model {self.name!r}: {source!r} holds a {cls_name}, but the {self.family} "
-                f"adapter expects one of {list(self.pipeline_classes)}; pick the model config "
-                "of the right family (see conf/model/)"
+                f"model {name or self.name!r}: {source!r} holds a {cls_name}, but the "
+                f"{self.family} adapter expects one of {list(self.pipeline_classes)}; pick the "
+                "model config of the right family (see conf/model/)"
             )
 
     @abstractmethod
@@ -510,6 +527,7 @@ class ModelAdapter(ABC):
 
     def __repr__(self) -> str:
         source = f"tiny={self.tiny!r}" if self.tiny else f"pretrained={self.pretrained!r}"
+        source = "in memory" if self.pipeline is not None else source
         return f"{type(self).__name__}(name={self.name!r}, {source}, dtype={self.dtype!r})"
 
 
