@@ -55,7 +55,7 @@ def load_pruned(
     """(pipeline with the pruned denoiser, its model adapter, the manifest), on the CPU.
 
     `pretrained` points at another copy of the base model (e.g. a local path on this machine);
-    `pipeline` is the base pipeline itself, in memory (needed for a run of `obsdiff.prune`
+    `pipeline` is the base pipeline itself, in memory (needed for a run of `obsdiff.api.prune`
     on a pipeline in memory, whose manifest names no source): its denoiser is replaced.
     """
     manifest = read_manifest(run_dir)
@@ -65,8 +65,8 @@ def load_pruned(
         adapter = adapter_for(pipeline, model_config.get("sampling"), name)
     elif "_target_" not in model_config:
         raise ValueError(
-            f"{run_dir} pruned a pipeline in memory (obsdiff.prune): its manifest names no model "
-            "to load; pass the base pipeline: load_pruned(run_dir, pipeline=<it>)"
+            f"{run_dir} pruned a pipeline in memory (obsdiff.api.prune): its manifest names no "
+            "model to load; pass the base pipeline: load_pruned(run_dir, pipeline=<it>)"
         )
     else:
         if pretrained is not None:
