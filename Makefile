@@ -127,7 +127,7 @@ bench-prune: $(STAMP) ## calibration hook overhead, then a full-size random SD3-
 	$(PY) experiments/bench_prune.py sd3-medium
 
 clean: ## remove caches and build artefacts (keeps .venv and outputs/)
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .grimp_cache .import_linter_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 clean-outputs: ## remove every run under outputs/ (keeps its README)

@@ -19,7 +19,6 @@ import functools
 import json
 import logging
 import math
-import os
 import shlex
 import shutil
 import sys
@@ -42,7 +41,6 @@ from obsdiff.config import ConfigError, instantiate, instantiate_model, to_plain
 from obsdiff.eval.clip_score import CLIPScore
 from obsdiff.eval.fid import FID_MODES, ensure_inception
 from obsdiff.eval.image_reward import ImageReward, ImageRewardUnavailable
-from obsdiff.eval.prompt_fidelity import PromptFidelity
 from obsdiff.eval.prompt_sets import EvalPrompts, coco_captions, prompt_file
 from obsdiff.eval.tiny_backbones import RandomFeatures, tiny_clip
 from obsdiff.eval.tracking import WandbLogger, resolve_mode
@@ -55,8 +53,9 @@ from obsdiff.runners.fabric import RunnerSettings, launch
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.toy.classifier import AttributeClassifier, ClassifierFeatures, load_classifier
 from obsdiff.toy.data import render_folder
+from obsdiff.toy.prompt_fidelity import PromptFidelity
 from obsdiff.utils.devices import resolve_device
-from obsdiff.utils.io import write_json
+from obsdiff.utils.io import write_json, write_text
 from obsdiff.utils.progress import quiet_library_bars
 from obsdiff.workflow import JobError, PruneJob, check_layout, remove_checkpoint
 
@@ -290,10 +289,10 @@ def prepare_run_dir(out: Path, cfg: DictConfig, names: dict[str, Any]) -> loggin
     hydra_cfg = HydraConfig.get()
     hydra_dir = out / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(out / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
-    _write_text(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-    _write_text(hydra_dir / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
-    _write_text(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
+    write_text(out / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text(hydra_dir / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
+    write_text(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
     handler = logging.FileHandler(out / f"{hydra_cfg.job.name}.log")
     console = next(iter(logging.getLogger().handlers), None)
     if console is not None and console.formatter is not None:
@@ -309,12 +308,6 @@ def mark(out: Path, status: str, names: dict[str, Any], error: str | None = None
     if error is not None:
         record["error"] = error
     write_json(out / RESULTS, record)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------- the shell
@@ -428,7 +421,7 @@ def _refuse(err: Exception, out: Path, names: dict[str, Any], fresh: bool) -> No
     if isinstance(err, RunDirectoryError):  # its directory must not change: note it beside
         refused = Path(HydraConfig.get().sweep.dir) / REFUSED
         refused.mkdir(parents=True, exist_ok=True)
-        _write_text(refused / f"{out.name}.txt", f"{out}: refused: {err}\n")
+        write_text(refused / f"{out.name}.txt", f"{out}: refused: {err}\n")
     else:
         mark(out, "failed", names, str(err))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import yaml
 from diffusers import DiffusionPipeline
 from torch import nn
 
@@ -36,7 +37,7 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
         config = Path(run_dir) / "config.yaml"
-        if config.is_file() and "\nsave: false" in "\n" + config.read_text():
+        if config.is_file() and (yaml.safe_load(config.read_text()) or {}).get("save") is False:
             raise FileNotFoundError(
                 f"{run_dir} was run with save=false: no pruned model was written there; prune "
                 "again with save=true to evaluate or load it"

@@ -35,7 +35,6 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from obsdiff.eval.prompt_fidelity import PromptFidelity
 from obsdiff.toy.data import (
     ATTRIBUTES,
     HELD_OUT_FRACTION,
@@ -45,6 +44,7 @@ from obsdiff.toy.data import (
     split_scenes,
 )
 from obsdiff.toy.pipeline import PIPELINE_DIR, build_pipeline
+from obsdiff.toy.prompt_fidelity import PromptFidelity
 from obsdiff.utils.images import make_grid
 
 

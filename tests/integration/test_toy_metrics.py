@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from obsdiff.eval.fid import FID
-from obsdiff.eval.prompt_fidelity import PromptFidelity
 from obsdiff.toy.classifier import AttributeClassifier, ClassifierFeatures, load_classifier
 from obsdiff.toy.data import (
     ATTRIBUTES,
@@ -22,6 +21,7 @@ from obsdiff.toy.data import (
     render_folder,
     sample_batch,
 )
+from obsdiff.toy.prompt_fidelity import PromptFidelity
 from obsdiff.toy.train_classifier import train
 
 

@@ -14,10 +14,10 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from hydra import compose, initialize_config_dir
 
 from obsdiff.config import CONF_DIR, instantiate_model
-from obsdiff.eval.prompt_fidelity import PromptFidelity
 from obsdiff.sampling import generate
 from obsdiff.toy.data import split_scenes
 from obsdiff.toy.pipeline import PIPELINE_DIR
+from obsdiff.toy.prompt_fidelity import PromptFidelity
 from obsdiff.toy.train import main as train_main
 
 
