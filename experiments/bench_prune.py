@@ -33,16 +33,19 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, 
 
 from obsdiff.calibration.hooks import StatisticsHooks, StepTracker
 from obsdiff.calibration.packages import list_units, split_packages
-from obsdiff.calibration.prompts import BUNDLED_PROMPTS, load_prompts
-from obsdiff.calibration.sequential import CalibrationSettings, embed_batches, package_jobs
+from obsdiff.calibration.sequential import CalibrationSettings, build_package, embed_batches
 from obsdiff.methods import Granularity, ObsDiff
 from obsdiff.models import SD3Adapter
-from obsdiff.models.base import SamplingDefaults, set_eval_mode
+from obsdiff.models.loading import set_eval_mode
+from obsdiff.models.sampling import SamplingDefaults
 from obsdiff.models.tiny import char_clip_tokenizer, char_t5_tokenizer
+from obsdiff.oneshot.job import PruneJob
+from obsdiff.oneshot.run import prune_pipeline
+from obsdiff.prompts.files import BUNDLED_PROMPTS, load_prompts
+from obsdiff.pruning.patterns import Unstructured
 from obsdiff.pruning.schedules import TimestepWeighting
 from obsdiff.utils.devices import resolve_device
 from obsdiff.utils.seeds import image_generators
-from obsdiff.workflow import PruneJob, run_prune
 
 
 log = logging.getLogger("bench_prune")
@@ -85,8 +88,11 @@ def overhead(repeats: int) -> None:
                 start = time.perf_counter()
                 calls()
                 plain.append(time.perf_counter() - start)
-                jobs = package_jobs(denoiser, package, method)
-                groups = [(j.modules[0], j.stats) for j in jobs if j.stats is not None]
+                groups = [
+                    (g.modules[0], g.stats)
+                    for g in build_package(denoiser, package, method, Unstructured(0.5)).groups
+                    if g.stats is not None
+                ]
                 hooks = StatisticsHooks(denoiser, groups, weights, tracker, "doubled_batch")
                 with hooks.attached():
                     start = time.perf_counter()
@@ -96,7 +102,7 @@ def overhead(repeats: int) -> None:
             worst = max(worst, ratio)
             log.info(
                 "package %d (%2d input groups): %.3f s without hooks, %.3f s with: %.2fx",
-                index + 1, len(jobs), min(plain), min(hooked), ratio,
+                index + 1, len(groups), min(plain), min(hooked), ratio,
             )  # fmt: skip
     log.info("worst overhead: %.2fx (target <= 1.5)", worst)
 
@@ -182,7 +188,7 @@ def sd3_medium(args: argparse.Namespace) -> None:
             model=model,
             model_config={},
             method=ObsDiff(),
-            granularity=Granularity("unstructured", "unstructured"),
+            granularity=Granularity.from_name("unstructured"),
             sparsity=0.5,
             weighting=TimestepWeighting("log_decrease"),
             packages=args.packages,
@@ -191,20 +197,20 @@ def sd3_medium(args: argparse.Namespace) -> None:
                 batch_size=args.batch_size, hessian_precision=args.precision
             ),
             device=device,
-            config={"bench": vars(args)},
             save=False,
         )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        results = run_prune(job, Path(tmp) / "run")
+        results = prune_pipeline(job, Path(tmp) / "run").result
+        assert results is not None
     setting = (args.prompts, args.steps, args.resolution, args.batch_size, args.packages)
     log.info("SD3-Medium (random): %d prompts x %d steps at %d px, batch %d, %d packages", *setting)
     log.info("dtype %s, Hessian products %s, device %s", args.dtype, args.precision, device)
-    seconds = (results["calibration_seconds"], results["solve_seconds"], results["wall_seconds"])
+    seconds = (results.calibration_seconds, results.solve_seconds, results.wall_seconds)
     log.info("calibration %.1f s; solving %.1f s; wall %.1f s", *seconds)
     memory = "GPU" if device.type == "cuda" else "process RSS"
-    log.info("peak memory %.2f GB (%s)", results["peak_memory_bytes"] / 1e9, memory)
-    log.info("achieved sparsity %.4f", results["achieved_sparsity"])
+    log.info("peak memory %.2f GB (%s)", results.peak_memory_bytes / 1e9, memory)
+    log.info("achieved sparsity %.4f", results.achieved_sparsity)
     log.info("paper (RTX 4090, 100 prompts, 25 steps, 512 px, 4 packages): 14.95 min, 24 GB")
 
 

@@ -1,12 +1,15 @@
 """obsdiff: one-shot, training-free OBS pruning of text-to-image diffusion models (OBS-Diff).
 
-    from obsdiff.api import prune
-    results = prune(pipe, method="obsdiff", sparsity=0.5, prompts=prompts)
-    pipe, adapter, manifest = obsdiff.load_pruned("outputs/prune/runs/<time>")
+    import obsdiff
+    pruned = obsdiff.prune(pipe, method="obsdiff", sparsity=0.5, prompts=prompts)
+    obsdiff.save_pruned(pruned, "my_run")
+    pruned = obsdiff.load_pruned("my_run")
+    scores = obsdiff.evaluate(pruned, prompts=eval_prompts, out_dir="my_eval")
 
-The Python API lives in `obsdiff.api`: `obsdiff.prune` is the prune app's module
-(`python -m obsdiff.prune`), so a function of that name here would be shadowed as soon as the
-module is imported. `load_pruned` is imported on first use, so that `import obsdiff` stays light.
+The functions live in `obsdiff.api` and are imported on first use, so that `import obsdiff`
+stays light. `obsdiff.prune` and `obsdiff.evaluate` are also the apps' modules
+(`python -m obsdiff.prune`); once such a module is imported it stands in the package under the
+function's name, and calling it calls the function (`obsdiff.app.entry.callable_module`).
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 
-__all__ = ["load_pruned"]
+__all__ = ["evaluate", "load_pruned", "prune", "save_pruned"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "load_pruned":
-        from obsdiff.pruned import load_pruned
+    if name in __all__:
+        from obsdiff import api
 
-        return load_pruned
+        return getattr(api, name)
     raise AttributeError(f"module 'obsdiff' has no attribute {name!r}")

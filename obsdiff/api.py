@@ -1,45 +1,66 @@
-"""The Python API: prune a diffusers pipeline already in memory, as the prune app does.
+"""The Python API: prune, save, load and evaluate diffusers pipelines already in memory.
 
-    from obsdiff.api import prune
-    results = prune(pipe, method="obsdiff", granularity="unstructured", sparsity=0.5,
-                    prompts=prompts, packages=4, weighting="log_decrease")
+    import obsdiff
+    pruned = obsdiff.prune(pipe, method="obsdiff", granularity="unstructured", sparsity=0.5,
+                           prompts=prompts, packages=4, weighting="log_decrease")
+    obsdiff.save_pruned(pruned, "my_run")
+    pruned = obsdiff.load_pruned("my_run")
+    scores = obsdiff.evaluate(pruned, prompts=eval_prompts, metrics=["clip_score"], out_dir="ev")
 
 The pipeline's family is recognised from its class; methods, granularities and weighting
 schemes go by the names of their config options (or are given as the objects the configs
-build), with the options' defaults. The pipeline is pruned in place (its weights are first
-copied into memory of their own, `obsdiff.utils.memory`, so the results are the same on any
-CPU) and `prune_pipeline`, the function the prune app runs, does the work.
+build), with the options' defaults. The work is done by the functions the apps run
+(`obsdiff.oneshot.run.prune_pipeline`, `obsdiff.eval.harness.evaluate_pipeline`), on the same
+typed objects, so the two paths give the same results.
 """
 
 from __future__ import annotations
 
+import functools
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from diffusers import DiffusionPipeline
+from torch import nn
 
-from obsdiff.calibration.prompts import PromptSet, prompts_record
+from obsdiff.artifacts.pruned import PrunedModel, load_pruned, save_pruned
 from obsdiff.calibration.sequential import CalibrationSettings
-from obsdiff.methods import L1, DSnoT, Granularity, Magnitude, ObsDiff, PruningMethod, Wanda
-from obsdiff.methods.dense import Dense
+from obsdiff.eval.clip_score import CLIPScore
+from obsdiff.eval.fid import FID_MODES, ensure_inception
+from obsdiff.eval.harness import (
+    DENSE_REFERENCE,
+    EvalSettings,
+    Evaluation,
+    FIDSettings,
+    TextImageMetric,
+    evaluate_pipeline,
+)
+from obsdiff.eval.image_reward import ImageReward
+from obsdiff.eval.tiny_backbones import RandomFeatures, tiny_clip
+from obsdiff.methods import METHODS, Granularity, PruningMethod
 from obsdiff.models import adapter_for
-from obsdiff.models.base import SamplingDefaults
+from obsdiff.models.sampling import SamplingDefaults
+from obsdiff.oneshot.job import PruneJob, check_layout
+from obsdiff.oneshot.run import prune_pipeline
+from obsdiff.prompts.eval_sets import EvalPrompts
+from obsdiff.prompts.files import PromptSet
 from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.toy.classifier import AttributeClassifier, ClassifierFeatures, load_classifier
+from obsdiff.toy.data import render_folder
+from obsdiff.toy.prompt_fidelity import PromptFidelity
 from obsdiff.utils.devices import resolve_device
-from obsdiff.workflow import PruneJob, check_layout, prune_pipeline
 
 
-METHODS: dict[str, type[PruningMethod]] = {
-    cls.name: cls for cls in (ObsDiff, Wanda, DSnoT, Magnitude, L1, Dense)
-}
-# as conf/granularity/*.yaml
-GRANULARITIES = {
-    "unstructured": Granularity("unstructured", "unstructured"),
-    "semi_2_4": Granularity("semi_2_4", "nm", 2, 4),
-    "semi_4_8": Granularity("semi_4_8", "nm", 4, 8),
-    "structured": Granularity("structured", "structured"),
-}
+__all__ = ["evaluate", "evaluation_settings", "load_pruned", "prune", "save_pruned"]
+
+METRICS = ("fid", "clip_score", "prompt_fidelity", "image_reward")
+FID_EXTRACTORS = ("inception", "tiny", "toy_classifier")
+TINY = "tiny"
+TOY_DATASET = "toy_dataset"
+TOY_REFERENCE_SEED = 100_000  # the toy FID reference images: seeds unlike any generation's
+TOY_REFERENCE_REPEATS = 2  # reference images per evaluation prompt (less noise on that side)
 
 
 def prune(
@@ -48,7 +69,7 @@ def prune(
     granularity: str | Granularity = "unstructured",
     sparsity: float = 0.5,
     *,
-    prompts: list[str],
+    prompts: Sequence[str],
     packages: int = 4,
     weighting: str | TimestepWeighting = "log_decrease",
     sampling: dict[str, Any] | SamplingDefaults | None = None,
@@ -60,12 +81,12 @@ def prune(
     device: str = "auto",
     run_dir: str | Path | None = None,
     **method_options: Any,
-) -> dict[str, Any]:
-    """Prune `pipe` in place; returns the results the prune app records (achieved sparsity,
-    parameters, TFLOPs, seconds). `method_options` set the method's parameters (e.g.
-    `compensate=False`); `run_dir` also writes the pruned denoiser and its manifest there, as
-    the app does (and keeps a resumable checkpoint while it works). Every setting is checked
-    before the first calibration pass."""
+) -> PrunedModel:
+    """Prune `pipe` in place; returns it with its manifest and figures (`.result`: achieved
+    sparsity, parameters, TFLOPs, seconds). `method_options` set the method's parameters (e.g.
+    `compensate=False`); `run_dir` keeps a resumable checkpoint while it works and writes the
+    pruned model there, as the prune app does (else `save_pruned` writes it later). Every
+    setting is checked before the first calibration pass."""
     if not prompts:
         raise ValueError("prompts is empty: give the calibration prompts (a list of strings)")
     adapter = adapter_for(pipe, sampling)
@@ -74,23 +95,9 @@ def prune(
             raise ValueError(f"method={method!r}; use one of {', '.join(METHODS)}")
         method = METHODS[method](**method_options)  # type: ignore[call-arg]
     if isinstance(granularity, str):
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity={granularity!r}; use one of {', '.join(GRANULARITIES)}")
-        granularity = GRANULARITIES[granularity]
+        granularity = Granularity.from_name(granularity)
     if isinstance(weighting, str):
         weighting = TimestepWeighting(weighting)
-    record = prompts_record(list(prompts), "python", "")
-    settings = {
-        "method": method.describe(),
-        "granularity": granularity.name,
-        "sparsity": sparsity,
-        "weighting": weighting.describe(adapter.sampling.num_inference_steps),
-        "packages": packages,
-        "prompts_sha256": record["prompts_sha256"],
-        "calibration": [batch_size, seed, include_uncond, hessian_precision],
-        "blocks": blocks,
-        "sampling": adapter.describe()["sampling"],
-    }
     job = PruneJob(
         model=adapter,
         model_config=adapter.describe(),
@@ -102,12 +109,145 @@ def prune(
         prompts=PromptSet(list(prompts), "python", "", "given", None),
         calibration=CalibrationSettings(batch_size, seed, include_uncond, hessian_precision),
         device=resolve_device(device),
-        config=settings,
         blocks=blocks,
         save=run_dir is not None,
     )
     check_layout(job)
     if run_dir is not None:
-        return prune_pipeline(job, Path(run_dir))[1]
+        return prune_pipeline(job, Path(run_dir))
     with tempfile.TemporaryDirectory(prefix="obsdiff-") as scratch:  # its checkpoint, then gone
-        return prune_pipeline(job, Path(scratch))[1]
+        return prune_pipeline(job, Path(scratch))
+
+
+def evaluate(
+    pipe: DiffusionPipeline | PrunedModel,
+    prompts: Sequence[str] | EvalPrompts,
+    *,
+    out_dir: str | Path,
+    metrics: Sequence[str] = ("clip_score",),
+    sampling: dict[str, Any] | SamplingDefaults | None = None,
+    device: str = "auto",
+    **options: Any,
+) -> Evaluation:
+    """Generate one image per prompt into `out_dir/images` (image i from the noise of seed + i)
+    and score them; returns the evaluation (also in `out_dir/metrics.json`). A `PrunedModel`
+    brings its own sampling settings; `options` are those of `evaluation_settings` (seed,
+    batch_size, fid_reference, clip_model, efficiency_repeats, ...)."""
+    if isinstance(pipe, PrunedModel):
+        pipeline, adapter = pipe.pipeline, pipe.adapter
+    else:
+        pipeline, adapter = pipe, adapter_for(pipe, sampling)
+    target = resolve_device(device)
+    settings = evaluation_settings(prompts, metrics=metrics, device=str(target), **options)
+    return evaluate_pipeline(pipeline.to(target), adapter, settings, Path(out_dir))
+
+
+def evaluation_settings(
+    prompts: Sequence[str] | EvalPrompts,
+    *,
+    metrics: Sequence[str] = ("clip_score",),
+    name: str = "python",
+    seed: int = 0,
+    batch_size: int = 4,
+    fid_reference: str | Path | None = None,
+    fid_mode: str = "clean",
+    fid_extractor: str = "inception",
+    fid_batch_size: int = 32,
+    clip_model: str = "openai/clip-vit-base-patch16",  # as conf/eval/coco2014_5k.yaml
+    clip_batch_size: int = 32,
+    image_reward_model: str = "ImageReward-v1.0",
+    image_reward_python: str | None = None,
+    image_reward_download_root: str | None = None,
+    efficiency_repeats: int = 0,
+    grid_size: int = 8,
+    evaluate_dense: bool = False,
+    device: str = "cpu",
+    cache_dir: str | Path = "outputs/dense",
+) -> EvalSettings:
+    """Evaluation settings from typed values, every metric built and checked here, before any
+    image is generated (the eval app builds its settings with this function).
+
+    `metrics`: any of fid, clip_score, prompt_fidelity (the toy's), image_reward. FID needs
+    `fid_reference`: a folder of images, an `.npz` of statistics, `dense` (the dense model's
+    images, in the run app) or `toy_dataset` (fresh toy images of the prompts, rendered once
+    under `cache_dir`); `fid_extractor`: inception, tiny (random features) or toy_classifier.
+    `clip_model` `tiny` is the offline tiny CLIP."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"metrics={list(metrics)}: {unknown} unknown; use any of {METRICS}")
+    if not isinstance(prompts, EvalPrompts):
+        if not prompts:
+            raise ValueError("prompts is empty: give the evaluation prompts (a list of strings)")
+        prompts = EvalPrompts(list(range(len(prompts))), list(prompts), "python", "")
+    cache = Path(cache_dir)
+    classifier = functools.cache(load_classifier)  # the toy metrics share one classifier
+    fid = None
+    if "fid" in metrics:
+        if fid_reference is None:
+            raise ValueError(
+                "fid needs a reference (eval.fid.reference): a folder of images, an .npz of "
+                f"statistics, {DENSE_REFERENCE} or {TOY_DATASET}"
+            )
+        if fid_mode not in FID_MODES:
+            raise ValueError(f"eval.fid.mode={fid_mode!r}; use one of {', '.join(FID_MODES)}")
+        extractor = _fid_extractor(fid_extractor, classifier)
+        if extractor is None:
+            ensure_inception(fid_mode)  # fetched now, or one clear error: not after the images
+        reference = str(fid_reference)
+        if reference == TOY_DATASET:
+            reference = _toy_reference(prompts, cache)
+        fid = FIDSettings(reference, fid_mode, extractor, fid_batch_size, cache)
+    text_image: list[TextImageMetric] = []
+    if "clip_score" in metrics:
+        model = tiny_clip if clip_model == TINY else clip_model
+        try:
+            text_image.append(CLIPScore(model, device=device, batch_size=clip_batch_size))
+        except OSError as err:
+            raise ValueError(
+                f"eval.clip_score.model={clip_model!r} could not be loaded: "
+                f"{str(err).splitlines()[0]}; on a machine without network access download it "
+                "once (`hf download <id> --local-dir <folder>`) and set eval.clip_score.model="
+                "<folder> (Python: clip_model=<folder>), or leave clip_score out"
+            ) from err
+    if "prompt_fidelity" in metrics:
+        text_image.append(PromptFidelity(classifier(), device=device))
+    if "image_reward" in metrics:
+        text_image.append(
+            ImageReward(
+                model=image_reward_model,
+                python=image_reward_python,
+                device=device,
+                download_root=image_reward_download_root,
+            )
+        )
+    return EvalSettings(
+        name=name,
+        prompts=prompts,
+        seed=seed,
+        batch_size=batch_size,
+        fid=fid,
+        text_image=text_image,
+        efficiency_repeats=efficiency_repeats,
+        grid_size=grid_size,
+        evaluate_dense=evaluate_dense,
+    )
+
+
+def _fid_extractor(name: str, classifier: Any) -> nn.Module | None:
+    """`inception` (clean-fid's, None), `tiny` (random features) or `toy_classifier`."""
+    if name == "inception":
+        return None
+    if name == TINY:
+        return RandomFeatures()
+    if name == "toy_classifier":
+        model: AttributeClassifier = classifier()
+        return ClassifierFeatures(model)
+    raise ValueError(f"eval.fid.extractor={name!r}; use one of {', '.join(FID_EXTRACTORS)}")
+
+
+def _toy_reference(prompts: EvalPrompts, cache_dir: Path) -> str:
+    """Fresh toy-dataset images of the evaluation prompts, rendered once."""
+    key = prompts.describe()["prompts_sha256"][:16]
+    folder = cache_dir / f"toy-reference-{key}-x{TOY_REFERENCE_REPEATS}"
+    captions = prompts.prompts * TOY_REFERENCE_REPEATS
+    return str(render_folder(folder, captions, seed=TOY_REFERENCE_SEED))

@@ -1,25 +1,29 @@
 """`python -m obsdiff.prune`: prune a diffusion model with OBS-Diff or a baseline (conf/prune.yaml).
 
-Every setting is validated before the model is loaded (`obsdiff.app.execute`); the run directory
-receives the pruned denoiser (safetensors), `manifest.json`, `results.json` and `config.yaml`.
+Every setting is validated before the model is loaded (`obsdiff.app.shell.execute`); the run
+directory receives the pruned denoiser (safetensors), `manifest.json`, `results.json` and
+`config.yaml`.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from obsdiff.app import RunContext, build_prune_job, execute
-from obsdiff.config import CONF_DIR
-from obsdiff.workflow import PruneJob, prune_pipeline
+from obsdiff import api
+from obsdiff.app.config import CONF_DIR
+from obsdiff.app.entry import callable_module
+from obsdiff.app.settings import build_prune_job
+from obsdiff.app.shell import RunContext, execute
+from obsdiff.artifacts.record import RunRecord
+from obsdiff.oneshot.job import PruneJob
+from obsdiff.oneshot.run import prune_pipeline
 
 
-def prune(job: PruneJob, context: RunContext) -> dict[str, Any]:
+def prune(job: PruneJob, context: RunContext) -> RunRecord:
     job.device = context.device
-    return prune_pipeline(job, context.out, context.parallel)[1]
+    return RunRecord("completed", prune=prune_pipeline(job, context.out, context.parallel).result)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="prune", version_base="1.3")
@@ -28,9 +32,11 @@ def main(cfg: DictConfig) -> float | None:
         job = build_prune_job(cfg)
         return job, job.device
 
-    results = execute(cfg, validate, prune)
-    return None if results is None else float(results["achieved_sparsity"])
+    record = execute(cfg, validate, prune)
+    return None if record is None or record.prune is None else record.prune.achieved_sparsity
 
+
+callable_module(__name__, api.prune)  # `obsdiff.prune(...)` is the Python API's
 
 if __name__ == "__main__":
     main()

@@ -5,40 +5,42 @@ The target of sweeps: `python -m obsdiff.run -m method=obsdiff,wanda sparsity=0.
 the pruned model's images and metrics under `eval/`, and `results.json` with the prune results,
 an `eval` section (pruned) and a `dense` section (the dense model, cached under
 `paths.dense_cache` and shared by every run of the same model and prompt set). Failures follow
-`obsdiff.app.execute`: a bad setting is refused before any work, a failed job of a sweep is
+`obsdiff.app.shell.execute`: a bad setting is refused before any work, a failed job of a sweep is
 recorded in its results.json and the other jobs go on.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from obsdiff.app import RunContext, build_eval, build_prune_job, execute
-from obsdiff.config import CONF_DIR
-from obsdiff.evaluation import EvalSettings, evaluate_dense, evaluate_pipeline
-from obsdiff.workflow import PruneJob, prune_pipeline
+from obsdiff.app.config import CONF_DIR
+from obsdiff.app.settings import build_eval, build_prune_job
+from obsdiff.app.shell import RunContext, execute
+from obsdiff.artifacts.record import RunRecord
+from obsdiff.eval.harness import EvalSettings, evaluate_dense, evaluate_pipeline
+from obsdiff.oneshot.job import PruneJob
+from obsdiff.oneshot.run import prune_pipeline
 
 
 def prune_and_evaluate(
     job: PruneJob, settings: EvalSettings, dense_cache: Path, context: RunContext
-) -> dict[str, Any]:
+) -> RunRecord:
     job.device = context.device
     dense = None
     if settings.evaluate_dense:
         dense = evaluate_dense(
             job.model, job.model_config, settings, dense_cache, job.device, context.parallel
         )
-    pipe, pruned = prune_pipeline(job, context.out, context.parallel)
-    dense_images = None if dense is None else Path(dense["images_dir"])
-    metrics = evaluate_pipeline(
-        pipe, job.model, settings, context.out / "eval", context.parallel, dense_images
+    pruned = prune_pipeline(job, context.out, context.parallel)
+    dense_images = None if dense is None else Path(dense.images_dir)
+    evaluation = evaluate_pipeline(
+        pruned.pipeline, job.model, settings, context.out / "eval", context.parallel, dense_images
     )
-    return {**pruned, "eval": metrics, "dense": dense}
+    return RunRecord("completed", prune=pruned.result, eval=evaluation, dense=dense)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="run", version_base="1.3")
@@ -51,11 +53,11 @@ def main(cfg: DictConfig) -> float | None:
         settings.prompts.check_disjoint(job.prompts.prompts)
         return (job, settings), job.device
 
-    def work(built: tuple[PruneJob, EvalSettings], context: RunContext) -> dict[str, Any]:
+    def work(built: tuple[PruneJob, EvalSettings], context: RunContext) -> RunRecord:
         return prune_and_evaluate(*built, dense_cache, context)
 
-    results = execute(cfg, validate, work)
-    return None if results is None else float(results["achieved_sparsity"])
+    record = execute(cfg, validate, work)
+    return None if record is None or record.prune is None else record.prune.achieved_sparsity
 
 
 if __name__ == "__main__":

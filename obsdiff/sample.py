@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from obsdiff.app import RunContext, execute, number
-from obsdiff.config import CONF_DIR, ConfigError, instantiate_model
+from obsdiff.app.config import CONF_DIR, ConfigError, instantiate_model
+from obsdiff.app.settings import number
+from obsdiff.app.shell import RunContext, execute
+from obsdiff.artifacts.record import RunRecord
+from obsdiff.eval.generation import sample_to_dir
 from obsdiff.models.base import ModelAdapter
-from obsdiff.sampling import sample_to_dir
 from obsdiff.utils.devices import resolve_device
 
 
@@ -24,11 +25,11 @@ class SampleJob:
     batch_size: int
 
 
-def sample(job: SampleJob, context: RunContext) -> dict[str, Any]:
-    record = sample_to_dir(
+def sample(job: SampleJob, context: RunContext) -> RunRecord:
+    samples = sample_to_dir(
         job.model, job.prompts, job.seed, job.batch_size, context.device, context.out
     )
-    return {"images": len(record.images), "samples": "samples.json"}
+    return RunRecord("completed", images=len(samples.images))
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="sample", version_base="1.3")

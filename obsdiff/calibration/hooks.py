@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from obsdiff.models.base import CFG_DOUBLED_BATCH, CFG_NONE, CFG_SEPARATE_CALLS
+from obsdiff.models.sampling import CFG_DOUBLED_BATCH, CFG_NONE, CFG_SEPARATE_CALLS
 from obsdiff.pruning.statistics import InputStatistics
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from obsdiff.models.base import ModelAdapter, Unit
+from obsdiff.models.base import ModelAdapter
+from obsdiff.models.structure import Unit
 
 
 @dataclass(frozen=True)

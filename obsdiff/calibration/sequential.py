@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -20,8 +19,17 @@ from torch import nn
 
 from obsdiff.calibration.hooks import StatisticsHooks, StepTracker
 from obsdiff.calibration.packages import UnitRef
-from obsdiff.methods.base import GroupJob, PruningMethod
-from obsdiff.models.base import ModelAdapter, linear_at
+from obsdiff.methods.base import PruningMethod
+from obsdiff.methods.package import (
+    InputGroup,
+    Package,
+    PruneRecord,
+    Structured,
+    StructuredBlock,
+    Target,
+)
+from obsdiff.models.base import ModelAdapter
+from obsdiff.models.structure import linear_at
 from obsdiff.pruning.statistics import InputStatistics
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.progress import progress
@@ -41,28 +49,27 @@ class CalibrationSettings:
     hessian_precision: str = "float32"  # X^T X products: float32 | tf32 | bfloat16
 
 
-PackagePruner = Callable[[int, list[GroupJob]], list[Any]]
-
-
 @dataclass
 class LoopReport:
-    records: list[Any] = field(default_factory=list)  # what the package pruner reported
+    records: list[PruneRecord] = field(default_factory=list)  # what the method reported
     calibration_seconds: float = 0.0
     solve_seconds: float = 0.0
     packages_done: int = 0
 
 
-def package_jobs(
+def build_package(
     denoiser: nn.Module,
-    package: list[UnitRef],
+    units: list[UnitRef],
     method: PruningMethod,
-    product: str = "float32",
+    target: Target,
+    hessian_precision: str = "float32",
     adapter: ModelAdapter | None = None,
-) -> list[GroupJob]:
-    """One job per input group of the package, with fresh statistics if the method needs them
-    and, with `adapter`, which of its linears belong to a feed-forward network."""
-    jobs = []
-    for unit in package:
+) -> Package:
+    """One input group per input the package's linears read, with fresh statistics if the
+    method needs them and, with `adapter`, which linears belong to a feed-forward network; for a
+    `Structured` target (which needs `adapter`) also the head and neuron groups it holds."""
+    groups = []
+    for unit in units:
         for group in unit.groups:
             names = [f"{unit.block_name}.{name}" for name in group]
             modules = [linear_at(denoiser, name) for name in names]
@@ -73,11 +80,36 @@ def package_jobs(
                     hessian=method.needs_hessian,
                     moments=method.needs_moments,
                     device=modules[0].weight.device,
-                    product=product,
+                    hessian_precision=hessian_precision,
                 )
             ffn = [adapter.is_ffn(name) for name in names] if adapter is not None else []
-            jobs.append(GroupJob(names, modules, stats, ffn))
-    return jobs
+            groups.append(InputGroup(names, modules, stats, ffn))
+    blocks = []
+    if isinstance(target, Structured):
+        assert adapter is not None, "structured packages need the model adapter"
+        blocks = structured_blocks(adapter, denoiser, units)
+    return Package(groups, blocks)
+
+
+def structured_blocks(
+    adapter: ModelAdapter, denoiser: nn.Module, units: list[UnitRef]
+) -> list[StructuredBlock]:
+    """Per block of the package: the head groups all of whose consumers, and the neuron groups
+    whose down-projection, the package holds."""
+    held = {name for unit in units for name in unit.module_names}
+    blocks = []
+    for block_name in dict.fromkeys(unit.block_name for unit in units):
+        block = denoiser.get_submodule(block_name)
+        heads, neurons = adapter.structured_groups(block)
+        blocks.append(
+            StructuredBlock(
+                block_name,
+                block,
+                [g for g in heads if all(f"{block_name}.{n}" in held for n, _ in g.consumers)],
+                [g for g in neurons if f"{block_name}.{g.consumer[0]}" in held],
+            )
+        )
+    return blocks
 
 
 def statistics_bytes(denoiser: nn.Module, package: list[UnitRef], method: PruningMethod) -> int:
@@ -111,7 +143,7 @@ def calibrate_and_prune(
     pipe: DiffusionPipeline,
     adapter: ModelAdapter,
     method: PruningMethod,
-    prune_package: PackagePruner,
+    target: Target,
     packages: list[list[UnitRef]],
     step_weights: torch.Tensor,
     embeddings: list[dict[str, torch.Tensor]],
@@ -121,8 +153,8 @@ def calibrate_and_prune(
     parallel: DataParallel | None = None,
     first_prompt: int = 0,
 ) -> LoopReport:
-    """Run the loop from package `start_package` on. `prune_package(index, jobs)` prunes one
-    calibrated package and returns its records; `on_package_done(index, report)` follows it.
+    """Run the loop from package `start_package` on: calibrate each package, then
+    `method.prune_package(package, target)`; `on_package_done(index, report)` follows it.
 
     Data-parallel: `embeddings` hold this rank's prompts, the first of which is prompt number
     `first_prompt` of the whole set (its noise seed); the statistics are summed over the ranks
@@ -140,12 +172,14 @@ def calibrate_and_prune(
             peak / 2**20,
         )
     for index in progress(range(start_package, len(packages)), "packages", "package"):
-        jobs = package_jobs(denoiser, packages[index], method, settings.hessian_precision, adapter)
+        package = build_package(
+            denoiser, packages[index], method, target, settings.hessian_precision, adapter
+        )
         started = time.perf_counter()
         if method.needs_calibration:
             hooks = StatisticsHooks(
                 denoiser,
-                [(job.modules[0], job.stats) for job in jobs if job.stats is not None],
+                [(g.modules[0], g.stats) for g in package.groups if g.stats is not None],
                 step_weights,
                 tracker,
                 cfg_mode=cfg_mode,
@@ -160,10 +194,11 @@ def calibrate_and_prune(
                     generators = image_generators(settings.seed, offset, count)
                     adapter.calibration_call(pipe, batch, generators, tracker.on_step_end)
                     offset += count
-            parallel.all_reduce_(t for job in jobs if job.stats for t in job.stats.state_tensors())
+            states = (t for g in package.groups if g.stats for t in g.stats.state_tensors())
+            parallel.all_reduce_(states)
         calibrated = time.perf_counter()
         with torch.no_grad():
-            report.records.extend(prune_package(index, jobs))
+            report.records.extend(method.prune_package(package, target))
         solved = time.perf_counter()
         report.calibration_seconds += calibrated - started
         report.solve_seconds += solved - calibrated
@@ -172,11 +207,11 @@ def calibrate_and_prune(
             "package %d/%d: %d layers, calibration %.1f s, solve %.1f s",
             index + 1,
             len(packages),
-            sum(len(job.modules) for job in jobs),
+            sum(len(g.modules) for g in package.groups),
             calibrated - started,
             solved - calibrated,
         )
-        del jobs
+        del package
         if on_package_done is not None:
             on_package_done(index, report)
     return report

@@ -7,6 +7,7 @@ the model's own sampling settings, so dense and pruned models are compared at th
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,6 +15,19 @@ from diffusers import DiffusionPipeline
 
 from obsdiff.models.base import ModelAdapter
 from obsdiff.utils.flops import pipeline_flops
+
+
+@dataclass
+class Efficiency:
+    """One pipeline's size, compute and latency at its own sampling settings."""
+
+    params: int
+    tflops_per_forward: float  # per sample
+    seconds_per_image: float  # median of the timed one-image generations
+    seconds_per_forward: float
+    forwards_per_image: float
+    num_inference_steps: int
+    latency_device: str
 
 
 def _elapsed(run: Any, device: torch.device) -> float:
@@ -31,7 +45,7 @@ def _elapsed(run: Any, device: torch.device) -> float:
 
 def measure_efficiency(
     pipe: DiffusionPipeline, model: ModelAdapter, repeats: int = 3, warmup: int = 1
-) -> dict[str, Any]:
+) -> Efficiency:
     """Parameters, TFLOPs per denoiser forward (per sample), seconds per forward and per image
     (median of `repeats` one-image generations at the model's settings)."""
     denoiser = model.denoiser(pipe)
@@ -63,12 +77,12 @@ def measure_efficiency(
             handle.remove()
     per_image = times[len(times) // 2]
     calls_per_image = forwards["count"] / repeats
-    return {
-        "params": sum(p.numel() for p in denoiser.parameters()),
-        "tflops_per_forward": flops / 1e12,
-        "seconds_per_image": per_image,
-        "seconds_per_forward": per_image / calls_per_image,
-        "forwards_per_image": calls_per_image,
-        "num_inference_steps": steps,
-        "latency_device": str(device),
-    }
+    return Efficiency(
+        params=sum(p.numel() for p in denoiser.parameters()),
+        tflops_per_forward=flops / 1e12,
+        seconds_per_image=per_image,
+        seconds_per_forward=per_image / calls_per_image,
+        forwards_per_image=calls_per_image,
+        num_inference_steps=steps,
+        latency_device=str(device),
+    )

@@ -1,34 +1,87 @@
-"""The generation runner: one PNG per evaluation prompt, sharded over ranks, resumable.
+"""The one generation loop: image i of a prompt list from the noise of seed + i.
 
-Image of prompt id i uses the noise of seed + i (a CPU generator), so every method and every
-device sees the same noise for the same prompt. Each rank renders its exact share of the ids
-(no duplicates, no padding); existing images are skipped, so an interrupted run continues.
-`manifest.json` lists (id, prompt, seed, file) for the whole set.
+Every image gets a CPU generator seeded with `seed + id` whatever the batch size or device, so
+two models generated with the same seed and prompts compare image for image. `generate` returns
+the images (or latents) of a prompt list; `generate_images` renders an evaluation set into
+`<out_dir>/images/` (sharded over ranks, resumable: images already there are skipped) with an
+`images.json`; `sample_to_dir` is the sample app's job (PNGs, grid, `samples.json`).
 """
 
 from __future__ import annotations
 
-import os
+import logging
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from PIL import Image
 
-from obsdiff.eval.prompt_sets import EvalPrompts
 from obsdiff.models.base import ModelAdapter
+from obsdiff.prompts.eval_sets import EvalPrompts
 from obsdiff.runners.parallel import DataParallel
+from obsdiff.utils.images import image_name, make_grid, remove_partial, save_image
 from obsdiff.utils.io import write_json
 from obsdiff.utils.progress import progress
 from obsdiff.utils.seeds import generators_for
 
 
+log = logging.getLogger(__name__)
+
 IMAGES = "images"
-MANIFEST = "manifest.json"
+IMAGES_LIST = "images.json"  # (id, prompt, seed, file) of every image of the set
 
 
 def image_file(prompt_id: int) -> str:
-    return f"{IMAGES}/{prompt_id:07d}.png"
+    """An evaluation image's path relative to its evaluation directory."""
+    return f"{IMAGES}/{image_name(prompt_id)}"
+
+
+def render(
+    pipe: DiffusionPipeline,
+    model: ModelAdapter,
+    prompts: list[str],
+    ids: list[int],
+    seed: int,
+    output_type: str = "pil",
+) -> list[Any]:
+    """One pipeline call: image `ids[k]` of `prompts[k]` from the noise of seed + ids[k]."""
+    with torch.inference_mode():
+        result = pipe(
+            prompt=prompts,
+            generator=generators_for(seed, ids),
+            output_type=output_type,
+            **model.call_kwargs(),
+        )
+    return list(result.images)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+
+
+def generate(
+    pipe: DiffusionPipeline,
+    model: ModelAdapter,
+    prompts: list[str],
+    seed: int,
+    batch_size: int,
+    output_type: str = "pil",
+) -> list[Any]:
+    """Images (PIL) or latents (one tensor per prompt) for `prompts`, in order."""
+    if not prompts:
+        raise ValueError("no prompts to generate")
+    _check_batch_size(batch_size)
+    outputs: list[Any] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in progress(starts, f"{model.name}: batches", "batch", enabled=len(starts) > 1):
+        batch = prompts[start : start + batch_size]
+        ids = list(range(start, start + len(batch)))
+        outputs.extend(render(pipe, model, batch, ids, seed, output_type))
+    return outputs
 
 
 def generate_images(
@@ -40,14 +93,15 @@ def generate_images(
     batch_size: int = 4,
     parallel: DataParallel | None = None,
 ) -> list[dict[str, Any]]:
-    """Render this rank's missing images into `out_dir/images/`; return the full manifest."""
+    """Render this rank's missing images into `out_dir/images/`; return the full manifest.
+
+    Each rank renders its exact share of the ids (no duplicates, no padding); `images.json`
+    lists (id, prompt, seed, file) for the whole set."""
     parallel = parallel or DataParallel()
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    _check_batch_size(batch_size)
     (out_dir / IMAGES).mkdir(parents=True, exist_ok=True)
     if parallel.is_main:
-        for partial in (out_dir / IMAGES).glob("*.tmp.png"):  # left by an interrupted run
-            partial.unlink(missing_ok=True)
+        remove_partial(out_dir / IMAGES)  # left by an interrupted run
     parallel.barrier()
     manifest: list[dict[str, Any]] = [
         {"id": i, "prompt": p, "seed": seed + i, "file": image_file(i)}
@@ -61,19 +115,67 @@ def generate_images(
         starts, f"generating (rank {parallel.rank})", "batch", enabled=bool(starts)
     ):
         batch = todo[start : start + batch_size]
-        with torch.inference_mode():
-            images = pipe(
-                prompt=[entry["prompt"] for entry in batch],
-                generator=generators_for(seed, [entry["id"] for entry in batch]),
-                output_type="pil",
-                **model.call_kwargs(),
-            ).images
+        images = render(pipe, model, [e["prompt"] for e in batch], [e["id"] for e in batch], seed)
         for entry, image in zip(batch, images, strict=True):
-            target = out_dir / entry["file"]
-            partial = target.with_suffix(".tmp.png")
-            image.save(partial)
-            os.replace(partial, target)  # a crash never leaves half an image
+            save_image(image, out_dir / entry["file"])  # a crash never leaves half an image
     parallel.barrier()
     if parallel.is_main:
-        write_json(out_dir / MANIFEST, {"prompts": prompts.describe(), "images": manifest})
+        write_json(out_dir / IMAGES_LIST, {"prompts": prompts.describe(), "images": manifest})
     return manifest
+
+
+@dataclass
+class SampleRecord:
+    """What a sampling run did, written to `samples.json`."""
+
+    model: dict[str, Any]
+    device: str
+    seed: int
+    load_seconds: float
+    generate_seconds: float
+    denoiser_parameters: int
+    images: list[dict[str, Any]]
+
+
+def sample_to_dir(
+    model: ModelAdapter,
+    prompts: list[str],
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    out_dir: Path,
+) -> SampleRecord:
+    """Load `model`, generate one image per prompt, write PNGs, `grid.png` and `samples.json`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    pipe = model.load().to(device)
+    loaded = time.perf_counter()
+    pipe.set_progress_bar_config(disable=True)  # one bar: the batches
+    images: list[Image.Image] = generate(pipe, model, prompts, seed, batch_size)
+    generated = time.perf_counter()
+
+    manifest = []
+    for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
+        save_image(image, out_dir / image_name(i))
+        manifest.append({"id": i, "prompt": prompt, "seed": seed + i, "file": image_name(i)})
+    make_grid(images).save(out_dir / "grid.png")
+
+    record = SampleRecord(
+        model=model.describe(),
+        device=str(device),
+        seed=seed,
+        load_seconds=round(loaded - started, 4),
+        generate_seconds=round(generated - loaded, 4),
+        denoiser_parameters=sum(p.numel() for p in model.denoiser(pipe).parameters()),
+        images=manifest,
+    )
+    write_json(out_dir / "samples.json", asdict(record))
+    log.info(
+        "%s: %d images in %.2f s (load %.2f s) -> %s",
+        model.name,
+        len(images),
+        record.generate_seconds,
+        record.load_seconds,
+        out_dir,
+    )
+    return record

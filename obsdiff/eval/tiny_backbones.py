@@ -9,7 +9,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from obsdiff.eval.clip_score import FeatureAdapter
-from obsdiff.models.tiny import char_clip_tokenizer
+from obsdiff.models.tiny import char_clip_tokenizer, clip_text_config
 
 
 class RandomFeatures(nn.Module):
@@ -32,9 +32,7 @@ class RandomFeatures(nn.Module):
 def tiny_clip(seed: int = 0) -> tuple[nn.Module, CLIPProcessor]:
     """A random-weight CLIP of two 32-wide layers with a character tokenizer (no files)."""
     torch.manual_seed(seed)
-    text = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4}
-    text.update(num_hidden_layers=1, vocab_size=514, max_position_embeddings=77)
-    text.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = clip_text_config(num_hidden_layers=1, hidden_act="quick_gelu").to_dict()
     vision = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4}
     vision.update(num_hidden_layers=1, image_size=32, patch_size=8)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))

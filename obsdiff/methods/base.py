@@ -1,58 +1,29 @@
-"""The method contract: which statistics a method needs and how it prunes groups of layers."""
+"""The method contract: which statistics a method needs and how it prunes one package.
+
+Every granularity goes through `prune_package(package, target)`: a pattern target (unstructured,
+N:M) is `prune_groups` on the package's input groups; a `Structured` target is the structured
+driver (`obsdiff.methods.structured`) calling the method's `select_heads` / `select_neurons`.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from obsdiff.methods.granularity import GRANULARITY_OPTIONS
+from obsdiff.methods.package import (
+    InputGroup,
+    LayerRecord,
+    Package,
+    PruneRecord,
+    Structured,
+    Target,
+)
+from obsdiff.methods.structured import prune_structured
 from obsdiff.pruning.patterns import Pattern
-from obsdiff.pruning.statistics import InputStatistics
-
-
-@dataclass
-class GroupJob:
-    """Linears (qualified names) that read one input, with that input's statistics."""
-
-    names: list[str]
-    modules: list[nn.Linear]
-    stats: InputStatistics | None
-    ffn: list[bool] = field(default_factory=list)  # per linear: part of a feed-forward network
-
-    def is_ffn(self, index: int) -> bool:
-        return bool(self.ffn) and self.ffn[index]
-
-
-@dataclass
-class LayerRecord:
-    """What pruning did to one linear."""
-
-    name: str
-    shape: tuple[int, ...]
-    pruned: int
-    loss: float | None = None
-
-    @property
-    def sparsity(self) -> float:
-        return self.pruned / (self.shape[0] * self.shape[1])
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "shape": list(self.shape),
-            "pruned": self.pruned,
-            "sparsity": self.sparsity,
-            "loss": self.loss,
-        }
-
-
-def write_weight(module: nn.Linear, weight: torch.Tensor, mask: torch.Tensor) -> None:
-    """Store a pruned weight in the module's dtype; pruned entries are exact zeros."""
-    module.weight.data.copy_(weight.to(module.weight.dtype).masked_fill(mask, 0))
 
 
 class PruningMethod(ABC):
@@ -80,8 +51,15 @@ class PruningMethod(ABC):
         params = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
         return {"name": self.name, **params}
 
+    def prune_package(self, package: Package, target: Target) -> list[PruneRecord]:
+        """Prune one calibrated package in place towards `target`; one record per linear
+        (patterns) or per head and neuron group (structured)."""
+        if isinstance(target, Structured):
+            return list(prune_structured(self, package, target.sparsity))
+        return list(self.prune_groups(package.groups, target))
+
     @abstractmethod
-    def prune_groups(self, groups: list[GroupJob], pattern: Pattern) -> list[LayerRecord]:
+    def prune_groups(self, groups: list[InputGroup], pattern: Pattern) -> list[LayerRecord]:
         """Prune every linear of `groups` in place (one package) and report what was done."""
 
     def select_heads(

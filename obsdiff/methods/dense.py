@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from obsdiff.methods.base import GroupJob, LayerRecord, PruningMethod
+from obsdiff.methods.base import PruningMethod
+from obsdiff.methods.package import InputGroup, LayerRecord
 from obsdiff.pruning.patterns import Pattern
 
 
@@ -15,7 +16,7 @@ class Dense(PruningMethod):
     name = "dense"
     granularities = ("unstructured", "nm", "structured")
 
-    def prune_groups(self, groups: list[GroupJob], pattern: Pattern) -> list[LayerRecord]:
+    def prune_groups(self, groups: list[InputGroup], pattern: Pattern) -> list[LayerRecord]:
         return [
             LayerRecord(name, tuple(module.weight.shape), 0)
             for group in groups

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from obsdiff.methods.base import GroupJob, LayerRecord, PruningMethod, write_weight
+from obsdiff.methods.base import PruningMethod
+from obsdiff.methods.package import InputGroup, LayerRecord, write_weight
 from obsdiff.pruning.dsnot import INITIAL_METHODS, REFERENCE_TOKENS, dsnot_prune
 from obsdiff.pruning.patterns import Pattern
 
@@ -33,7 +34,7 @@ class DSnoT(PruningMethod):
     def needs_hessian(self) -> bool:  # type: ignore[override]
         return self.initial == "obs"
 
-    def prune_groups(self, groups: list[GroupJob], pattern: Pattern) -> list[LayerRecord]:
+    def prune_groups(self, groups: list[InputGroup], pattern: Pattern) -> list[LayerRecord]:
         records = []
         for group in groups:
             assert group.stats is not None

@@ -1,10 +1,12 @@
-"""Pruning granularity (the `granularity` config group) and the pattern it gives a sparsity."""
+"""Pruning granularity (the `granularity` config group) and the target it gives a sparsity."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from obsdiff.pruning.patterns import NM, Pattern, Unstructured
+from obsdiff.methods.package import Structured, Target
+from obsdiff.pruning.patterns import NM, Unstructured
 
 
 KINDS = ("unstructured", "nm", "structured")
@@ -31,9 +33,24 @@ class Granularity:
         if self.kind == "nm":
             NM(self.n or 0, self.m or 0)  # validates 0 < n < m
 
-    def pattern(self, sparsity: float) -> Pattern | None:
-        """The weight pattern for `sparsity` (N:M demands sparsity = N / M); None for structured
-        pruning, which removes whole heads and neurons instead (`obsdiff.structured`)."""
+    @classmethod
+    def from_name(cls, name: str) -> Granularity:
+        """`unstructured`, `structured` or `semi_<n>_<m>` (e.g. semi_2_4): the option names of
+        conf/granularity/, whose YAML files name nothing else."""
+        options = "unstructured, semi_2_4, semi_4_8 (or semi_<n>_<m>), structured"
+        nm = re.fullmatch(r"semi_(\d+)_(\d+)", name)
+        try:
+            if nm:
+                return cls(name, "nm", int(nm.group(1)), int(nm.group(2)))
+            if name in ("unstructured", "structured"):
+                return cls(name, name)
+        except ValueError as err:
+            raise ValueError(f"granularity={name!r}: {err}; use one of {options}") from None
+        raise ValueError(f"granularity={name!r}; use one of {options}")
+
+    def target(self, sparsity: float) -> Target:
+        """What a method prunes towards at `sparsity`: a weight pattern (N:M demands sparsity =
+        N / M), or `Structured`, whole heads and neurons (`obsdiff.methods.structured`)."""
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity={sparsity} must lie in [0, 1)")
         if self.kind == "nm":
@@ -45,5 +62,5 @@ class Granularity:
                 )
             return NM(self.n, self.m)
         if self.kind == "structured":
-            return None
+            return Structured(sparsity)
         return Unstructured(sparsity)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from obsdiff.methods.base import GroupJob, LayerRecord, PruningMethod, write_weight
+from obsdiff.methods.base import PruningMethod
+from obsdiff.methods.package import InputGroup, LayerRecord, write_weight
 from obsdiff.pruning.magnitude import magnitude_prune
 from obsdiff.pruning.patterns import Pattern
 
@@ -14,7 +15,7 @@ class Magnitude(PruningMethod):
     name = "magnitude"
     granularities = ("unstructured", "nm")
 
-    def prune_groups(self, groups: list[GroupJob], pattern: Pattern) -> list[LayerRecord]:
+    def prune_groups(self, groups: list[InputGroup], pattern: Pattern) -> list[LayerRecord]:
         records = []
         for group in groups:
             for name, module in zip(group.names, group.modules, strict=True):

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from obsdiff.methods.base import GroupJob, LayerRecord, PruningMethod, write_weight
+from obsdiff.methods.base import PruningMethod
+from obsdiff.methods.package import InputGroup, LayerRecord, write_weight
 from obsdiff.pruning.obs import ObsProblem, obs_prune_problems
 from obsdiff.pruning.obs_structured import HEAD_SALIENCIES, obs_prune_heads, obs_prune_neurons
 from obsdiff.pruning.patterns import Pattern
@@ -64,7 +65,7 @@ class ObsDiff(PruningMethod):
         )
         return result.weights[0], result.removed.tolist()
 
-    def prune_groups(self, groups: list[GroupJob], pattern: Pattern) -> list[LayerRecord]:
+    def prune_groups(self, groups: list[InputGroup], pattern: Pattern) -> list[LayerRecord]:
         problems = []
         for group in groups:
             assert group.stats is not None

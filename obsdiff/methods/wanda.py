@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from obsdiff.methods.base import GroupJob, LayerRecord, PruningMethod, write_weight
+from obsdiff.methods.base import PruningMethod
+from obsdiff.methods.package import InputGroup, LayerRecord, write_weight
 from obsdiff.pruning.patterns import Pattern
 from obsdiff.pruning.wanda import wanda_prune
 
@@ -15,7 +16,7 @@ class Wanda(PruningMethod):
     granularities = ("unstructured", "nm")
     needs_moments = True
 
-    def prune_groups(self, groups: list[GroupJob], pattern: Pattern) -> list[LayerRecord]:
+    def prune_groups(self, groups: list[InputGroup], pattern: Pattern) -> list[LayerRecord]:
         records = []
         for group in groups:
             assert group.stats is not None

@@ -2,13 +2,10 @@
 
 from typing import Any
 
-from obsdiff.models.base import (
-    ModelAdapter,
-    ModelConfigError,
-    ModelLoadError,
-    SamplingDefaults,
-)
+from obsdiff.models.base import ModelAdapter
 from obsdiff.models.flux import FluxAdapter
+from obsdiff.models.loading import ModelConfigError, ModelLoadError
+from obsdiff.models.sampling import SamplingDefaults
 from obsdiff.models.sd3 import SD3Adapter
 from obsdiff.models.sdxl import SDXLAdapter
 

@@ -13,8 +13,8 @@ import importlib
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,200 +22,20 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
+from obsdiff.models.loading import (
+    DTYPES,
+    ModelConfigError,
+    ModelLoadError,
+    looks_like_local_path,
+    null_components,
+    set_eval_mode,
+)
+from obsdiff.models.sampling import CFG_DOUBLED_BATCH, CFG_NONE, SamplingDefaults
+from obsdiff.models.structure import HeadGroup, NeuronGroup, Unit
 from obsdiff.utils.memory import own_memory
 
 
 log = logging.getLogger(__name__)
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-InputGroup = tuple[str, ...]  # linears of one block (relative names) that read one input tensor
-Unit = tuple[InputGroup, ...]  # a basic unit: groups whose inputs do not depend on each other
-# How classifier-free guidance reaches the denoiser (`ModelAdapter.cfg_mode`).
-CFG_NONE, CFG_DOUBLED_BATCH, CFG_SEPARATE_CALLS = CFG_MODES = (
-    "none",
-    "doubled_batch",
-    "separate_calls",
-)
-
-
-@dataclass(frozen=True)
-class HeadGroup:
-    """Attention heads of one attention module (names relative to the block).
-
-    Head h owns rows [h d, (h + 1) d) of every producer (q/k/v, add_q/k/v) and columns
-    [offset + h d, offset + (h + 1) d) of every consumer (the output projections, one per
-    stream); `attention` is the module whose `heads` count changes.
-    """
-
-    attention: str
-    producers: tuple[str, ...]
-    consumers: tuple[tuple[str, int], ...]
-
-
-@dataclass(frozen=True)
-class NeuronGroup:
-    """FFN neurons: neuron i is row offset + i of each producer (both GEGLU halves) and column
-    offset + i of the consumer (the down-projection); `width` neurons in all."""
-
-    producers: tuple[tuple[str, int], ...]
-    consumer: tuple[str, int]
-    width: int
-
-
-def head_group(
-    block: nn.Module,
-    attention: str,
-    producers: Sequence[str],
-    consumers: Sequence[str],
-    offset: int = 0,
-) -> list[HeadGroup]:
-    """[the group] restricted to the linears present, or [] when the attention is absent."""
-    kept_producers = tuple(name for name in producers if is_linear(block, name))
-    kept_consumers = tuple((name, offset) for name in consumers if is_linear(block, name))
-    if not (kept_producers and kept_consumers):
-        return []
-    return [HeadGroup(attention, kept_producers, kept_consumers)]
-
-
-def ffn_group(block: nn.Module, up: str, down: str, gated: bool = False) -> list[NeuronGroup]:
-    """[the FFN's neurons] (a gated up-projection holds value and gate halves), or []."""
-    if not (is_linear(block, up) and is_linear(block, down)):
-        return []
-    width = linear_at(block, down).in_features
-    producers = ((up, 0), (up, width)) if gated else ((up, 0),)
-    return [NeuronGroup(producers, (down, 0), width)]
-
-
-def embedding_kwargs(
-    embeds: torch.Tensor,
-    pooled: torch.Tensor,
-    negative: torch.Tensor | None = None,
-    negative_pooled: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Pipeline keyword arguments for precomputed prompt embeddings (negatives only with CFG)."""
-    out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-    if negative is not None and negative_pooled is not None:
-        out.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
-    return out
-
-
-def present_groups(block: nn.Module, groups: Sequence[InputGroup]) -> Unit:
-    """The groups restricted to the linears `block` really has (SD3's last block has no context
-    output path, SD3.5-Medium has `attn2` only in its first blocks)."""
-    kept = []
-    for group in groups:
-        names = tuple(name for name in group if is_linear(block, name))
-        if names:
-            kept.append(names)
-    return tuple(kept)
-
-
-def linear_at(module: nn.Module, name: str) -> nn.Linear:
-    """The nn.Linear at `name` inside `module` (a clear error if it is something else)."""
-    found = module.get_submodule(name)
-    if not isinstance(found, nn.Linear):
-        raise TypeError(f"{name} is a {type(found).__name__}, not an nn.Linear")
-    return found
-
-
-def is_linear(block: nn.Module, name: str) -> bool:
-    try:
-        return isinstance(block.get_submodule(name), nn.Linear)
-    except AttributeError:
-        return False
-
-
-class ModelConfigError(ValueError):
-    """A model configuration is invalid; raised before anything is loaded."""
-
-
-class ModelLoadError(RuntimeError):
-    """A pipeline could not be loaded from its hub id or local path."""
-
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """How the pipeline is called by default (the paper's setup for each real model).
-
-    `negative_prompt` and `true_cfg_scale` matter only where the pipeline accepts them
-    (`true_cfg_scale > 1` turns on real classifier-free guidance for Flux).
-    `max_sequence_length` caps the T5 prompt length (SD3 and Flux only).
-    """
-
-    num_inference_steps: int = 28
-    guidance_scale: float = 7.0
-    height: int = 512
-    width: int = 512
-    negative_prompt: str | None = None
-    true_cfg_scale: float | None = None
-    max_sequence_length: int | None = None
-
-    def __post_init__(self) -> None:
-        problems = []
-        kinds = {
-            "num_inference_steps": int,
-            "height": int,
-            "width": int,
-            "guidance_scale": float,
-            "true_cfg_scale": float,
-            "max_sequence_length": int,
-        }
-        for key, kind in kinds.items():
-            value = getattr(self, key)
-            if value is None and key in ("true_cfg_scale", "max_sequence_length"):
-                continue
-            allowed, what = ((int,), "an integer") if kind is int else ((int, float), "a number")
-            if isinstance(value, bool) or not isinstance(value, allowed):
-                problems.append(f"model.sampling.{key}={value!r} is not {what}")
-        if problems:
-            raise ModelConfigError("invalid model.sampling: " + "; ".join(problems))
-        if self.num_inference_steps < 1:
-            problems.append(f"num_inference_steps={self.num_inference_steps} must be >= 1")
-        if self.guidance_scale < 0:
-            problems.append(f"guidance_scale={self.guidance_scale} must be >= 0")
-        if self.height < 8 or self.width < 8:
-            problems.append(f"height x width = {self.height} x {self.width} is too small")
-        if self.true_cfg_scale is not None and self.true_cfg_scale < 1:
-            problems.append(f"true_cfg_scale={self.true_cfg_scale} must be >= 1 (or null)")
-        if self.max_sequence_length is not None and self.max_sequence_length < 1:
-            problems.append(f"max_sequence_length={self.max_sequence_length} must be >= 1")
-        if problems:
-            raise ModelConfigError("invalid model.sampling: " + "; ".join(problems))
-
-
-def looks_like_local_path(source: str) -> bool:
-    """True when `source` is meant as a filesystem path rather than a hub id (`org/name`)."""
-    return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().exists()
-
-
-def set_eval_mode(pipe: DiffusionPipeline) -> DiffusionPipeline:
-    """Put every torch component in eval mode (models built from configs start in train mode)."""
-    for component in pipe.components.values():
-        if isinstance(component, nn.Module):
-            component.eval()
-    return pipe
-
-
-def null_components(model_dir: Path) -> dict[str, None]:
-    """Components that `model_index.json` records as absent (e.g. SD3 saved without T5).
-
-    diffusers refuses to load such a directory unless those components are passed as None.
-    """
-    index_file = model_dir / "model_index.json"
-    if not index_file.is_file():
-        return {}
-    index = json.loads(index_file.read_text())
-    return {
-        name: None
-        for name, value in index.items()
-        if not name.startswith("_") and isinstance(value, list) and value[0] is None
-    }
 
 
 class ModelAdapter(ABC):

@@ -15,16 +15,13 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from obsdiff.models import tiny
-from obsdiff.models.base import (
-    CFG_NONE,
-    CFG_SEPARATE_CALLS,
+from obsdiff.models.base import ModelAdapter
+from obsdiff.models.sampling import CFG_NONE, CFG_SEPARATE_CALLS, SamplingDefaults, embedding_kwargs
+from obsdiff.models.structure import (
     HeadGroup,
-    InputGroup,
-    ModelAdapter,
+    InputNames,
     NeuronGroup,
-    SamplingDefaults,
     Unit,
-    embedding_kwargs,
     ffn_group,
     head_group,
     linear_at,
@@ -32,7 +29,7 @@ from obsdiff.models.base import (
 )
 
 
-DOUBLE_UNITS: list[list[InputGroup]] = [
+DOUBLE_UNITS: list[list[InputNames]] = [
     [
         ("attn.to_q", "attn.to_k", "attn.to_v"),
         ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
@@ -42,7 +39,7 @@ DOUBLE_UNITS: list[list[InputGroup]] = [
     [("ff.net.2",), ("ff_context.net.2",)],
 ]
 # single-stream blocks: q/k/v and the MLP read one normalised input; proj_out reads [attn, mlp]
-SINGLE_UNITS: list[list[InputGroup]] = [
+SINGLE_UNITS: list[list[InputNames]] = [
     [("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")],
     [("proj_out",)],
 ]

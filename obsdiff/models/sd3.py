@@ -13,14 +13,13 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from obsdiff.models import tiny
-from obsdiff.models.base import (
+from obsdiff.models.base import ModelAdapter
+from obsdiff.models.sampling import SamplingDefaults, embedding_kwargs
+from obsdiff.models.structure import (
     HeadGroup,
-    InputGroup,
-    ModelAdapter,
+    InputNames,
     NeuronGroup,
-    SamplingDefaults,
     Unit,
-    embedding_kwargs,
     ffn_group,
     head_group,
     present_groups,
@@ -29,7 +28,7 @@ from obsdiff.models.base import (
 
 # The 12 target linears of a JointTransformerBlock (paper Sec. 1.5) as basic units, plus the
 # dual-attention `attn2` of SD3.5-Medium (image tokens only).
-SD3_UNITS: list[list[InputGroup]] = [
+SD3_UNITS: list[list[InputNames]] = [
     [
         ("attn.to_q", "attn.to_k", "attn.to_v"),
         ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),

@@ -9,13 +9,13 @@ from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
 from obsdiff.models import tiny
-from obsdiff.models.base import (
+from obsdiff.models.base import ModelAdapter
+from obsdiff.models.sampling import embedding_kwargs
+from obsdiff.models.structure import (
     HeadGroup,
-    InputGroup,
-    ModelAdapter,
+    InputNames,
     NeuronGroup,
     Unit,
-    embedding_kwargs,
     ffn_group,
     head_group,
     present_groups,
@@ -24,7 +24,7 @@ from obsdiff.models.base import (
 
 # A BasicTransformerBlock: self-attention, cross-attention (to_q reads the image tokens, to_k and
 # to_v the text states: parallel), GEGLU FFN (one projection holds both halves).
-SDXL_UNITS: list[list[InputGroup]] = [
+SDXL_UNITS: list[list[InputNames]] = [
     [("attn1.to_q", "attn1.to_k", "attn1.to_v")],
     [("attn1.to_out.0",)],
     [("attn2.to_q",), ("attn2.to_k", "attn2.to_v")],

@@ -10,6 +10,7 @@ real models' coupling rules (e.g. SD3's joint attention width >= the two CLIP wi
 from __future__ import annotations
 
 import string
+from typing import Any
 
 import tokenizers
 import torch
@@ -34,7 +35,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from obsdiff.models.base import set_eval_mode
+from obsdiff.models.loading import set_eval_mode
 
 
 CLIP_MAX_LENGTH = 77  # as the real CLIP tokenizers; the pipelines assume it
@@ -61,25 +62,28 @@ def char_t5_tokenizer() -> T5Tokenizer:
 
 
 # --------------------------------------------------------------------------- encoders, VAE
-def _clip_config(projection_dim: int = TEXT_WIDTH) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=CLIP_VOCAB_SIZE,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        projection_dim=projection_dim,
-        hidden_act="gelu",
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
+def clip_text_config(**overrides: Any) -> CLIPTextConfig:
+    """The tiny CLIP text tower (32 wide, the character tokenizer's vocabulary), shared by the
+    tiny pipelines' text encoders and the tiny CLIP score model; `overrides` change fields."""
+    fields: dict[str, Any] = {
+        "hidden_size": TEXT_WIDTH,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": CLIP_VOCAB_SIZE,
+        "max_position_embeddings": CLIP_MAX_LENGTH,
+        "projection_dim": TEXT_WIDTH,
+        "hidden_act": "gelu",
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
+    return CLIPTextConfig(**(fields | overrides))
 
 
 def tiny_clip_text_encoder(with_projection: bool) -> CLIPTextModel | CLIPTextModelWithProjection:
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(_clip_config())
+    return cls(clip_text_config())
 
 
 def tiny_t5_encoder(d_model: int) -> T5EncoderModel:

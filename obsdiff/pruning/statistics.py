@@ -20,19 +20,19 @@ import torch
 
 
 NORMALISERS = ("sample", "token")
-PRODUCTS = ("float32", "tf32", "bfloat16")
+HESSIAN_PRECISIONS = ("float32", "tf32", "bfloat16")
 
 
-def _xtx(rows: torch.Tensor, product: str) -> torch.Tensor:
+def _xtx(rows: torch.Tensor, hessian_precision: str) -> torch.Tensor:
     """X^T X accumulated in float32: float32 inputs; TF32 tensor cores (CUDA); or bfloat16
     inputs with float32 accumulation (CUDA kernels; on the CPU the same arithmetic in float32
     on bfloat16-rounded inputs)."""
-    if product == "bfloat16":
+    if hessian_precision == "bfloat16":
         low = rows.to(torch.bfloat16)
         if low.is_cuda:
             return torch.mm(low.T, low, out_dtype=torch.float32)
         rows = low.to(torch.float32)
-    elif product == "tf32" and rows.is_cuda:
+    elif hessian_precision == "tf32" and rows.is_cuda:
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True
         try:
@@ -55,7 +55,7 @@ class InputStatistics:
     hessian: bool = True
     moments: bool = True
     device: torch.device | str | None = None
-    product: str = "float32"  # precision of X^T X: float32 | tf32 | bfloat16 (see `_xtx`)
+    hessian_precision: str = "float32"  # of X^T X: float32 | tf32 | bfloat16 (see `_xtx`)
     xtx: torch.Tensor | None = field(init=False, default=None)
     column_sum: torch.Tensor | None = field(init=False, default=None)
     column_sq_sum: torch.Tensor | None = field(init=False, default=None)
@@ -68,8 +68,10 @@ class InputStatistics:
             raise ValueError(f"features={self.features} must be >= 1")
         if not (self.hessian or self.moments):
             raise ValueError("InputStatistics needs hessian=True or moments=True")
-        if self.product not in PRODUCTS:
-            raise ValueError(f"product={self.product!r}; use one of {PRODUCTS}")
+        if self.hessian_precision not in HESSIAN_PRECISIONS:
+            raise ValueError(
+                f"hessian_precision={self.hessian_precision!r}; use one of {HESSIAN_PRECISIONS}"
+            )
         n, device = self.features, self.device
         if self.hessian:
             self.xtx = torch.zeros(n, n, dtype=torch.float32, device=device)  # (n, n)
@@ -91,10 +93,10 @@ class InputStatistics:
         rows = x.reshape(-1, self.features).to(torch.float32)  # (tokens, n)
         tokens = rows.shape[0]
         if self.xtx is not None:
-            if self.product == "float32":
+            if self.hessian_precision == "float32":
                 self.xtx.addmm_(rows.T, rows, alpha=weight)  # += alpha X^T X   (n, n)
             else:
-                self.xtx.add_(_xtx(rows, self.product), alpha=weight)
+                self.xtx.add_(_xtx(rows, self.hessian_precision), alpha=weight)
         if self.column_sum is not None:
             assert self.column_sq_sum is not None and self.variance_sum is not None
             batch_var, batch_mean = torch.var_mean(rows, dim=0, correction=0)  # (n,), (n,)

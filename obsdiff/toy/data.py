@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from obsdiff.utils.images import image_name, save_image
+
 
 IMAGE_SIZE = 32
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -149,10 +151,7 @@ def render_folder(folder: Path, captions: list[str], seed: int) -> Path:
     """Fresh dataset images of `captions` (image i from seed + i): the toy FID reference."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, caption in enumerate(captions):
-        target = folder / f"{i:07d}.png"
-        if not target.is_file():  # written atomically: an interrupted render leaves no half image
-            partial = target.with_name(target.name + ".part")
-            image = render(parse_caption(caption), np.random.default_rng(seed + i))
-            image.save(partial, format="PNG")
-            partial.replace(target)
+        target = folder / image_name(i)
+        if not target.is_file():  # an interrupted render goes on where it stopped
+            save_image(render(parse_caption(caption), np.random.default_rng(seed + i)), target)
     return folder

@@ -10,7 +10,7 @@ from app_runner import run_app
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from obsdiff.config import CONF_DIR, ConfigError, instantiate_model
+from obsdiff.app.config import CONF_DIR, ConfigError, instantiate_model
 from obsdiff.models import SD3Adapter
 
 
@@ -129,7 +129,7 @@ GROUPS = {
     ("group", "option"), [(g, o) for g, options in GROUPS.items() for o in options]
 )
 def test_prune_group_options_instantiate(group: str, option: str) -> None:
-    from obsdiff.config import instantiate
+    from obsdiff.app.config import instantiate
 
     assert {p.stem for p in (CONF_DIR / group).glob("*.yaml")} >= set(GROUPS[group])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -158,10 +158,12 @@ def test_prune_multirun_writes_one_results_file_per_job(tmp_path: Path) -> None:
         f"paths.output_root={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    results = sorted(tmp_path.glob("prune/multiruns/*/*/results.json"))
-    import json
+    from obsdiff.artifacts.record import RunRecord
 
-    assert sorted(json.loads(p.read_text())["method"] for p in results) == ["obsdiff", "wanda"]
+    results = sorted(tmp_path.glob("prune/multiruns/*/*/results.json"))
+    records = [RunRecord.read(p.parent) for p in results]
+    assert sorted(str(r.identity.method) for r in records) == ["obsdiff", "wanda"]
+    assert all(r.completed and r.prune is not None for r in records)
 
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("table*.yaml"))
@@ -190,7 +192,7 @@ TOY_RECIPES = sorted(p.stem for p in (CONF_DIR / "experiment").glob("toy_*.yaml"
 @pytest.mark.unit
 @pytest.mark.parametrize("recipe", TOY_RECIPES)
 def test_toy_benchmark_recipes_compose_with_the_toy_protocol(recipe: str) -> None:
-    from obsdiff.config import instantiate
+    from obsdiff.app.config import instantiate
     from obsdiff.methods import PruningMethod
 
     cfg = _compose_recipe(recipe)
@@ -215,8 +217,8 @@ def test_launchers_compose(launcher: str) -> None:
 @pytest.mark.unit
 @pytest.mark.parametrize("option", ["tiny", "coco2014_5k", "coco2014_1k", "parti"])
 def test_eval_sets_compose_and_report_missing_data(option: str, tmp_path: Path) -> None:
-    from obsdiff.app import build_eval
-    from obsdiff.calibration.prompts import BUNDLED_PROMPTS, PromptFileError, load_prompts
+    from obsdiff.app.settings import build_eval
+    from obsdiff.prompts.files import BUNDLED_PROMPTS, PromptFileError, load_prompts
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("run", overrides=[f"eval={option}", f"paths.data_root={tmp_path}"])
@@ -249,7 +251,7 @@ def test_bad_eval_settings_name_their_key(
     overrides: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import obsdiff.eval.fid
-    from obsdiff.app import build_eval
+    from obsdiff.app.settings import build_eval
 
     monkeypatch.setattr(obsdiff.eval.fid, "INCEPTION_DIR", tmp_path / "no-inception-here")
     (tmp_path / "reference").mkdir()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from obsdiff.eval.generation import generate
 from obsdiff.models import SD3Adapter
-from obsdiff.sampling import generate
 
 
 pytestmark = [

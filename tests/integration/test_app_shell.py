@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from app_runner import run_app, run_python
 
+from obsdiff.artifacts.record import RunRecord
 from obsdiff.report import main as report_main
 
 
@@ -78,13 +79,12 @@ def test_prune_sweep_survives_a_bad_job(tmp_path: Path) -> None:
     result = run_app("obsdiff.prune", "-m", *TINY, "method=l1,obsdiff", f"hydra.sweep.dir={sweep}")
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]  # the sweep says that something failed
-    bad, good = load(sweep / "0" / "results.json"), load(sweep / "1" / "results.json")
-    assert bad["status"] == "failed" and bad["method"] == "l1"
-    assert (
-        "does not support unstructured" in bad["error"]
-        and "granularity=structured" in (bad["error"])
-    )
-    assert good["status"] == "completed" and good["achieved_sparsity"] == pytest.approx(0.5)
+    bad, good = RunRecord.read(sweep / "0"), RunRecord.read(sweep / "1")
+    assert bad.status == "failed" and bad.identity.method == "l1" and bad.error is not None
+    assert "does not support unstructured" in bad.error and "granularity=structured" in bad.error
+    assert good.completed and good.prune is not None
+    assert good.prune.achieved_sparsity == pytest.approx(0.5)
+    assert good.overrides["method"] == "obsdiff"  # the job's own command-line settings
     assert (sweep / "1" / "denoiser.safetensors").is_file()
     assert "1 job(s) of the sweep did not complete" in output and str(sweep / "0") in output
     assert "Traceback" not in output
@@ -125,7 +125,7 @@ def test_refused_resume_changes_nothing(
     assert LOADED not in output and "Traceback" not in output
     assert snapshot(run) == before  # byte-identical, results.json and .hydra included
     assert snapshot(tmp_path / "dense") == dense_before  # no new dense evaluation either
-    assert load(run / "results.json")["status"] == "completed"
+    assert RunRecord.read(run).completed
     same = run_app(app, *common, "device=cpu")  # a neutral key: the same run, already done
     assert same.returncode == 0 and "completed; nothing to do" in same.stdout + same.stderr
     assert LOADED not in same.stdout + same.stderr
@@ -136,16 +136,16 @@ INTERRUPT_DURING_EVAL = textwrap.dedent(
     """
     from pathlib import Path
 
-    import obsdiff.evaluation
+    import obsdiff.eval.harness
 
-    original = obsdiff.evaluation.evaluate_pipeline
+    original = obsdiff.eval.harness.evaluate_pipeline
 
     def interrupted(pipe, model, settings, images_dir, *args, **kwargs):
         if Path(images_dir).name == "eval":  # the pruned model's evaluation, not the dense one
             raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
         return original(pipe, model, settings, images_dir, *args, **kwargs)
 
-    obsdiff.evaluation.evaluate_pipeline = interrupted
+    obsdiff.eval.harness.evaluate_pipeline = interrupted
     """
 )
 
@@ -158,8 +158,8 @@ def test_interrupted_run_reads_incomplete_then_resumes(tmp_path: Path) -> None:
     assert result.returncode == 130, output[-3000:]
     assert "Traceback" not in output
     assert f"resume with the same command plus hydra.run.dir={run}" in output
-    record = load(run / "results.json")
-    assert record["status"] == "interrupted" and "eval" not in record
+    record = RunRecord.read(run)
+    assert record.status == "interrupted" and record.eval is None
     assert (run / "checkpoint" / "progress.json").is_file()  # what the resume continues from
 
     assert report_main([str(run), "--out", str(tmp_path / "report")]) == 0
@@ -169,8 +169,8 @@ def test_interrupted_run_reads_incomplete_then_resumes(tmp_path: Path) -> None:
     resumed = run_app("obsdiff.run", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after package 2 of 2" in resumed.stdout + resumed.stderr
-    record = load(run / "results.json")
-    assert record["status"] == "completed" and record["eval"]["num_images"] == 2
+    record = RunRecord.read(run)
+    assert record.completed and record.eval is not None and record.eval.num_images == 2
     # save=false: no pruned model and, once finished, no checkpoint (a full denoiser copy)
     assert not (run / "checkpoint").exists() and not (run / "denoiser.safetensors").exists()
 
@@ -202,16 +202,16 @@ def test_logs_have_no_bar_flood_off_a_terminal(tmp_path: Path) -> None:
 
 CRASH_AT_30_PERCENT = textwrap.dedent(
     """
-    import obsdiff.workflow
+    import obsdiff.oneshot.run
 
-    original = obsdiff.workflow.prune_pipeline
+    original = obsdiff.oneshot.run.prune_pipeline
 
     def crashing(job, *args, **kwargs):
         if job.sparsity == 0.3:
             raise RuntimeError("injected crash")  # a bug or an out-of-memory, not a setting
         return original(job, *args, **kwargs)
 
-    obsdiff.workflow.prune_pipeline = crashing
+    obsdiff.oneshot.run.prune_pipeline = crashing
     """
 )
 
@@ -224,9 +224,9 @@ def test_a_crashing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> Non
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
-    crashed, done = load(sweep / "0" / "results.json"), load(sweep / "1" / "results.json")
-    assert crashed["status"] == "failed" and "injected crash" in crashed["error"]
-    assert done["status"] == "completed"
+    crashed, done = RunRecord.read(sweep / "0"), RunRecord.read(sweep / "1")
+    assert crashed.status == "failed" and "injected crash" in (crashed.error or "")
+    assert done.completed
     assert "1 job(s) of the sweep did not complete" in output
     assert "RuntimeError: injected crash" in output  # the traceback, in the log
 
@@ -240,8 +240,8 @@ def test_multi_process_runner_in_a_multirun_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 1, output[-3000:]
     (sweep,) = (tmp_path / "prune" / "multiruns").iterdir()  # no second sweep from a relaunch
     for job in ("0", "1"):
-        record = load(sweep / job / "results.json")
-        assert record["status"] == "failed" and "inside a multirun" in record["error"]
+        record = RunRecord.read(sweep / job)
+        assert record.status == "failed" and "inside a multirun" in (record.error or "")
     assert LOADED not in output
 
 

@@ -11,6 +11,7 @@ import safetensors.torch
 import torch
 from app_runner import run_app
 
+from obsdiff.artifacts.record import RunRecord
 from obsdiff.runners.parallel import DataParallel
 
 
@@ -54,7 +55,8 @@ def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
     overrides = ["granularity=structured", "sparsity=0.25"]
     single = run(tmp_path / "single", *overrides)
     parallel = run(tmp_path / "ddp", "runner=ddp_cpu", *overrides)
-    assert json.loads((parallel / "results.json").read_text())["world_size"] == 2
+    pruned = RunRecord.read(parallel).prune
+    assert pruned is not None and pruned.world_size == 2
     decisions = [
         [(r["block"], r["group"], r["removed"]) for r in json.loads(m.read_text())["records"]]
         for m in (single / "manifest.json", parallel / "manifest.json")

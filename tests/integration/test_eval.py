@@ -12,13 +12,13 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPProcessor
 
-from obsdiff.calibration.prompts import PromptFileError
 from obsdiff.eval.clip_score import CLIPScore, FeatureAdapter
 from obsdiff.eval.fid import FID
-from obsdiff.eval.generation import MANIFEST, generate_images
-from obsdiff.eval.prompt_sets import coco_captions, prompt_file
+from obsdiff.eval.generation import IMAGES_LIST, generate_images
 from obsdiff.eval.tiny_backbones import tiny_clip
 from obsdiff.models import SD3Adapter
+from obsdiff.prompts.eval_sets import coco_captions, prompt_file
+from obsdiff.prompts.files import PromptFileError
 from obsdiff.runners.parallel import DataParallel
 
 
@@ -87,7 +87,7 @@ def test_generation_shards_exactly_resumes_and_fixes_noise_per_id(
             pipe, tiny_model, prompts, sharded, seed=5, batch_size=2, parallel=DataParallel(rank, 3)
         )
     assert sum(calls) == 7  # every prompt rendered once: no duplicates, no padding
-    manifest = json.loads((sharded / MANIFEST).read_text())["images"]
+    manifest = json.loads((sharded / IMAGES_LIST).read_text())["images"]
     assert [m["id"] for m in manifest] == prompts.ids and all(
         m["seed"] == 5 + m["id"] for m in manifest
     )
@@ -182,12 +182,12 @@ def test_clip_score_prefers_matching_prompts() -> None:
 
 def test_efficiency_of_dense_and_pruned_models(tiny_model) -> None:  # type: ignore[no-untyped-def]
     from obsdiff.eval.efficiency import measure_efficiency
-    from obsdiff.surgery import Surgery
+    from obsdiff.models.surgery import Surgery
 
     pipe = tiny_model.load()
     dense = measure_efficiency(pipe, tiny_model, repeats=2)
-    assert dense["forwards_per_image"] == 2  # 2 steps, CFG in one doubled batch
-    assert dense["seconds_per_image"] > dense["seconds_per_forward"] > 0
+    assert dense.forwards_per_image == 2  # 2 steps, CFG in one doubled batch
+    assert dense.seconds_per_image > dense.seconds_per_forward > 0
     block = pipe.transformer.transformer_blocks[1]
     heads, neurons = tiny_model.structured_groups(block)
     surgery = Surgery()
@@ -195,5 +195,5 @@ def test_efficiency_of_dense_and_pruned_models(tiny_model) -> None:  # type: ign
     surgery.remove_neurons(neurons[0], list(range(64)))
     surgery.apply(block)
     pruned = measure_efficiency(pipe, tiny_model, repeats=2)
-    assert pruned["params"] < dense["params"]
-    assert pruned["tflops_per_forward"] < dense["tflops_per_forward"]
+    assert pruned.params < dense.params
+    assert pruned.tflops_per_forward < dense.tflops_per_forward

@@ -9,13 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from obsdiff import report
+from obsdiff.artifacts.record import PruneResult, RunIdentity, RunRecord
+from obsdiff.eval.harness import Evaluation
+from obsdiff.reporting import collect as collected
+from obsdiff.reporting import figures, tables
 
 
 pytestmark = pytest.mark.integration
+
+DATA = Path(__file__).parents[1] / "data"
 
 DENSE_COLOUR = (10, 10, 10)
 DENSE_EVAL = {"fid": 5.0, "clip_score": 0.33, "sharpness": 2.0, "params": 2_030_000_000}
@@ -26,7 +31,7 @@ JOBS: list[tuple[str, float, tuple[int, int, int], tuple[int, ...], dict[str, An
     ("obsdiff", 0.5, (30, 30, 200), (0, 1, 2), {"fid": 20.0, "clip_score": 0.25, "sharpness": 0.5}),
     ("wanda", 0.5, (200, 200, 30), (0, 1, 2), {"fid": 15.0, "clip_score": 0.20, "sharpness": 0.7}),
     ("magnitude", 0.3, (0, 0, 0), (), "RuntimeError('CUDA out of memory')"),
-    ("magnitude", 0.5, (0, 0, 0), (), "missing"),
+    ("magnitude", 0.5, (0, 0, 0), (), "killed"),
 ]
 
 
@@ -36,8 +41,16 @@ def write_images(folder: Path, colour: tuple[int, int, int], ids: tuple[int, ...
         Image.new("RGB", (16, 16), colour).save(folder / f"{i:07d}.png")
 
 
+def evaluation(images_dir: str, metrics: dict[str, Any]) -> Evaluation:
+    return Evaluation(
+        set="tiny", prompts={}, num_images=3, seed=0, images_dir=images_dir, grid="",
+        generation_seconds=1.0, metrics_key="", metrics=metrics,
+    )  # fmt: skip
+
+
 def make_sweep(root: Path) -> Path:
-    """`root/sweep/<n>/` for JOBS, the dense images in a shared cache outside the sweep."""
+    """`root/sweep/<n>/` for JOBS (run records only: no Hydra folders), the dense images in a
+    shared cache outside the sweep."""
     sweep = root / "sweep"
     dense_images = root / "dense_cache" / "images"
     write_images(dense_images, DENSE_COLOUR, (0, 1, 2))
@@ -45,39 +58,23 @@ def make_sweep(root: Path) -> Path:
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     for n, (method, sparsity, colour, ids, outcome) in enumerate(JOBS):
         job = sweep / str(n)
-        (job / ".hydra").mkdir(parents=True)
-        OmegaConf.save([f"method={method}", f"sparsity={sparsity}"], job / ".hydra/overrides.yaml")
-        config = {
-            "sparsity": sparsity,
-            "packages": 4,
-            "model": {"name": "tiny_sd3"},
-            "method": {"_target_": f"obsdiff.methods.{method.title()}"},
-            "granularity": {"name": "unstructured"},
-            "weighting": {"scheme": "log_decrease"},
-        }
-        OmegaConf.save(config, job / ".hydra/config.yaml")
-        names: dict[str, Any] = {"model": "tiny_sd3", "method": method, "sparsity": sparsity}
-        names |= {"granularity": "unstructured", "weighting": "log_decrease", "packages": 4}
-        if outcome == "missing":
-            continue
-        results: dict[str, Any] = {"status": "failed", "error": outcome, **names}
-        if isinstance(outcome, dict):
+        job.mkdir()
+        names = RunIdentity("tiny_sd3", method, "unstructured", sparsity, "log_decrease", 4)
+        overrides = {"method": method, "sparsity": str(sparsity)}
+        if outcome == "killed":  # the shell's first record, never replaced
+            record = RunRecord("running", names, overrides)
+        elif isinstance(outcome, str):
+            record = RunRecord("failed", names, overrides, error=outcome)
+        else:
             write_images(job / "eval/pruned/images", colour, ids)
             pruned = {**outcome, "params": 1_000_000, "seconds_per_image": 0.5}
-            results = {
-                "status": "completed",
-                **names,
-                "achieved_sparsity": sparsity,
-                "wall_seconds": 3.0,
-                "eval": {
-                    "set": "tiny",
-                    "num_images": 3,
-                    **pruned,
-                    "images_dir": "eval/pruned/images",
-                },
-                "dense": {"set": "tiny", **DENSE_EVAL, "images_dir": str(dense_images)},
-            }
-        (job / "results.json").write_text(json.dumps(results))
+            record = RunRecord(
+                "completed", names, overrides,
+                prune=PruneResult(sparsity, 4, 10, 10, 1.0, 1.0, 1.0, 1.0, 3.0, 1, "cpu"),
+                eval=evaluation("eval/pruned/images", pruned),
+                dense=evaluation(str(dense_images), DENSE_EVAL),
+            )  # fmt: skip
+        record.write(job)
     return sweep
 
 
@@ -100,13 +97,13 @@ def table_cells(markdown: str) -> tuple[list[str], list[dict[str, str]]]:
 
 def test_collect_and_csv(sweep: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        jobs = report.collect(sweep)
+        jobs = collected.collect(sweep)
     assert [j.job for j in jobs] == [str(n) for n in range(len(JOBS))]
     assert [j.status for j in jobs] == ["completed"] * 4 + ["failed"] * 2
-    assert jobs[5].method == "magnitude" and jobs[5].sparsity == 0.5  # from .hydra alone
-    assert "CUDA out of memory" in caplog.text and "no results.json" in caplog.text
+    assert jobs[5].method == "magnitude" and jobs[5].sparsity == 0.5  # its "running" record
+    assert "CUDA out of memory" in caplog.text and "incomplete (running)" in caplog.text
 
-    report.write_csv(jobs, sweep / "results.csv")
+    tables.write_csv(jobs, sweep / "results.csv")
     with (sweep / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0])[:10] == [
@@ -121,14 +118,15 @@ def test_collect_and_csv(sweep: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert float(rows[1]["fid"]) == 10.0 and float(rows[1]["sharpness"]) == 1.0
     assert float(rows[1]["wall_seconds"]) == 3.0 and rows[1]["num_images"] == "3"
     assert rows[5]["error"] == "RuntimeError('CUDA out of memory')"
-    assert rows[6]["error"].startswith("no results.json") and rows[6]["sparsity"] == "0.5"
+    assert rows[6]["error"].startswith("incomplete (running)") and rows[6]["sparsity"] == "0.5"
 
 
 def test_markdown_bold_and_failed(sweep: Path) -> None:
-    text = report.markdown_report(report.collect(sweep), "sweep")
+    text = tables.markdown_report(collected.collect(sweep), "sweep")
     header, rows = table_cells(text)
     assert header == [
         "method", "sparsity", "FID ↓", "CLIP score ↑", "sharpness", "params", "s / image",
+        "generation s",
     ]  # fmt: skip
     assert rows[0]["method"] == "dense" and "**" not in "".join(rows[0].values())
     assert rows[0]["params"] == "2.03B" and rows[1]["params"] == "1M"
@@ -151,7 +149,7 @@ def test_markdown_bold_and_failed(sweep: Path) -> None:
     assert "**" not in "".join(r["sharpness"] for r in rows)  # no known direction: no bold
     failed = text.split("## Jobs that did not complete", 1)[1]
     assert "| 4 | tiny_sd3 | magnitude | 0.3 | RuntimeError('CUDA out of memory') |" in failed
-    assert "| 5 | tiny_sd3 | magnitude | 0.5 | no results.json" in failed
+    assert "| 5 | tiny_sd3 | magnitude | 0.5 | incomplete (running)" in failed
 
 
 def test_app_writes_everything(sweep: Path) -> None:
@@ -169,40 +167,41 @@ def test_app_writes_everything(sweep: Path) -> None:
     with Image.open(out / "grid.png") as opened:
         grid = opened.convert("RGB")
     methods, sparsities = ["obsdiff", "magnitude", "wanda"], [0.3, 0.5]  # obsdiff first
-    assert grid.size == report.cell_origin(len(methods), 1 + len(sparsities))
+    assert grid.size == figures.cell_origin(len(methods), 1 + len(sparsities))
     assert grid.size == (
-        report.LEFT + 3 * (report.CELL + report.GAP),
-        report.TOP + 3 * (report.CELL + report.GAP),
+        figures.LEFT + 3 * (figures.CELL + figures.GAP),
+        figures.TOP + 3 * (figures.CELL + figures.GAP),
     )
 
     def centre(row: int, col: int) -> tuple[int, int, int]:
-        x, y = report.cell_origin(row, col)
-        return grid.getpixel((x + report.CELL // 2, y + report.CELL // 2))  # type: ignore[return-value]
+        x, y = figures.cell_origin(row, col)
+        return grid.getpixel((x + figures.CELL // 2, y + figures.CELL // 2))  # type: ignore[return-value]
 
     for method, sparsity, colour, _, outcome in JOBS:
-        expected = colour if isinstance(outcome, dict) else report.PLACEHOLDER
+        expected = colour if isinstance(outcome, dict) else figures.PLACEHOLDER
         assert centre(methods.index(method), 1 + sparsities.index(sparsity)) == expected
     assert all(centre(row, 0) == DENSE_COLOUR for row in range(len(methods)))
 
 
 def test_prompt_id_and_placeholder(sweep: Path) -> None:
-    jobs = report.collect(sweep)
-    reference = report.references(jobs)["tiny_sd3"]
-    assert report.default_prompt_id([reference.images_dir, *(j.images_dir for j in jobs)]) == 1
-    grid = report.comparison_grid(jobs, reference, prompt_id=0)
+    jobs = collected.collect(sweep)
+    reference = collected.references(jobs)["tiny_sd3"]
+    assert figures.default_prompt_id([reference.images_dir, *(j.images_dir for j in jobs)]) == 1
+    grid = figures.comparison_grid(jobs, reference, prompt_id=0)
     assert grid is not None
-    x, y = report.cell_origin(0, 1)  # obsdiff at 0.3 has no image 0
-    assert grid.getpixel((x + report.CELL // 2, y + report.CELL // 2)) == report.PLACEHOLDER
-    assert report.comparison_grid(jobs[4:], None) is None  # no images at all
+    x, y = figures.cell_origin(0, 1)  # obsdiff at 0.3 has no image 0
+    assert grid.getpixel((x + figures.CELL // 2, y + figures.CELL // 2)) == figures.PLACEHOLDER
+    assert figures.comparison_grid(jobs[4:], None) is None  # no images at all
 
 
 def test_varying_settings_become_columns(tmp_path: Path) -> None:
     sweep = make_sweep(tmp_path)
-    results = json.loads((sweep / "3/results.json").read_text())
-    (sweep / "3/results.json").write_text(json.dumps({**results, "packages": 8}))
-    jobs = report.collect(sweep)
-    assert report.varying_keys(jobs) == ["packages"]
-    header, rows = table_cells(report.markdown_report(jobs, "sweep"))
+    record = RunRecord.read(sweep / "3")
+    record.identity.packages = 8
+    record.write(sweep / "3")
+    jobs = collected.collect(sweep)
+    assert collected.varying_keys(jobs) == ["packages"]
+    header, rows = table_cells(tables.markdown_report(jobs, "sweep"))
     assert header[:3] == ["method", "sparsity", "packages"] and rows[-1]["packages"] == "8"
 
 
@@ -213,7 +212,7 @@ def test_run_dir_and_sweep_of_sweeps(sweep: Path, tmp_path: Path) -> None:
     outer = tmp_path / "outer"
     outer.mkdir()
     sweep.rename(outer / "a")
-    assert [j.job for j in report.collect(outer)][:2] == ["a/0", "a/1"]
+    assert [j.job for j in collected.collect(outer)][:2] == ["a/0", "a/1"]
 
 
 def test_missing_or_empty_directory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -221,3 +220,23 @@ def test_missing_or_empty_directory(tmp_path: Path, caplog: pytest.LogCaptureFix
     assert "is not a directory" in caplog.text
     assert report.main([str(tmp_path)]) == 2
     assert "holds no run directories" in caplog.text
+
+
+def test_a_job_killed_before_its_first_record_and_an_older_record(tmp_path: Path) -> None:
+    """A job folder without results.json is listed (nothing else is read about it); a run
+    record of the previous version (format 1, flat) reads as the same job."""
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    (sweep / "1").mkdir()
+    (sweep / "1" / "results.json").write_text((DATA / "results_format1.json").read_text())
+    jobs = collected.collect(sweep)
+    assert (jobs[0].status, jobs[0].method) == ("failed", "?")
+    assert jobs[0].error.startswith("no results.json") or "does not exist" in jobs[0].error
+    old = jobs[1]
+    assert old.completed and (old.method, old.sparsity, old.model) == ("obsdiff", 0.5, "toy")
+    assert old.metrics["prompt_fidelity"] == pytest.approx(0.9638888888888889)
+    assert old.metrics["params"] == 1977040 and old.run["achieved_sparsity"] == 0.5
+    assert old.dense is not None and old.dense.metrics["prompt_fidelity"] > 0.96
+    (sweep / "1" / "results.json").write_text(json.dumps({"format": 99, "status": "completed"}))
+    assert "format 99, written by another version" in collected.collect(sweep)[1].error

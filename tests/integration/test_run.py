@@ -4,12 +4,14 @@ the dense cache, W&B offline, evaluation of a saved pruned run, bad input."""
 from __future__ import annotations
 
 import csv
-import json
+import shutil
 from pathlib import Path
 
 import pytest
 from app_runner import REPO_ROOT, run_app
 from PIL import Image
+
+from obsdiff.artifacts.record import RunRecord
 
 
 pytestmark = pytest.mark.integration
@@ -37,35 +39,31 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return sweep_dir, result.stdout + result.stderr
 
 
-def load(path: Path) -> dict:  # type: ignore[type-arg]
-    return json.loads(path.read_text())
-
-
 def test_sweep_records_every_job_with_dense_and_pruned_metrics(sweep) -> None:  # type: ignore[no-untyped-def]
     sweep_dir, output = sweep
-    results = {
-        (r["method"], r["sparsity"]): r
-        for r in (load(p) for p in sorted(sweep_dir.glob("*/results.json")))
-    }
+    records = [RunRecord.read(p.parent) for p in sorted(sweep_dir.glob("*/results.json"))]
+    results = {(r.identity.method, r.identity.sparsity): r for r in records}
     assert len(results) == 6, output[-3000:]
-    failed = {k for k, r in results.items() if r["status"] == "failed"}
+    failed = {k for k, r in results.items() if r.status == "failed"}
     assert failed == {("l1", 0.3), ("l1", 0.5)}
-    assert all("structured" in results[k]["error"] for k in failed)
+    assert all("structured" in (results[k].error or "") for k in failed)
     done = [r for k, r in results.items() if k not in failed]
     for r in done:
-        assert r["achieved_sparsity"] == pytest.approx(r["sparsity"], abs=1e-3)
-        for section in ("eval", "dense"):
-            metrics = r[section]
-            assert metrics["num_images"] == 3 and 0 <= metrics["clip_score"] <= 1
-            assert len(list(Path(metrics["images_dir"]).glob("*.png"))) == 3
-            assert metrics["seconds_per_image"] > 0
-        assert r["eval"]["fid"] > 0 and "fid" not in r["dense"]  # FID against the dense images
-        assert r["eval"]["params"] == r["dense"]["params"]  # unstructured: zeros, same shapes
+        assert r.prune is not None and r.eval is not None and r.dense is not None
+        assert r.prune.achieved_sparsity == pytest.approx(r.identity.sparsity, abs=1e-3)
+        for evaluation in (r.eval, r.dense):
+            assert evaluation.num_images == 3 and 0 <= evaluation.metrics["clip_score"] <= 1
+            assert len(list(Path(evaluation.images_dir).glob("*.png"))) == 3
+            assert evaluation.efficiency is not None and evaluation.efficiency.seconds_per_image > 0
+        # FID against the dense images
+        assert r.eval.metrics["fid"] > 0 and "fid" not in r.dense.metrics
+        # unstructured: zeros, same shapes
+        assert r.eval.efficiency.params == r.dense.efficiency.params  # type: ignore[union-attr]
     # the dense model was evaluated once and shared by every job of the sweep
-    assert len({r["dense"]["images_dir"] for r in done}) == 1
+    assert len({r.dense.images_dir for r in done}) == 1  # type: ignore[union-attr]
     assert output.count("dense evaluation from the cache") == len(done) - 1
-    fids = {(r["method"], r["sparsity"]): r["eval"]["fid"] for r in done}
-    assert len(set(fids.values())) == 4  # every pruned model has its own images
+    fids = {r.eval.metrics["fid"] for r in done}  # type: ignore[union-attr]
+    assert len(fids) == 4  # every pruned model has its own images
 
 
 def test_report_of_the_sweep(sweep) -> None:  # type: ignore[no-untyped-def]
@@ -85,6 +83,18 @@ def test_report_of_the_sweep(sweep) -> None:  # type: ignore[no-untyped-def]
         assert Image.open(report / "plots" / f"{metric}.png").size[0] > 100
     grid = Image.open(report / "grid.png")
     assert grid.size[0] > grid.size[1] > 64  # 2 methods x (dense + 2 sparsities)
+
+    # the report reads the run records alone: without Hydra's folders it is the same report
+    copy = sweep_dir.parent / "without_hydra"
+    shutil.copytree(sweep_dir, copy, ignore=shutil.ignore_patterns("report"))
+    for folder in copy.glob("*/.hydra"):
+        shutil.rmtree(folder)
+    assert not list(copy.glob("*/.hydra")) and (copy / "0" / "results.json").is_file()
+    assert run_app("obsdiff.report", str(copy)).returncode == 0
+    title = (report / "results.md").read_text().replace(str(sweep_dir), str(copy))
+    assert (copy / "report" / "results.md").read_text() == title  # the sweep's name in it
+    for name in ("results.csv", "grid.png", "plots/fid.png"):  # images: the records' paths
+        assert (copy / "report" / name).read_bytes() == (report / name).read_bytes(), name
 
 
 def test_wandb_offline_run_and_evaluate_app(sweep, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -112,18 +122,21 @@ def test_wandb_offline_run_and_evaluate_app(sweep, tmp_path: Path) -> None:  # t
         f"hydra.run.dir={evaluated}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    again, first = load(evaluated / "results.json"), load(tmp_path / "pruned" / "results.json")
-    assert again["method"] == "obsdiff" and again["sparsity"] == 0.4
+    again, first = RunRecord.read(evaluated), RunRecord.read(tmp_path / "pruned")
+    assert again.identity.method == "obsdiff" and again.identity.sparsity == 0.4
+    assert again.identity.pruned_run == str(tmp_path / "pruned")
+    assert again.prune == first.prune  # the prune run's figures, carried over
+    assert again.eval is not None and first.eval is not None
     # the saved pruned model, loaded in another process, reproduces the in-memory one's images
     # pixel for pixel (the same arithmetic on weights in allocator memory, obsdiff.utils.memory),
     # hence its scores exactly
-    ours, theirs = Path(first["eval"]["images_dir"]), Path(again["eval"]["images_dir"])
+    ours, theirs = Path(first.eval.images_dir), Path(again.eval.images_dir)
     images = sorted(ours.glob("*.png"))
     assert len(images) == 3 and ours != theirs
     for image in images:
         assert Image.open(image).tobytes() == Image.open(theirs / image.name).tobytes()
-    assert again["eval"]["clip_score"] == first["eval"]["clip_score"]
-    assert again["eval"]["fid"] == first["eval"]["fid"]
+    assert again.eval.metrics["clip_score"] == first.eval.metrics["clip_score"]
+    assert again.eval.metrics["fid"] == first.eval.metrics["fid"]
 
 
 def test_bad_eval_settings_fail_before_any_work(tmp_path: Path) -> None:

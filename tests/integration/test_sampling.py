@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from obsdiff.eval.generation import generate, sample_to_dir
 from obsdiff.models import SD3Adapter
-from obsdiff.sampling import generate, sample_to_dir
 
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,9 @@ from app_runner import run_app
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from hydra import compose, initialize_config_dir
 
-from obsdiff.config import CONF_DIR, instantiate_model
-from obsdiff.sampling import generate
+from obsdiff.app.config import CONF_DIR, instantiate_model
+from obsdiff.artifacts.record import RunRecord
+from obsdiff.eval.generation import generate
 from obsdiff.toy.data import split_scenes
 from obsdiff.toy.pipeline import PIPELINE_DIR
 from obsdiff.toy.prompt_fidelity import PromptFidelity
@@ -72,11 +73,13 @@ def test_training_is_deterministic_from_its_seed(tmp_path: Path) -> None:
 def test_default_run_prunes_and_evaluates_the_toy_model(tmp_path: Path) -> None:
     result = run_app("obsdiff.run", f"paths.output_root={tmp_path}", f"hydra.run.dir={tmp_path}/r")
     assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert (results["model"], results["method"], results["sparsity"]) == ("toy", "obsdiff", 0.5)
-    for section in ("eval", "dense"):
-        assert results[section]["num_images"] == 144
-        assert 0 <= results[section]["prompt_fidelity"] <= 1 and results[section]["fid"] >= 0
-        assert Path(results[section]["grid"]).is_file()
-    assert results["dense"]["prompt_fidelity"] >= 0.9  # measured 0.968
+    record = RunRecord.read(tmp_path / "r")
+    names = record.identity
+    assert (names.model, names.method, names.sparsity) == ("toy", "obsdiff", 0.5)
+    for evaluation in (record.eval, record.dense):
+        assert evaluation is not None and evaluation.num_images == 144
+        assert 0 <= evaluation.metrics["prompt_fidelity"] <= 1 and evaluation.metrics["fid"] >= 0
+        assert Path(evaluation.grid).is_file()
+    assert record.dense is not None
+    assert record.dense.metrics["prompt_fidelity"] >= 0.9  # measured 0.968
     assert "prompt_fidelity" in result.stdout + result.stderr  # the short table

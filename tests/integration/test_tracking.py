@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from obsdiff.eval.tracking import WandbLogger, resolve_mode
+from obsdiff.artifacts.tracking import WandbLogger, resolve_mode
 
 
 pytestmark = pytest.mark.integration

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from obsdiff.app import block_range, number, setting_differences
-from obsdiff.config import ConfigError
+from obsdiff.app.config import ConfigError
+from obsdiff.app.settings import block_range, number
+from obsdiff.app.shell import setting_differences
 
 
 pytestmark = pytest.mark.unit

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from obsdiff.calibration.sequential import LoopReport
-from obsdiff.workflow import Checkpointer
+from obsdiff.oneshot.checkpoint import Checkpointer
 
 
 pytestmark = pytest.mark.unit

@@ -15,7 +15,7 @@ from obsdiff.models import (
     SD3Adapter,
     SDXLAdapter,
 )
-from obsdiff.models.base import looks_like_local_path, null_components
+from obsdiff.models.loading import looks_like_local_path, null_components
 from obsdiff.utils.devices import resolve_device
 from obsdiff.utils.images import make_grid
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from obsdiff.calibration.prompts import BUNDLED_PROMPTS, PromptFileError, load_prompts
+from obsdiff.prompts.files import BUNDLED_PROMPTS, PromptFileError, load_prompts
 
 
 pytestmark = pytest.mark.unit

@@ -140,8 +140,8 @@ def test_bad_input_is_refused() -> None:
 def test_reduced_precision_products_accumulate_in_float32() -> None:
     x = torch.randn(3, 20, 16, generator=torch.Generator().manual_seed(6))
     exact = InputStatistics(16, moments=False)
-    low = InputStatistics(16, moments=False, product="bfloat16")
-    tf32 = InputStatistics(16, moments=False, product="tf32")
+    low = InputStatistics(16, moments=False, hessian_precision="bfloat16")
+    tf32 = InputStatistics(16, moments=False, hessian_precision="tf32")
     for stats in (exact, low, tf32):
         stats.update(x, 1.2)
     rounded = x.to(torch.bfloat16).to(torch.float32).reshape(-1, 16)
@@ -149,5 +149,5 @@ def test_reduced_precision_products_accumulate_in_float32() -> None:
     torch.testing.assert_close(low.xtx, 1.2 * rounded.T @ rounded)
     torch.testing.assert_close(low.hessian_matrix(), exact.hessian_matrix(), rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(tf32.hessian_matrix(), exact.hessian_matrix())  # CPU: plain float32
-    with pytest.raises(ValueError, match="product="):
-        InputStatistics(4, product="fp8")
+    with pytest.raises(ValueError, match="hessian_precision="):
+        InputStatistics(4, hessian_precision="fp8")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from obsdiff.calibration.prompts import (
+from obsdiff.prompts.files import (
     PromptFileError,
     file_sha256,
     load_prompts,

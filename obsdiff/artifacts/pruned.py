@@ -1,15 +1,16 @@
 """Pruned models on disk: safetensors weights plus a manifest, loaded back without unpickling.
 
-A run directory holds `denoiser.safetensors` (the whole pruned denoiser state), `manifest.json`
-(base model config, method, sparsity, weighting, packages, calibration set, per-layer records,
-versions) and `config.yaml` (the resolved Hydra config). `load_pruned(run_dir)` rebuilds the base
-pipeline from the manifest's model config (hub id, local path, or the tiny recipe built in code)
-and loads the pruned denoiser into it.
+A pruned model's directory holds `denoiser.safetensors` (the whole pruned denoiser state) and
+`manifest.json` (base model config, method, sparsity, weighting, packages, calibration set,
+per-layer records, versions); a run of the apps adds `config.yaml` and `results.json`.
+`load_pruned(run_dir)` rebuilds the base pipeline from the manifest's model config (hub id,
+local path, or the tiny recipe built in code) and loads the pruned denoiser into it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ import yaml
 from diffusers import DiffusionPipeline
 from torch import nn
 
+from obsdiff.artifacts.record import PruneResult
 from obsdiff.models import adapter_for
 from obsdiff.models.base import ModelAdapter, adapter_from_config
-from obsdiff.surgery import restore_shapes
+from obsdiff.models.surgery import restore_shapes
 from obsdiff.utils.io import save_tensors, write_json
 
 
@@ -28,9 +30,28 @@ MANIFEST = "manifest.json"
 WEIGHTS = "denoiser.safetensors"
 
 
-def save_pruned(run_dir: Path, denoiser: nn.Module, manifest: dict[str, Any]) -> None:
-    save_tensors(run_dir / WEIGHTS, denoiser.state_dict())
-    write_json(run_dir / MANIFEST, manifest)
+@dataclass
+class PrunedModel:
+    """A pruned pipeline with its adapter and manifest: what `obsdiff.prune` returns and
+    `load_pruned` gives back. `result`: the prune run's figures (None when loaded)."""
+
+    pipeline: DiffusionPipeline
+    adapter: ModelAdapter
+    manifest: dict[str, Any]
+    result: PruneResult | None = None
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.adapter.denoiser(self.pipeline)
+
+
+def save_pruned(pruned: PrunedModel, run_dir: str | Path) -> Path:
+    """Write the pruned denoiser (safetensors) and its manifest into `run_dir`; returns it."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors(run_dir / WEIGHTS, pruned.denoiser.state_dict())
+    write_json(run_dir / MANIFEST, pruned.manifest)
+    return run_dir
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
@@ -52,8 +73,8 @@ def load_pruned(
     run_dir: str | Path,
     pretrained: str | None = None,
     pipeline: DiffusionPipeline | None = None,
-) -> tuple[DiffusionPipeline, ModelAdapter, dict[str, Any]]:
-    """(pipeline with the pruned denoiser, its model adapter, the manifest), on the CPU.
+) -> PrunedModel:
+    """The pipeline with the pruned denoiser, its model adapter and the manifest, on the CPU.
 
     `pretrained` points at another copy of the base model (e.g. a local path on this machine);
     `pipeline` is the base pipeline itself, in memory (needed for a run of `obsdiff.api.prune`
@@ -79,4 +100,4 @@ def load_pruned(
         restore_shapes(denoiser, manifest["structure"])
     state = safetensors.torch.load_file(str(Path(run_dir) / WEIGHTS))
     denoiser.load_state_dict(state, strict=True)
-    return pipe, adapter, manifest
+    return PrunedModel(pipe, adapter, manifest)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from obsdiff.models.base import HeadGroup, NeuronGroup, linear_at
+from obsdiff.models.structure import HeadGroup, NeuronGroup, linear_at
 
 
 def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,11 +23,11 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from torch import nn
 
-from obsdiff.eval.efficiency import measure_efficiency
+from obsdiff.eval.efficiency import Efficiency, measure_efficiency
 from obsdiff.eval.fid import FID
 from obsdiff.eval.generation import IMAGES, generate_images
-from obsdiff.eval.prompt_sets import EvalPrompts
 from obsdiff.models.base import ModelAdapter
+from obsdiff.prompts.eval_sets import EvalPrompts
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.images import make_grid
 from obsdiff.utils.io import write_json
@@ -38,6 +38,44 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 GRID_FILE = "grid.png"
 DENSE_REFERENCE = "dense"
+
+
+@dataclass
+class Evaluation:
+    """One model's evaluation on one prompt set: `eval/metrics.json`, and the `eval` and `dense`
+    sections of a run record. `metrics` holds the scores (fid, clip_score, ...) with what they
+    were measured with (fid_reference, clip_model, ...); `efficiency` the size and latency."""
+
+    set: str
+    prompts: dict[str, Any]  # the prompt set's description (source, hashes, count)
+    num_images: int
+    seed: int
+    images_dir: str
+    grid: str
+    generation_seconds: float
+    metrics_key: str  # hash of the metric settings: a cached evaluation is reused only if equal
+    grid_prompts: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    efficiency: Efficiency | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Evaluation:
+        """From `as_dict`, or from the flat record of earlier versions (scores and efficiency beside
+        the other keys), so that older dense caches and run directories still read."""
+        if "metrics" in data and isinstance(data["metrics"], dict):
+            efficiency = data.get("efficiency")
+            return cls(**{**data, "efficiency": Efficiency(**efficiency) if efficiency else None})
+        own = {f.name for f in fields(cls)} - {"metrics", "efficiency"}
+        measured = {f.name for f in fields(Efficiency)}
+        efficiency = {k: v for k, v in data.items() if k in measured}
+        return cls(
+            **{k: v for k, v in data.items() if k in own},
+            metrics={k: v for k, v in data.items() if k not in own | measured},
+            efficiency=Efficiency(**efficiency) if len(efficiency) == len(measured) else None,
+        )
 
 
 @dataclass
@@ -121,37 +159,40 @@ def evaluate_pipeline(
     out_dir: Path,
     parallel: DataParallel | None = None,
     dense_images: Path | None = None,
-) -> dict[str, Any]:
-    """Images into `out_dir/images`, metrics into `out_dir/metrics.json` (returned on every
-    rank; only rank 0 scores). `dense_images`: the reference of `fid.reference=dense`."""
+) -> Evaluation:
+    """Images into `out_dir/images`, the evaluation into `out_dir/metrics.json` (returned on
+    every rank; only rank 0 scores). `dense_images`: the reference of `fid.reference=dense`."""
     parallel = parallel or DataParallel()
     started = time.perf_counter()
     manifest = generate_images(
         pipe, model, settings.prompts, out_dir, settings.seed, settings.batch_size, parallel
     )
-    generation_seconds = time.perf_counter() - started
-    metrics: dict[str, Any] = {
-        "set": settings.name,
-        "prompts": settings.prompts.describe(),
-        "num_images": len(manifest),
-        "seed": settings.seed,
-        "images_dir": str((out_dir / IMAGES).resolve()),
-        "grid": str((out_dir / GRID_FILE).resolve()),
-        "generation_seconds": round(generation_seconds, 4),
-        "metrics_key": settings.metrics_key(),
-    }
+    evaluation = Evaluation(
+        set=settings.name,
+        prompts=settings.prompts.describe(),
+        num_images=len(manifest),
+        seed=settings.seed,
+        images_dir=str((out_dir / IMAGES).resolve()),
+        grid=str((out_dir / GRID_FILE).resolve()),
+        generation_seconds=round(time.perf_counter() - started, 4),
+        metrics_key=settings.metrics_key(),
+    )
     if parallel.is_main:
         files = [out_dir / entry["file"] for entry in manifest]
         prompts = [entry["prompt"] for entry in manifest]
         grid: list[Image.Image] = [Image.open(file) for file in files[: settings.grid_size]]
         make_grid(grid).save(out_dir / GRID_FILE)
-        metrics["grid_prompts"] = prompts[: settings.grid_size]
-        metrics.update(_score(pipe, model, settings, out_dir, files, prompts, dense_images))
-        write_json(out_dir / METRICS_FILE, metrics)
+        evaluation.grid_prompts = prompts[: settings.grid_size]
+        evaluation.metrics = _score(pipe, model, settings, out_dir, files, prompts, dense_images)
+        if settings.efficiency_repeats > 0:
+            evaluation.efficiency = measure_efficiency(
+                pipe, model, repeats=settings.efficiency_repeats
+            )
+        write_json(out_dir / METRICS_FILE, evaluation.as_dict())
     parallel.barrier()
     if not parallel.is_main:
-        metrics = json.loads((out_dir / METRICS_FILE).read_text())
-    return metrics
+        evaluation = Evaluation.from_dict(json.loads((out_dir / METRICS_FILE).read_text()))
+    return evaluation
 
 
 def _score(
@@ -174,8 +215,6 @@ def _score(
             scores.update(settings.fid.metric(dense_images, device).compute(out_dir / IMAGES))
     for metric in settings.text_image:
         scores.update(metric.compute(files, prompts))
-    if settings.efficiency_repeats > 0:
-        scores.update(measure_efficiency(pipe, model, repeats=settings.efficiency_repeats))
     log.info(
         "%s on %s (%d images): %s",
         model.name,
@@ -201,8 +240,8 @@ def evaluate_dense(
     root: Path,
     device: torch.device,
     parallel: DataParallel | None = None,
-) -> dict[str, Any]:
-    """The dense model's metrics: read from the cache when complete, else computed (resuming
+) -> Evaluation:
+    """The dense model's evaluation: read from the cache when complete, else computed (resuming
     from the images already there) and cached. The pipeline is freed before returning."""
     parallel = parallel or DataParallel()
     out_dir = dense_dir(root, model, model_config, settings)
@@ -211,7 +250,7 @@ def evaluate_dense(
         metrics = json.loads(cached.read_text())
         if metrics.get("metrics_key") == settings.metrics_key():
             log.info("dense evaluation from the cache: %s", out_dir)
-            return dict(metrics)
+            return Evaluation.from_dict(metrics)
     pipe = model.load().to(device)
     try:
         return evaluate_pipeline(pipe, model, settings, out_dir, parallel)

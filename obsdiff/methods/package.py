@@ -1,0 +1,153 @@
+"""What a method receives and returns for one package: the same types at every granularity.
+
+A `Package` holds its input groups (the linears that read one input, with that input's
+statistics) and, for structured pruning, the head and neuron groups of its blocks whose consumers
+it holds. A method prunes it towards a `Target` (an unstructured or N:M pattern, or `Structured`)
+and returns one record per linear (`LayerRecord`) or per head/neuron group (`StructuredRecord`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from obsdiff.models.structure import HeadGroup, NeuronGroup
+from obsdiff.pruning.patterns import Pattern
+from obsdiff.pruning.statistics import InputStatistics
+
+
+@dataclass(frozen=True)
+class Structured:
+    """Remove round(units x sparsity) attention heads and FFN neurons of every group."""
+
+    sparsity: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity={self.sparsity} must lie in [0, 1)")
+
+
+Target = Pattern | Structured
+
+
+@dataclass
+class InputGroup:
+    """Linears (qualified names) that read one input, with that input's statistics."""
+
+    names: list[str]
+    modules: list[nn.Linear]
+    stats: InputStatistics | None
+    ffn: list[bool] = field(default_factory=list)  # per linear: part of a feed-forward network
+
+    def is_ffn(self, index: int) -> bool:
+        return bool(self.ffn) and self.ffn[index]
+
+
+@dataclass
+class StructuredBlock:
+    """One block's head and neuron groups whose consumers all lie in the package."""
+
+    name: str
+    module: nn.Module
+    heads: list[HeadGroup]
+    neurons: list[NeuronGroup]
+
+
+@dataclass
+class Package:
+    groups: list[InputGroup]
+    blocks: list[StructuredBlock] = field(default_factory=list)  # structured pruning only
+
+    def hessian(self, name: str, offset: int, width: int) -> torch.Tensor | None:
+        """The (width, width) block of the Hessian of the input read by linear `name`, from
+        input column `offset` (None without statistics)."""
+        group = next((g for g in self.groups if g.names[0] == name), None)
+        if group is None or group.stats is None:
+            return None
+        return group.stats.hessian_matrix()[offset : offset + width, offset : offset + width]
+
+
+@dataclass
+class LayerRecord:
+    """What pruning did to one linear (unstructured and N:M)."""
+
+    type: ClassVar[str] = "layer"
+    name: str
+    shape: tuple[int, ...]
+    pruned: int
+    loss: float | None = None
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / (self.shape[0] * self.shape[1])
+
+    @property
+    def units(self) -> tuple[int, int]:
+        """(pruned, total): weights."""
+        return self.pruned, self.shape[0] * self.shape[1]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "name": self.name,
+            "shape": list(self.shape),
+            "pruned": self.pruned,
+            "sparsity": self.sparsity,
+            "loss": self.loss,
+        }
+
+
+@dataclass
+class StructuredRecord:
+    """Units one head or neuron group lost."""
+
+    type: ClassVar[str] = "structured"
+    block: str
+    group: str  # the attention module, or the FFN down-projection
+    kind: str  # "heads" or "neurons"
+    before: int
+    removed: list[int]
+
+    @property
+    def units(self) -> tuple[int, int]:
+        """(pruned, total): heads or neurons."""
+        return len(self.removed), self.before
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "block": self.block,
+            "group": self.group,
+            "kind": self.kind,
+            "before": self.before,
+            "removed": self.removed,
+        }
+
+
+PruneRecord = LayerRecord | StructuredRecord
+
+
+def record_from_dict(data: dict[str, Any]) -> PruneRecord:
+    """The record `as_dict` wrote (records of checkpoints before the `type` key: by their keys)."""
+    kind = data.get("type") or ("structured" if "removed" in data else "layer")
+    if kind == StructuredRecord.type:
+        return StructuredRecord(
+            data["block"], data["group"], data["kind"], data["before"], data["removed"]
+        )
+    return LayerRecord(data["name"], tuple(data["shape"]), data["pruned"], data["loss"])
+
+
+def achieved_sparsity(records: list[PruneRecord]) -> float:
+    """Pruned units over all units of the records: weights of the target linears (unstructured,
+    N:M), or heads and neurons of the pruned groups (structured)."""
+    pruned = sum(r.units[0] for r in records)
+    total = sum(r.units[1] for r in records)
+    return pruned / total if total else 0.0
+
+
+def write_weight(module: nn.Linear, weight: torch.Tensor, mask: torch.Tensor) -> None:
+    """Store a pruned weight in the module's dtype; pruned entries are exact zeros."""
+    module.weight.data.copy_(weight.to(module.weight.dtype).masked_fill(mask, 0))

@@ -1,0 +1,67 @@
+"""Structured pruning of one package: for every head and neuron group of the package, the method
+picks the units to drop (and, for OBS, compensates the consumers), then the block is cut
+(`obsdiff.models.surgery`). Counts follow the paper: round(units * sparsity)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from obsdiff.methods.package import Package, StructuredRecord
+from obsdiff.models.structure import linear_at
+from obsdiff.models.surgery import Surgery
+from obsdiff.pruning.obs_structured import structured_count
+
+
+if TYPE_CHECKING:
+    from obsdiff.methods.base import PruningMethod
+
+
+@torch.no_grad()
+def prune_structured(
+    method: PruningMethod, package: Package, sparsity: float
+) -> list[StructuredRecord]:
+    """Select, compensate and cut every group of the package; returns what each lost."""
+    records: list[StructuredRecord] = []
+    for block in package.blocks:
+        module, surgery = block.module, Surgery()
+        for group in block.heads:
+            n_heads = int(module.get_submodule(group.attention).heads)  # type: ignore[arg-type]
+            head_dim = linear_at(module, group.producers[0]).out_features // n_heads
+            width = n_heads * head_dim
+            consumers = [
+                linear_at(module, n).weight.data[:, o : o + width] for n, o in group.consumers
+            ]
+            hessians = [package.hessian(f"{block.name}.{n}", o, width) for n, o in group.consumers]
+            producers = [linear_at(module, n).weight.data for n in group.producers]
+            new_weights, removed = method.select_heads(
+                [c.float() for c in consumers],
+                hessians,
+                producers,
+                head_dim,
+                structured_count(n_heads, sparsity),
+            )
+            for (name, offset), weight in zip(group.consumers, new_weights, strict=True):
+                target = linear_at(module, name).weight.data
+                target[:, offset : offset + width] = weight.to(target.dtype)
+            surgery.remove_heads(group, removed, head_dim)
+            records.append(StructuredRecord(block.name, group.attention, "heads", n_heads, removed))
+        for neuron_group in block.neurons:
+            name, offset = neuron_group.consumer
+            width = neuron_group.width
+            down = linear_at(module, name).weight.data
+            producers = [
+                linear_at(module, n).weight.data[o : o + width] for n, o in neuron_group.producers
+            ]
+            new_weight, removed = method.select_neurons(
+                down[:, offset : offset + width].float(),
+                package.hessian(f"{block.name}.{name}", offset, width),
+                producers,
+                structured_count(width, sparsity),
+            )
+            down[:, offset : offset + width] = new_weight.to(down.dtype)
+            surgery.remove_neurons(neuron_group, removed)
+            records.append(StructuredRecord(block.name, name, "neurons", width, removed))
+        surgery.apply(module)
+    return records

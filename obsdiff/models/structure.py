@@ -1,0 +1,87 @@
+"""The structure a family's adapter declares: basic units (groups of linears reading one
+input), the head and neuron groups structured pruning removes, and lookups of linears."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+
+InputNames = tuple[str, ...]  # linears of one block (relative names) that read one input tensor
+Unit = tuple[InputNames, ...]  # a basic unit: groups whose inputs do not depend on each other
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """Attention heads of one attention module (names relative to the block).
+
+    Head h owns rows [h d, (h + 1) d) of every producer (q/k/v, add_q/k/v) and columns
+    [offset + h d, offset + (h + 1) d) of every consumer (the output projections, one per
+    stream); `attention` is the module whose `heads` count changes.
+    """
+
+    attention: str
+    producers: tuple[str, ...]
+    consumers: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class NeuronGroup:
+    """FFN neurons: neuron i is row offset + i of each producer (both GEGLU halves) and column
+    offset + i of the consumer (the down-projection); `width` neurons in all."""
+
+    producers: tuple[tuple[str, int], ...]
+    consumer: tuple[str, int]
+    width: int
+
+
+def head_group(
+    block: nn.Module,
+    attention: str,
+    producers: Sequence[str],
+    consumers: Sequence[str],
+    offset: int = 0,
+) -> list[HeadGroup]:
+    """[the group] restricted to the linears present, or [] when the attention is absent."""
+    kept_producers = tuple(name for name in producers if is_linear(block, name))
+    kept_consumers = tuple((name, offset) for name in consumers if is_linear(block, name))
+    if not (kept_producers and kept_consumers):
+        return []
+    return [HeadGroup(attention, kept_producers, kept_consumers)]
+
+
+def ffn_group(block: nn.Module, up: str, down: str, gated: bool = False) -> list[NeuronGroup]:
+    """[the FFN's neurons] (a gated up-projection holds value and gate halves), or []."""
+    if not (is_linear(block, up) and is_linear(block, down)):
+        return []
+    width = linear_at(block, down).in_features
+    producers = ((up, 0), (up, width)) if gated else ((up, 0),)
+    return [NeuronGroup(producers, (down, 0), width)]
+
+
+def present_groups(block: nn.Module, groups: Sequence[InputNames]) -> Unit:
+    """The groups restricted to the linears `block` really has (SD3's last block has no context
+    output path, SD3.5-Medium has `attn2` only in its first blocks)."""
+    kept = []
+    for group in groups:
+        names = tuple(name for name in group if is_linear(block, name))
+        if names:
+            kept.append(names)
+    return tuple(kept)
+
+
+def linear_at(module: nn.Module, name: str) -> nn.Linear:
+    """The nn.Linear at `name` inside `module` (a clear error if it is something else)."""
+    found = module.get_submodule(name)
+    if not isinstance(found, nn.Linear):
+        raise TypeError(f"{name} is a {type(found).__name__}, not an nn.Linear")
+    return found
+
+
+def is_linear(block: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(block.get_submodule(name), nn.Linear)
+    except AttributeError:
+        return False

@@ -1,0 +1,1 @@
+"""The one-shot prune run: the job and its checks, the run, its resume checkpoint."""

@@ -1,0 +1,179 @@
+"""A prune job: typed settings, checked in every combination before any weights are loaded
+(the model's layout from its architecture alone), and the key that names its result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from obsdiff.calibration.packages import UnitRef, list_units, split_packages
+from obsdiff.calibration.sequential import (
+    CalibrationSettings,
+)
+from obsdiff.methods.base import PruningMethod
+from obsdiff.methods.granularity import Granularity
+from obsdiff.methods.package import Structured, Target
+from obsdiff.models.base import ModelAdapter
+from obsdiff.models.structure import linear_at
+from obsdiff.prompts.files import PromptSet
+from obsdiff.pruning.obs_structured import structured_count
+from obsdiff.pruning.patterns import NM
+from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.pruning.statistics import HESSIAN_PRECISIONS
+
+
+log = logging.getLogger(__name__)
+
+
+class JobError(ValueError):
+    """The combination of settings cannot run; raised before any model is loaded."""
+
+
+@dataclass
+class PruneJob:
+    model: ModelAdapter
+    model_config: dict[str, Any]
+    method: PruningMethod
+    granularity: Granularity
+    sparsity: float
+    weighting: TimestepWeighting
+    packages: int
+    prompts: PromptSet
+    calibration: CalibrationSettings
+    device: torch.device
+    blocks: tuple[int, int] | None = None
+    save: bool = True
+    keep_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            self.method.check_granularity(self.granularity.kind)
+            self.target: Target = self.granularity.target(self.sparsity)
+            self.weighting.weights(self.model.sampling.num_inference_steps)
+        except ValueError as err:
+            raise JobError(str(err)) from err
+        if self.packages < 1:
+            raise JobError(f"packages={self.packages} must be >= 1")
+        if self.blocks is not None and not (0 <= self.blocks[0] < self.blocks[1]):
+            raise JobError(f"blocks={list(self.blocks)} must be [start, end) with 0 <= start < end")
+        if self.calibration.hessian_precision not in HESSIAN_PRECISIONS:
+            raise JobError(
+                f"calibration.hessian_precision={self.calibration.hessian_precision!r}; use one "
+                f"of {HESSIAN_PRECISIONS}"
+            )
+        if self.calibration.batch_size < 1:
+            raise JobError(f"calibration.batch_size={self.calibration.batch_size} must be >= 1")
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that change the pruned weights, and only those (not where the run is
+        written, on which device, with what logging): what `run_key` hashes."""
+        steps = self.model.sampling.num_inference_steps
+        return {
+            "model": self.model_config,
+            "method": self.method.describe(),
+            "granularity": self.granularity.name,
+            "sparsity": self.sparsity,
+            "weighting": self.weighting.describe(steps),
+            "packages": self.packages,
+            "blocks": None if self.blocks is None else list(self.blocks),
+            "prompts_sha256": self.prompts.describe()["prompts_sha256"],
+            "calibration": asdict(self.calibration),
+        }
+
+    @property
+    def run_key(self) -> str:
+        """Hash of `settings()`: a checkpoint or saved model of another key is another run."""
+        text = json.dumps(self.settings(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def plan_packages(
+    job: PruneJob, denoiser: nn.Module
+) -> tuple[list[list[UnitRef]], list[tuple[str, nn.Linear]]]:
+    """The packages and target linears of `job` on `denoiser`, with every layout check (block
+    range, package count, N:M columns, head and FFN widths). Works on the weightless skeleton
+    (`check_layout`) as on the loaded denoiser."""
+    structured = isinstance(job.target, Structured)
+    try:
+        units = list_units(job.model, denoiser, job.blocks, structured=structured)
+        packages = split_packages(units, job.packages)
+    except ValueError as err:
+        raise JobError(str(err)) from err
+    targets = _target_modules(denoiser, packages)
+    if structured:
+        _check_structured(job.model, denoiser, units, job.sparsity)
+    else:
+        _check_nm_columns(targets, job.target)
+    return packages, targets
+
+
+def check_layout(job: PruneJob) -> None:
+    """Every layout check of `plan_packages` on the model's architecture alone (built from its
+    config on the meta device, or the tiny recipe): before any weights are loaded."""
+    plan_packages(job, job.model.denoiser_skeleton())
+
+
+def _target_modules(
+    denoiser: nn.Module, packages: list[list[UnitRef]]
+) -> list[tuple[str, nn.Linear]]:
+    return [
+        (name, linear_at(denoiser, name))
+        for package in packages
+        for unit in package
+        for name in unit.module_names
+    ]
+
+
+def _check_nm_columns(targets: list[tuple[str, nn.Linear]], pattern: Target) -> None:
+    if isinstance(pattern, NM):
+        for name, module in targets:
+            if module.in_features % pattern.m:
+                raise JobError(
+                    f"{name} has {module.in_features} inputs, not divisible by M={pattern.m} of "
+                    f"{pattern.n}:{pattern.m}; exclude its block with blocks=[start,end)"
+                )
+
+
+def _check_structured(
+    adapter: ModelAdapter, denoiser: nn.Module, units: list[UnitRef], sparsity: float
+) -> None:
+    """Every head group splits evenly into heads, every FFN into its recorded width, and the
+    sparsity leaves at least one head and one neuron in each."""
+    for block_name in dict.fromkeys(unit.block_name for unit in units):
+        block = denoiser.get_submodule(block_name)
+        heads, neurons = adapter.structured_groups(block)
+        for group in heads:
+            count = int(block.get_submodule(group.attention).heads)  # type: ignore[arg-type]
+            _check_keeps_one(sparsity, count, f"heads of {block_name}.{group.attention}")
+            for name in group.producers:
+                width = linear_at(block, name).out_features
+                if width % count:
+                    raise JobError(
+                        f"{block_name}.{name} has {width} outputs, not divisible into the "
+                        f"{count} heads of {block_name}.{group.attention}"
+                    )
+        for neuron_group in neurons:
+            where = f"FFN neurons of {block_name}.{neuron_group.consumer[0]}"
+            _check_keeps_one(sparsity, neuron_group.width, where)
+            for name, offset in neuron_group.producers:
+                if linear_at(block, name).out_features < offset + neuron_group.width:
+                    raise JobError(
+                        f"{block_name}.{name} has fewer outputs than the {neuron_group.width} "
+                        "FFN neurons its down-projection reads"
+                    )
+
+
+def _check_keeps_one(sparsity: float, units: int, what: str) -> None:
+    removed = structured_count(units, sparsity)
+    if removed >= units:
+        raise JobError(
+            f"sparsity={sparsity} would remove all {units} {what} (round({units} x {sparsity}) = "
+            f"{removed}); structured pruning keeps at least one: use a sparsity below "
+            f"{(units - 0.5) / units:.3f}"
+        )

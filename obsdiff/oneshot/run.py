@@ -1,0 +1,180 @@
+"""A prune run: calibrate and prune package by package, checkpoint, save.
+
+`prune_pipeline` runs a checked `PruneJob` (`obsdiff.oneshot.job`, built by the app from the
+Hydra config or by `obsdiff.api.prune` from typed arguments). Re-running the same job on the
+same directory resumes after the last finished package (`obsdiff.oneshot.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from obsdiff.artifacts.pruned import PrunedModel, save_pruned
+from obsdiff.artifacts.record import PruneResult
+from obsdiff.calibration.packages import UnitRef
+from obsdiff.calibration.sequential import (
+    LoopReport,
+    calibrate_and_prune,
+    embed_batches,
+)
+from obsdiff.methods.package import Structured, achieved_sparsity
+from obsdiff.models.surgery import shapes
+from obsdiff.oneshot.checkpoint import Checkpointer, check_previous_run
+from obsdiff.oneshot.job import PruneJob, plan_packages
+from obsdiff.runners.parallel import DataParallel
+from obsdiff.utils.flops import pipeline_flops
+
+
+log = logging.getLogger(__name__)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def prune_pipeline(
+    job: PruneJob, run_dir: Path, parallel: DataParallel | None = None
+) -> PrunedModel:
+    """Load `job.model`, prune it package by package and save it into `run_dir` (with
+    `job.save`); return the pruned pipeline (on job.device), its manifest and its figures.
+
+    `run_dir` also holds the resume checkpoint, written after each package and left for the
+    caller to remove (`remove_checkpoint`) once the run is recorded. With `parallel` (one call
+    per rank, a process group initialised), each rank calibrates on its share of the prompts;
+    only rank 0 writes."""
+    parallel = parallel or DataParallel.current()
+    check_previous_run(run_dir, job.run_key)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    pipe = job.model.load().to(job.device)
+    pipe.set_progress_bar_config(disable=True)  # the package and batch bars say where we are
+    denoiser = job.model.denoiser(pipe)
+    packages, targets = plan_packages(job, denoiser)
+    params_before = sum(p.numel() for p in denoiser.parameters())
+    flops_before = pipeline_flops(pipe, denoiser, job.model.call_kwargs())
+    step_weights = job.weighting.weights(job.model.sampling.num_inference_steps)
+
+    checkpointer = Checkpointer(run_dir, job.run_key, denoiser, len(packages))
+    previous = checkpointer.restore()
+    embeddings = []
+    shard = parallel.shard(len(job.prompts.prompts))
+    if job.method.needs_calibration and previous.packages_done < len(packages):
+        prompts = job.prompts.prompts[shard.start : shard.stop]
+        embeddings = embed_batches(job.model, pipe, prompts, job.calibration.batch_size, job.device)
+
+    def on_package_done(index: int, report: LoopReport) -> None:
+        if parallel.is_main:
+            checkpointer.save(index, _merged(previous, report))
+        parallel.barrier()
+
+    report = calibrate_and_prune(
+        pipe,
+        job.model,
+        job.method,
+        job.target,
+        packages,
+        step_weights,
+        embeddings,
+        job.calibration,
+        start_package=previous.packages_done,
+        on_package_done=on_package_done,
+        parallel=parallel,
+        first_prompt=shard.start,
+    )
+    report = _merged(previous, report)
+
+    untouched = isinstance(job.target, Structured)  # structured: units are heads and neurons
+    result = PruneResult(
+        achieved_sparsity=achieved_sparsity(report.records),
+        packages=len(packages),
+        params_before=params_before,
+        params_after=sum(p.numel() for p in denoiser.parameters()),
+        tflops_before=flops_before / 1e12,
+        tflops_after=pipeline_flops(pipe, denoiser, job.model.call_kwargs()) / 1e12,
+        calibration_seconds=round(report.calibration_seconds, 4),
+        solve_seconds=round(report.solve_seconds, 4),
+        wall_seconds=round(time.perf_counter() - started, 4),
+        peak_memory_bytes=_peak_memory_bytes(job.device),
+        device=str(job.device),
+        world_size=parallel.world_size,
+        target_modules=None if untouched else len(targets),
+        target_parameters=None if untouched else sum(m.weight.numel() for _, m in targets),
+    )
+    pruned = PrunedModel(
+        pipe, job.model, _manifest(job, result, report, packages, denoiser), result
+    )
+    if parallel.is_main and job.save:
+        save_pruned(pruned, run_dir)
+    parallel.barrier()
+    log.info(
+        "%s %s %.0f%%: achieved %.4f; parameters %d -> %d (calibration %.1f s, solve %.1f s)",
+        job.method.name,
+        job.granularity.name,
+        100 * job.sparsity,
+        result.achieved_sparsity,
+        result.params_before,
+        result.params_after,
+        report.calibration_seconds,
+        report.solve_seconds,
+    )
+    return pruned
+
+
+def _merged(previous: LoopReport, current: LoopReport) -> LoopReport:
+    return LoopReport(
+        records=previous.records + current.records,
+        calibration_seconds=previous.calibration_seconds + current.calibration_seconds,
+        solve_seconds=previous.solve_seconds + current.solve_seconds,
+        packages_done=current.packages_done,
+    )
+
+
+def _manifest(
+    job: PruneJob,
+    result: PruneResult,
+    report: LoopReport,
+    packages: list[list[UnitRef]],
+    denoiser: nn.Module,
+) -> dict[str, Any]:
+    steps = job.model.sampling.num_inference_steps
+    manifest = {
+        "format": 1,
+        "run_key": job.run_key,
+        "model": job.model.describe(),
+        "model_config": job.model_config,
+        "method": job.method.describe(),
+        "granularity": job.granularity.name,
+        "sparsity": job.sparsity,
+        "achieved_sparsity": result.achieved_sparsity,
+        "weighting": job.weighting.describe(steps),
+        "packages": len(packages),
+        "package_units": [len(p) for p in packages],
+        "blocks": sorted({unit.block_index for p in packages for unit in p}),
+        "calibration": {
+            **job.prompts.describe(),
+            "batch_size": job.calibration.batch_size,
+            "seed": job.calibration.seed,
+            "include_uncond": job.calibration.include_uncond,
+            "hessian_precision": job.calibration.hessian_precision,
+            "num_inference_steps": steps,
+            "guidance_scale": job.model.sampling.guidance_scale,
+            "resolution": [job.model.sampling.height, job.model.sampling.width],
+        },
+        "records": [r.as_dict() for r in report.records],
+        "versions": {
+            name: version(name) for name in ("obsdiff", "torch", "diffusers", "transformers")
+        },
+    }
+    if isinstance(job.target, Structured):  # the new widths and head counts, for loading
+        manifest["structure"] = shapes(denoiser)
+    return manifest

@@ -1,0 +1,1 @@
+"""Prompt files and evaluation prompt sets, shared by calibration and evaluation."""

@@ -1,0 +1,1 @@
+"""Reports of sweeps: run records collected, tables, plots and image grids."""

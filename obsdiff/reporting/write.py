@@ -1,0 +1,35 @@
+"""A sweep's report folder: tables, plots, grids and `report.json`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from obsdiff.reporting.collect import JobResult
+from obsdiff.reporting.figures import plot_metrics, write_grids
+from obsdiff.reporting.tables import markdown_report, write_csv
+
+
+def write_report(
+    jobs: Sequence[JobResult], sweep_dir: Path, out_dir: Path, prompt_id: int | None = None
+) -> dict[str, Any]:
+    """Write every output into `out_dir`; return what `report.json` records."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(jobs, out_dir / "results.csv")
+    (out_dir / "results.md").write_text(markdown_report(jobs, f"Sweep report: `{sweep_dir}`"))
+    files = [out_dir / "results.csv", out_dir / "results.md"]
+    files += plot_metrics(jobs, out_dir / "plots")
+    files += write_grids(jobs, out_dir, prompt_id)
+    failed = [j.job for j in jobs if not j.completed]
+    summary = {
+        "sweep_dir": str(sweep_dir),
+        "jobs": len(jobs),
+        "completed": len(jobs) - len(failed),
+        "failed": len(failed),
+        "failed_jobs": failed,
+        "files": [p.relative_to(out_dir).as_posix() for p in files],
+    }
+    (out_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
