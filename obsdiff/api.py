@@ -42,6 +42,7 @@ from obsdiff.eval.tiny_backbones import RandomFeatures, tiny_clip
 from obsdiff.methods import METHODS, Granularity, PruningMethod
 from obsdiff.models import adapter_for
 from obsdiff.models.sampling import SamplingDefaults
+from obsdiff.oneshot.checkpoint import remove_checkpoint
 from obsdiff.oneshot.job import PruneJob, check_layout
 from obsdiff.oneshot.run import prune_pipeline
 from obsdiff.prompts.eval_sets import EvalPrompts
@@ -80,13 +81,15 @@ def prune(
     blocks: tuple[int, int] | None = None,
     device: str = "auto",
     run_dir: str | Path | None = None,
+    keep_checkpoint: bool = False,
     **method_options: Any,
 ) -> PrunedModel:
     """Prune `pipe` in place; returns it with its manifest and figures (`.result`: achieved
     sparsity, parameters, TFLOPs, seconds). `method_options` set the method's parameters (e.g.
-    `compensate=False`); `run_dir` keeps a resumable checkpoint while it works and writes the
-    pruned model there, as the prune app does (else `save_pruned` writes it later). Every
-    setting is checked before the first calibration pass."""
+    `compensate=False`); `run_dir` keeps a resumable checkpoint while it works (removed at the
+    end unless `keep_checkpoint`) and writes the pruned model there, as the prune app does
+    (else `save_pruned` writes it later). Every setting is checked before the first
+    calibration pass."""
     if not prompts:
         raise ValueError("prompts is empty: give the calibration prompts (a list of strings)")
     adapter = adapter_for(pipe, sampling)
@@ -114,7 +117,10 @@ def prune(
     )
     check_layout(job)
     if run_dir is not None:
-        return prune_pipeline(job, Path(run_dir))
+        pruned = prune_pipeline(job, Path(run_dir))
+        if not keep_checkpoint:
+            remove_checkpoint(Path(run_dir))
+        return pruned
     with tempfile.TemporaryDirectory(prefix="obsdiff-") as scratch:  # its checkpoint, then gone
         return prune_pipeline(job, Path(scratch))
 

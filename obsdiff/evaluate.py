@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from obsdiff import api
-from obsdiff.app.config import CONF_DIR, to_plain
+from obsdiff.app.config import CONF_DIR, ConfigError, to_plain
 from obsdiff.app.entry import callable_module
 from obsdiff.app.settings import build_eval, identity
 from obsdiff.app.shell import RunContext, execute
@@ -99,6 +99,12 @@ def main(cfg: DictConfig) -> None:
             pruned = pruned_run(pruned_dir, manifest, names)
             vars(names).update(vars(pruned.identity))  # in place: the shell records under it
             model_config = dict(manifest["model_config"])
+            if "_target_" not in model_config:
+                raise ConfigError(
+                    f"pruned={pruned_dir} pruned a pipeline in memory (obsdiff.prune): its "
+                    "manifest names no model to load; evaluate it from Python: "
+                    "obsdiff.evaluate(obsdiff.load_pruned(run_dir, pipeline=<base>), ...)"
+                )
             if pretrained is not None:
                 model_config["pretrained"] = pretrained
         model = adapter_from_config(model_config)

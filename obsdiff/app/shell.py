@@ -1,5 +1,5 @@
-"""What the Hydra apps share: one shell with one failure policy, settings turned into typed
-objects, the run directory's records, the eval and tracking groups turned into objects.
+"""What the Hydra apps share: one shell with one failure policy, the run directory, the run
+record (written here and nowhere else), the log's summary and W&B.
 
 The shell (`execute`) runs every app in the same order: check every setting (typed values, the
 model's layout from its config, the runner, the run directory) before any weights are loaded;

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from obsdiff.models.sampling import CFG_DOUBLED_BATCH, CFG_NONE, CFG_SEPARATE_CALLS
+from obsdiff.models.sampling import CFG_DOUBLED_BATCH, CFG_MODES, CFG_NONE, CFG_SEPARATE_CALLS
 from obsdiff.pruning.statistics import InputStatistics
 
 
@@ -53,6 +53,10 @@ class StatisticsHooks:
     cfg_mode: str = CFG_NONE
     include_uncond: bool = True
     handles: list[RemovableHandle] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.cfg_mode not in CFG_MODES:
+            raise ValueError(f"cfg_mode={self.cfg_mode!r}; use one of {CFG_MODES}")
 
     def _feed(self, stats: InputStatistics) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from obsdiff.methods.package import Structured, Target
-from obsdiff.pruning.patterns import NM, Unstructured
+from obsdiff.pruning.patterns import NM, Unstructured, check_sparsity
 
 
 KINDS = ("unstructured", "nm", "structured")
@@ -51,8 +51,7 @@ class Granularity:
     def target(self, sparsity: float) -> Target:
         """What a method prunes towards at `sparsity`: a weight pattern (N:M demands sparsity =
         N / M), or `Structured`, whole heads and neurons (`obsdiff.methods.structured`)."""
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity={sparsity} must lie in [0, 1)")
+        check_sparsity(sparsity)
         if self.kind == "nm":
             assert self.n is not None and self.m is not None
             if abs(sparsity - self.n / self.m) > 1e-9:

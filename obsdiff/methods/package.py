@@ -8,14 +8,14 @@ and returns one record per linear (`LayerRecord`) or per head/neuron group (`Str
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from obsdiff.models.structure import HeadGroup, NeuronGroup
-from obsdiff.pruning.patterns import Pattern
+from obsdiff.pruning.patterns import Pattern, check_sparsity
 from obsdiff.pruning.statistics import InputStatistics
 
 
@@ -26,8 +26,7 @@ class Structured:
     sparsity: float
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity={self.sparsity} must lie in [0, 1)")
+        check_sparsity(self.sparsity)
 
 
 Target = Pattern | Structured
@@ -92,11 +91,9 @@ class LayerRecord:
     def as_dict(self) -> dict[str, Any]:
         return {
             "type": self.type,
-            "name": self.name,
+            **asdict(self),
             "shape": list(self.shape),
-            "pruned": self.pruned,
             "sparsity": self.sparsity,
-            "loss": self.loss,
         }
 
 
@@ -117,14 +114,7 @@ class StructuredRecord:
         return len(self.removed), self.before
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "type": self.type,
-            "block": self.block,
-            "group": self.group,
-            "kind": self.kind,
-            "before": self.before,
-            "removed": self.removed,
-        }
+        return {"type": self.type, **asdict(self)}
 
 
 PruneRecord = LayerRecord | StructuredRecord

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from obsdiff.pruning.obs import compute_dtype, damped_cholesky, prepare_hessian
+from obsdiff.pruning.patterns import check_sparsity
 
 
 HEAD_SALIENCIES = ("reference", "eq7", "exact")
@@ -34,8 +35,7 @@ def structured_count(total: int, sparsity: float) -> int:
     Only this rounding reproduces the paper's parameter counts (e.g. SD3.5-Large at 25%:
     round(38 * 0.25) = round(9.5) = 10 heads).
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity={sparsity} must lie in [0, 1)")
+    check_sparsity(sparsity)
     return round(total * sparsity)
 
 

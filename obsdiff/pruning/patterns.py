@@ -12,6 +12,12 @@ from dataclasses import dataclass
 import torch
 
 
+def check_sparsity(sparsity: float) -> None:
+    """One rule for every sparsity a user gives: a fraction in [0, 1)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity} must lie in [0, 1)")
+
+
 @dataclass(frozen=True)
 class Unstructured:
     """Prune `sparsity` of the weights of each layer (method-specific comparison group)."""
@@ -19,8 +25,7 @@ class Unstructured:
     sparsity: float
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity={self.sparsity} must lie in [0, 1)")
+        check_sparsity(self.sparsity)
 
 
 @dataclass(frozen=True)

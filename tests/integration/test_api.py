@@ -3,6 +3,7 @@ evaluates a pipeline in memory exactly as the apps do."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -46,12 +47,17 @@ def test_prune_in_memory_equals_the_prune_app(
     prompts = load_prompts(DATA_DIR / "toy" / "calibration_prompts.txt", num_prompts=8)
     pruned = obsdiff.prune(
         pipe, "obsdiff", granularity, sparsity, prompts=prompts.prompts, packages=2,
-        sampling=SAMPLING, batch_size=16, device="cpu",
+        sampling=SAMPLING, batch_size=16, device="cpu", run_dir=tmp_path / "api",
     )  # fmt: skip
     state = pipe.transformer.state_dict()  # pruned in place
     assert pruned.pipeline is pipe and state.keys() == saved.keys()
+    written = safetensors.torch.load_file(str(tmp_path / "api" / "denoiser.safetensors"))
     for name, tensor in saved.items():
-        assert torch.equal(state[name], tensor), name
+        assert torch.equal(state[name], tensor) and torch.equal(written[name], tensor), name
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("cli", "api")]
+    assert manifests[0]["records"] == manifests[1]["records"]
+    assert manifests[0].get("structure") == manifests[1].get("structure")
+    assert not (tmp_path / "api" / "checkpoint").exists()  # gone once the model is saved
     assert pruned.manifest["granularity"] == granularity
     assert pruned.result is not None and pruned.result.achieved_sparsity > 0
 

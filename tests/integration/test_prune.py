@@ -95,6 +95,25 @@ def test_prune_matrix(
     assert not (tmp_path / "results.json").exists()  # the app shell writes the run record
 
 
+def test_run_key_hashes_only_the_settings_that_change_the_weights(compose_prune) -> None:  # type: ignore[no-untyped-def]
+    """Where a run is written, on which device, with what logging or checkpoint policy: the
+    same run (a resume with them changed is accepted); any setting of the result: another."""
+    base = build_job(compose_prune(*FAST))
+    assert set(base.settings()) == {
+        "model", "method", "granularity", "sparsity", "weighting", "packages", "blocks",
+        "prompts_sha256", "calibration",
+    }  # fmt: skip
+    neutral = ["+tracking.tags=[a,b]", "device=cpu", "keep_checkpoint=true", "save=false"]
+    neutral += ["paths.output_root=/elsewhere", "runner=ddp_cpu", "task_name=mine"]
+    for override in neutral:
+        assert build_job(compose_prune(*FAST, override)).run_key == base.run_key, override
+    changed = ["sparsity=0.4", "method.percdamp=0.02", "packages=1"]
+    changed += ["weighting=uniform", "calibration.hessian_precision=bfloat16", "blocks=[0,1]"]
+    changed += ["model.sampling.num_inference_steps=3", "calibration.num_prompts=1", "seed=1"]
+    for override in changed:
+        assert build_job(compose_prune(*FAST, override)).run_key != base.run_key, override
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY_OVERRIDES))
 def test_saved_model_loads_back_and_generates_the_same(
     family: str, compose_prune, tmp_path: Path

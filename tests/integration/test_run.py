@@ -75,6 +75,10 @@ def test_report_of_the_sweep(sweep) -> None:  # type: ignore[no-untyped-def]
     statuses = sorted((r["method"], r["sparsity"], r["status"]) for r in rows)
     assert ("l1", "0.3", "failed") in statuses and ("l1", "0.5", "failed") in statuses
     assert sum(r["status"] == "completed" and r["method"] != "dense" for r in rows) == 4
+    # the jobs' command-line settings, from their run records, as the CSV's extra columns
+    assert {r["model.sampling.num_inference_steps"] for r in rows if r["method"] != "dense"} == {
+        "2"
+    }
     assert sum(r["method"] == "dense" for r in rows) == 1
     markdown = (report / "results.md").read_text()
     assert "Jobs that did not complete" in markdown and markdown.count("l1") >= 2
