@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.package import InputGroup, LayerRecord, write_weight
-from obsdiff.pruning.dsnot import INITIAL_METHODS, REFERENCE_TOKENS, dsnot_prune
+from obsdiff.pruning.dsnot import INITIAL_METHODS, dsnot_prune
 from obsdiff.pruning.patterns import Pattern
 
 
@@ -17,7 +17,7 @@ class DSnoT(PruningMethod):
 
     max_cycles: int = 50
     update_threshold: float = 0.1
-    reference_tokens: float | None = REFERENCE_TOKENS
+    reference_tokens: float | None = None  # official: an absolute threshold
     var_power: float = 1.0
     initial: str = "wanda"
     skip_mlp: bool = False

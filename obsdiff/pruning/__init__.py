@@ -7,7 +7,8 @@ Sparsity patterns and masks     Unstructured, NM, num_to_prune, mask_for
 OBS (Eq. 1-2)                   obs_prune, obs_prune_problems, ObsProblem, ObsResult,
                                 obs_saliency, inverse_cholesky_upper, HessianFactorizationError
 OBS structured (Eq. 6-8)        obs_prune_neurons, obs_prune_heads, head_saliency,
-                                reciprocal_rank_fusion, structured_count, StructuredResult
+                                reciprocal_rank_fusion, rrf_choice, structured_count,
+                                StructuredResult
 Baselines                       magnitude_prune, wanda_prune, wanda_scores, dsnot_prune,
                                 dsnot_refine, l1_unit_scores, l1_select
 """
@@ -30,6 +31,7 @@ from obsdiff.pruning.obs_structured import (
     obs_prune_heads,
     obs_prune_neurons,
     reciprocal_rank_fusion,
+    rrf_choice,
     structured_count,
 )
 from obsdiff.pruning.patterns import NM, Unstructured, mask_for, num_to_prune
@@ -77,6 +79,7 @@ __all__ = [
     "obs_prune_problems",
     "obs_saliency",
     "reciprocal_rank_fusion",
+    "rrf_choice",
     "structured_count",
     "timestep_weights",
     "uniform",

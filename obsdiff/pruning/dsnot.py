@@ -13,15 +13,19 @@ output shift from pruning is eps_i = sum over pruned j of c_ij. Each cycle makes
 * accept while |eps_i| > threshold (and, if the sign check is on, eps_i keeps its initial sign);
   a row that rejects once stops. At most `max_cycles` cycles (official default 50).
 
-Official defaults: threshold 0.1, variance power 1, sign check off for unstructured (the official
-`--without_same_sign` flag cannot be switched off) and on for N:M; the app may skip MLP layers
-(official `--skip_layer mlp`: they keep their initial mask). Deliberate differences, all
-documented: (1) `reference_tokens` rescales the absolute threshold by tokens-per-sample / 2048, the
-sequence length it was tuned on, since eps grows with the token count (DiT batches hold 4k+
-tokens, doubled by CFG); `reference_tokens=None` is the official absolute threshold; (2) a swap is
-only accepted when the grow candidate is pruned and the prune candidate is kept, and a pointer
-that runs off its list stops its row, so per-row sparsity (and N:M) holds exactly where the
-official pointers could wander into the wrong set.
+Official defaults, obsdiff's too: threshold 0.1 on |eps_i| (absolute), variance power 1, sign
+check off for unstructured (the official `--without_same_sign` flag cannot be switched off) and
+on for N:M; the app may skip MLP layers (official `--skip_layer mlp`: they keep their initial
+mask). The variance of input j is that of each calibration sample over its tokens, averaged
+(`InputStatistics.column_variance`), as the official code, which feeds one sample at a time.
+Deliberate differences, all documented: (1) a zero-variance (dead) input divides by the
+smallest float instead of zero (the official code gets NaN there and may regrow weights on dead
+inputs); (2) a swap is only accepted when the grow candidate is pruned and the prune candidate
+is kept, and a pointer that runs off its list stops its row, so per-row sparsity (and N:M)
+holds exactly where the official pointers could wander into the wrong set. Option:
+`reference_tokens` rescales the threshold by tokens-per-sample / `reference_tokens` (e.g. 2048,
+the LLaMA sequence length 0.1 was tuned on), since eps_i is a sum over a sample's tokens and
+grows with their count; off by default (None), as the official code.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ from obsdiff.pruning.wanda import wanda_scores
 
 
 INITIAL_METHODS = ("wanda", "magnitude", "obs")
-REFERENCE_TOKENS = 2048.0  # the LLaMA sequence length DSnoT's threshold 0.1 was tuned for
 
 
 def _prune_order(kept_order: torch.Tensor, contribution: torch.Tensor) -> torch.Tensor:
@@ -155,7 +158,7 @@ def dsnot_prune(
     initial: str = "wanda",
     max_cycles: int = 50,
     update_threshold: float = 0.1,
-    reference_tokens: float | None = REFERENCE_TOKENS,
+    reference_tokens: float | None = None,
     var_power: float = 1.0,
     same_sign: bool | None = None,
     percdamp: float = 0.01,

@@ -157,7 +157,7 @@ def head_saliency(
 def reciprocal_rank_fusion(errors: Sequence[torch.Tensor], k: float = 60.0) -> torch.Tensor:
     """Eq. 8: S_j = sum_s 1 / (k + rank_s(j)), rank 1 = lowest error in stream s. (units,)
 
-    The unit with the highest fused score is the one to prune.
+    The unit with the highest fused score is the one to prune (`rrf_choice` breaks ties).
     """
     fused = torch.zeros_like(errors[0], dtype=torch.float64)
     for error in errors:
@@ -166,6 +166,18 @@ def reciprocal_rank_fusion(errors: Sequence[torch.Tensor], k: float = 60.0) -> t
         ranks[order] = torch.arange(1, len(order) + 1, device=order.device)
         fused += 1.0 / (k + ranks.to(torch.float64))
     return fused
+
+
+def rrf_choice(errors: Sequence[torch.Tensor], k: float = 60.0) -> int:
+    """The unit to prune: the highest fused score (Eq. 8); among tied units, the one ranked
+    better by the first stream (MMDiT: `to_out.0`, the image tokens).
+
+    This is the reference code's rule: it fuses the rankings in a dict filled in the first
+    stream's order and takes the first maximum of a stable sort. Exact ties are common with two
+    streams: a unit ranked (1, 2) and one ranked (2, 1) score the same float sum."""
+    fused = reciprocal_rank_fusion(errors, k)
+    first_order = torch.sort(errors[0], stable=True).indices  # (units,), best first
+    return int(first_order[torch.argmax(fused[first_order])])  # argmax: the first maximum
 
 
 @torch.no_grad()
@@ -185,8 +197,9 @@ def obs_prune_heads(
     weights[s]: (rows_s, heads * head_dim) output projection of stream s (MMDiT: `to_out.0` for
     image tokens, `to_add_out` for text tokens), hessians[s] its input Hessian. One head per
     iteration: each stream ranks the remaining heads by saliency, the rankings are fused by
-    reciprocal rank fusion (k = `rrf_k`), the best head is removed from every stream with its own
-    OBS compensation, and H^-1 is recomputed. With one stream the fusion is that stream's order.
+    reciprocal rank fusion (k = `rrf_k`; a tie goes to the head the first stream ranks better),
+    the best head is removed from every stream with its own OBS compensation, and H^-1 is
+    recomputed. With one stream the fusion is that stream's order.
     """
     if len(weights) != len(hessians) or not weights:
         raise ValueError("give one Hessian per output projection (at least one)")
@@ -216,8 +229,7 @@ def obs_prune_heads(
             head_saliency(W[:, remaining], Hinv, head_dim, saliency)
             for W, Hinv in zip(Ws, inverses, strict=True)
         ]
-        fused = reciprocal_rank_fusion(errors, rrf_k)
-        best = int(torch.argmax(fused))  # first maximum: ties go to the lower index
+        best = rrf_choice(errors, rrf_k)  # index among the alive heads
         chosen = torch.arange(best * head_dim, (best + 1) * head_dim, device=remaining.device)
         for W, Hinv in zip(Ws, inverses, strict=True):
             _remove_columns(W, Hinv, remaining, chosen, compensate)

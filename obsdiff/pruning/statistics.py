@@ -47,8 +47,12 @@ class InputStatistics:
     """Weighted sums over the rows x (length `features`) of every batch fed to `update`.
 
     hessian:  sum alpha x^T x                                (OBS; `features`^2 floats)
-    moments:  sum alpha x, sum alpha x^2 per column, and the token-weighted sum of per-batch
+    moments:  sum alpha x, sum alpha x^2 per column, and the token-weighted sum of per-sample
               variances (Wanda and DSnoT; 3 x `features` floats)
+
+    DSnoT's variance is that of each sample over its tokens, as the official code, which feeds
+    its statistics one sample at a time; the spread between samples (prompts, timesteps, the
+    two CFG halves) is not part of it.
     """
 
     features: int
@@ -99,11 +103,12 @@ class InputStatistics:
                 self.xtx.add_(_xtx(rows, self.hessian_precision), alpha=weight)
         if self.column_sum is not None:
             assert self.column_sq_sum is not None and self.variance_sum is not None
-            batch_var, batch_mean = torch.var_mean(rows, dim=0, correction=0)  # (n,), (n,)
-            self.column_sum.add_(batch_mean, alpha=weight * tokens)
+            self.column_sum.add_(rows.sum(0), alpha=weight)
             self.column_sq_sum.add_(rows.square().sum(0), alpha=weight)
-            # population variance of this batch over its tokens, weighted by alpha * tokens
-            self.variance_sum.add_(batch_var, alpha=weight * tokens)
+            # population variance of each sample over its tokens, weighted by alpha * tokens
+            per_sample = rows.reshape(samples, -1, self.features)  # (B, tokens / B, n)
+            sample_var = torch.var(per_sample, dim=1, correction=0)  # (B, n)
+            self.variance_sum.add_(sample_var.sum(0), alpha=weight * per_sample.shape[1])
         self.counts += torch.tensor(
             [weight * samples, weight * tokens, samples, tokens],
             dtype=torch.float64,
@@ -169,7 +174,7 @@ class InputStatistics:
         return self._moment(self.column_sum) / self._denominator("token")
 
     def column_variance(self) -> torch.Tensor:
-        """DSnoT's variance: token-weighted mean of the per-batch variances. (n,)"""
+        """DSnoT's variance: token-weighted mean of the per-sample variances. (n,)"""
         return self._moment(self.variance_sum) / self._denominator("token")
 
     @property

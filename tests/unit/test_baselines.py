@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from obsdiff.methods import DSnoT
 from obsdiff.pruning import (
     NM,
     InputStatistics,
@@ -113,6 +114,10 @@ def test_dsnot_threshold_and_cycles() -> None:
     assert torch.equal(huge, wanda_mask)
     _, default = dsnot_prune(W, stats, Unstructured(0.5))
     assert not torch.equal(default, wanda_mask)
+    # the default is the official absolute threshold 0.1, in the kernel and in the method
+    _, official = dsnot_prune(W, stats, Unstructured(0.5), update_threshold=0.1)
+    assert torch.equal(default, official) and DSnoT().reference_tokens is None
+    assert DSnoT().update_threshold == 0.1
     # the threshold is rescaled by tokens per sample / reference_tokens (32 tokens per sample here)
     assert stats.tokens_per_sample == 32
     threshold = float(((W * stats.column_sum_per_sample()) * wanda_mask).sum(1).abs().median())

@@ -13,6 +13,7 @@ from obsdiff.pruning import (
     obs_prune_heads,
     obs_prune_neurons,
     reciprocal_rank_fusion,
+    rrf_choice,
     structured_count,
 )
 from obsdiff.pruning.obs_structured import reference_chunk_sizes
@@ -104,7 +105,9 @@ def test_rrf_on_a_hand_made_example() -> None:
     fused = reciprocal_rank_fusion([stream_a, stream_b], k=60)
     expected = torch.tensor([1 / 61 + 1 / 63, 2 / 62, 1 / 63 + 1 / 61], dtype=torch.float64)
     torch.testing.assert_close(fused, expected)
-    assert int(torch.argmax(fused)) == 0  # tie between heads 0 and 2 goes to the lower index
+    assert fused[0] == fused[2]  # an exact tie: the same two terms
+    assert rrf_choice([stream_a, stream_b]) == 0  # the first stream ranks head 0 better
+    assert rrf_choice([stream_b, stream_a]) == 2  # ... and here head 2
     single = reciprocal_rank_fusion([torch.tensor([0.3, 0.1, 0.2])])
     assert torch.argsort(single, descending=True).tolist() == [1, 2, 0]
 
@@ -174,3 +177,43 @@ def test_structured_arguments_are_checked(layer_data) -> None:  # type: ignore[n
         obs_prune_neurons(W, H, 4, chunk_sizes=[1, 2])
     with pytest.raises(ValueError, match="head saliency"):
         head_saliency(W, H, 4, "l2")
+
+
+def reference_rrf_choice(errors: list[torch.Tensor], k: float = 60.0) -> int:
+    """The reference code's rule written out: fused scores in a dict filled in the first
+    stream's ranking order, then the first of a stable descending sort."""
+    fused: dict[int, float] = {}
+    for error in errors:
+        for rank, unit in enumerate(sorted(range(len(error)), key=lambda j: float(error[j]))):
+            fused[unit] = fused.get(unit, 0.0) + 1 / (k + rank + 1)
+    return sorted(fused, key=lambda unit: fused[unit], reverse=True)[0]
+
+
+def test_rrf_choice_is_the_reference_rule_on_random_rankings() -> None:
+    """Six heads, two streams of distinct errors: ties are frequent (a head ranked (a, b) ties
+    one ranked (b, a)); the choice is the reference code's in every case, and differs from
+    'lowest index among the tied' in some."""
+    differs = ties = 0
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        errors = [torch.randperm(6, generator=g).double() for _ in range(2)]
+        fused = reciprocal_rank_fusion(errors)
+        assert rrf_choice(errors) == reference_rrf_choice(errors), seed
+        ties += int((fused == fused.max()).sum()) > 1
+        differs += rrf_choice(errors) != int(torch.argmax(fused))
+    assert ties > 20 and differs > 5
+
+
+def test_head_ties_follow_the_first_stream(layer_data) -> None:  # type: ignore[no-untyped-def]
+    """Two heads whose two streams are mirror images tie in the fused score at every step: the
+    head removed first is the one the first stream ranks better."""
+    W, _, H = layer_data(8, 8, seed=11)  # two heads of 4 columns
+    W_a = W.clone()
+    W_a[:, :4] *= 0.5  # head 0 cheaper in stream a
+    W_b = torch.cat([W_a[:, 4:], W_a[:, :4]], 1)  # stream b: the heads swapped
+    H_b = H.clone()
+    H_b[:4, :4], H_b[4:, 4:] = H[4:, 4:], H[:4, :4]
+    H_b[:4, 4:], H_b[4:, :4] = H[4:, :4], H[:4, 4:]
+    first = obs_prune_heads([W_a, W_b], [H, H_b], head_dim=4, count=1)
+    second = obs_prune_heads([W_b, W_a], [H_b, H], head_dim=4, count=1)
+    assert first.removed.tolist() == [0] and second.removed.tolist() == [1]

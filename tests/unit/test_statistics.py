@@ -28,9 +28,8 @@ def closed_form(data: list[tuple[torch.Tensor, float]]) -> dict[str, torch.Tenso
     per_sample = sum(w * x.shape[0] for x, w in data)
     per_token = sum(w * x.shape[0] * x.shape[1] for x, w in data)
     col_sum = sum(w * x.reshape(-1, 6).double().sum(0) for x, w in data)
-    var = sum(
-        w * x.shape[0] * x.shape[1] * x.reshape(-1, 6).double().var(0, correction=0)
-        for x, w in data
+    var = sum(  # DSnoT's: each sample's variance over its tokens, weighted by alpha * tokens
+        w * x.shape[1] * x.double().var(1, correction=0).sum(0) for x, w in data
     )
     return {
         "H_sample": 2 * xtx / per_sample,
@@ -61,6 +60,20 @@ def test_matches_the_closed_form() -> None:
     check(stats.column_mean(), expected["mean"])
     check(stats.column_variance(), expected["variance"])
     assert stats.num_samples == 12 and stats.num_tokens == 2 * 7 + 4 * 7 + 3 + 15 + 18
+
+
+def test_variance_is_per_sample_as_the_official_dsnot() -> None:
+    """Two samples whose tokens are constant (0 and 2): each has variance 0 over its tokens, so
+    the column variance is 0, although the batch's tokens spread (a per-batch variance: 1)."""
+    x = torch.stack([torch.zeros(4, 6), torch.full((4, 6), 2.0)])  # (2 samples, 4 tokens, 6)
+    stats = InputStatistics(6)
+    stats.update(x, 1.0)
+    assert torch.equal(stats.column_variance(), torch.zeros(6))
+    assert torch.equal(stats.column_mean(), torch.ones(6))
+    y = torch.tensor([[0.0, 2.0], [4.0, 4.0]]).reshape(1, 4, 1).expand(1, 4, 6)  # one sample
+    one = InputStatistics(6)
+    one.update(y, 0.5)
+    torch.testing.assert_close(one.column_variance(), torch.full((6,), 2.75))  # var(0,2,4,4)
 
 
 def test_invariant_to_how_samples_are_split_into_batches() -> None:
