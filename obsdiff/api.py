@@ -27,7 +27,9 @@ from torch import nn
 
 from obsdiff.artifacts.pruned import PrunedModel, load_pruned, save_pruned
 from obsdiff.calibration.sequential import CalibrationSettings
+from obsdiff.eval.bootstrap import BootstrapSettings
 from obsdiff.eval.clip_score import CLIPScore
+from obsdiff.eval.dense_relative import DenseRelative, build_lpips
 from obsdiff.eval.fid import FID_MODES, ensure_inception
 from obsdiff.eval.harness import (
     DENSE_REFERENCE,
@@ -133,19 +135,23 @@ def evaluate(
     metrics: Sequence[str] = ("clip_score",),
     sampling: dict[str, Any] | SamplingDefaults | None = None,
     device: str = "auto",
+    dense: Evaluation | None = None,
     **options: Any,
 ) -> Evaluation:
     """Generate one image per prompt into `out_dir/images` (image i from the noise of seed + i)
-    and score them; returns the evaluation (also in `out_dir/metrics.json`). A `PrunedModel`
-    brings its own sampling settings; `options` are those of `evaluation_settings` (seed,
-    batch_size, fid_reference, clip_model, efficiency_repeats, ...)."""
+    and score them; returns the evaluation (also in `out_dir/metrics.json`, the per-image
+    scores in `out_dir/per_image.csv`). A `PrunedModel` brings its own sampling settings;
+    `dense`: the dense model's evaluation with the same settings (the reference of the
+    dense-relative metrics and of `fid_reference="dense"`); `options` are those of
+    `evaluation_settings` (seed, batch_size, fid_reference, clip_model, lpips, ...)."""
     if isinstance(pipe, PrunedModel):
         pipeline, adapter = pipe.pipeline, pipe.adapter
     else:
         pipeline, adapter = pipe, adapter_for(pipe, sampling)
     target = resolve_device(device)
+    options.setdefault("dense_relative", dense is not None)  # nothing to compare against
     settings = evaluation_settings(prompts, metrics=metrics, device=str(target), **options)
-    return evaluate_pipeline(pipeline.to(target), adapter, settings, Path(out_dir))
+    return evaluate_pipeline(pipeline.to(target), adapter, settings, Path(out_dir), dense=dense)
 
 
 def evaluation_settings(
@@ -167,6 +173,15 @@ def evaluation_settings(
     efficiency_repeats: int = 0,
     grid_size: int = 8,
     evaluate_dense: bool = False,
+    images_per_prompt: int = 1,
+    sampling: dict[str, Any] | None = None,
+    dense_relative: bool = True,
+    lpips: str | None = "alex",
+    feature_distance: str | None = None,
+    bootstrap_resamples: int = 2000,
+    fid_resamples: int = 200,
+    confidence: float = 0.95,
+    bootstrap_seed: int = 0,
     device: str = "cpu",
     cache_dir: str | Path = "outputs/dense",
 ) -> EvalSettings:
@@ -177,7 +192,15 @@ def evaluation_settings(
     `fid_reference`: a folder of images, an `.npz` of statistics, `dense` (the dense model's
     images, in the run app) or `toy_dataset` (fresh toy images of the prompts, rendered once
     under `cache_dir`); `fid_extractor`: inception, tiny (random features) or toy_classifier.
-    `clip_model` `tiny` is the offline tiny CLIP."""
+    `clip_model` `tiny` is the offline tiny CLIP. `images_per_prompt` images of each prompt
+    (seeds seed + i * n + j). `sampling`: other steps, guidance or scheduler than the model's
+    for the evaluation images only (e.g. {"guidance_scale": 9.0, "scheduler":
+    "FlowMatchHeunDiscreteScheduler"}). `dense_relative`: PSNR, SSIM, LPIPS (`lpips`: alex,
+    vgg, squeeze, tiny or None) and the latent error against a dense evaluation of the same
+    settings, where one is given, plus the distance in the toy classifier's features
+    (`feature_distance`: toy_classifier). Intervals: BCa bootstrap over prompts,
+    `bootstrap_resamples` resamples (FID: `fid_resamples`, normal interval), seeded by
+    `bootstrap_seed`."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"metrics={list(metrics)}: {unknown} unknown; use any of {METRICS}")
@@ -185,6 +208,8 @@ def evaluation_settings(
         if not prompts:
             raise ValueError("prompts is empty: give the evaluation prompts (a list of strings)")
         prompts = EvalPrompts(list(range(len(prompts))), list(prompts), "python", "")
+    prompts = prompts.repeated(images_per_prompt)
+    bootstrap = BootstrapSettings(bootstrap_resamples, fid_resamples, confidence, bootstrap_seed)
     cache = Path(cache_dir)
     classifier = functools.cache(load_classifier)  # the toy metrics share one classifier
     fid = None
@@ -199,10 +224,11 @@ def evaluation_settings(
         extractor = _fid_extractor(fid_extractor, classifier)
         if extractor is None:
             ensure_inception(fid_mode)  # fetched now, or one clear error: not after the images
-        reference = str(fid_reference)
+        reference, reference_prompts = str(fid_reference), None
         if reference == TOY_DATASET:
-            reference = _toy_reference(prompts, cache)
-        fid = FIDSettings(reference, fid_mode, extractor, fid_batch_size, cache)
+            reference_prompts = prompts.prompts * TOY_REFERENCE_REPEATS
+            reference = _toy_reference(reference_prompts, prompts, cache)
+        fid = FIDSettings(reference, fid_mode, extractor, fid_batch_size, cache, reference_prompts)
     text_image: list[TextImageMetric] = []
     if "clip_score" in metrics:
         model = tiny_clip if clip_model == TINY else clip_model
@@ -226,6 +252,15 @@ def evaluation_settings(
                 download_root=image_reward_download_root,
             )
         )
+    relative = None
+    if dense_relative:
+        if feature_distance not in (None, "toy_classifier"):
+            raise ValueError(
+                f"eval.dense_relative.features={feature_distance!r}; use toy_classifier or null"
+            )
+        features = None if feature_distance is None else ClassifierFeatures(classifier())
+        network = None if lpips is None else build_lpips(str(lpips))
+        relative = DenseRelative(network, features, device=device)
     return EvalSettings(
         name=name,
         prompts=prompts,
@@ -236,6 +271,9 @@ def evaluation_settings(
         efficiency_repeats=efficiency_repeats,
         grid_size=grid_size,
         evaluate_dense=evaluate_dense,
+        dense_relative=relative,
+        bootstrap=bootstrap,
+        sampling=dict(sampling or {}),
     )
 
 
@@ -251,9 +289,9 @@ def _fid_extractor(name: str, classifier: Any) -> nn.Module | None:
     raise ValueError(f"eval.fid.extractor={name!r}; use one of {', '.join(FID_EXTRACTORS)}")
 
 
-def _toy_reference(prompts: EvalPrompts, cache_dir: Path) -> str:
-    """Fresh toy-dataset images of the evaluation prompts, rendered once."""
+def _toy_reference(captions: list[str], prompts: EvalPrompts, cache_dir: Path) -> str:
+    """Fresh toy-dataset images of `captions` (the evaluation prompts, repeated), rendered
+    once."""
     key = prompts.describe()["prompts_sha256"][:16]
     folder = cache_dir / f"toy-reference-{key}-x{TOY_REFERENCE_REPEATS}"
-    captions = prompts.prompts * TOY_REFERENCE_REPEATS
     return str(render_folder(folder, captions, seed=TOY_REFERENCE_SEED))

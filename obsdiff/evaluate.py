@@ -23,7 +23,7 @@ from obsdiff import api
 from obsdiff.app.config import CONF_DIR, ConfigError, to_plain
 from obsdiff.app.entry import callable_module
 from obsdiff.app.settings import build_eval, identity
-from obsdiff.app.shell import RunContext, execute
+from obsdiff.app.shell import RunContext, execute, timed_together
 from obsdiff.artifacts.pruned import load_pruned, read_manifest
 from obsdiff.artifacts.record import RecordError, RunIdentity, RunRecord
 from obsdiff.eval.harness import EvalSettings, evaluate_dense, evaluate_pipeline
@@ -75,11 +75,11 @@ def evaluate(job: EvaluateJob, dense_cache: Path, context: RunContext) -> RunRec
     assert job.pruned.identity.pruned_run is not None
     pruned = load_pruned(job.pruned.identity.pruned_run, job.pretrained)
     pipe = pruned.pipeline.to(context.device)
-    dense_images = None if dense is None else Path(dense.images_dir)
     evaluation = evaluate_pipeline(
-        pipe, job.model, job.settings, context.out / "eval", context.parallel, dense_images
+        pipe, job.model, job.settings, context.out / "eval", context.parallel, dense
     )
-    return RunRecord("completed", prune=job.pruned.prune, eval=evaluation, dense=dense)
+    record = RunRecord("completed", prune=job.pruned.prune, eval=evaluation, dense=dense)
+    return timed_together(record, pipe, job.model, job.settings, context)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")

@@ -2,11 +2,20 @@
 
 Reads every job directory of a multirun (`<sweep>/<n>/`; a sweep of sweeps or a single run
 directory works too) and its `results.json`, and writes `<sweep>/report/`:
-`results.csv` (one row per job plus one dense row per model), `results.md` (a table per model and
-granularity, the best method at each sparsity in bold, then the jobs that did not complete),
-`plots/<metric>.png` (metric against sparsity, a line per method, dense dashed), `grid.png` (one
-prompt's image per method and sparsity) and `report.json`. A job without a readable, completed
-`results.json` is listed as one that did not complete, with why, never dropped.
+`results.csv` (one row per job plus one dense row per model, every metric with its 95%
+interval), `differences.csv` (each job minus its reference, paired over the same prompts and
+seeds, with intervals), `results.md` (a table per model and granularity, the best method at
+each sparsity in bold where its lead is significant, the paired differences, then the jobs that
+did not complete), `plots/<metric>.png` (metric against sparsity with intervals, a line per
+method, dense dashed), `grid.png` (one prompt's image per method and sparsity, captioned) and
+`report.json`. A job without a readable, completed `results.json` is listed as one that did not
+complete, with why, never dropped.
+
+From Python, the same sweep as DataFrames:
+
+    from obsdiff.report import collect, per_image
+    jobs = collect("outputs/run/multiruns/<time>")      # one row per job
+    images = per_image("outputs/run/multiruns/<time>")  # one row per image of every job
 """
 
 from __future__ import annotations
@@ -15,11 +24,51 @@ import argparse
 import logging
 from pathlib import Path
 
-from obsdiff.reporting.collect import collect
+import pandas as pd
+
+from obsdiff.eval.bootstrap import BootstrapSettings
+from obsdiff.reporting.collect import SETTINGS, read_jobs, references
+from obsdiff.reporting.compare import PairedScores
+from obsdiff.reporting.tables import results_frame
 from obsdiff.reporting.write import write_report
 
 
 log = logging.getLogger(__name__)
+
+
+def collect(sweep_dir: str | Path) -> pd.DataFrame:
+    """The sweep as a DataFrame: one row per job (and one per dense reference), its settings,
+    status, achieved sparsity, every metric with `<metric>_low` / `<metric>_high` (the 95%
+    interval) and the run's figures; what `results.csv` holds."""
+    return results_frame(read_jobs(sweep_dir))
+
+
+def per_image(sweep_dir: str | Path) -> pd.DataFrame:
+    """Every per-image score of every completed job (and of the dense references), one row per
+    image: the job and its settings, then id, prompt, seed, file and one column per metric."""
+    jobs = read_jobs(sweep_dir)
+
+    frames = []
+    for job in [*references(jobs).values(), *jobs]:
+        if not job.completed or job.per_image is None or not job.per_image.is_file():
+            continue
+        table = pd.read_csv(job.per_image)
+        settings = {k: job.settings.get(k) for k in SETTINGS} | job.settings
+        for position, (key, value) in enumerate({"job": job.job, **settings}.items()):
+            table.insert(position, key, value)
+        frames.append(table)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _selector(text: str | None) -> dict[str, str] | None:
+    if text is None:
+        return None
+    pairs = [part.split("=", 1) for part in text.split(",")]
+    if any(len(p) != 2 or not p[0] for p in pairs):
+        raise argparse.ArgumentTypeError(
+            f"--reference {text!r}: give KEY=VALUE[,KEY=VALUE], e.g. method=wanda"
+        )
+    return {k.strip(): v.strip() for k, v in pairs}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="prompt id of the grid images; default: the smallest one every job has",
     )
+    parser.add_argument(
+        "--reference",
+        type=_selector,
+        default=None,
+        metavar="KEY=VALUE",
+        help="the job every other is compared with at each sparsity, e.g. method=wanda or "
+        "weighting=uniform; default: the best method that is not OBS-Diff (by the headline "
+        "metric), or the best job where all are OBS-Diff",
+    )
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (BCa)")
+    parser.add_argument(
+        "--fid-resamples",
+        type=int,
+        default=200,
+        help="resamples of paired FID differences (each recomputes two FIDs: with Inception "
+        "features about a second each; 0 leaves FID differences out)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     return parser
 
 
@@ -48,12 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     if not sweep_dir.is_dir():
         log.error("%s is not a directory: pass a Hydra sweep or run directory", sweep_dir)
         return 2
-    jobs = collect(sweep_dir)
+    try:
+        settings = BootstrapSettings(args.resamples, args.fid_resamples, seed=args.seed)
+    except ValueError as err:
+        log.error("%s", err)
+        return 2
+    jobs = read_jobs(sweep_dir)
     if not jobs:
         log.error("%s holds no run directories (with .hydra/ or results.json)", sweep_dir)
         return 2
     out_dir = args.out if args.out is not None else sweep_dir / "report"
-    summary = write_report(jobs, sweep_dir, out_dir, args.prompt_id)
+    scores = PairedScores(settings)
+    summary = write_report(jobs, sweep_dir, out_dir, args.prompt_id, scores, args.reference)
     log.info(
         "%d completed jobs and %d that did not complete; wrote %d files to %s",
         summary["completed"],

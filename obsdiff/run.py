@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from obsdiff.app.config import CONF_DIR
 from obsdiff.app.settings import build_eval, build_prune_job
-from obsdiff.app.shell import RunContext, execute
+from obsdiff.app.shell import RunContext, execute, timed_together
 from obsdiff.artifacts.record import RunRecord
 from obsdiff.eval.harness import EvalSettings, evaluate_dense, evaluate_pipeline
 from obsdiff.oneshot.job import PruneJob
@@ -36,11 +36,11 @@ def prune_and_evaluate(
             job.model, job.model_config, settings, dense_cache, job.device, context.parallel
         )
     pruned = prune_pipeline(job, context.out, context.parallel)
-    dense_images = None if dense is None else Path(dense.images_dir)
     evaluation = evaluate_pipeline(
-        pruned.pipeline, job.model, settings, context.out / "eval", context.parallel, dense_images
+        pruned.pipeline, job.model, settings, context.out / "eval", context.parallel, dense
     )
-    return RunRecord("completed", prune=pruned.result, eval=evaluation, dense=dense)
+    record = RunRecord("completed", prune=pruned.result, eval=evaluation, dense=dense)
+    return timed_together(record, pruned.pipeline, job.model, settings, context)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="run", version_base="1.3")

@@ -20,11 +20,12 @@ import shlex
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import torch
+from diffusers import DiffusionPipeline
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -40,7 +41,9 @@ from obsdiff.artifacts.record import (
     evaluation_numbers,
 )
 from obsdiff.artifacts.tracking import WandbLogger, resolve_mode
+from obsdiff.eval.harness import EvalSettings, latency_against_dense, with_latency
 from obsdiff.eval.image_reward import ImageRewardUnavailable
+from obsdiff.models.base import ModelAdapter
 from obsdiff.models.loading import ModelLoadError
 from obsdiff.oneshot.checkpoint import remove_checkpoint
 from obsdiff.oneshot.job import JobError
@@ -341,6 +344,30 @@ class SweepStatus(Callback):
             sys.exit(1)
 
 
+def timed_together(
+    record: RunRecord,
+    pipe: DiffusionPipeline,
+    model: ModelAdapter,
+    settings: EvalSettings,
+    context: RunContext,
+) -> RunRecord:
+    """The record with dense and pruned latencies measured back to back in this process
+    (`speed`, and both evaluations' seconds per image), where the evaluation times latency and
+    the dense model is evaluated: a cached dense latency was timed by another process."""
+    if settings.efficiency_repeats == 0 or record.eval is None or record.dense is None:
+        return record
+    if context.parallel.is_main:
+        speed = latency_against_dense(pipe, model, settings.efficiency_repeats)
+        record = replace(
+            record,
+            speed=speed,
+            eval=with_latency(record.eval, speed.pruned_seconds_per_image),
+            dense=with_latency(record.dense, speed.dense_seconds_per_image),
+        )
+    context.parallel.barrier()
+    return record
+
+
 def build_logger(
     node: DictConfig, directory: Path, config: dict[str, Any], names: RunIdentity
 ) -> WandbLogger:
@@ -377,6 +404,9 @@ def log_run(logger: WandbLogger, record: RunRecord) -> None:
         if evaluation is not None and Path(evaluation.grid).is_file():
             caption = " | ".join(evaluation.grid_prompts)
             logger.log_image_file(f"{key}/grid", Path(evaluation.grid), caption)
+    if record.eval is not None and record.eval.comparison:
+        caption = "dense | pruned, same prompt and seed"
+        logger.log_image_file("eval/comparison", Path(record.eval.comparison), caption)
     columns = [k for k in flat if not k.startswith("dense/")]
     logger.log_table("results", columns, [[flat[k] for k in columns]])
 
@@ -386,6 +416,11 @@ SUMMARY_KEYS = (
     "prompt_fidelity",
     "clip_score",
     "image_reward",
+    "psnr",
+    "ssim",
+    "lpips",
+    "latent_rel_error",
+    "toy_feature_distance",
     "params",
     "tflops_per_forward",
     "seconds_per_image",
@@ -393,15 +428,23 @@ SUMMARY_KEYS = (
 
 
 def summary_table(record: RunRecord) -> str:
-    """A short dense-vs-pruned table of the headline metrics (for the log)."""
+    """A short dense-vs-pruned table of the headline metrics (for the log), the pruned model's
+    95% intervals beside its values; dense-relative metrics have no dense value."""
     pruned = {} if record.eval is None else evaluation_numbers(record.eval)
     dense = {} if record.dense is None else evaluation_numbers(record.dense)
     keys = [k for k in SUMMARY_KEYS if k in pruned or k in dense]
     names = record.identity
     title = f"{names.method} {names.granularity} {names.sparsity}"
     lines = [f"{'metric':<20} {'dense':>12} {title:>28}"]
+    intervals = {} if record.eval is None else record.eval.intervals
     for key in keys:
-        lines.append(f"{key:<20} {_cell(dense.get(key)):>12} {_cell(pruned.get(key)):>28}")
+        value = _cell(pruned.get(key))
+        if key in intervals:
+            value += " [{}, {}]".format(*map(_cell, intervals[key]))
+        lines.append(f"{key:<20} {_cell(dense.get(key)):>12} {value:>28}")
+    if record.speed is not None:
+        speedup = f"{record.speed.speedup:.3f}x"
+        lines.append(f"{'speed-up':<20} {'':>12} {speedup:>28}  (timed back to back)")
     return "\n".join(lines)
 
 

@@ -5,7 +5,8 @@ summary, the W&B logging, the sweep status and the report (which needs nothing e
      "identity": {"model": "toy", "method": "obsdiff", "granularity": "unstructured", ...},
      "overrides": {"method.cycles": "10"},      # the job's command-line settings (sweep axes)
      "prune": {"achieved_sparsity": 0.5, "params_before": ..., ...},
-     "eval": {...Evaluation...}, "dense": {...Evaluation...}, "images": null}
+     "eval": {...Evaluation...}, "dense": {...Evaluation...}, "images": null,
+     "speed": {"dense_seconds_per_image": ..., "speedup": ...}}  # dense and pruned timed together
 
 Records of the previous version (format 1: identity and prune figures at the top level) are
 read as well; anything else is one `RecordError` saying what the file is and what to do.
@@ -19,6 +20,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from obsdiff.eval.efficiency import SpeedComparison
 from obsdiff.eval.harness import Evaluation
 from obsdiff.utils.io import write_json
 
@@ -54,7 +56,7 @@ class RunIdentity:
 class PruneResult:
     """What one prune run achieved and cost."""
 
-    achieved_sparsity: float  # pruned weights (or heads and neurons) over their total
+    achieved_sparsity: float  # pruned weights (or heads and neurons) of the target layers
     packages: int
     params_before: int
     params_after: int
@@ -67,7 +69,9 @@ class PruneResult:
     device: str
     world_size: int = 1
     target_modules: int | None = None  # unstructured and N:M: the pruned linears
-    target_parameters: int | None = None
+    target_parameters: int | None = None  # their weights
+    target_nonzero: int | None = None  # their non-zero weights after pruning
+    layer_loss: float | None = None  # summed layer-wise reconstruction losses (OBS methods)
 
 
 @dataclass
@@ -80,6 +84,7 @@ class RunRecord:
     eval: Evaluation | None = None  # the pruned (or, evaluating a dense model, the dense) model
     dense: Evaluation | None = None  # the dense reference of a pruned model
     images: int | None = None  # sample app: images written (listed in samples.json)
+    speed: SpeedComparison | None = None  # dense and pruned timed back to back (both latencies)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -100,6 +105,7 @@ class RunRecord:
             "eval": None if self.eval is None else self.eval.as_dict(),
             "dense": None if self.dense is None else self.dense.as_dict(),
             "images": self.images,
+            "speed": None if self.speed is None else asdict(self.speed),
         }
 
     def write(self, run_dir: Path) -> None:
@@ -127,6 +133,7 @@ class RunRecord:
                 eval=_evaluation(data.get("eval")),
                 dense=_evaluation(data.get("dense")),
                 images=data.get("images"),
+                speed=None if data.get("speed") is None else SpeedComparison(**data["speed"]),
             )
         except (KeyError, TypeError) as err:
             raise RecordError(f"not a run record ({type(err).__name__}: {err})") from None
@@ -143,15 +150,21 @@ class RunRecord:
             raise RecordError(f"{path}: unreadable run record: {err}") from None
 
     def flat_metrics(self) -> dict[str, float]:
-        """Every number of the record as `prune/<key>`, `eval/<key>`, `dense/<key>` (W&B)."""
+        """Every number of the record as `prune/<key>`, `eval/<key>`, `dense/<key>` (W&B), the
+        intervals as `<section>/<metric>_ci_low` and `_ci_high`."""
         flat: dict[str, float] = {}
         if self.prune is not None:
             flat.update({f"prune/{k}": v for k, v in asdict(self.prune).items() if _number(v)})
+        if self.speed is not None:
+            flat.update({f"speed/{k}": v for k, v in asdict(self.speed).items() if _number(v)})
         for section, evaluation in (("eval", self.eval), ("dense", self.dense)):
             if evaluation is not None:
                 flat.update(
                     {f"{section}/{k}": v for k, v in evaluation_numbers(evaluation).items()}
                 )
+                for name, (low, high) in evaluation.intervals.items():
+                    flat[f"{section}/{name}_ci_low"] = low
+                    flat[f"{section}/{name}_ci_high"] = high
         return flat
 
 

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torchmetrics.functional.multimodal.clip_score import _clip_score_update
 from torchmetrics.multimodal.clip_score import CLIPScore as TorchmetricsCLIPScore
 from transformers import CLIPModel, CLIPProcessor
 
 from obsdiff.utils.memory import own_memory
+from obsdiff.utils.scores import ImageScores
 
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
@@ -67,23 +69,25 @@ class CLIPScore:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def compute(
-        self, images: Sequence[Image.Image | Path], prompts: Sequence[str]
-    ) -> dict[str, Any]:
-        """Mean over images (PIL or files, opened a batch at a time) of cos(image, its prompt);
-        torchmetrics reports 100 x max(cos, 0)."""
+    def compute(self, images: Sequence[Image.Image | Path], prompts: Sequence[str]) -> ImageScores:
+        """cos(image, its prompt) of every image (PIL or files, opened a batch at a time). The
+        mean is torchmetrics' CLIPScore / 100 (which also clamps a negative mean at 0)."""
         if len(images) != len(prompts) or not images:
             raise ValueError("give one prompt per image (and at least one image)")
-        self.metric.reset()
+        scores = []
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
             tensors = [torch.from_numpy(_to_array(image)).permute(2, 0, 1) for image in batch]
-            self.metric.update(tensors, list(prompts[start : start + self.batch_size]))
-        return {
-            "clip_score": float(self.metric.compute()) / 100.0,
-            "clip_model": self.name,
-            "clip_scale": "cosine",
-        }
+            # torchmetrics' per-image step of CLIPScore.update: 100 x cos, (batch,)
+            score, _ = _clip_score_update(
+                tensors, list(prompts[start : start + self.batch_size]),
+                self.metric.model, self.metric.processor,
+            )  # fmt: skip
+            scores.append(score.double().cpu() / 100.0)
+        return ImageScores(
+            {"clip_score": torch.cat(scores).numpy()},
+            {"clip_model": self.name, "clip_scale": "cosine"},
+        )
 
 
 def _to_array(image: Image.Image | Path) -> np.ndarray:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +93,9 @@ class FID:
             self._extractor = cleanfid.build_feature_extractor(self.mode, self.device)
         return self._extractor
 
-    def statistics(self, folder: Path) -> tuple[np.ndarray, np.ndarray]:
-        """(mu, sigma) of the features of every image in `folder`."""
-        features = cleanfid.get_folder_features(
+    def features(self, folder: Path) -> np.ndarray:
+        """The features of every image in `folder`, in file-name order. (images, D)"""
+        return cleanfid.get_folder_features(
             str(folder),
             model=self.extractor,
             num_workers=0,
@@ -102,7 +104,22 @@ class FID:
             mode=self.mode,
             verbose=False,
         )
-        return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+    def file_features(self, files: Sequence[Path]) -> np.ndarray:
+        """The features of `files`, in that order. (images, D)"""
+        return cleanfid.get_files_features(
+            [str(f) for f in files],
+            model=self.extractor,
+            num_workers=0,
+            batch_size=self.batch_size,
+            device=self.device,
+            mode=self.mode,
+            verbose=False,
+        )
+
+    def statistics(self, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+        """(mu, sigma) of the features of every image in `folder`."""
+        return gaussian(self.features(folder))
 
     def reference_statistics(self) -> tuple[np.ndarray, np.ndarray]:
         """From the `.npz`, or computed from the folder: once per (folder, its file names, mode,
@@ -129,10 +146,86 @@ class FID:
         np.savez(path, mu=mu, sigma=sigma)
 
     def compute(self, folder: Path) -> dict[str, Any]:
-        mu, sigma = self.statistics(folder)
-        mu_ref, sigma_ref = self.reference_statistics()
-        value = float(cleanfid.frechet_distance(mu, sigma, mu_ref, sigma_ref))
+        return self.describe(self.distance(self.features(folder)))
+
+    def distance(self, features: np.ndarray) -> float:
+        """FID of a set of features against the reference."""
+        return frechet_distance(*gaussian(features), *self.reference_statistics())
+
+    def describe(self, value: float) -> dict[str, Any]:
         return {"fid": value, "fid_reference": str(self.reference), "fid_mode": self.mode}
+
+
+@dataclass
+class FIDFeatures:
+    """What an FID interval (and a paired FID difference) is recomputed from: the features of
+    the generated images and their prompt groups, and, where the reference images are images
+    of the same prompts (the dense model's, the toy dataset's), their features and groups, so
+    that a resample of prompts resamples both sides; else the reference statistics stay fixed.
+    Saved as `fid_features.npz` beside the evaluation."""
+
+    features: np.ndarray  # (images, D)
+    groups: np.ndarray  # (images,) prompt group of each image
+    reference: np.ndarray | None = None  # (reference images, D)
+    reference_groups: np.ndarray | None = None  # (reference images,)
+    statistics: tuple[np.ndarray, np.ndarray] | None = None  # else: fixed reference (mu, sigma)
+
+    def distance(self, drawn: np.ndarray) -> float:
+        """FID of the images of the `drawn` prompt groups (with replacement) against the
+        reference images of the same groups, or against the fixed reference statistics."""
+        mine = np.concatenate([np.flatnonzero(self.groups == g) for g in drawn])
+        if self.reference is None or self.reference_groups is None:
+            if self.statistics is None:
+                raise ValueError("FIDFeatures without a reference: give its statistics")
+            return frechet_distance(*gaussian(self.features[mine]), *self.statistics)
+        theirs = np.concatenate([np.flatnonzero(self.reference_groups == g) for g in drawn])
+        return frechet_distance(*gaussian(self.features[mine]), *gaussian(self.reference[theirs]))
+
+    def save(self, path: Path) -> None:
+        arrays = {"features": self.features, "groups": self.groups}
+        if self.reference is not None and self.reference_groups is not None:
+            arrays.update(reference=self.reference, reference_groups=self.reference_groups)
+        if self.statistics is not None:
+            arrays.update(reference_mu=self.statistics[0], reference_sigma=self.statistics[1])
+        np.savez(path, **arrays)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: Path) -> FIDFeatures:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        statistics = None
+        if "reference_mu" in arrays:
+            statistics = (arrays["reference_mu"], arrays["reference_sigma"])
+        return cls(
+            arrays["features"], arrays["groups"],
+            arrays.get("reference"), arrays.get("reference_groups"), statistics,
+        )  # fmt: skip
+
+
+def gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of features (images, D), float64."""
+    data = np.asarray(features, dtype=np.float64)
+    return data.mean(axis=0), np.cov(data, rowvar=False)
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), the trace of the root taken as the sum of
+    the square roots of the eigenvalues of S1^1/2 S2 S1^1/2 (symmetric, same eigenvalues as
+    S1 S2). Equal to clean-fid's `frechet_distance` (scipy's sqrtm) where that is well
+    conditioned; unlike it, stable for the rank-deficient covariances of small or resampled
+    image sets (bootstrap intervals), with no imaginary parts to discard."""
+    root = _psd_sqrt(sigma1)
+    inner = np.linalg.eigvalsh(root @ sigma2 @ root)
+    trace_root = float(np.sqrt(np.clip(inner, 0.0, None)).sum())
+    difference = np.asarray(mu1) - np.asarray(mu2)
+    return float(difference @ difference + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -19,11 +19,13 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from obsdiff.eval.dense_relative import LATENTS_KEY
 from obsdiff.models.base import ModelAdapter
+from obsdiff.models.sampling import SamplingDefaults
 from obsdiff.prompts.eval_sets import EvalPrompts
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.images import image_name, make_grid, remove_partial, save_image
-from obsdiff.utils.io import write_json
+from obsdiff.utils.io import save_tensors, write_json
 from obsdiff.utils.progress import progress
 from obsdiff.utils.seeds import generators_for
 
@@ -32,11 +34,17 @@ log = logging.getLogger(__name__)
 
 IMAGES = "images"
 IMAGES_LIST = "images.json"  # (id, prompt, seed, file) of every image of the set
+LATENTS = "latents"  # the final latents of each image (dense-relative metrics)
 
 
 def image_file(prompt_id: int) -> str:
     """An evaluation image's path relative to its evaluation directory."""
     return f"{IMAGES}/{image_name(prompt_id)}"
+
+
+def latents_file(image: str) -> str:
+    """The final latents of evaluation image `image` (its `image_file`), relative likewise."""
+    return f"{LATENTS}/{Path(image).stem}.safetensors"
 
 
 def render(
@@ -46,15 +54,35 @@ def render(
     ids: list[int],
     seed: int,
     output_type: str = "pil",
+    final_latents: list[torch.Tensor] | None = None,
+    sampling: SamplingDefaults | None = None,
 ) -> list[Any]:
-    """One pipeline call: image `ids[k]` of `prompts[k]` from the noise of seed + ids[k]."""
+    """One pipeline call: image `ids[k]` of `prompts[k]` from the noise of seed + ids[k].
+    `final_latents`, when given, receives each image's latents after the last denoising step
+    (before the VAE; the pipeline's own layout, e.g. packed for Flux). `sampling`: other
+    settings than the model's (steps, guidance)."""
+    kwargs: dict[str, Any] = {}
+    if final_latents is not None:
+        last: dict[str, torch.Tensor] = {}
+
+        def keep_latents(
+            pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]
+        ) -> dict[str, Any]:
+            last["latents"] = tensors["latents"]
+            return tensors
+
+        kwargs = {"callback_on_step_end": keep_latents}
+        kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
     with torch.inference_mode():
         result = pipe(
             prompt=prompts,
             generator=generators_for(seed, ids),
             output_type=output_type,
-            **model.call_kwargs(),
+            **model.call_kwargs(sampling),
+            **kwargs,
         )
+    if final_latents is not None:
+        final_latents.extend(last["latents"].detach().to("cpu").clone().unbind(0))
     return list(result.images)
 
 
@@ -92,14 +120,19 @@ def generate_images(
     seed: int = 0,
     batch_size: int = 4,
     parallel: DataParallel | None = None,
+    save_latents: bool = False,
+    sampling: SamplingDefaults | None = None,
 ) -> list[dict[str, Any]]:
-    """Render this rank's missing images into `out_dir/images/`; return the full manifest.
+    """Render this rank's missing images into `out_dir/images/` (and, with `save_latents`, their
+    final latents into `out_dir/latents/`); return the full manifest.
 
     Each rank renders its exact share of the ids (no duplicates, no padding); `images.json`
     lists (id, prompt, seed, file) for the whole set."""
     parallel = parallel or DataParallel()
     _check_batch_size(batch_size)
     (out_dir / IMAGES).mkdir(parents=True, exist_ok=True)
+    if save_latents:
+        (out_dir / LATENTS).mkdir(exist_ok=True)
     if parallel.is_main:
         remove_partial(out_dir / IMAGES)  # left by an interrupted run
     parallel.barrier()
@@ -108,15 +141,24 @@ def generate_images(
         for i, p in zip(prompts.ids, prompts.prompts, strict=True)
     ]
     mine = [manifest[k] for k in parallel.shard(len(manifest))]
-    todo = [entry for entry in mine if not (out_dir / entry["file"]).is_file()]
+
+    def done(entry: dict[str, Any]) -> bool:
+        image = (out_dir / entry["file"]).is_file()
+        return image and (not save_latents or (out_dir / latents_file(entry["file"])).is_file())
+
+    todo = [entry for entry in mine if not done(entry)]
     pipe.set_progress_bar_config(disable=True)
     starts = range(0, len(todo), batch_size)
     for start in progress(
         starts, f"generating (rank {parallel.rank})", "batch", enabled=bool(starts)
     ):
         batch = todo[start : start + batch_size]
-        images = render(pipe, model, [e["prompt"] for e in batch], [e["id"] for e in batch], seed)
-        for entry, image in zip(batch, images, strict=True):
+        latents: list[torch.Tensor] | None = [] if save_latents else None
+        texts, ids = [e["prompt"] for e in batch], [e["id"] for e in batch]
+        images = render(pipe, model, texts, ids, seed, final_latents=latents, sampling=sampling)
+        for k, (entry, image) in enumerate(zip(batch, images, strict=True)):
+            if latents is not None:  # first: an image on disk means its latents are too
+                save_tensors(out_dir / latents_file(entry["file"]), {LATENTS_KEY: latents[k]})
             save_image(image, out_dir / entry["file"])  # a crash never leaves half an image
     parallel.barrier()
     if parallel.is_main:

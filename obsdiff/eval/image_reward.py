@@ -20,7 +20,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from obsdiff.eval.image_reward_worker import score_grouped
+from obsdiff.utils.scores import ImageScores
 
 
 if TYPE_CHECKING:
@@ -91,8 +94,8 @@ class ImageReward:
             answer = self._run(["--check"], None, ImageRewardUnavailable, CHECK_TIMEOUT_S)
             log.info("ImageReward %s in %s", answer.get("image_reward"), self.interpreter())
 
-    def compute(self, image_files: Sequence[Path], prompts: Sequence[str]) -> dict[str, Any]:
-        """Mean over images of the reward of the image for its prompt."""
+    def compute(self, image_files: Sequence[Path], prompts: Sequence[str]) -> ImageScores:
+        """The reward of every image for its prompt."""
         if len(image_files) != len(prompts) or not image_files:
             raise ValueError("give one prompt per image (and at least one image)")
         items = [
@@ -110,11 +113,10 @@ class ImageReward:
             scores = self._score_here(items)
         else:
             scores = self._score_isolated(items)
-        return {
-            "image_reward": sum(scores) / len(scores),
-            "image_reward_model": self.name,
-            "image_reward_backend": self.backend,
-        }
+        return ImageScores(
+            {"image_reward": np.asarray(scores, dtype=np.float64)},
+            {"image_reward_model": self.name, "image_reward_backend": self.backend},
+        )
 
     def interpreter(self) -> str:
         """The isolated environment's interpreter, checked to exist (symbolic links kept)."""

@@ -25,7 +25,7 @@ from obsdiff.calibration.sequential import (
     calibrate_and_prune,
     embed_batches,
 )
-from obsdiff.methods.package import Structured, achieved_sparsity
+from obsdiff.methods.package import LayerRecord, Structured, achieved_sparsity
 from obsdiff.models.surgery import shapes
 from obsdiff.oneshot.checkpoint import Checkpointer, check_previous_run
 from obsdiff.oneshot.job import PruneJob, plan_packages
@@ -109,6 +109,8 @@ def prune_pipeline(
         world_size=parallel.world_size,
         target_modules=None if untouched else len(targets),
         target_parameters=None if untouched else sum(m.weight.numel() for _, m in targets),
+        target_nonzero=None if untouched else sum(_nonzero(m) for _, m in targets),
+        layer_loss=_layer_loss(report),
     )
     pruned = PrunedModel(
         pipe, job.model, _manifest(job, result, report, packages, denoiser), result
@@ -116,18 +118,32 @@ def prune_pipeline(
     if parallel.is_main and job.save:
         save_pruned(pruned, run_dir)
     parallel.barrier()
+    nonzero = ""
+    if result.target_parameters is not None and result.target_nonzero is not None:
+        nonzero = f"; target layers {result.target_parameters} -> {result.target_nonzero} non-zero"
     log.info(
-        "%s %s %.0f%%: achieved %.4f; parameters %d -> %d (calibration %.1f s, solve %.1f s)",
+        "%s %s %.0f%%: achieved %.4f; parameters %d -> %d%s (calibration %.1f s, solve %.1f s)",
         job.method.name,
         job.granularity.name,
         100 * job.sparsity,
         result.achieved_sparsity,
         result.params_before,
         result.params_after,
+        nonzero,
         report.calibration_seconds,
         report.solve_seconds,
     )
     return pruned
+
+
+def _nonzero(module: nn.Module) -> int:
+    return int(torch.count_nonzero(module.weight))  # type: ignore[arg-type]
+
+
+def _layer_loss(report: LoopReport) -> float | None:
+    """The summed layer-wise reconstruction losses the method reported (OBS), else None."""
+    losses = [r.loss for r in report.records if isinstance(r, LayerRecord) and r.loss is not None]
+    return float(sum(losses)) if losses else None
 
 
 def _merged(previous: LoopReport, current: LoopReport) -> LoopReport:

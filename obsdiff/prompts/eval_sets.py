@@ -33,6 +33,21 @@ class EvalPrompts:
     def describe(self) -> dict[str, Any]:
         return prompts_record(self.prompts, self.source, self.file_sha256)
 
+    def repeated(self, images_per_prompt: int) -> EvalPrompts:
+        """Each prompt `images_per_prompt` times: image j of prompt id i gets id i * n + j (so
+        its own seed, seed + id); with n = 1 the set itself (ids unchanged)."""
+        n = images_per_prompt
+        if n < 1:
+            raise ValueError(f"eval.images_per_prompt={n} must be >= 1")
+        if n == 1:
+            return self
+        return EvalPrompts(
+            ids=[i * n + j for i in self.ids for j in range(n)],
+            prompts=[p for p in self.prompts for _ in range(n)],
+            source=self.source,
+            file_sha256=self.file_sha256,
+        )
+
     def check_disjoint(self, calibration: list[str]) -> None:
         """Evaluation prompts must not be calibration prompts."""
         shared = set(self.prompts) & set(calibration)

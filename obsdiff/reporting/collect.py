@@ -23,8 +23,14 @@ HIGHER_IS_BETTER = {
     "image_reward": True,
     "prompt_fidelity": True,
     "fid": False,
+    "psnr": True,
+    "ssim": True,
+    "lpips": False,
+    "latent_rel_error": False,
+    "toy_feature_distance": False,
 }
 QUALITY = ("fid", "clip_score", "image_reward", "prompt_fidelity")
+DENSE_RELATIVE = ("psnr", "ssim", "lpips", "latent_rel_error", "toy_feature_distance")
 EFFICIENCY = (
     "params", "tflops_per_forward", "seconds_per_image", "seconds_per_forward",
     "generation_seconds",
@@ -34,7 +40,8 @@ EVAL_INFO = ("num_images", "seed", "num_inference_steps", "forwards_per_image") 
 SETTINGS = ("model", "method", "granularity", "sparsity", "weighting", "packages")
 RUN = (
     "achieved_sparsity", "params_before", "params_after", "tflops_before", "tflops_after",
-    "calibration_seconds", "solve_seconds", "wall_seconds", "peak_memory_bytes",
+    "target_parameters", "target_nonzero", "layer_loss", "calibration_seconds",
+    "solve_seconds", "wall_seconds", "peak_memory_bytes",
 )  # fmt: skip
 LABELS = {
     "fid": "FID",
@@ -46,7 +53,21 @@ LABELS = {
     "seconds_per_image": "s / image",
     "seconds_per_forward": "s / forward",
     "generation_seconds": "generation s",
+    "psnr": "PSNR",
+    "ssim": "SSIM",
+    "lpips": "LPIPS",
+    "latent_rel_error": "latent error",
+    "toy_feature_distance": "feature distance",
+    "achieved_sparsity": "achieved",
+    "target_nonzero": "non-zero",
+    "layer_loss": "layer loss",
+    "calibration_seconds": "calibration s",
+    "solve_seconds": "solve s",
+    "wall_seconds": "wall s",
+    "peak_memory_bytes": "peak memory",
+    "speedup": "speed-up",
 }
+SHORTFALL = 0.005  # achieved sparsity this far below the target is flagged
 
 
 @dataclass
@@ -63,6 +84,9 @@ class JobResult:
     info: dict[str, Any] = field(default_factory=dict)  # eval set, number of images
     images_dir: Path | None = None
     dense: JobResult | None = None  # the dense model as evaluated by this job
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # 95% of metrics
+    per_image: Path | None = None  # the per-image scores (CSV)
+    fid_features: Path | None = None  # what paired FID differences are recomputed from
 
     @property
     def completed(self) -> bool:
@@ -80,6 +104,14 @@ class JobResult:
     def sparsity(self) -> float | None:
         value = self.settings.get("sparsity")
         return float(value) if isinstance(value, int | float) else None
+
+    @property
+    def shortfall(self) -> bool:
+        """Whether the achieved sparsity falls more than half a point below the target (Wanda
+        and DSnoT floor each row's count: int(n * s))."""
+        achieved = self.run.get("achieved_sparsity")
+        target = self.sparsity
+        return achieved is not None and target is not None and achieved < target - SHORTFALL
 
 
 # ---------------------------------------------------------------------------- reading the sweep
@@ -148,10 +180,19 @@ def _evaluated(result: JobResult, evaluation: Evaluation | None) -> JobResult:
     numbers = evaluation_numbers(evaluation)
     result.metrics = {k: v for k, v in numbers.items() if k not in EVAL_INFO}
     result.info = {"eval_set": evaluation.set, **{k: numbers.get(k) for k in EVAL_INFO}}
-    if evaluation.images_dir:
-        images = Path(evaluation.images_dir).expanduser()
-        result.images_dir = images if images.is_absolute() else result.path / images
+    result.intervals = {k: (v[0], v[1]) for k, v in evaluation.intervals.items()}
+    result.images_dir = _path(result, evaluation.images_dir)
+    result.per_image = _path(result, evaluation.per_image)
+    result.fid_features = _path(result, evaluation.fid_features)
     return result
+
+
+def _path(result: JobResult, recorded: str) -> Path | None:
+    """A path of the record (absolute, or relative to the job directory)."""
+    if not recorded:
+        return None
+    path = Path(recorded).expanduser()
+    return path if path.is_absolute() else result.path / path
 
 
 def read_job(path: Path, name: str) -> JobResult:
@@ -168,6 +209,8 @@ def read_job(path: Path, name: str) -> JobResult:
         job.run = {
             k: v for k, v in asdict(record.prune).items() if _number(v) and k not in SETTINGS
         }
+    if record.speed is not None:
+        job.run["speedup"] = record.speed.speedup
     _evaluated(job, record.eval)
     if record.dense is not None:
         dense = {"model": settings["model"], "method": DENSE, "granularity": None, "sparsity": 0.0}
@@ -180,7 +223,7 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def collect(sweep_dir: str | Path) -> list[JobResult]:
+def read_jobs(sweep_dir: str | Path) -> list[JobResult]:
     """Every job of the sweep, in job order; failures are logged as warnings."""
     root = Path(sweep_dir)
     dirs = find_job_dirs(root)
@@ -242,23 +285,10 @@ def series_label(job: JobResult, keys: Sequence[str], sep: str = ", ") -> str:
 
 
 def metric_columns(jobs: Sequence[JobResult]) -> list[str]:
-    """Metrics that at least one job has: quality (known, then others), then efficiency;
-    per-attribute breakdowns (prompt_fidelity_<attribute>) stay in the CSV only."""
+    """Metrics that at least one job has: quality (known, then others), dense-relative, then
+    efficiency; per-attribute breakdowns (prompt_fidelity_<attribute>) stay in the CSV only."""
     present = {k for job in jobs for k in job.metrics}
-    others = sorted(
-        k for k in present - set(QUALITY) - set(EFFICIENCY) if not k.startswith(BREAKDOWNS)
-    )
-    return [k for k in QUALITY if k in present] + others + [k for k in EFFICIENCY if k in present]
-
-
-def best_per_sparsity(jobs: Sequence[JobResult], metric: str) -> dict[float | None, float]:
-    """Best value of a metric with a known direction among the completed pruned jobs, at each
-    sparsity where at least two jobs have it."""
-    higher = HIGHER_IS_BETTER.get(metric)
-    if higher is None:
-        return {}
-    values: dict[float | None, list[float]] = {}
-    for job in jobs:
-        if job.completed and job.method != DENSE and metric in job.metrics:
-            values.setdefault(job.sparsity, []).append(job.metrics[metric])
-    return {s: max(v) if higher else min(v) for s, v in values.items() if len(v) > 1}
+    known = set(QUALITY) | set(DENSE_RELATIVE) | set(EFFICIENCY)
+    others = sorted(k for k in present - known if not k.startswith(BREAKDOWNS))
+    ordered = [*QUALITY, *others, *DENSE_RELATIVE, *EFFICIENCY]
+    return [k for k in ordered if k in present]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from obsdiff.eval.generation import IMAGES_LIST
 from obsdiff.reporting.collect import (
     DENSE,
     HIGHER_IS_BETTER,
@@ -46,19 +49,25 @@ def _panel(
     ax: Any, metric: str, jobs: Sequence[JobResult], keys: Sequence[str], colours: dict[str, str]
 ) -> None:
     """One line per method (colours shared by every panel), in row order."""
-    lines: dict[str, list[tuple[float, float]]] = {label: [] for label in colours}
+    lines: dict[str, list[tuple[float, float, float, float]]] = {label: [] for label in colours}
     for job in jobs:
         if job.completed and job.sparsity is not None and metric in job.metrics:
-            lines[series_label(job, keys)].append((job.sparsity, job.metrics[metric]))
+            value = job.metrics[metric]
+            low, high = job.intervals.get(metric, (value, value))
+            lines[series_label(job, keys)].append((job.sparsity, value, low, high))
     for label, points in lines.items():
         if points:
-            xs, ys = zip(*sorted(points), strict=True)
-            ax.plot(xs, ys, marker="o", label=label, color=colours[label])
+            xs, ys, lows, highs = (np.array(c) for c in zip(*sorted(points), strict=True))
+            errors = np.stack([ys - lows, highs - ys])  # (2, points): below and above
+            ax.errorbar(
+                xs, ys, yerr=errors, marker="o", capsize=3, label=label, color=colours[label]
+            )
 
 
 def plot_metrics(jobs: Sequence[JobResult], out_dir: Path) -> list[Path]:
-    """`<out_dir>/<metric>.png` for every metric with a value: metric against sparsity, a line
-    per method, the dense value dashed; a panel per model and granularity."""
+    """`<out_dir>/<metric>.png` for every metric with a value: metric against sparsity with its
+    95% intervals, a line per method, the dense value dashed; a panel per model and
+    granularity."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -105,6 +114,18 @@ def default_prompt_id(dirs: Sequence[Path | None]) -> int | None:
     return min(set.intersection(*found) or set.union(*found))
 
 
+def prompt_text(dirs: Sequence[Path | None], prompt_id: int) -> str | None:
+    """The prompt of image `prompt_id`, from the image list (`images.json`) beside the first
+    of `dirs` that has one."""
+    for images_dir in dirs:
+        listing = None if images_dir is None else images_dir.parent / IMAGES_LIST
+        if listing is not None and listing.is_file():
+            for entry in json.loads(listing.read_text()).get("images", []):
+                if entry.get("id") == prompt_id:
+                    return str(entry.get("prompt"))
+    return None
+
+
 def _cell(images_dir: Path | None, prompt_id: int) -> Image.Image:
     path = None if images_dir is None else images_dir / image_name(prompt_id)
     if path is None or not path.is_file():
@@ -144,7 +165,10 @@ def comparison_grid(
     width, height = cell_origin(len(labels), 1 + len(sparsities))
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 4), f"prompt {prompt_id}", fill=(0, 0, 0))
+    prompt = prompt_text([dense_dir, *(j.images_dir for j in done)], prompt_id)
+    draw.text(
+        (4, 4), f"prompt {prompt_id}: {prompt}" if prompt else f"prompt {prompt_id}", fill=(0, 0, 0)
+    )
     for col, title in enumerate([DENSE, *(f"sparsity {s:g}" for s in sparsities)]):
         draw.text((cell_origin(0, col)[0] + 2, 4), title, fill=(0, 0, 0))
     for row, (label, _) in enumerate(labels):

@@ -1,11 +1,13 @@
-"""The report's tables: Markdown (best method per sparsity in bold) and CSV."""
+"""The report's tables, built as pandas DataFrames: one row per job (`results_frame`, the CSV and
+`obsdiff.report.collect`), the paired differences against a reference job
+(`differences_frame`), and the Markdown report rendered from them."""
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from obsdiff.reporting.collect import (
     DENSE,
@@ -16,13 +18,26 @@ from obsdiff.reporting.collect import (
     RUN,
     SETTINGS,
     JobResult,
-    best_per_sparsity,
     groups,
     metric_columns,
     references,
     row_order,
     varying_keys,
 )
+from obsdiff.reporting.compare import (
+    Difference,
+    PairedScores,
+    cells,
+    choose_reference,
+    headline,
+    tested_best,
+)
+
+
+PRUNE_COLUMNS = (
+    "target_nonzero", "layer_loss", "calibration_seconds", "solve_seconds", "wall_seconds",
+    "peak_memory_bytes",
+)  # fmt: skip
 
 
 def human_count(value: float) -> str:
@@ -36,9 +51,9 @@ def human_count(value: float) -> str:
 
 
 def format_value(key: str, value: float | None) -> str:
-    if value is None:
+    if value is None or pd.isna(value):
         return "–"
-    if key.startswith("params"):
+    if key.startswith("params") or key in ("target_nonzero", "peak_memory_bytes"):
         return human_count(value)
     return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:#.4g}".rstrip(".")
 
@@ -46,6 +61,11 @@ def format_value(key: str, value: float | None) -> str:
 def _md_row(cells: Sequence[Any]) -> str:
     text = ("–" if c is None else str(c).replace("|", "\\|").replace("\n", " ") for c in cells)
     return "| " + " | ".join(text) + " |"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric_from: int) -> str:
+    align = [":--"] * numeric_from + ["--:"] * (len(header) - numeric_from)
+    return "\n".join([_md_row(header), _md_row(align), *map(_md_row, rows)])
 
 
 def _sparsity_text(job: JobResult) -> str:
@@ -57,59 +77,7 @@ def _header(metric: str) -> str:
     return LABELS.get(metric, metric) + arrow
 
 
-def markdown_table(
-    jobs: Sequence[JobResult], keys: Sequence[str] = (), reference: JobResult | None = None
-) -> str:
-    """One Markdown table: the dense reference first, then the completed jobs by method and
-    sparsity; the best value of each metric at each sparsity in bold."""
-    rows = sorted(
-        (j for j in jobs if j.completed and j.method != DENSE), key=lambda j: row_order(j, keys)
-    )
-    table = ([reference] if reference is not None else []) + rows
-    if not table:
-        return "_No completed jobs._"
-    metrics = metric_columns(table)
-    bests = {m: best_per_sparsity(rows, m) for m in metrics}
-    lines = [
-        _md_row(["method", "sparsity", *keys, *map(_header, metrics)]),
-        _md_row([":--"] * (2 + len(keys)) + ["--:"] * len(metrics)),
-    ]
-    for row in table:
-        cells = [row.method, _sparsity_text(row), *(row.settings.get(k) for k in keys)]
-        for metric in metrics:
-            value = row.metrics.get(metric)
-            text = format_value(metric, value)
-            best = row is not reference and value is not None
-            best = best and bests[metric].get(row.sparsity) == value
-            cells.append(f"**{text}**" if best else text)
-        lines.append(_md_row(cells))
-    return "\n".join(lines)
-
-
-def failed_table(jobs: Sequence[JobResult]) -> str:
-    lines = [_md_row(["job", "model", "method", "sparsity", "error"]), _md_row([":--"] * 5)]
-    for job in jobs:
-        lines.append(_md_row([job.job, job.model, job.method, _sparsity_text(job), job.error]))
-    return "\n".join(lines)
-
-
-def markdown_report(jobs: Sequence[JobResult], title: str) -> str:
-    keys, refs = varying_keys(jobs), references(jobs)
-    failed = [j for j in jobs if not j.completed]
-    lines = [
-        f"# {title}",
-        "",
-        f"{len(jobs) - len(failed)} completed jobs and {len(failed)} that did not complete. In "
-        "**bold**: the best method at each sparsity (the dense row is the reference).",
-    ]
-    for (model, granularity), members in groups(jobs).items():
-        if not any(j.completed for j in members):
-            continue  # listed below, with why
-        table = markdown_table(members, keys, refs.get(model))
-        lines += ["", f"## {model} · {granularity}", "", table]
-    if failed:
-        lines += ["", f"## {INCOMPLETE}", "", failed_table(failed)]
-    return "\n".join(lines) + "\n"
+# ---------------------------------------------------------------------------- frames
 
 
 def csv_rows(jobs: Sequence[JobResult]) -> list[JobResult]:
@@ -118,19 +86,225 @@ def csv_rows(jobs: Sequence[JobResult]) -> list[JobResult]:
     return [r for r in references(jobs).values() if id(r) not in ids] + list(jobs)
 
 
-def write_csv(jobs: Sequence[JobResult], path: Path) -> None:
+def results_frame(jobs: Sequence[JobResult]) -> pd.DataFrame:
+    """One row per job (the dense reference of each model first): status, settings, achieved
+    sparsity (and whether it falls short of the target), every metric with its 95% interval
+    (`<metric>_low`, `<metric>_high`), evaluation details, the run's figures."""
     rows = csv_rows(jobs)
     extra = sorted({k for r in rows for k in r.settings if k not in SETTINGS})
+    metrics = metric_columns(rows) + sorted(
+        {k for r in rows for k in r.metrics} - set(metric_columns(rows))
+    )
     info = [k for k in ("eval_set", *EVAL_INFO) if any(r.info.get(k) is not None for r in rows)]
     run = [*RUN[1:], *sorted({k for r in rows for k in r.run} - set(RUN))]
-    columns = [
-        "job", "status", "error", *SETTINGS, *extra, "achieved_sparsity",
-        *metric_columns(rows), *info, *run, "images_dir",
-    ]  # fmt: skip
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, columns, restval="", extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            images = "" if r.images_dir is None else str(r.images_dir)
-            fixed = {"job": r.job, "status": r.status, "error": r.error, "images_dir": images}
-            writer.writerow({**r.settings, **r.metrics, **r.info, **r.run, **fixed})
+    records = []
+    for r in rows:
+        record: dict[str, Any] = {"job": r.job, "status": r.status, "error": r.error}
+        record.update({k: r.settings.get(k) for k in (*SETTINGS, *extra)})
+        record["achieved_sparsity"] = r.run.get("achieved_sparsity")
+        record["short_of_target"] = r.shortfall if "achieved_sparsity" in r.run else None
+        for metric in metrics:
+            record[metric] = r.metrics.get(metric)
+            low, high = r.intervals.get(metric, (None, None))
+            record[f"{metric}_low"], record[f"{metric}_high"] = low, high
+        record.update({k: r.info.get(k) for k in info})
+        record.update({k: r.run.get(k) for k in run})
+        record["images_dir"] = "" if r.images_dir is None else str(r.images_dir)
+        records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    empty = [c for c in frame.columns if c.endswith(("_low", "_high")) and frame[c].isna().all()]
+    return frame.drop(columns=empty).convert_dtypes()  # counts stay integers beside gaps
+
+
+def comparisons(
+    jobs: Sequence[JobResult], scores: PairedScores, selector: dict[str, str] | None = None
+) -> list[Difference]:
+    """Every completed job minus its cell's reference (`choose_reference`), in every metric
+    with a known direction, per model and granularity."""
+    found = []
+    for members in groups(jobs).values():
+        metric = headline(members)
+        for cell in cells(members).values():
+            reference = choose_reference(cell, metric, selector)
+            if reference is None:
+                continue
+            for job in cell:
+                if job is reference:
+                    continue
+                for name in metric_columns(cell):
+                    if name in HIGHER_IS_BETTER:
+                        difference = scores.difference(job, reference, name)
+                        if difference is not None:
+                            found.append(difference)
+    return found
+
+
+def differences_frame(differences: Sequence[Difference]) -> pd.DataFrame:
+    """One row per (job, metric): the paired difference from the reference and its interval."""
+    records = []
+    for d in differences:
+        low, high = d.interval if d.interval is not None else (None, None)
+        records.append(
+            {
+                "job": d.job.job, "method": d.job.method, "sparsity": d.job.sparsity,
+                "reference_job": d.reference.job, "reference_method": d.reference.method,
+                "metric": d.metric, "difference": d.mean, "low": low, "high": high,
+                "significant": d.significant, "images": d.images,
+                **{f"setting:{k}": v for k, v in d.job.settings.items() if k not in SETTINGS},
+            }
+        )  # fmt: skip
+    return pd.DataFrame.from_records(records)
+
+
+# ---------------------------------------------------------------------------- Markdown
+
+
+def _value_cell(job: JobResult, metric: str, bold: bool) -> str:
+    text = format_value(metric, job.metrics.get(metric))
+    if bold:
+        text = f"**{text}**"
+    if metric in job.intervals:
+        low, high = job.intervals[metric]
+        text += f" [{format_value(metric, low)}, {format_value(metric, high)}]"
+    return text
+
+
+def _achieved_cell(job: JobResult) -> str:
+    achieved = job.run.get("achieved_sparsity")
+    if achieved is None:
+        return "–"
+    return f"{achieved:.3f}" + (" ⚠" if job.shortfall else "")
+
+
+def markdown_table(
+    jobs: Sequence[JobResult],
+    keys: Sequence[str] = (),
+    reference: JobResult | None = None,
+    scores: PairedScores | None = None,
+) -> str:
+    """One Markdown table: the dense reference first, then the completed jobs by method and
+    sparsity; each metric with its 95% interval; in bold the best value at each sparsity where
+    its paired difference from the runner-up excludes zero. Prune runs without evaluation show
+    what pruning achieved and cost instead."""
+    scores = scores or PairedScores()
+    rows = sorted(
+        (j for j in jobs if j.completed and j.method != DENSE), key=lambda j: row_order(j, keys)
+    )
+    table = ([reference] if reference is not None else []) + rows
+    if not table:
+        return "_No completed jobs._"
+    metrics = metric_columns(table)
+    if not metrics:  # prune runs only
+        columns = [c for c in PRUNE_COLUMNS if any(c in j.run for j in rows)]
+        header = ["method", "sparsity", *keys, "achieved", *(LABELS.get(c, c) for c in columns)]
+        body = [
+            [j.method, _sparsity_text(j), *(j.settings.get(k) for k in keys), _achieved_cell(j),
+             *(format_value(c, j.run.get(c)) for c in columns)]
+            for j in rows
+        ]  # fmt: skip
+        return _md_table(header, body, 2 + len(keys) + 1)
+    bold = {
+        (id(best), metric)
+        for metric in metrics
+        if metric in HIGHER_IS_BETTER
+        for cell in cells(rows).values()
+        for best, difference in [tested_best(cell, metric, scores)]
+        if best is not None and difference is not None and difference.significant
+    }
+    speed = any("speedup" in j.run for j in rows)
+    header = ["method", "sparsity", *keys, "achieved", *map(_header, metrics)]
+    header += ["speed-up"] if speed else []
+    body = []
+    for row in table:
+        cells_ = [row.method, _sparsity_text(row), *(row.settings.get(k) for k in keys)]
+        cells_.append("–" if row is reference else _achieved_cell(row))
+        cells_ += [_value_cell(row, m, (id(row), m) in bold) for m in metrics]
+        if speed:
+            value = row.run.get("speedup")
+            cells_.append("–" if value is None else f"{value:.3f}x")
+        body.append(cells_)
+    return _md_table(header, body, 2 + len(keys) + 1)
+
+
+def differences_table(differences: Sequence[Difference], keys: Sequence[str] = ()) -> str:
+    """Paired differences (job minus reference) with their intervals; * where it excludes 0."""
+    metrics = list(dict.fromkeys(d.metric for d in differences))
+    by_job: dict[int, dict[str, Difference]] = {}
+    jobs: dict[int, Difference] = {}
+    for d in differences:
+        by_job.setdefault(id(d.job), {})[d.metric] = d
+        jobs.setdefault(id(d.job), d)
+    header = ["method", "sparsity", *keys, "against", *(f"Δ {_header(m)}" for m in metrics)]
+    body = []
+    for key, first in sorted(jobs.items(), key=lambda item: row_order(item[1].job, keys)):
+        job = first.job
+        cells_ = [job.method, _sparsity_text(job), *(job.settings.get(k) for k in keys)]
+        cells_.append(first.reference.method + "".join(
+            f", {k}={first.reference.settings.get(k)}" for k in keys
+        ))  # fmt: skip
+        for metric in metrics:
+            found = by_job[key].get(metric)
+            if found is None:
+                cells_.append("–")
+                continue
+            text = f"{found.mean:+#.3g}"
+            if found.interval is not None:
+                text += f" [{found.interval[0]:+#.3g}, {found.interval[1]:+#.3g}]"
+            cells_.append(text + (" *" if found.significant else ""))
+        body.append(cells_)
+    return _md_table(header, body, 3 + len(keys))
+
+
+def failed_table(jobs: Sequence[JobResult]) -> str:
+    rows = [[j.job, j.model, j.method, _sparsity_text(j), j.error] for j in jobs]
+    return _md_table(["job", "model", "method", "sparsity", "error"], rows, 5)
+
+
+def markdown_report(
+    jobs: Sequence[JobResult],
+    title: str,
+    scores: PairedScores | None = None,
+    selector: dict[str, str] | None = None,
+) -> str:
+    scores = scores or PairedScores()
+    keys, refs = varying_keys(jobs), references(jobs)
+    failed = [j for j in jobs if not j.completed]
+    evaluated = any(j.metrics for j in jobs if j.completed)
+    settings = scores.settings
+    lines = [f"# {title}", "", f"{len(jobs) - len(failed)} completed jobs and {len(failed)} "]
+    lines[-1] += "that did not complete."
+    if evaluated:
+        lines[-1] += (
+            f" Values with their {settings.confidence:.0%} intervals (bootstrap over prompts, "
+            f"{settings.resamples} resamples; FID: normal interval from its recomputation on "
+            "resampled prompts). In **bold**: the best value at a sparsity where its paired "
+            "difference from the runner-up (same prompts and seeds) has an interval that "
+            "excludes zero; no bold where it does not, or where the runs kept no per-image "
+            "scores. ⚠: achieved sparsity of the target layers more than 0.5 points below the "
+            "target."
+        )
+    else:
+        lines[-1] += " Prune runs without evaluation: what each achieved and cost."
+    differences = comparisons(jobs, scores, selector) if evaluated else []
+    for (model, granularity), members in groups(jobs).items():
+        if not any(j.completed for j in members):
+            continue  # listed below, with why
+        table = markdown_table(members, keys, refs.get(model), scores)
+        lines += ["", f"## {model} · {granularity}", "", table]
+        ids = {id(j) for j in members}
+        mine = [d for d in differences if id(d.job) in ids]
+        if mine:
+            against = "the job given by --reference" if selector else (
+                "the best other method at each sparsity (by the headline metric), or the best "
+                "job where every job is OBS-Diff"
+            )  # fmt: skip
+            lines += [
+                "",
+                f"Paired differences (this job minus {against}; same prompts and seeds; "
+                f"{settings.confidence:.0%} intervals; *: the interval excludes zero):",
+                "",
+                differences_table(mine, keys),
+            ]
+    if failed:
+        lines += ["", f"## {INCOMPLETE}", "", failed_table(failed)]
+    return "\n".join(lines) + "\n"

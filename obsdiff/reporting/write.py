@@ -8,18 +8,34 @@ from pathlib import Path
 from typing import Any
 
 from obsdiff.reporting.collect import JobResult
+from obsdiff.reporting.compare import PairedScores
 from obsdiff.reporting.figures import plot_metrics, write_grids
-from obsdiff.reporting.tables import markdown_report, write_csv
+from obsdiff.reporting.tables import (
+    comparisons,
+    differences_frame,
+    markdown_report,
+    results_frame,
+)
+from obsdiff.utils.io import write_text
 
 
 def write_report(
-    jobs: Sequence[JobResult], sweep_dir: Path, out_dir: Path, prompt_id: int | None = None
+    jobs: Sequence[JobResult],
+    sweep_dir: Path,
+    out_dir: Path,
+    prompt_id: int | None = None,
+    scores: PairedScores | None = None,
+    selector: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write every output into `out_dir`; return what `report.json` records."""
+    scores = scores or PairedScores()
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(jobs, out_dir / "results.csv")
-    (out_dir / "results.md").write_text(markdown_report(jobs, f"Sweep report: `{sweep_dir}`"))
-    files = [out_dir / "results.csv", out_dir / "results.md"]
+    write_text(out_dir / "results.csv", results_frame(jobs).to_csv(index=False))
+    differences = differences_frame(comparisons(jobs, scores, selector))
+    write_text(out_dir / "differences.csv", differences.to_csv(index=False))
+    report = markdown_report(jobs, f"Sweep report: `{sweep_dir}`", scores, selector)
+    write_text(out_dir / "results.md", report)
+    files = [out_dir / "results.csv", out_dir / "differences.csv", out_dir / "results.md"]
     files += plot_metrics(jobs, out_dir / "plots")
     files += write_grids(jobs, out_dir, prompt_id)
     failed = [j.job for j in jobs if not j.completed]

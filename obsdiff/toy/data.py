@@ -155,3 +155,22 @@ def render_folder(folder: Path, captions: list[str], seed: int) -> Path:
         if not target.is_file():  # an interrupted render goes on where it stopped
             save_image(render(parse_caption(caption), np.random.default_rng(seed + i)), target)
     return folder
+
+
+def covering_prompts(prompts: list[str], limit: int = 8) -> list[int] | None:
+    """Indices of at most `limit` prompts that together name as many attribute values as
+    possible (greedy set cover, first prompt first on ties), for figures that show every
+    colour, shape, size, position and background; None when a prompt is not a toy caption."""
+    try:
+        named = [set(asdict(parse_caption(p)).items()) for p in prompts]
+    except ValueError:
+        return None
+    chosen: list[int] = []
+    missing = set().union(*named) if named else set()
+    while missing and len(chosen) < limit:
+        best = max(range(len(named)), key=lambda i: (len(named[i] & missing), -i))
+        if not named[best] & missing:
+            break
+        chosen.append(best)
+        missing -= named[best]
+    return chosen

@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from obsdiff.toy.classifier import AttributeClassifier, ClassifierFeatures, load_classifier
 from obsdiff.toy.data import ATTRIBUTES, parse_caption
+from obsdiff.utils.scores import ImageScores
 
 
 __all__ = ["ClassifierFeatures", "PromptFidelity"]
@@ -35,11 +36,10 @@ class PromptFidelity:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def compute(
-        self, images: Sequence[Image.Image | Path], prompts: Sequence[str]
-    ) -> dict[str, Any]:
-        """Mean fraction of each prompt's attributes seen in its image (PIL or files, opened a
-        batch at a time), and the accuracy of each attribute."""
+    def compute(self, images: Sequence[Image.Image | Path], prompts: Sequence[str]) -> ImageScores:
+        """Per image (PIL or files, opened a batch at a time): the fraction of its prompt's
+        attributes seen in it, and whether each attribute is (1 or 0); their means are the
+        prompt fidelity and the per-attribute accuracies."""
         if len(images) != len(prompts) or not images:
             raise ValueError(
                 f"give one prompt per image (and at least one image): {len(images)} images, "
@@ -51,18 +51,19 @@ class PromptFidelity:
                 wanted.append(asdict(parse_caption(prompt)))
             except ValueError as error:
                 raise ValueError(f"prompt {i} is not a toy caption: {error}") from None
-        hits = dict.fromkeys(ATTRIBUTES, 0)
+        hits = {name: np.zeros(len(images)) for name in ATTRIBUTES}  # (images,) each
         for start in range(0, len(images), self.batch_size):
             batch = [_open(image) for image in images[start : start + self.batch_size]]
             for offset, seen in enumerate(self.classifier.predict(batch)):
                 target = wanted[start + offset]
                 for name, value in asdict(seen).items():
-                    hits[name] += value == target[name]
-        per_attribute = {name: count / len(images) for name, count in hits.items()}
-        return {
-            "prompt_fidelity": sum(per_attribute.values()) / len(per_attribute),
-            **{f"prompt_fidelity_{name}": value for name, value in per_attribute.items()},
-        }
+                    hits[name][start + offset] = float(value == target[name])
+        return ImageScores(
+            {
+                "prompt_fidelity": np.mean(np.stack(list(hits.values())), axis=0),
+                **{f"prompt_fidelity_{name}": value for name, value in hits.items()},
+            }
+        )
 
 
 def _open(image: Image.Image | Path) -> Image.Image:

@@ -91,7 +91,7 @@ def vae_fidelity(
     images, chosen = sample_batch(scenes, count, np.random.default_rng(10_000))
     decoded = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mode()).sample
     images = pipe.image_processor.postprocess(decoded, output_type="pil")
-    return fidelity.compute(images, [s.caption for s in chosen])
+    return fidelity.compute(images, [s.caption for s in chosen]).means()
 
 
 @torch.no_grad()
@@ -121,7 +121,7 @@ def sample_fidelity(
     sampler = StableDiffusion3Pipeline(**{**pipe.components, **modules})
     sampler.set_progress_bar_config(disable=True)
     prompts = [s.caption for s in split_scenes()[1]]
-    return fidelity.compute(sample(sampler, prompts, recipe, recipe.monitor_steps), prompts)
+    return fidelity.compute(sample(sampler, prompts, recipe, recipe.monitor_steps), prompts).means()
 
 
 def write_samples(pipe: StableDiffusion3Pipeline, recipe: Recipe, path: Path) -> list[str]:

@@ -8,9 +8,10 @@ image by its id.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw, ImageOps
 
 
 PARTIAL = ".part"  # suffix of an image being written
@@ -54,3 +55,38 @@ def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2) 
         row, col = divmod(i, cols)
         grid.paste(image.convert("RGB"), (pad + col * (width + pad), pad + row * (height + pad)))
     return grid
+
+
+def captioned_grid(
+    rows: list[tuple[str, list[Image.Image | None]]],
+    columns: list[str],
+    cell: int = 128,
+    label_width: int = 200,
+    title: str = "",
+) -> Image.Image:
+    """A labelled grid: one row per (caption, images), one titled column per image, each image
+    enlarged (nearest neighbour, so small images stay sharp) to `cell` pixels; None draws a
+    grey placeholder. Captions wrap in the left margin."""
+    gap, top = 4, 20 + (16 if title else 0)
+    width = label_width + len(columns) * (cell + gap)
+    canvas = Image.new("RGB", (width, top + len(rows) * (cell + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 2), title, fill="black")
+    for col, name in enumerate(columns):
+        draw.text((label_width + col * (cell + gap) + 2, top - 16), name, fill="black")
+    chars = max(label_width // 7, 8)
+    for row, (caption, images) in enumerate(rows):
+        y = top + row * (cell + gap)
+        wrapped = "\n".join(textwrap.wrap(caption, chars)[: cell // 12])
+        draw.multiline_text((4, y + 2), wrapped, fill="black")
+        for col, image in enumerate(images):
+            x = label_width + col * (cell + gap)
+            if image is None:
+                canvas.paste(Image.new("RGB", (cell, cell), (160, 160, 160)), (x, y))
+                continue
+            small = max(image.size) < cell
+            method = Image.Resampling.NEAREST if small else Image.Resampling.BICUBIC
+            fitted = ImageOps.pad(image.convert("RGB"), (cell, cell), method, color="white")
+            canvas.paste(fitted, (x, y))
+    return canvas

@@ -245,6 +245,16 @@ def test_eval_sets_compose_and_report_missing_data(option: str, tmp_path: Path) 
         (["eval.clip_score.model=/nonexistent/clip"], r"eval.clip_score.model='/nonexistent/clip'"),
         # FID with Inception: the weights are fetched (here: refused, no network) before any work
         (["eval.fid.extractor=inception", "eval.fid.reference=REFERENCE"], r"Inception weights"),
+        # LPIPS's torchvision backbone likewise (TORCH_HOME empty, no network)
+        (["eval.dense_relative.lpips=alex"], r"eval.dense_relative.lpips=alex: torchvision"),
+        (["eval.dense_relative.lpips=resnet"], r"lpips backbone 'resnet'"),
+        (["eval.dense_relative.features=clip"], r"eval.dense_relative.features='clip'"),
+        (["eval.images_per_prompt=0"], r"eval.images_per_prompt=0 must be >= 1"),
+        (["eval.bootstrap.confidence=1.5"], r"eval.bootstrap.confidence=1.5 must lie in"),
+        (["eval.bootstrap.resamples=-1"], r"eval.bootstrap.resamples=-1 must be >= 0"),
+        (["+eval.sampling.cfg=2"], r"eval.sampling.cfg: not an evaluation sampling setting"),
+        (["eval.sampling.num_inference_steps=0"], r"num_inference_steps=0 must be >= 1"),
+        (["eval.sampling.scheduler=Euler"], r"eval.sampling.scheduler='Euler' is not a diff"),
     ],
 )
 def test_bad_eval_settings_name_their_key(
@@ -254,6 +264,7 @@ def test_bad_eval_settings_name_their_key(
     from obsdiff.app.settings import build_eval
 
     monkeypatch.setattr(obsdiff.eval.fid, "INCEPTION_DIR", tmp_path / "no-inception-here")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-weights-here"))
     (tmp_path / "reference").mkdir()
     overrides = [o.replace("REFERENCE", str(tmp_path / "reference")) for o in overrides]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

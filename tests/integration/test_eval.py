@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from torchmetrics.multimodal.clip_score import CLIPScore as TorchmetricsCLIPScore
 from transformers import CLIPProcessor
 
 from obsdiff.eval.clip_score import CLIPScore, FeatureAdapter
@@ -173,9 +174,13 @@ def test_clip_score_prefers_matching_prompts() -> None:
     metric = CLIPScore(trained_tiny_clip)
     images = [Image.new("RGB", (48, 48), c) for c in COLOURS.values()]
     words = list(COLOURS)
-    matching = metric.compute(images, words)["clip_score"]
-    shuffled = metric.compute(images, words[1:] + words[:1])["clip_score"]
-    assert 0 <= shuffled < matching <= 1
+    matching = metric.compute(images, words).values["clip_score"]  # (3,), cosines
+    shuffled = metric.compute(images, words[1:] + words[:1]).values["clip_score"]
+    assert (matching > shuffled).all() and bool((matching <= 1).all())
+    # the mean is torchmetrics' CLIPScore (100 x the mean cosine)
+    reference = TorchmetricsCLIPScore(model_name_or_path=trained_tiny_clip)  # type: ignore[arg-type]
+    reference.update([torch.from_numpy(np.array(i)).permute(2, 0, 1) for i in images], words)
+    assert matching.mean() == pytest.approx(float(reference.compute()) / 100, abs=1e-6)
     with pytest.raises(ValueError, match="one prompt per image"):
         metric.compute(images, words[:2])
 
@@ -197,3 +202,50 @@ def test_efficiency_of_dense_and_pruned_models(tiny_model) -> None:  # type: ign
     pruned = measure_efficiency(pipe, tiny_model, repeats=2)
     assert pruned.params < dense.params
     assert pruned.tflops_per_forward < dense.tflops_per_forward
+
+
+def test_a_model_against_itself_sampling_overrides_and_latency(
+    tiny_model: SD3Adapter, tmp_path: Path
+) -> None:
+    """The same pipeline evaluated as "dense" and as "pruned" is identical image for image:
+    infinite PSNR, SSIM 1, LPIPS 0, latent error 0. Evaluation-only sampling overrides render
+    other images and leave the pipeline as it was; the latency comparison swaps denoisers and
+    puts the pipeline's own back."""
+    from obsdiff.api import evaluation_settings
+    from obsdiff.eval.efficiency import compare_latency
+    from obsdiff.eval.harness import evaluate_pipeline
+
+    pipe = tiny_model.load()
+    prompts = ["a red cube", "a blue ball"]
+
+    def settings(**options: object):  # type: ignore[no-untyped-def]
+        return evaluation_settings(
+            prompts,
+            metrics=[],
+            lpips="tiny",
+            images_per_prompt=2,
+            **options,  # type: ignore[arg-type]
+        )
+
+    dense = evaluate_pipeline(pipe, tiny_model, settings(), tmp_path / "dense")
+    again = evaluate_pipeline(pipe, tiny_model, settings(), tmp_path / "again", dense=dense)
+    assert dense.num_images == again.num_images == 4  # two prompts, two seeds each
+    table = json.loads((tmp_path / "again" / IMAGES_LIST).read_text())["images"]
+    assert [(e["id"], e["seed"]) for e in table] == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert again.metrics["psnr"] == float("inf") and again.metrics["ssim"] == pytest.approx(1.0)
+    assert again.metrics["lpips"] == 0.0 and again.metrics["latent_rel_error"] == 0.0
+    assert "psnr" not in dense.metrics and again.comparison  # dense beside "pruned"
+
+    scheduler = type(pipe.scheduler)
+    for overrides in ({"num_inference_steps": 3}, {"scheduler": "FlowMatchHeunDiscreteScheduler"}):
+        name = "-".join(map(str, overrides.values()))
+        other = evaluate_pipeline(
+            pipe, tiny_model, settings(sampling=overrides), tmp_path / name, dense=dense
+        )
+        assert other.sampling == overrides and 0 < other.metrics["psnr"] < float("inf")
+        assert type(pipe.scheduler) is scheduler  # restored
+    assert settings().images_key({}) != settings(sampling={"guidance_scale": 2.0}).images_key({})
+
+    own = pipe.transformer
+    speed = compare_latency(pipe, tiny_model, tiny_model.load().transformer, repeats=1)
+    assert pipe.transformer is own and speed.speedup > 0 and speed.repeats == 1

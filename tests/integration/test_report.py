@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -41,11 +43,29 @@ def write_images(folder: Path, colour: tuple[int, int, int], ids: tuple[int, ...
         Image.new("RGB", (16, 16), colour).save(folder / f"{i:07d}.png")
 
 
-def evaluation(images_dir: str, metrics: dict[str, Any]) -> Evaluation:
+PROMPTS = 30  # per-image scores of 30 prompts, one image each
+DIFFICULTY = np.random.default_rng(0).normal(scale=0.05, size=PROMPTS)  # shared by every model
+NOISE = {"obsdiff": 0.002, "wanda": 0.002, "dense": 0.0}  # per-image noise of each method
+
+
+def evaluation(images_dir: str, metrics: dict[str, Any], per_image: str = "") -> Evaluation:
     return Evaluation(
         set="tiny", prompts={}, num_images=3, seed=0, images_dir=images_dir, grid="",
-        generation_seconds=1.0, metrics_key="", metrics=metrics,
+        generation_seconds=1.0, metrics_key="", metrics=metrics, per_image=per_image,
     )  # fmt: skip
+
+
+def write_per_image(path: Path, method: str, clip_score: float, seed: int) -> str:
+    """CLIP scores of PROMPTS images: clip_score + the prompts' shared difficulty + noise (the
+    mean is exactly clip_score); what the report pairs image by image."""
+    noise = np.random.default_rng(seed).normal(scale=NOISE[method], size=PROMPTS)
+    values = clip_score + DIFFICULTY - DIFFICULTY.mean() + noise - noise.mean()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(
+        {"id": range(PROMPTS), "prompt": [f"p{i}" for i in range(PROMPTS)],
+         "seed": range(PROMPTS), "file": "", "clip_score": values}
+    ).to_csv(path, index=False)  # fmt: skip
+    return str(path)
 
 
 def make_sweep(root: Path) -> Path:
@@ -68,12 +88,19 @@ def make_sweep(root: Path) -> Path:
         else:
             write_images(job / "eval/pruned/images", colour, ids)
             pruned = {**outcome, "params": 1_000_000, "seconds_per_image": 0.5}
+            scores = write_per_image(job / "eval/per_image.csv", method, outcome["clip_score"], n)
+            dense_scores = write_per_image(
+                root / "dense_cache" / "per_image.csv", "dense", DENSE_EVAL["clip_score"], 99
+            )
             record = RunRecord(
                 "completed", names, overrides,
                 prune=PruneResult(sparsity, 4, 10, 10, 1.0, 1.0, 1.0, 1.0, 3.0, 1, "cpu"),
-                eval=evaluation("eval/pruned/images", pruned),
-                dense=evaluation(str(dense_images), DENSE_EVAL),
+                eval=evaluation("eval/pruned/images", pruned, scores),
+                dense=evaluation(str(dense_images), DENSE_EVAL, dense_scores),
             )  # fmt: skip
+            record.eval.intervals = {
+                "clip_score": [outcome["clip_score"] - 0.01, outcome["clip_score"] + 0.01]
+            }  # type: ignore[union-attr]
         record.write(job)
     return sweep
 
@@ -85,30 +112,37 @@ def sweep(tmp_path: Path) -> Path:
 
 def table_cells(markdown: str) -> tuple[list[str], list[dict[str, str]]]:
     """Header and rows of the first table of the Markdown."""
-    lines = [line for line in markdown.splitlines() if line.startswith("|")]
-    split = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
-    header, rows = split[0], []
-    for cells in split[2:]:
-        if cells[0] == "job":  # the failed-jobs table
-            break
-        rows.append(dict(zip(header, cells, strict=True)))
-    return header, rows
+    return all_tables(markdown)[0]
+
+
+def all_tables(markdown: str) -> list[tuple[list[str], list[dict[str, str]]]]:
+    """Header and rows of every table of the Markdown, in order."""
+    tables_, current = [], []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append([c.strip() for c in line.strip("|").split(" | ")])
+        elif current:
+            header = current[0]
+            tables_.append((header, [dict(zip(header, c, strict=True)) for c in current[2:]]))
+            current = []
+    return tables_
 
 
 def test_collect_and_csv(sweep: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        jobs = collected.collect(sweep)
+        jobs = collected.read_jobs(sweep)
     assert [j.job for j in jobs] == [str(n) for n in range(len(JOBS))]
     assert [j.status for j in jobs] == ["completed"] * 4 + ["failed"] * 2
     assert jobs[5].method == "magnitude" and jobs[5].sparsity == 0.5  # its "running" record
     assert "CUDA out of memory" in caplog.text and "incomplete (running)" in caplog.text
 
-    tables.write_csv(jobs, sweep / "results.csv")
+    frame = report.collect(sweep)  # the public DataFrame: what results.csv holds
+    frame.to_csv(sweep / "results.csv", index=False)
     with (sweep / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0])[:10] == [
+    assert list(rows[0])[:11] == [
         "job", "status", "error", "model", "method", "granularity", "sparsity", "weighting",
-        "packages", "achieved_sparsity",
+        "packages", "achieved_sparsity", "short_of_target",
     ]  # fmt: skip
     assert [(r["job"], r["method"], r["status"]) for r in rows] == [
         ("0/dense", "dense", "completed"),
@@ -116,40 +150,77 @@ def test_collect_and_csv(sweep: Path, caplog: pytest.LogCaptureFixture) -> None:
     ]
     assert float(rows[0]["sparsity"]) == 0.0 and float(rows[0]["fid"]) == 5.0
     assert float(rows[1]["fid"]) == 10.0 and float(rows[1]["sharpness"]) == 1.0
+    assert float(rows[1]["clip_score_low"]) == pytest.approx(0.29)  # the interval's columns
     assert float(rows[1]["wall_seconds"]) == 3.0 and rows[1]["num_images"] == "3"
     assert rows[5]["error"] == "RuntimeError('CUDA out of memory')"
     assert rows[6]["error"].startswith("incomplete (running)") and rows[6]["sparsity"] == "0.5"
+    images = report.per_image(sweep)  # every image of every job, the dense reference first
+    assert len(images) == 5 * PROMPTS and set(images["job"]) == {"0/dense", "0", "1", "2", "3"}
+    by_job = images.groupby("job")["clip_score"].mean()
+    assert by_job["2"] == pytest.approx(0.25) and by_job["0/dense"] == pytest.approx(0.33)
 
 
-def test_markdown_bold_and_failed(sweep: Path) -> None:
-    text = tables.markdown_report(collected.collect(sweep), "sweep")
-    header, rows = table_cells(text)
+def test_markdown_bold_only_where_the_paired_difference_excludes_zero(sweep: Path) -> None:
+    """At 0.5 OBS-Diff leads Wanda by 0.05 in CLIP score with per-image noise 0.002: bold; at
+    0.3 Wanda leads by 0.01, also beyond the noise: bold. FID has no per-image data here: its
+    best value is not bold (nothing was tested)."""
+    text = tables.markdown_report(collected.read_jobs(sweep), "sweep")
+    (header, rows), (diff_header, diff_rows) = all_tables(text)[:2]
     assert header == [
-        "method", "sparsity", "FID ↓", "CLIP score ↑", "sharpness", "params", "s / image",
-        "generation s",
+        "method", "sparsity", "achieved", "FID ↓", "CLIP score ↑", "sharpness", "params",
+        "s / image", "generation s",
     ]  # fmt: skip
     assert rows[0]["method"] == "dense" and "**" not in "".join(rows[0].values())
     assert rows[0]["params"] == "2.03B" and rows[1]["params"] == "1M"
     assert [(r["method"], r["sparsity"]) for r in rows[1:]] == [
         ("obsdiff", "0.3"), ("obsdiff", "0.5"), ("wanda", "0.3"), ("wanda", "0.5"),
     ]  # fmt: skip
-    for metric, column, pick in (("fid", "FID ↓", min), ("clip_score", "CLIP score ↑", max)):
-        for sparsity in (0.3, 0.5):
-            done = [j for j in JOBS if j[1] == sparsity and isinstance(j[4], dict)]
-            best = pick(done, key=lambda j: j[4][metric])  # type: ignore[index]
-            for method, *_ in done:
-                cell = next(
-                    r for r in rows if (r["method"], r["sparsity"]) == (method, f"{sparsity:g}")
-                )
-                assert cell[column].startswith("**") == (method == best[0]), (
-                    metric,
-                    sparsity,
-                    cell,
-                )
-    assert "**" not in "".join(r["sharpness"] for r in rows)  # no known direction: no bold
+    cell = {(r["method"], r["sparsity"]): r for r in rows[1:]}
+    assert cell["obsdiff", "0.5"]["CLIP score ↑"] == "**0.2500** [0.2400, 0.2600]"
+    assert cell["wanda", "0.3"]["CLIP score ↑"].startswith("**0.3100**")
+    assert not cell["obsdiff", "0.3"]["CLIP score ↑"].startswith("**")
+    assert "**" not in "".join(r["FID ↓"] + r["sharpness"] for r in rows)
+    assert cell["obsdiff", "0.3"]["achieved"] == "0.300"
+    # the paired differences: OBS-Diff against the best other method (Wanda) at each sparsity
+    assert diff_header[:3] == ["method", "sparsity", "against"]
+    diffs = {(r["method"], r["sparsity"]): r for r in diff_rows}
+    assert set(diffs) == {("obsdiff", "0.3"), ("obsdiff", "0.5")}
+    assert diffs["obsdiff", "0.5"]["Δ CLIP score ↑"].startswith("+0.0500 [")
+    assert diffs["obsdiff", "0.5"]["Δ CLIP score ↑"].endswith(" *")
     failed = text.split("## Jobs that did not complete", 1)[1]
     assert "| 4 | tiny_sd3 | magnitude | 0.3 | RuntimeError('CUDA out of memory') |" in failed
     assert "| 5 | tiny_sd3 | magnitude | 0.5 | incomplete (running)" in failed
+
+
+def test_no_bold_when_the_lead_is_within_the_noise(tmp_path: Path) -> None:
+    NOISE["wanda"] = NOISE["obsdiff"] = 0.2  # per-image noise far above the 0.01 lead at 0.3
+    try:
+        sweep = make_sweep(tmp_path)
+    finally:
+        NOISE["wanda"] = NOISE["obsdiff"] = 0.002
+    rows = table_cells(tables.markdown_report(collected.read_jobs(sweep), "sweep"))[1]
+    cell = {(r["method"], r["sparsity"]): r for r in rows[1:]}
+    assert not cell["wanda", "0.3"]["CLIP score ↑"].startswith("**")
+
+
+def test_a_prune_only_sweep_shows_what_pruning_achieved(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    for n, (method, achieved) in enumerate([("obsdiff", 0.3), ("wanda", 0.294)]):
+        names = RunIdentity("toy", method, "unstructured", 0.3, "log_decrease", 4)
+        result = PruneResult(achieved, 4, 10, 10, 1.0, 1.0, 2.0, 0.5, 3.0, 1, "cpu")
+        result.target_nonzero = 700
+        result.layer_loss = 0.25 if method == "obsdiff" else None
+        (sweep / str(n)).mkdir(parents=True)
+        RunRecord("completed", names, prune=result).write(sweep / str(n))
+    text = tables.markdown_report(collected.read_jobs(sweep), "sweep")
+    assert "Prune runs without evaluation" in text and "**" not in text
+    header, rows = table_cells(text)
+    assert header == [
+        "method", "sparsity", "achieved", "non-zero", "layer loss", "calibration s", "solve s",
+        "wall s", "peak memory",
+    ]  # fmt: skip
+    assert rows[0]["achieved"] == "0.300" and rows[1]["achieved"] == "0.294 ⚠"
+    assert rows[0]["layer loss"] == "0.2500" and rows[1]["layer loss"] == "–"
 
 
 def test_app_writes_everything(sweep: Path) -> None:
@@ -184,7 +255,7 @@ def test_app_writes_everything(sweep: Path) -> None:
 
 
 def test_prompt_id_and_placeholder(sweep: Path) -> None:
-    jobs = collected.collect(sweep)
+    jobs = collected.read_jobs(sweep)
     reference = collected.references(jobs)["tiny_sd3"]
     assert figures.default_prompt_id([reference.images_dir, *(j.images_dir for j in jobs)]) == 1
     grid = figures.comparison_grid(jobs, reference, prompt_id=0)
@@ -199,7 +270,7 @@ def test_varying_settings_become_columns(tmp_path: Path) -> None:
     record = RunRecord.read(sweep / "3")
     record.identity.packages = 8
     record.write(sweep / "3")
-    jobs = collected.collect(sweep)
+    jobs = collected.read_jobs(sweep)
     assert collected.varying_keys(jobs) == ["packages"]
     header, rows = table_cells(tables.markdown_report(jobs, "sweep"))
     assert header[:3] == ["method", "sparsity", "packages"] and rows[-1]["packages"] == "8"
@@ -212,7 +283,7 @@ def test_run_dir_and_sweep_of_sweeps(sweep: Path, tmp_path: Path) -> None:
     outer = tmp_path / "outer"
     outer.mkdir()
     sweep.rename(outer / "a")
-    assert [j.job for j in collected.collect(outer)][:2] == ["a/0", "a/1"]
+    assert [j.job for j in collected.read_jobs(outer)][:2] == ["a/0", "a/1"]
 
 
 def test_missing_or_empty_directory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -230,7 +301,7 @@ def test_a_job_killed_before_its_first_record_and_an_older_record(tmp_path: Path
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     (sweep / "1").mkdir()
     (sweep / "1" / "results.json").write_text((DATA / "results_format1.json").read_text())
-    jobs = collected.collect(sweep)
+    jobs = collected.read_jobs(sweep)
     assert (jobs[0].status, jobs[0].method) == ("failed", "?")
     assert jobs[0].error.startswith("no results.json") or "does not exist" in jobs[0].error
     old = jobs[1]
@@ -239,4 +310,4 @@ def test_a_job_killed_before_its_first_record_and_an_older_record(tmp_path: Path
     assert old.metrics["params"] == 1977040 and old.run["achieved_sparsity"] == 0.5
     assert old.dense is not None and old.dense.metrics["prompt_fidelity"] > 0.96
     (sweep / "1" / "results.json").write_text(json.dumps({"format": 99, "status": "completed"}))
-    assert "format 99, written by another version" in collected.collect(sweep)[1].error
+    assert "format 99, written by another version" in collected.read_jobs(sweep)[1].error

@@ -7,6 +7,7 @@ import csv
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from app_runner import REPO_ROOT, run_app
 from PIL import Image
@@ -52,13 +53,26 @@ def test_sweep_records_every_job_with_dense_and_pruned_metrics(sweep) -> None:  
         assert r.prune is not None and r.eval is not None and r.dense is not None
         assert r.prune.achieved_sparsity == pytest.approx(r.identity.sparsity, abs=1e-3)
         for evaluation in (r.eval, r.dense):
-            assert evaluation.num_images == 3 and 0 <= evaluation.metrics["clip_score"] <= 1
+            assert evaluation.num_images == 3 and -1 <= evaluation.metrics["clip_score"] <= 1
             assert len(list(Path(evaluation.images_dir).glob("*.png"))) == 3
             assert evaluation.efficiency is not None and evaluation.efficiency.seconds_per_image > 0
         # FID against the dense images
         assert r.eval.metrics["fid"] > 0 and "fid" not in r.dense.metrics
         # unstructured: zeros, same shapes
         assert r.eval.efficiency.params == r.dense.efficiency.params  # type: ignore[union-attr]
+        # dense-relative metrics (pruned only), per-image scores, intervals, the captioned pairs
+        relative = {"psnr", "ssim", "lpips", "latent_rel_error"}
+        assert relative <= set(r.eval.metrics) and not relative & set(r.dense.metrics)
+        per_image = pd.read_csv(r.eval.per_image)
+        assert len(per_image) == 3 and relative | {"clip_score"} <= set(per_image.columns)
+        assert per_image["psnr"].mean() == pytest.approx(r.eval.metrics["psnr"])
+        low, high = r.eval.intervals["clip_score"]
+        assert low <= r.eval.metrics["clip_score"] <= high and "fid" in r.eval.intervals
+        assert Path(r.eval.comparison).is_file() and Path(r.eval.fid_features).is_file()
+        # dense and pruned timed back to back: both latencies and their ratio
+        assert r.speed is not None and r.speed.speedup > 0
+        assert r.eval.efficiency.seconds_per_image == r.speed.pruned_seconds_per_image  # type: ignore[union-attr]
+        assert r.dense.efficiency.seconds_per_image == r.speed.dense_seconds_per_image  # type: ignore[union-attr]
     # the dense model was evaluated once and shared by every job of the sweep
     assert len({r.dense.images_dir for r in done}) == 1  # type: ignore[union-attr]
     assert output.count("dense evaluation from the cache") == len(done) - 1

@@ -74,16 +74,18 @@ def test_prompt_fidelity_rewards_the_captions_of_the_images(
     captions = [s.caption for s in scenes]
     metric = PromptFidelity(classifier, batch_size=32)
     assert metric.name == PromptFidelity().name == f"attribute_classifier:{classifier.digest()}"
-    own = metric.compute(images, captions)
+    scores = metric.compute(images, captions)
+    assert len(scores.values["prompt_fidelity"]) == 100
+    own = scores.means()
     assert set(own) == {"prompt_fidelity", *(f"prompt_fidelity_{n}" for n in ATTRIBUTES)}
     assert own["prompt_fidelity"] >= 0.95
     assert own["prompt_fidelity"] == pytest.approx(
         np.mean([own[f"prompt_fidelity_{n}"] for n in ATTRIBUTES])
     )
-    others = metric.compute(images, captions[1:] + captions[:1])
+    others = metric.compute(images, captions[1:] + captions[:1]).means()
     assert others["prompt_fidelity"] < own["prompt_fidelity"] - 0.4
     recoloured = [replace(s, colour="green" if s.colour != "green" else "red") for s in scenes]
-    wrong_colour = metric.compute(images, [s.caption for s in recoloured])
+    wrong_colour = metric.compute(images, [s.caption for s in recoloured]).means()
     assert wrong_colour["prompt_fidelity_colour"] < 0.05
     assert wrong_colour["prompt_fidelity_shape"] == own["prompt_fidelity_shape"]
 
@@ -91,7 +93,10 @@ def test_prompt_fidelity_rewards_the_captions_of_the_images(
     for i, image in enumerate(images[:40]):
         image.save(tmp_path / f"{i}.png")
         files.append(tmp_path / f"{i}.png")
-    assert metric.compute(files, captions[:40]) == metric.compute(images[:40], captions[:40])
+    assert (
+        metric.compute(files, captions[:40]).means()
+        == metric.compute(images[:40], captions[:40]).means()
+    )
     with pytest.raises(ValueError, match="one prompt per image"):
         metric.compute(images, captions[:-1])
     with pytest.raises(ValueError, match="prompt 1 .*a photo of a cat"):

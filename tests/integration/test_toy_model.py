@@ -52,7 +52,7 @@ def test_dense_toy_model_draws_held_out_prompts(toy) -> None:  # type: ignore[no
     _, held_out = split_scenes()
     prompts = [s.caption for s in held_out[::6]]  # 12 combinations never seen in training
     images = generate(pipe, adapter, prompts, seed=0, batch_size=12)
-    fidelity = PromptFidelity().compute(images, prompts)["prompt_fidelity"]
+    fidelity = PromptFidelity().compute(images, prompts).means()["prompt_fidelity"]
     assert fidelity >= 0.9  # a model that did not learn reads ~0.3 (chance over 5 attributes)
 
 

@@ -74,8 +74,10 @@ def test_injected_scorer_mean_and_grouping(tmp_path: Path) -> None:
         return [float(files.index(path)) for path in paths]
 
     metric = ImageReward(scorer=scorer, batch_size=2)
-    assert metric.compute(files, prompts) == {
-        "image_reward": 2.0,
+    result = metric.compute(files, prompts)
+    assert result.values["image_reward"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]  # image order
+    assert result.means() == {"image_reward": 2.0}
+    assert result.info == {
         "image_reward_model": "ImageReward-v1.0",
         "image_reward_backend": "custom",
     }
@@ -117,9 +119,9 @@ def test_isolated_worker_scores_every_image(tmp_path: Path, fake_package: dict[s
     metric.check()
     result = metric.compute(files, prompts)
     expected = [5 + 0.0, 5 + 0.2, 3 + 1.0]
-    assert result["image_reward"] == pytest.approx(sum(expected) / 3, abs=1e-12)
-    assert result["image_reward_backend"] == "isolated"
-    assert result["image_reward_model"] == "ImageReward-v1.0"
+    assert result.values["image_reward"] == pytest.approx(expected, abs=1e-12)
+    assert result.info["image_reward_backend"] == "isolated"
+    assert result.info["image_reward_model"] == "ImageReward-v1.0"
 
 
 def test_isolated_worker_failure_is_reported(tmp_path: Path, fake_package: dict[str, str]) -> None:
