@@ -116,8 +116,9 @@ train-toy: $(STAMP) ## re-train the toy pipeline from scratch (CPU, ~45 min) int
 	$(PY) -m obsdiff.toy.train
 	$(PY) -m obsdiff.toy.train_classifier
 
-bench-quality: $(STAMP) ## the toy quality benchmark: every method, sparsity, granularity, weighting, package count
+bench-quality: $(STAMP) ## the toy quality benchmark (every paper claim on the toy; about 2 h) and its claims table
 	$(PY) experiments/reproduce.py toy_ --out outputs/toy_quality --reports experiments/toy_quality
+	$(PY) experiments/toy_claims.py outputs/toy_quality --out experiments/toy_quality/claims.md
 
 bench-kernels: $(STAMP) ## OBS on one SD3-Medium block vs a straightforward SparseGPT chain (CPU, ~1 min)
 	$(PY) experiments/bench_kernels.py

@@ -72,6 +72,8 @@ class PruneResult:
     target_parameters: int | None = None  # their weights
     target_nonzero: int | None = None  # their non-zero weights after pruning
     layer_loss: float | None = None  # summed layer-wise reconstruction losses (OBS methods)
+    # calibration statistics held at once (the largest package's), from the layer shapes
+    statistics_bytes: int | None = None
 
 
 @dataclass

@@ -124,6 +124,16 @@ def statistics_bytes(denoiser: nn.Module, package: list[UnitRef], method: Prunin
     return total
 
 
+def peak_statistics_bytes(
+    denoiser: nn.Module, packages: list[list[UnitRef]], method: PruningMethod
+) -> int:
+    """The calibration statistics held at once: those of the largest package (0 for a method
+    without calibration). More packages, smaller packages: the paper's Table 7 memory."""
+    if not method.needs_calibration:
+        return 0
+    return max((statistics_bytes(denoiser, p, method) for p in packages), default=0)
+
+
 def embed_batches(
     adapter: ModelAdapter,
     pipe: DiffusionPipeline,
@@ -165,7 +175,7 @@ def calibrate_and_prune(
     report = LoopReport(packages_done=start_package)
     cfg_mode = adapter.cfg_mode()
     if method.needs_calibration:
-        peak = max(statistics_bytes(denoiser, p, method) for p in packages)
+        peak = peak_statistics_bytes(denoiser, packages, method)
         log.info(
             "%d packages; calibration statistics need at most %.1f MiB per package",
             len(packages),

@@ -94,16 +94,11 @@ class FID:
         return self._extractor
 
     def features(self, folder: Path) -> np.ndarray:
-        """The features of every image in `folder`, in file-name order. (images, D)"""
-        return cleanfid.get_folder_features(
-            str(folder),
-            model=self.extractor,
-            num_workers=0,
-            batch_size=self.batch_size,
-            device=self.device,
-            mode=self.mode,
-            verbose=False,
-        )
+        """The features of every image in `folder` (and below it), in path order, as clean-fid
+        lists a folder. (images, D)"""
+        found = {f for ext in cleanfid.EXTENSIONS for f in folder.rglob(f"*.{ext}")}
+        files = sorted(str(f) for f in found if not f.name.startswith("."))  # as glob lists them
+        return self.file_features([Path(f) for f in files])
 
     def file_features(self, files: Sequence[Path]) -> np.ndarray:
         """The features of `files`, in that order. (images, D)"""

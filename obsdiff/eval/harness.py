@@ -283,7 +283,7 @@ def evaluate_pipeline(
         make_grid(grid).save(out_dir / GRID_FILE)
         evaluation.grid_prompts = prompts[: settings.grid_size]
         _score(pipe, model, settings, out_dir, manifest, dense, evaluation)
-        if dense is not None and Path(dense.images_dir).resolve() != out_dir / IMAGES:
+        if dense is not None and Path(dense.images_dir).resolve() != (out_dir / IMAGES).resolve():
             rows = min(settings.grid_size, 8)
             title = f"{model.name}: dense | this model (same prompt and seed)"
             comparison_grid(manifest, Path(dense.images_dir), out_dir, rows, title).save(
@@ -330,41 +330,15 @@ def _score(
 
     dense_dir = None if dense is None else Path(dense.images_dir).parent
     own = dense_dir is not None and dense_dir.resolve() == out_dir.resolve()  # the dense model
-    fid_reference = None
     if settings.fid is not None:
         if settings.fid.reference != DENSE_REFERENCE:
-            fid_reference = Path(settings.fid.reference)
-        elif dense_dir is not None and not own:
-            fid_reference = dense_dir / IMAGES
-    if settings.fid is not None and fid_reference is not None:
-        fid = settings.fid.metric(fid_reference, device)
-        paired = FIDFeatures(fid.file_features(files), groups)  # features computed once
-        scores.update(fid.describe(fid.distance(paired.features)))
-        if settings.fid.reference == DENSE_REFERENCE:  # the dense images of the same prompts
-            paired.reference = fid.file_features([fid_reference.parent / f for f in table.file])
-            paired.reference_groups = groups
-        elif settings.fid.reference_prompts is not None:
-            group_of = {p: int(g) for p, g in zip(prompts, groups, strict=True)}
-            if all(p in group_of for p in settings.fid.reference_prompts):
-                references = range(len(settings.fid.reference_prompts))
-                paired.reference = fid.file_features(
-                    [fid_reference / image_name(i) for i in references]
-                )
-                paired.reference_groups = np.array(
-                    [group_of[p] for p in settings.fid.reference_prompts], dtype=np.int64
-                )
-        if paired.reference is None:
-            paired.statistics = fid.reference_statistics()
-        interval = set_statistic_interval(
-            paired.distance,
-            int(groups.max()) + 1,
-            settings.bootstrap.fid_resamples,
-            settings.bootstrap,
-        )
-        if interval is not None:
-            evaluation.intervals["fid"] = list(interval)
-        paired.save(out_dir / FID_FEATURES)
-        evaluation.fid_features = str((out_dir / FID_FEATURES).resolve())
+            fid_reference: Path | None = Path(settings.fid.reference)
+        else:
+            fid_reference = None if dense_dir is None or own else dense_dir / IMAGES
+        if fid_reference is not None:
+            scores.update(
+                _fid(settings, fid_reference, files, table, groups, device, out_dir, evaluation)
+            )
     for metric in settings.text_image:
         add(metric.compute(files, prompts))
     if settings.dense_relative is not None and dense_dir is not None and not own:
@@ -379,6 +353,48 @@ def _score(
         len(files),
         ", ".join(f"{k}={v:.4g}" for k, v in scores.items() if isinstance(v, float)),
     )
+
+
+def _fid(
+    settings: EvalSettings,
+    reference: Path,
+    files: list[Path],
+    table: pd.DataFrame,
+    groups: np.ndarray,
+    device: torch.device,
+    out_dir: Path,
+    evaluation: Evaluation,
+) -> dict[str, Any]:
+    """FID of `files` against `reference` (returned, with what it was measured with), its
+    interval over resampled prompts and the features it is recomputed from
+    (`fid_features.npz`) into `evaluation`: a reference of images of the same prompts (the
+    dense model's, the toy dataset's) is resampled with them, any other stays fixed."""
+    assert settings.fid is not None
+    fid = settings.fid.metric(reference, device)
+    paired = FIDFeatures(fid.file_features(files), groups)  # features computed once
+    value = fid.describe(fid.distance(paired.features))
+    prompts = table["prompt"].tolist()
+    if settings.fid.reference == DENSE_REFERENCE:  # the dense images of the same prompts
+        paired.reference = fid.file_features([reference.parent / f for f in table["file"]])
+        paired.reference_groups = groups
+    elif settings.fid.reference_prompts is not None:
+        group_of = {p: int(g) for p, g in zip(prompts, groups, strict=True)}
+        if all(p in group_of for p in settings.fid.reference_prompts):
+            count = len(settings.fid.reference_prompts)
+            paired.reference = fid.file_features([reference / image_name(i) for i in range(count)])
+            paired.reference_groups = np.array(
+                [group_of[p] for p in settings.fid.reference_prompts], dtype=np.int64
+            )
+    if paired.reference is None:
+        paired.statistics = fid.reference_statistics()
+    interval = set_statistic_interval(
+        paired.distance, int(groups.max()) + 1, settings.bootstrap.fid_resamples, settings.bootstrap
+    )
+    if interval is not None:
+        evaluation.intervals["fid"] = list(interval)
+    paired.save(out_dir / FID_FEATURES)
+    evaluation.fid_features = str((out_dir / FID_FEATURES).resolve())
+    return value
 
 
 def comparison_grid(

@@ -8,6 +8,7 @@ same directory resumes after the last finished package (`obsdiff.oneshot.checkpo
 from __future__ import annotations
 
 import logging
+import re
 import resource
 import time
 from importlib.metadata import version
@@ -24,6 +25,7 @@ from obsdiff.calibration.sequential import (
     LoopReport,
     calibrate_and_prune,
     embed_batches,
+    peak_statistics_bytes,
 )
 from obsdiff.methods.package import LayerRecord, Structured, achieved_sparsity
 from obsdiff.models.surgery import shapes
@@ -36,9 +38,32 @@ from obsdiff.utils.flops import pipeline_flops
 log = logging.getLogger(__name__)
 
 
+PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start this job's peak-memory count: a sweep runs its jobs in one process, whose peak
+    would otherwise be the largest of every job so far."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        PROC_CLEAR_REFS.write_text("5")  # Linux: resets VmHWM, the peak resident set size
+    except OSError:
+        pass  # elsewhere the process's peak (ru_maxrss) is all there is
+
+
 def _peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the peak allocated on the device; CPU: the peak resident set size (VmHWM) since
+    `_reset_peak_memory`, or the process's where Linux's counter is not there."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        found = re.search(r"VmHWM:\s+(\d+) kB", PROC_STATUS.read_text())
+    except OSError:
+        found = None
+    if found is not None:
+        return int(found.group(1)) * 1024
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
@@ -56,6 +81,7 @@ def prune_pipeline(
     check_previous_run(run_dir, job.run_key)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    _reset_peak_memory(job.device)
     pipe = job.model.load().to(job.device)
     pipe.set_progress_bar_config(disable=True)  # the package and batch bars say where we are
     denoiser = job.model.denoiser(pipe)
@@ -63,6 +89,7 @@ def prune_pipeline(
     params_before = sum(p.numel() for p in denoiser.parameters())
     flops_before = pipeline_flops(pipe, denoiser, job.model.call_kwargs())
     step_weights = job.weighting.weights(job.model.sampling.num_inference_steps)
+    statistics_peak = peak_statistics_bytes(denoiser, packages, job.method)
 
     checkpointer = Checkpointer(run_dir, job.run_key, denoiser, len(packages))
     previous = checkpointer.restore()
@@ -111,6 +138,7 @@ def prune_pipeline(
         target_parameters=None if untouched else sum(m.weight.numel() for _, m in targets),
         target_nonzero=None if untouched else sum(_nonzero(m) for _, m in targets),
         layer_loss=_layer_loss(report),
+        statistics_bytes=statistics_peak,
     )
     pruned = PrunedModel(
         pipe, job.model, _manifest(job, result, report, packages, denoiser), result

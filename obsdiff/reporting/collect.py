@@ -41,7 +41,7 @@ SETTINGS = ("model", "method", "granularity", "sparsity", "weighting", "packages
 RUN = (
     "achieved_sparsity", "params_before", "params_after", "tflops_before", "tflops_after",
     "target_parameters", "target_nonzero", "layer_loss", "calibration_seconds",
-    "solve_seconds", "wall_seconds", "peak_memory_bytes",
+    "solve_seconds", "wall_seconds", "peak_memory_bytes", "statistics_bytes",
 )  # fmt: skip
 LABELS = {
     "fid": "FID",
@@ -65,6 +65,7 @@ LABELS = {
     "solve_seconds": "solve s",
     "wall_seconds": "wall s",
     "peak_memory_bytes": "peak memory",
+    "statistics_bytes": "statistics bytes",
     "speedup": "speed-up",
 }
 SHORTFALL = 0.005  # achieved sparsity this far below the target is flagged

@@ -117,12 +117,17 @@ def better(metric: str, a: float, b: float) -> bool:
     return a > b if HIGHER_IS_BETTER[metric] else a < b
 
 
-def cells(jobs: Sequence[JobResult]) -> dict[float | None, list[JobResult]]:
-    """The completed pruned jobs by sparsity: the rows that compete in a table."""
-    found: dict[float | None, list[JobResult]] = {}
+def cells(jobs: Sequence[JobResult]) -> dict[tuple[object, ...], list[JobResult]]:
+    """The completed pruned jobs that compete: the same sparsity and the same evaluation
+    settings (`eval.*`: other images are not paired), whatever else differs (method,
+    weighting, packages, ...)."""
+    found: dict[tuple[object, ...], list[JobResult]] = {}
     for job in jobs:
         if job.completed and job.method != DENSE:
-            found.setdefault(job.sparsity, []).append(job)
+            evaluation = sorted(
+                (k, str(v)) for k, v in job.settings.items() if k.startswith("eval.")
+            )
+            found.setdefault((job.sparsity, *evaluation), []).append(job)
     return found
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
@@ -36,8 +37,11 @@ from obsdiff.reporting.compare import (
 
 PRUNE_COLUMNS = (
     "target_nonzero", "layer_loss", "calibration_seconds", "solve_seconds", "wall_seconds",
-    "peak_memory_bytes",
+    "peak_memory_bytes", "statistics_bytes",
 )  # fmt: skip
+
+
+COUNTS = ("target_nonzero", "peak_memory_bytes", "statistics_bytes")  # shown as 473k, 1.2B
 
 
 def human_count(value: float) -> str:
@@ -53,7 +57,7 @@ def human_count(value: float) -> str:
 def format_value(key: str, value: float | None) -> str:
     if value is None or pd.isna(value):
         return "–"
-    if key.startswith("params") or key in ("target_nonzero", "peak_memory_bytes"):
+    if key.startswith("params") or key in COUNTS:
         return human_count(value)
     return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:#.4g}".rstrip(".")
 
@@ -176,21 +180,37 @@ def _achieved_cell(job: JobResult) -> str:
     return f"{achieved:.3f}" + (" ⚠" if job.shortfall else "")
 
 
+def dense_rows(jobs: Sequence[JobResult], reference: JobResult | None) -> list[JobResult]:
+    """The dense model as evaluated for the jobs: one row per evaluation setting (`eval.*`
+    settings that vary, e.g. a robustness sweep's guidance scales), else `reference`."""
+    found: dict[tuple[tuple[str, str], ...], JobResult] = {}
+    for job in jobs:
+        evaluation = {k: v for k, v in job.settings.items() if k.startswith("eval.")}
+        if job.completed and job.dense is not None and evaluation:
+            key = tuple(sorted((k, str(v)) for k, v in evaluation.items()))
+            if key not in found:
+                found[key] = replace(job.dense, settings={**job.dense.settings, **evaluation})
+    if len(found) > 1:
+        return list(found.values())
+    return [reference] if reference is not None else []
+
+
 def markdown_table(
     jobs: Sequence[JobResult],
     keys: Sequence[str] = (),
     reference: JobResult | None = None,
     scores: PairedScores | None = None,
 ) -> str:
-    """One Markdown table: the dense reference first, then the completed jobs by method and
-    sparsity; each metric with its 95% interval; in bold the best value at each sparsity where
-    its paired difference from the runner-up excludes zero. Prune runs without evaluation show
-    what pruning achieved and cost instead."""
+    """One Markdown table: the dense reference first (one row per evaluation setting), then the
+    completed jobs by method and sparsity; each metric with its 95% interval; in bold the best
+    value at each sparsity where its paired difference from the runner-up excludes zero. Prune
+    runs without evaluation show what pruning achieved and cost instead."""
     scores = scores or PairedScores()
     rows = sorted(
         (j for j in jobs if j.completed and j.method != DENSE), key=lambda j: row_order(j, keys)
     )
-    table = ([reference] if reference is not None else []) + rows
+    denses = dense_rows(rows, reference)
+    table = denses + rows
     if not table:
         return "_No completed jobs._"
     metrics = metric_columns(table)
@@ -217,7 +237,7 @@ def markdown_table(
     body = []
     for row in table:
         cells_ = [row.method, _sparsity_text(row), *(row.settings.get(k) for k in keys)]
-        cells_.append("–" if row is reference else _achieved_cell(row))
+        cells_.append("–" if row in denses else _achieved_cell(row))
         cells_ += [_value_cell(row, m, (id(row), m) in bold) for m in metrics]
         if speed:
             value = row.run.get("speedup")

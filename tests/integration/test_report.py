@@ -311,3 +311,29 @@ def test_a_job_killed_before_its_first_record_and_an_older_record(tmp_path: Path
     assert old.dense is not None and old.dense.metrics["prompt_fidelity"] > 0.96
     (sweep / "1" / "results.json").write_text(json.dumps({"format": 99, "status": "completed"}))
     assert "format 99, written by another version" in collected.read_jobs(sweep)[1].error
+
+
+def test_jobs_evaluated_at_other_settings_are_not_compared(tmp_path: Path) -> None:
+    """Robustness sweeps: the same method and sparsity at two evaluation settings are two cells
+    (their images differ: pairing them image by image would be meaningless)."""
+    from obsdiff.reporting.compare import cells
+
+    jobs = [
+        collected.JobResult(str(n), tmp_path, "completed", settings=settings)
+        for n, settings in enumerate(
+            [
+                {"method": "obsdiff", "sparsity": 0.5, "eval.sampling.guidance_scale": 3.0},
+                {"method": "wanda", "sparsity": 0.5, "eval.sampling.guidance_scale": 3.0},
+                {"method": "obsdiff", "sparsity": 0.5, "eval.sampling.guidance_scale": 5.0},
+                {"method": "obsdiff", "sparsity": 0.5, "weighting": "uniform"},
+            ]
+        )
+    ]
+    found = sorted(sorted(j.job for j in members) for members in cells(jobs).values())
+    assert found == [["0", "1"], ["2"], ["3"]]
+    for job, scale in zip(jobs[:3], (3.0, 3.0, 5.0), strict=True):  # each with its dense model
+        job.dense = collected.JobResult(f"{job.job}/dense", tmp_path, "completed", settings={})
+        job.dense.metrics = {"fid": scale}
+    denses = tables.dense_rows(jobs, None)  # one dense row per evaluation setting
+    assert [d.settings["eval.sampling.guidance_scale"] for d in denses] == [3.0, 5.0]
+    assert tables.dense_rows(jobs[:2], jobs[3]) == [jobs[3]]  # one setting: the reference

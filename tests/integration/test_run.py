@@ -96,6 +96,12 @@ def test_report_of_the_sweep(sweep) -> None:  # type: ignore[no-untyped-def]
     assert sum(r["method"] == "dense" for r in rows) == 1
     markdown = (report / "results.md").read_text()
     assert "Jobs that did not complete" in markdown and markdown.count("l1") >= 2
+    # OBS-Diff paired against the other method (magnitude) at each sparsity, image by image
+    assert "Paired differences" in markdown
+    differences = list(csv.DictReader((report / "differences.csv").open()))
+    pairs = {(d["method"], d["reference_method"], d["metric"]) for d in differences}
+    assert ("obsdiff", "magnitude", "psnr") in pairs and ("obsdiff", "magnitude", "fid") in pairs
+    assert all(int(d["images"]) == 3 for d in differences)
     assert "**" in markdown  # the best method per sparsity in bold
     for metric in ("fid", "clip_score"):
         assert Image.open(report / "plots" / f"{metric}.png").size[0] > 100

@@ -54,6 +54,10 @@ def test_a_record_reads_back_as_written(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["format"] == 2 and data["identity"]["method"] == "obsdiff"
     assert RunRecord.read(tmp_path) == record
+    record.eval.intervals = {"fid": [3.0, 4.0]}  # type: ignore[union-attr]
+    flat = record.flat_metrics()  # W&B: the intervals beside the values
+    assert flat["eval/fid"] == 3.5 and flat["eval/fid_ci_low"] == 3.0
+    assert flat["eval/fid_ci_high"] == 4.0 and "dense/fid_ci_low" not in flat
     numbers = evaluation_numbers(record.eval)  # type: ignore[arg-type]
     assert numbers["fid"] == 3.5 and numbers["params"] == 10 and "fid_mode" not in numbers
     assert "latency_device" not in numbers and numbers["generation_seconds"] == 1.25

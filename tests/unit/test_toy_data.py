@@ -3,12 +3,14 @@ show what their captions say."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from obsdiff.app.config import DATA_DIR
 from obsdiff.toy.data import (
     ATTRIBUTES,
     BACKGROUNDS,
@@ -16,16 +18,19 @@ from obsdiff.toy.data import (
     POSITIONS,
     Scene,
     all_scenes,
+    covering_prompts,
     parse_caption,
     render,
     sample_batch,
     split_scenes,
 )
+from obsdiff.utils.images import captioned_grid
 
 
 pytestmark = pytest.mark.unit
 
 SCENE = Scene("triangle", "blue", "large", "top right", "white")
+DATA = DATA_DIR / "toy"
 
 
 def test_same_seed_same_pixels_and_another_seed_other_pixels() -> None:
@@ -99,3 +104,24 @@ def test_shapes_are_drawn_where_and_as_large_as_the_caption_says() -> None:
         areas.setdefault((scene.shape, scene.size), []).append(int(mask.sum()))
     for shape in ATTRIBUTES["shape"]:
         assert min(areas[shape, "large"]) > max(areas[shape, "small"]), shape
+
+
+def test_covering_prompts_show_every_attribute_value() -> None:
+    """The held-out evaluation prompts: a few of them name every value of every attribute (the
+    comparison figure of the run app); prompts that are not toy captions give None."""
+    prompts = (DATA / "eval_prompts.txt").read_text().splitlines()
+    chosen = covering_prompts(prompts, limit=8)
+    assert chosen is not None and len(chosen) <= 8 and chosen[0] == 0
+    named = {pair for i in chosen for pair in asdict(parse_caption(prompts[i])).items()}
+    assert named == {(name, value) for name, values in ATTRIBUTES.items() for value in values}
+    assert covering_prompts(prompts, limit=2) is not None
+    assert len(covering_prompts(prompts, limit=2) or []) == 2
+    assert covering_prompts(["a photo of a cat"]) is None
+
+
+def test_captioned_grid_enlarges_and_places_images() -> None:
+    red = Image.new("RGB", (32, 32), (255, 0, 0))
+    grid = captioned_grid([("a red square", [red, None])], ["dense", "pruned"], cell=64)
+    assert grid.size == (200 + 2 * 68, 20 + 68)
+    assert grid.getpixel((200 + 32, 20 + 32)) == (255, 0, 0)  # enlarged to the 64-pixel cell
+    assert grid.getpixel((200 + 68 + 32, 20 + 32)) == (160, 160, 160)  # no image: placeholder

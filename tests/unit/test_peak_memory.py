@@ -1,0 +1,23 @@
+"""A job's peak memory counts from its own start: the jobs of a sweep share one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from obsdiff.oneshot.run import PROC_CLEAR_REFS, _peak_memory_bytes, _reset_peak_memory
+
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.skipif(not PROC_CLEAR_REFS.exists(), reason="Linux's peak-RSS counter only")
+def test_the_peak_resets_between_jobs() -> None:
+    cpu = torch.device("cpu")
+    _reset_peak_memory(cpu)
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    during = _peak_memory_bytes(cpu)
+    del big
+    _reset_peak_memory(cpu)
+    after = _peak_memory_bytes(cpu)
+    assert during - after > 48 * 2**20  # the next job does not inherit the first one's peak
