@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 
-__all__ = ["evaluate", "load_pruned", "prune", "save_pruned"]
+__all__ = ["evaluate", "load_pruned", "memory_plan", "prune", "save_pruned"]
 
 
 def __getattr__(name: str) -> Any:

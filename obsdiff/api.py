@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from diffusers import DiffusionPipeline
 from torch import nn
 
@@ -43,9 +44,12 @@ from obsdiff.eval.image_reward import ImageReward
 from obsdiff.eval.tiny_backbones import RandomFeatures, tiny_clip
 from obsdiff.methods import METHODS, Granularity, PruningMethod
 from obsdiff.models import adapter_for
+from obsdiff.models.base import ModelAdapter, adapter_from_config
 from obsdiff.models.sampling import SamplingDefaults
 from obsdiff.oneshot.checkpoint import remove_checkpoint
 from obsdiff.oneshot.job import PruneJob, check_layout
+from obsdiff.oneshot.plan import GB, MemoryPlan, choose_packages
+from obsdiff.oneshot.plan import memory_plan as plan_memory
 from obsdiff.oneshot.run import prune_pipeline
 from obsdiff.prompts.eval_sets import EvalPrompts
 from obsdiff.prompts.files import PromptSet
@@ -56,7 +60,14 @@ from obsdiff.toy.prompt_fidelity import PromptFidelity
 from obsdiff.utils.devices import resolve_device
 
 
-__all__ = ["evaluate", "evaluation_settings", "load_pruned", "prune", "save_pruned"]
+__all__ = [
+    "evaluate",
+    "evaluation_settings",
+    "load_pruned",
+    "memory_plan",
+    "prune",
+    "save_pruned",
+]
 
 METRICS = ("fid", "clip_score", "prompt_fidelity", "image_reward")
 FID_EXTRACTORS = ("inception", "tiny", "toy_classifier")
@@ -64,6 +75,7 @@ TINY = "tiny"
 TOY_DATASET = "toy_dataset"
 TOY_REFERENCE_SEED = 100_000  # the toy FID reference images: seeds unlike any generation's
 TOY_REFERENCE_REPEATS = 2  # reference images per evaluation prompt (less noise on that side)
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
 def prune(
@@ -94,28 +106,19 @@ def prune(
     calibration pass."""
     if not prompts:
         raise ValueError("prompts is empty: give the calibration prompts (a list of strings)")
-    adapter = adapter_for(pipe, sampling)
-    if isinstance(method, str):
-        if method not in METHODS:
-            raise ValueError(f"method={method!r}; use one of {', '.join(METHODS)}")
-        method = METHODS[method](**method_options)  # type: ignore[call-arg]
-    if isinstance(granularity, str):
-        granularity = Granularity.from_name(granularity)
-    if isinstance(weighting, str):
-        weighting = TimestepWeighting(weighting)
-    job = PruneJob(
-        model=adapter,
-        model_config=adapter.describe(),
-        method=method,
-        granularity=granularity,
-        sparsity=sparsity,
-        weighting=weighting,
-        packages=packages,
-        prompts=PromptSet(list(prompts), "python", "", "given", None),
-        calibration=CalibrationSettings(batch_size, seed, include_uncond, hessian_precision),
-        device=resolve_device(device),
-        blocks=blocks,
-        save=run_dir is not None,
+    job = _job(
+        adapter_for(pipe, sampling),
+        method,
+        granularity,
+        sparsity,
+        weighting,
+        packages,
+        prompts,
+        CalibrationSettings(batch_size, seed, include_uncond, hessian_precision),
+        device,
+        blocks,
+        run_dir is not None,
+        method_options,
     )
     check_layout(job)
     if run_dir is not None:
@@ -125,6 +128,89 @@ def prune(
         return pruned
     with tempfile.TemporaryDirectory(prefix="obsdiff-") as scratch:  # its checkpoint, then gone
         return prune_pipeline(job, Path(scratch))
+
+
+def memory_plan(
+    model: DiffusionPipeline | ModelAdapter | str,
+    method: str | PruningMethod = "obsdiff",
+    granularity: str | Granularity = "unstructured",
+    sparsity: float = 0.5,
+    *,
+    packages: int | str = 4,
+    memory_budget: float | None = None,
+    blocks: tuple[int, int] | None = None,
+    **method_options: Any,
+) -> MemoryPlan:
+    """What pruning `model` will hold on its device (`MemoryPlan`: weights per component,
+    statistics per package, the widest solve, the predicted peak; `.table()` prints it), from
+    its architecture alone: no weights are loaded. `model`: a pipeline, an adapter, or the name
+    of a model config (`conf/model/<name>.yaml`, e.g. "flux_dev": its config files ship with
+    obsdiff). `packages="auto"` with `memory_budget` (GB) picks the fewest that fit."""
+    if isinstance(model, str):
+        model = model_from_config(model)
+    elif not isinstance(model, ModelAdapter):
+        model = adapter_for(model, None)
+    auto = packages == "auto"
+    if auto and memory_budget is None:
+        raise ValueError("packages='auto' needs memory_budget=<GB of the device>")
+    count = 1 if auto else int(packages)
+    settings = CalibrationSettings()
+    job = _job(model, method, granularity, sparsity, "log_decrease", count, [""], settings,
+               "cpu", blocks, False, method_options)  # fmt: skip
+    components = model.component_skeletons()
+    if auto:
+        assert memory_budget is not None
+        job = choose_packages(job, memory_budget * GB, components)
+    return plan_memory(job, components)
+
+
+def model_from_config(name: str) -> ModelAdapter:
+    """The adapter of `conf/model/<name>.yaml` (a source checkout's config group), without
+    Hydra: its keys are plain values."""
+    path = MODEL_CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml"))
+        raise ValueError(f"model={name!r}: no {path}; use one of {available}")
+    return adapter_from_config(yaml.safe_load(path.read_text()))
+
+
+def _job(
+    adapter: ModelAdapter,
+    method: str | PruningMethod,
+    granularity: str | Granularity,
+    sparsity: float,
+    weighting: str | TimestepWeighting,
+    packages: int,
+    prompts: Sequence[str],
+    calibration: CalibrationSettings,
+    device: str,
+    blocks: tuple[int, int] | None,
+    save: bool,
+    method_options: dict[str, Any],
+) -> PruneJob:
+    """A prune job from the API's names or objects (the options' defaults)."""
+    if isinstance(method, str):
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}; use one of {', '.join(METHODS)}")
+        method = METHODS[method](**method_options)  # type: ignore[call-arg]
+    if isinstance(granularity, str):
+        granularity = Granularity.from_name(granularity)
+    if isinstance(weighting, str):
+        weighting = TimestepWeighting(weighting)
+    return PruneJob(
+        model=adapter,
+        model_config=adapter.describe(),
+        method=method,
+        granularity=granularity,
+        sparsity=sparsity,
+        weighting=weighting,
+        packages=packages,
+        prompts=PromptSet(list(prompts), "python", "", "given", None),
+        calibration=calibration,
+        device=resolve_device(device),
+        blocks=blocks,
+        save=save,
+    )
 
 
 def evaluate(

@@ -108,7 +108,7 @@ def main(cfg: DictConfig) -> None:
             if pretrained is not None:
                 model_config["pretrained"] = pretrained
         model = adapter_from_config(model_config)
-        model.denoiser_skeleton()  # the model's files are reachable (a clear error if not)
+        model.check_source()  # the model's files are reachable (a clear error if not)
         settings = build_eval(cfg.eval, str(device), dense_cache)
         return EvaluateJob(model, model_config, settings, pruned, pretrained), device
 

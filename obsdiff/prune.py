@@ -15,9 +15,10 @@ from obsdiff import api
 from obsdiff.app.config import CONF_DIR
 from obsdiff.app.entry import callable_module
 from obsdiff.app.settings import build_prune_job
-from obsdiff.app.shell import RunContext, execute
+from obsdiff.app.shell import RunContext, execute, show_only
 from obsdiff.artifacts.record import RunRecord
 from obsdiff.oneshot.job import PruneJob
+from obsdiff.oneshot.plan import memory_plan
 from obsdiff.oneshot.run import prune_pipeline
 
 
@@ -28,6 +29,10 @@ def prune(job: PruneJob, context: RunContext) -> RunRecord:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="prune", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    if cfg.get("plan_only", False):  # the memory plan from the model's config files, no weights
+        show_only(cfg, lambda: memory_plan(build_prune_job(cfg, reach_model=False)).table())
+        return None
+
     def validate() -> tuple[PruneJob, torch.device]:
         job = build_prune_job(cfg)
         return job, job.device

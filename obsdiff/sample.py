@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> None:
         prompts = [str(given)] if isinstance(given, str) else [str(p) for p in given]
         if not prompts:
             raise ConfigError("prompts is empty; give at least one, e.g. 'prompts=[a red circle]'")
-        model.denoiser_skeleton()  # the model's files are reachable (a clear error if not)
+        model.check_source()  # the model's files are reachable (a clear error if not)
         job = SampleJob(
             model,
             prompts,

@@ -22,6 +22,7 @@ from obsdiff.eval.harness import EvalSettings
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.oneshot.job import PruneJob, check_layout
+from obsdiff.oneshot.plan import GB, choose_packages, memory_plan
 from obsdiff.prompts.eval_sets import EvalPrompts, coco_captions, prompt_file
 from obsdiff.prompts.files import BUNDLED_PROMPTS, load_prompts
 from obsdiff.pruning.schedules import TimestepWeighting
@@ -32,6 +33,7 @@ from obsdiff.utils.devices import resolve_device
 log = logging.getLogger(__name__)
 
 BUNDLED_EVAL_PROMPTS = BUNDLED_PROMPTS.with_name("eval_prompts.txt")
+AUTO = "auto"  # packages=auto: the fewest that fit memory_budget
 T = TypeVar("T")
 
 
@@ -120,9 +122,10 @@ def task_overrides() -> dict[str, str]:
     return {p[0]: p[1] for p in pairs if len(p) == 2 and not p[0].startswith("hydra.")}
 
 
-def build_prune_job(cfg: DictConfig) -> PruneJob:
+def build_prune_job(cfg: DictConfig, reach_model: bool = True) -> PruneJob:
     """The composed prune (or run) config as a validated job, with the model's layout checked
-    from its architecture alone: nothing is loaded here."""
+    from its architecture alone: nothing is loaded here. `reach_model=False` (the memory plan)
+    does not ask whether the checkpoint's weights can be reached."""
     calibration = cfg.calibration
     source = BUNDLED_PROMPTS if calibration.prompts == "bundled" else calibration.prompts
     seed = number(cfg, "seed", int, "0")
@@ -136,6 +139,12 @@ def build_prune_job(cfg: DictConfig) -> PruneJob:
         selection=calibration.selection,
         seed=seed,
     )
+    auto = str(cfg.packages) == AUTO
+    budget = None
+    if cfg.get("memory_budget") is not None:
+        budget = number(cfg, "memory_budget", float, "24", minimum=0.001) * GB
+    elif auto:
+        raise ConfigError("packages=auto needs memory_budget=<GB of the device>, e.g. 24")
     job = PruneJob(
         model=instantiate_model(cfg.model),
         model_config=to_plain(cfg.model),
@@ -143,7 +152,7 @@ def build_prune_job(cfg: DictConfig) -> PruneJob:
         granularity=instantiate(cfg.granularity, Granularity, "granularity"),
         sparsity=number(cfg, "sparsity", float, "0.5"),
         weighting=instantiate(cfg.weighting, TimestepWeighting, "weighting"),
-        packages=number(cfg, "packages", int, "4"),
+        packages=1 if auto else number(cfg, "packages", int, "4"),
         prompts=prompts,
         calibration=CalibrationSettings(
             batch_size=number(cfg, "calibration.batch_size", int, "4"),
@@ -156,7 +165,18 @@ def build_prune_job(cfg: DictConfig) -> PruneJob:
         save=bool(cfg.save),
         keep_checkpoint=bool(cfg.get("keep_checkpoint", False)),
     )
-    check_layout(job)
+    if auto:
+        assert budget is not None
+        job = choose_packages(job, budget)
+    check_layout(job, reach_model)
+    if budget is not None and not (plan := memory_plan(job)).fits(budget):
+        log.warning(
+            "predicted peak %.2f GB exceeds memory_budget=%g GB with packages=%d; packages=auto "
+            "picks the fewest that fit",
+            plan.predicted_peak_bytes / GB,
+            budget / GB,
+            job.packages,
+        )
     return job
 
 

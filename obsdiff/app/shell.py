@@ -273,6 +273,28 @@ def _completed(out: Path) -> RunRecord | None:
     return record if record.completed else None
 
 
+def show_only(cfg: DictConfig, build: Callable[[], str]) -> str | None:
+    """A job that only looks (the prune app's `plan_only`): `build()` checks every setting and
+    returns the text to print; nothing is loaded, no run directory is left behind. A bad
+    setting: one message, exit 2 (in a multirun, None and the sweep goes on)."""
+    quiet_library_bars()
+    out = run_dir()
+    fresh = not any(out.iterdir())
+    try:
+        text = build()
+    except SETTING_ERRORS as err:
+        log.error("%s", err)
+        if not is_multirun():
+            sys.exit(EXIT_SETTING)
+        return None
+    finally:
+        if fresh and out.exists() and not any(out.iterdir()):
+            out.rmdir()
+            _remove_empty_parents(out, Path(cfg.paths.output_root) if "paths" in cfg else None)
+    sys.stdout.write(text + "\n")
+    return text
+
+
 def _refuse(err: Exception, out: Path, names: RunIdentity, fresh: bool) -> None:
     """A bad setting found before any work: one message; alone, exit 2 and no run directory
     left behind; in a multirun, a failed results.json (unless the directory holds another

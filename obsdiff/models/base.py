@@ -37,6 +37,10 @@ from obsdiff.utils.memory import own_memory
 
 log = logging.getLogger(__name__)
 
+# the real models' `model_index.json` and component `config.json` files, shipped with obsdiff:
+# their architecture (for checks and the memory plan) without the hub or any weights
+ARCHITECTURES = Path(__file__).resolve().parents[1] / "data" / "architectures"
+
 
 class ModelAdapter(ABC):
     """One architecture family (SD3/SD3.5, Flux, SDXL) and one model configuration of it."""
@@ -59,8 +63,11 @@ class ModelAdapter(ABC):
         sampling: dict[str, Any] | SamplingDefaults | None = None,
         load_kwargs: dict[str, Any] | None = None,
         pipeline: DiffusionPipeline | None = None,
+        architecture: str | None = None,
     ) -> None:
-        """`pipeline`: a pipeline already in memory (the Python API), instead of a source."""
+        """`pipeline`: a pipeline already in memory (the Python API), instead of a source.
+        `architecture`: where the checkpoint's config files can be read without the hub: a
+        folder of `obsdiff/data/architectures/` (the real models') or a directory path."""
         if [pretrained, tiny, pipeline].count(None) != 2:
             raise ModelConfigError(
                 f"model {name!r}: set exactly one of `pretrained` (a hub id or local path) "
@@ -103,6 +110,7 @@ class ModelAdapter(ABC):
         )
         self.load_kwargs = dict(load_kwargs or {})
         self.pipeline = pipeline
+        self.architecture = None if architecture is None else _architecture_dir(name, architecture)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -167,26 +175,80 @@ class ModelAdapter(ABC):
         if self.tiny is not None:
             return self.denoiser(self.build_tiny(self.tiny, self.seed))
         assert self.pretrained is not None
-        index = self._read_json("model_index.json")
-        if index.get("_class_name") not in self.pipeline_classes:
-            raise ModelLoadError(
-                f"model {self.name!r}: {self.pretrained!r} holds a {index.get('_class_name')}, but "
-                f"the {self.family} adapter expects one of {list(self.pipeline_classes)}; pick the "
-                "model config of the right family (see conf/model/)"
-            )
+        index = self._pipeline_index()
         library, class_name = index[self.denoiser_attr]
         config = self._read_json(f"{self.denoiser_attr}/config.json")
         cls = getattr(importlib.import_module(library), class_name)
         with torch.device("meta"):
             return cls.from_config(config)  # type: ignore[no-any-return]
 
-    def _read_json(self, relative: str) -> dict[str, Any]:
-        """A small file of the checkpoint (local directory, hub cache, or the hub)."""
+    def component_skeletons(self) -> dict[str, nn.Module]:
+        """Every weighted component of the pipeline as `load()` would build it (the denoiser,
+        VAE, text encoders; not those the config drops, e.g. SD3's T5 with `with_t5: false`),
+        without weights: on the meta device from the checkpoint's config files, or the tiny
+        recipe's (or the in-memory pipeline's) own modules. For the memory plan."""
+        if self.pipeline is not None or self.tiny is not None:
+            pipe = self.pipeline or self.build_tiny(self.tiny, self.seed)  # type: ignore[arg-type]
+            found = {k: v for k, v in pipe.components.items() if isinstance(v, nn.Module)}
+            if self.pipeline is None and self.torch_dtype != torch.float32:
+                found = {k: v.to(self.torch_dtype) for k, v in found.items()}
+            return found
+        dropped = {k for k, v in self._from_pretrained_kwargs().items() if v is None}
+        modules: dict[str, nn.Module] = {}
+        for component, entry in self._pipeline_index().items():
+            if component.startswith("_") or component in dropped or not isinstance(entry, list):
+                continue
+            library, class_name = entry
+            if library not in ("diffusers", "transformers") or class_name is None:
+                continue
+            cls = getattr(importlib.import_module(library), class_name)
+            if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+                continue  # schedulers, tokenizers
+            config = self._read_json(f"{component}/config.json")
+            casting = logging.getLogger("diffusers.models.modeling_utils")
+            level = casting.level
+            casting.setLevel(logging.ERROR)  # "cast with `to()`": no weights here to keep float32
+            try:
+                builder: Any = cls  # a diffusers ModelMixin or a transformers PreTrainedModel
+                with torch.device("meta"):
+                    if library == "diffusers":
+                        module = builder.from_config(config)
+                    else:
+                        module = builder(builder.config_class(**config))
+                modules[component] = module.to(self.torch_dtype)
+            finally:
+                casting.setLevel(level)
+        return modules
+
+    def check_source(self) -> None:
+        """The checkpoint can be reached (a hub id: in the cache, or online) and holds a
+        pipeline of this family: `ModelLoadError` now rather than after the run has started.
+        The architecture shipped with obsdiff stands in for the checkpoint's config files, not
+        for its weights."""
+        if self.pretrained is not None:
+            self._pipeline_index(shipped=False)
+
+    def _pipeline_index(self, shipped: bool = True) -> dict[str, Any]:
+        """The checkpoint's `model_index.json`, checked to name a pipeline of this family."""
+        index = self._read_json("model_index.json", shipped)
+        if index.get("_class_name") not in self.pipeline_classes:
+            raise ModelLoadError(
+                f"model {self.name!r}: {self.pretrained!r} holds a {index.get('_class_name')}, but "
+                f"the {self.family} adapter expects one of {list(self.pipeline_classes)}; pick the "
+                "model config of the right family (see conf/model/)"
+            )
+        return index
+
+    def _read_json(self, relative: str, shipped: bool = True) -> dict[str, Any]:
+        """A small file of the checkpoint: from the local directory, else (`shipped`) the
+        architecture shipped with obsdiff, else the hub (or its cache)."""
         assert self.pretrained is not None
         source = self.pretrained
         try:
             if looks_like_local_path(source):
                 path = Path(source).expanduser() / relative
+            elif shipped and self.architecture is not None and self.revision is None:
+                path = self.architecture / relative
             else:
                 from huggingface_hub import hf_hub_download
 
@@ -349,6 +411,18 @@ class ModelAdapter(ABC):
         source = f"tiny={self.tiny!r}" if self.tiny else f"pretrained={self.pretrained!r}"
         source = "in memory" if self.pipeline is not None else source
         return f"{type(self).__name__}(name={self.name!r}, {source}, dtype={self.dtype!r})"
+
+
+def _architecture_dir(model: str, architecture: str) -> Path:
+    shipped = ARCHITECTURES / architecture
+    folder = shipped if shipped.is_dir() else Path(architecture).expanduser()
+    if not (folder / "model_index.json").is_file():
+        available = sorted(p.name for p in ARCHITECTURES.iterdir() if p.is_dir())
+        raise ModelConfigError(
+            f"model {model!r}: architecture={architecture!r} is neither one of {available} nor a "
+            "directory with a model_index.json (and each component's config.json)"
+        )
+    return folder
 
 
 def adapter_from_config(config: dict[str, Any]) -> ModelAdapter:

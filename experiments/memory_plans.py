@@ -1,0 +1,73 @@
+"""The memory plans of the real models (README, "Memory plan"), from their shipped config files:
+no weights downloaded, a few seconds on a CPU.
+
+    python experiments/memory_plans.py            # Markdown tables on stdout
+
+For SD3-Medium, SD3.5-Large, Flux.1-dev and SDXL (OBS-Diff, unstructured, every target block):
+weights, the largest package's statistics and the predicted peak at 1, 4 and 10 packages, and
+the fewest packages that fit 24, 48 and 80 GB; then SD3-Medium's predicted drops between 1, 4,
+10 and 20 packages beside the paper's Table 7 (RTX 4090, 30% unstructured).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from obsdiff.api import memory_plan, model_from_config
+from obsdiff.oneshot.job import JobError
+from obsdiff.oneshot.plan import GB
+
+
+MODELS = ("sd3_medium", "sd35_large", "flux_dev", "sdxl_base")
+COUNTS = (1, 4, 10)
+BUDGETS = (24, 48, 80)
+PAPER_TABLE7 = {1: 30.67, 4: 24.05, 10: 22.75, 20: 22.08}  # peak GB, SD3-Medium
+
+
+def fewest(model: str, budget: float) -> str:
+    try:
+        return str(memory_plan(model, packages="auto", memory_budget=budget).packages)
+    except JobError:
+        return "none"
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING)
+    out = [
+        "| model (dtype) | weights GB | packages | statistics GB, largest package "
+        "| predicted peak GB | fewest packages for 24 / 48 / 80 GB |",
+        "|---|--:|--:|--:|--:|---|",
+    ]
+    for name in MODELS:
+        adapter = model_from_config(name)
+        fits = " / ".join(fewest(name, b) for b in BUDGETS)
+        for count in COUNTS:
+            plan = memory_plan(adapter, packages=count)
+            first = count == COUNTS[0]
+            out.append(
+                f"| {f'{name} ({adapter.dtype})' if first else ''} "
+                f"| {f'{plan.weights_bytes / GB:.2f}' if first else ''} | {count} "
+                f"| {plan.statistics_peak_bytes / GB:.2f} | {plan.predicted_peak_bytes / GB:.2f} "
+                f"| {fits if first else ''} |"
+            )
+    out += [
+        "",
+        "| SD3-Medium, packages | predicted peak GB | predicted drop | paper peak GB (Table 7) "
+        "| paper drop |",
+        "|--:|--:|--:|--:|--:|",
+    ]
+    previous: tuple[float, float] | None = None
+    for count, paper in PAPER_TABLE7.items():
+        peak = memory_plan("sd3_medium", sparsity=0.3, packages=count).predicted_peak_bytes / GB
+        drops = ("–", "–") if previous is None else (
+            f"{previous[0] - peak:.2f}", f"{previous[1] - paper:.2f}"
+        )  # fmt: skip
+        out.append(f"| {count} | {peak:.2f} | {drops[0]} | {paper:.2f} | {drops[1]} |")
+        previous = (peak, paper)
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""The memory plan of a prune job, from the model's architecture alone (no weights loaded).
+
+    plan = memory_plan(job)          # job.model built on the meta device from its config files
+    print(plan.table())
+    choose_packages(job, budget_bytes=24e9)   # packages=auto: the fewest packages that fit
+
+What the prune run holds on its device at its peak, and what the plan counts:
+- the weights of every pipeline component at the model's dtype (the run moves the whole pipeline
+  to the device; components the config drops, e.g. SD3's T5 with `with_t5: false`, are not
+  counted);
+- the calibration statistics of the largest package, float32 (`statistics_bytes`: an n x n
+  Hessian for OBS, 3 n moments for Wanda and DSnoT, per input read by the package's linears):
+  the only term the package count changes (the paper's Table 7);
+- the solve of the widest layer: its Hessian's copy, Cholesky factor and inverse (3 n^2) and
+  the float32 weights, mask and errors of the layers that read it (3 rows x n), float32.
+
+Not predicted: activations of the calibration forward (small at the paper's 512 x 512, a few
+hundred MB at most), the CUDA context and the allocator's caching; measure them on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from obsdiff.calibration.sequential import statistics_bytes
+from obsdiff.models.structure import linear_at
+from obsdiff.oneshot.job import JobError, PruneJob, plan_packages
+
+
+log = logging.getLogger(__name__)
+
+FLOAT32 = 4
+GB = 1e9
+
+
+@dataclass
+class MemoryPlan:
+    """What a prune job will hold on its device, in bytes (see the module docstring)."""
+
+    model: str
+    dtype: str
+    method: str
+    packages: int
+    components: dict[str, int]  # weights of each pipeline component at the model's dtype
+    package_statistics: list[int]  # calibration statistics of each package
+    solve_bytes: int  # the widest layer's solve workspace
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def statistics_peak_bytes(self) -> int:
+        return max(self.package_statistics, default=0)
+
+    @property
+    def statistics_total_bytes(self) -> int:
+        return sum(self.package_statistics)
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        """Weights + the largest package's statistics + the widest solve."""
+        return self.weights_bytes + self.statistics_peak_bytes + self.solve_bytes
+
+    def fits(self, budget_bytes: float) -> bool:
+        return self.predicted_peak_bytes <= budget_bytes
+
+    def table(self) -> str:
+        """The plan as a few aligned lines (GB = 1e9 bytes)."""
+        lines = [
+            f"memory plan: {self.model} ({self.dtype}), {self.method}, {self.packages} packages"
+        ]
+        for name, size in sorted(self.components.items()):
+            lines.append(f"  {name:<28} {size / GB:9.3f} GB")
+        lines.append(f"  {'weights, all components':<28} {self.weights_bytes / GB:9.3f} GB")
+        lines.append(
+            f"  {'statistics, largest package':<28} {self.statistics_peak_bytes / GB:9.3f} GB"
+            f"  (all packages: {self.statistics_total_bytes / GB:.3f} GB)"
+        )
+        lines.append(f"  {'solve, widest layer':<28} {self.solve_bytes / GB:9.3f} GB")
+        lines.append(
+            f"  {'predicted peak':<28} {self.predicted_peak_bytes / GB:9.3f} GB"
+            "  (+ activations, CUDA context: not predicted)"
+        )
+        return "\n".join(lines)
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of the module's parameters and buffers at their dtypes (meta tensors too)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -> MemoryPlan:
+    """The plan of `job` from its model's architecture (`components`: the pipeline's weighted
+    modules, by default `job.model.component_skeletons()`, built without weights)."""
+    components = job.model.component_skeletons() if components is None else components
+    denoiser = components[job.model.denoiser_attr]
+    packages, _ = plan_packages(job, denoiser)
+    per_package = [
+        statistics_bytes(denoiser, package, job.method) if job.method.needs_calibration else 0
+        for package in packages
+    ]
+    widest = 0
+    for package in packages:
+        for unit in package:
+            for group in unit.groups:
+                linears = [linear_at(denoiser, f"{unit.block_name}.{n}") for n in group]
+                n, rows = linears[0].in_features, sum(m.out_features for m in linears)
+                hessian = 3 * n * n if job.method.needs_hessian else 0
+                widest = max(widest, FLOAT32 * (hessian + 3 * rows * n))
+    return MemoryPlan(
+        model=job.model.name,
+        dtype=job.model.dtype,
+        method=type(job.method).__name__,
+        packages=len(packages),
+        components={name: module_bytes(m) for name, m in components.items()},
+        package_statistics=per_package,
+        solve_bytes=widest,
+    )
+
+
+def choose_packages(
+    job: PruneJob, budget_bytes: float, components: dict[str, nn.Module] | None = None
+) -> PruneJob:
+    """`job` with the fewest packages whose predicted peak fits `budget_bytes`, or one
+    JobError saying what the model needs and what would make it fit."""
+    components = job.model.component_skeletons() if components is None else components
+    denoiser = components[job.model.denoiser_attr]
+    first = memory_plan(replace(job, packages=1), components)
+    units = len([u for p in plan_packages(replace(job, packages=1), denoiser)[0] for u in p])
+    for count in range(1, units + 1):
+        plan = first if count == 1 else memory_plan(replace(job, packages=count), components)
+        if plan.fits(budget_bytes):
+            log.info(
+                "packages=auto: %d packages, predicted peak %.2f GB of a %.2f GB budget",
+                count,
+                plan.predicted_peak_bytes / GB,
+                budget_bytes / GB,
+            )
+            return replace(job, packages=count)
+    finest = memory_plan(replace(job, packages=units), components)
+    fixed = finest.weights_bytes + finest.solve_bytes
+    if fixed > budget_bytes:
+        advice = (
+            "the weights and the widest solve alone exceed it: use a device with more memory, "
+            "or drop a component the calibration does not need (SD3 and SD3.5: "
+            "model.with_t5=false)"
+        )
+    else:
+        advice = (
+            "the statistics of its largest single unit do not fit beside them: it needs a "
+            f"device of at least {finest.predicted_peak_bytes / GB:.1f} GB"
+        )
+    raise JobError(
+        f"packages=auto: no package count fits memory_budget={budget_bytes / GB:g} GB. "
+        f"{job.model.name} ({job.model.dtype}) holds {finest.weights_bytes / GB:.2f} GB of "
+        f"weights and {finest.solve_bytes / GB:.2f} GB for its widest solve, "
+        f"{finest.predicted_peak_bytes / GB:.2f} GB at its peak with one unit a package "
+        f"({units} packages): {advice}."
+    )

@@ -1,0 +1,157 @@
+"""The memory plan: from the architecture alone, equal to what a run allocates on the tiny and
+toy models, the published sizes of the real architectures, packages=auto, the prune app's
+plan_only."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import obsdiff
+from obsdiff.app.config import CONF_DIR, ConfigError
+from obsdiff.app.settings import build_prune_job
+from obsdiff.calibration import sequential
+from obsdiff.models.base import adapter_from_config
+from obsdiff.oneshot.job import JobError
+from obsdiff.oneshot.plan import choose_packages, memory_plan, module_bytes
+from obsdiff.oneshot.run import prune_pipeline
+
+
+pytestmark = pytest.mark.integration
+
+FAST = ["model.sampling.num_inference_steps=2", "calibration.num_prompts=2"]
+
+
+@pytest.fixture
+def compose_prune() -> Iterator[Callable[..., DictConfig]]:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+
+        def _compose(*overrides: str) -> DictConfig:
+            return compose(config_name="prune", overrides=["calibration=tiny", *overrides])
+
+        yield _compose
+
+
+@pytest.mark.parametrize(
+    ("model", "method", "granularity"),
+    [
+        ("toy", "obsdiff", "unstructured"),
+        ("tiny_sd3", "wanda", "semi_2_4"),
+        ("tiny_flux", "obsdiff", "structured"),
+    ],
+)
+def test_the_plan_is_what_the_run_allocates(
+    model: str,
+    method: str,
+    granularity: str,
+    compose_prune,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # type: ignore[no-untyped-def]
+    """Weights per component equal the loaded pipeline's, and each package's statistics
+    equal what the run allocates for it, byte for byte."""
+    sparsity = "sparsity=0.25" if granularity == "structured" else "sparsity=0.5"
+    overrides = [f"model={model}", f"method={method}", f"granularity={granularity}", sparsity]
+    job = build_prune_job(compose_prune(*FAST, *overrides, "packages=3"))
+    plan = memory_plan(job)
+    loaded = job.model.load()
+    components = {k: v for k, v in loaded.components.items() if isinstance(v, torch.nn.Module)}
+    assert plan.components == {k: module_bytes(v) for k, v in components.items()}
+
+    real = sequential.build_package
+    allocated: list[int] = []
+
+    def measuring(*args, **kwargs):  # type: ignore[no-untyped-def]
+        package = real(*args, **kwargs)
+        stats = [g.stats for g in package.groups if g.stats is not None]
+        tensors = [t for s in stats for t in s.state_tensors() if t.dtype == torch.float32]
+        allocated.append(sum(t.numel() * t.element_size() for t in tensors))
+        return package
+
+    monkeypatch.setattr(sequential, "build_package", measuring)
+    result = prune_pipeline(replace(job, save=False), tmp_path).result
+    assert plan.packages == 3 and allocated == plan.package_statistics
+    assert result.statistics_bytes == plan.statistics_peak_bytes > 0
+
+
+@pytest.mark.parametrize(
+    ("model", "component", "parameters"),
+    [  # the published sizes
+        ("sd3_medium", "transformer", 2_028_328_000),
+        ("flux_dev", "transformer", 11_901_408_320),
+        ("sdxl_base", "unet", 2_567_463_684),
+        ("sd35_large", "text_encoder_3", 4_762_310_656),  # T5-XXL's encoder
+    ],
+)
+def test_real_architectures_from_their_shipped_configs(
+    model: str, component: str, parameters: int
+) -> None:
+    adapter = obsdiff.api.model_from_config(model)
+    modules = adapter.component_skeletons()  # offline: the configs ship with obsdiff
+    assert all(p.is_meta for m in modules.values() for p in m.parameters())
+    assert sum(p.numel() for p in modules[component].parameters()) == parameters
+
+
+def test_sd3_medium_statistics_as_derived_from_its_blocks() -> None:
+    """Per block 6 Hessians of 1536^2 and 2 of 6144^2 (float32); the last block has no text-
+    stream output projection or FFN (`context_pre_only`): 4 of 1536^2 and 1 of 6144^2."""
+    plan = obsdiff.memory_plan("sd3_medium", packages=24)
+    block = 4 * (6 * 1536**2 + 2 * 6144**2)
+    last = 4 * (4 * 1536**2 + 1 * 6144**2)
+    assert plan.package_statistics == [block] * 23 + [last]
+    assert plan.components["transformer"] == 2 * 2_028_328_000 + 2 * 192 * 192 * 1536  # + pos
+    config = yaml.safe_load((CONF_DIR / "model" / "sd3_medium.yaml").read_text())
+    no_t5 = obsdiff.memory_plan(adapter_from_config({**config, "with_t5": False}), packages=24)
+    assert set(plan.components) - set(no_t5.components) == {"text_encoder_3"}
+    wanda = obsdiff.memory_plan("sd3_medium", "wanda", packages=24)
+    assert wanda.package_statistics[0] == 4 * 3 * (6 * 1536 + 2 * 6144)  # moments only
+
+
+def test_packages_auto_picks_the_fewest_that_fit(compose_prune) -> None:  # type: ignore[no-untyped-def]
+    job = build_prune_job(compose_prune("model=sd3_medium", "packages=1"), reach_model=False)
+    components = job.model.component_skeletons()
+    peaks = {
+        k: memory_plan(replace(job, packages=k), components).predicted_peak_bytes
+        for k in (1, 2, 3, 4)
+    }
+    assert peaks[1] > peaks[2] > peaks[3] > peaks[4]
+    assert choose_packages(job, peaks[3], components).packages == 3
+    assert choose_packages(job, peaks[3] - 1, components).packages == 4
+    assert choose_packages(job, peaks[1], components).packages == 1
+    with pytest.raises(JobError, match="weights and the widest solve alone exceed it"):
+        choose_packages(job, 10e9, components)
+    auto = build_prune_job(
+        compose_prune("model=sd3_medium", "packages=auto", "memory_budget=20"), reach_model=False
+    )
+    assert (
+        auto.packages
+        == obsdiff.memory_plan("sd3_medium", packages="auto", memory_budget=20).packages
+    )
+    with pytest.raises(ConfigError, match="packages=auto needs memory_budget"):
+        build_prune_job(compose_prune("model=sd3_medium", "packages=auto"), reach_model=False)
+
+
+@pytest.mark.slow
+def test_plan_only_prints_the_plan_and_leaves_nothing(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    command = [sys.executable, "-m", "obsdiff.prune", "model=flux_dev", "plan_only=true"]
+    command += [f"paths.output_root={tmp_path}/out", "packages=4"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "memory plan: flux_dev (bfloat16), ObsDiff, 4 packages" in result.stdout
+    assert obsdiff.memory_plan("flux_dev", packages=4).table() in result.stdout
+    assert not any(p.is_file() for p in (tmp_path / "out").rglob("*"))  # no run written
+    command[-1] = "memory_budget=24"
+    command.append("packages=auto")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2 and "no package count fits" in result.stdout + result.stderr
