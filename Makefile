@@ -33,7 +33,7 @@ endif
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install lock check-lock imagereward-env train-toy bench-quality run sample test test-fast test-all test-gpu lint format typecheck bench-kernels bench-prune clean clean-outputs FORCE
+.PHONY: help install lock check-lock imagereward-env train-toy bench-quality run sample test test-fast test-all test-gpu gpu-check lint format typecheck bench-kernels bench-prune clean clean-outputs FORCE
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -122,6 +122,9 @@ bench-quality: $(STAMP) ## the toy quality benchmark (every paper claim on the t
 
 bench-kernels: $(STAMP) ## OBS on one SD3-Medium block vs a straightforward SparseGPT chain (CPU, ~1 min)
 	$(PY) experiments/bench_kernels.py
+
+gpu-check: $(STAMP) ## on a CUDA machine: the gpu tier and the paper-setting SD3-Medium benchmark
+	PY=$(PY) experiments/gpu_check.sh
 
 bench-prune: $(STAMP) ## calibration hook overhead, then a full-size random SD3-Medium pruned end to end
 	$(PY) experiments/bench_prune.py overhead

@@ -40,6 +40,7 @@ from obsdiff.models.loading import set_eval_mode
 from obsdiff.models.sampling import SamplingDefaults
 from obsdiff.models.tiny import char_clip_tokenizer, char_t5_tokenizer
 from obsdiff.oneshot.job import PruneJob
+from obsdiff.oneshot.plan import memory_plan
 from obsdiff.oneshot.run import prune_pipeline
 from obsdiff.prompts.files import BUNDLED_PROMPTS, load_prompts
 from obsdiff.pruning.patterns import Unstructured
@@ -199,6 +200,7 @@ def sd3_medium(args: argparse.Namespace) -> None:
             device=device,
             save=False,
         )
+        plan = memory_plan(job)  # from the saved pipeline's config files, no weights
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         results = prune_pipeline(job, Path(tmp) / "run").result
@@ -210,6 +212,14 @@ def sd3_medium(args: argparse.Namespace) -> None:
     log.info("calibration %.1f s; solving %.1f s; wall %.1f s", *seconds)
     memory = "GPU" if device.type == "cuda" else "process RSS"
     log.info("peak memory %.2f GB (%s)", results.peak_memory_bytes / 1e9, memory)
+    log.info(
+        "memory plan: predicted peak %.2f GB (weights %.2f, statistics %.2f, solve %.2f; "
+        "activations and the CUDA context not predicted)",
+        plan.predicted_peak_bytes / 1e9,
+        plan.weights_bytes / 1e9,
+        plan.statistics_peak_bytes / 1e9,
+        plan.solve_bytes / 1e9,
+    )
     log.info("achieved sparsity %.4f", results.achieved_sparsity)
     log.info("paper (RTX 4090, 100 prompts, 25 steps, 512 px, 4 packages): 14.95 min, 24 GB")
 
@@ -223,7 +233,12 @@ def main() -> None:
     over.add_argument("--repeats", type=int, default=5)
     full = sub.add_parser("sd3-medium")
     full.add_argument("--prompts", type=int, default=2)
-    full.add_argument("--prompt-file", type=str, default=str(BUNDLED_PROMPTS))
+    full.add_argument(
+        "--prompt-file",
+        type=str,
+        default=str(BUNDLED_PROMPTS.with_name("gpu_check_prompts.txt")),
+        help="more than 32 prompts: read from here (100 captions ship with obsdiff)",
+    )
     full.add_argument("--steps", type=int, default=2)
     full.add_argument("--resolution", type=int, default=128)
     full.add_argument("--t5-tokens", type=int, default=32)

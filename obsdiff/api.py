@@ -96,6 +96,7 @@ def prune(
     device: str = "auto",
     run_dir: str | Path | None = None,
     keep_checkpoint: bool = False,
+    statistics_cache: str | Path | None = None,
     **method_options: Any,
 ) -> PrunedModel:
     """Prune `pipe` in place; returns it with its manifest and figures (`.result`: achieved
@@ -120,6 +121,8 @@ def prune(
         run_dir is not None,
         method_options,
     )
+    if statistics_cache is not None:
+        job.statistics_cache = Path(statistics_cache)
     check_layout(job)
     if run_dir is not None:
         pruned = prune_pipeline(job, Path(run_dir))

@@ -164,6 +164,9 @@ def build_prune_job(cfg: DictConfig, reach_model: bool = True) -> PruneJob:
         blocks=block_range(cfg.blocks),
         save=bool(cfg.save),
         keep_checkpoint=bool(cfg.get("keep_checkpoint", False)),
+        statistics_cache=None
+        if cfg.get("statistics_cache") is None
+        else Path(str(cfg.statistics_cache)),
     )
     if auto:
         assert budget is not None

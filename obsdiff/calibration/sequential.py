@@ -17,6 +17,7 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
+from obsdiff.calibration.cache import StatisticsCache
 from obsdiff.calibration.hooks import StatisticsHooks, StepTracker
 from obsdiff.calibration.packages import UnitRef
 from obsdiff.methods.base import PruningMethod
@@ -64,10 +65,13 @@ def build_package(
     target: Target,
     hessian_precision: str = "float32",
     adapter: ModelAdapter | None = None,
+    all_kinds: bool = False,
 ) -> Package:
     """One input group per input the package's linears read, with fresh statistics if the
-    method needs them and, with `adapter`, which linears belong to a feed-forward network; for a
-    `Structured` target (which needs `adapter`) also the head and neuron groups it holds."""
+    method needs them (`all_kinds`: the Hessian and the moments, whatever it needs: a cache
+    entry serves every method) and, with `adapter`, which linears belong to a feed-forward
+    network; for a `Structured` target (which needs `adapter`) also the head and neuron groups
+    it holds."""
     groups = []
     for unit in units:
         for group in unit.groups:
@@ -77,8 +81,8 @@ def build_package(
             if method.needs_calibration:
                 stats = InputStatistics(
                     modules[0].in_features,
-                    hessian=method.needs_hessian,
-                    moments=method.needs_moments,
+                    hessian=method.needs_hessian or all_kinds,
+                    moments=method.needs_moments or all_kinds,
                     device=modules[0].weight.device,
                     hessian_precision=hessian_precision,
                 )
@@ -112,26 +116,45 @@ def structured_blocks(
     return blocks
 
 
-def statistics_bytes(denoiser: nn.Module, package: list[UnitRef], method: PruningMethod) -> int:
-    """Memory the package's statistics will take, from the layer shapes alone."""
+def statistics_bytes(
+    denoiser: nn.Module, package: list[UnitRef], method: PruningMethod, all_kinds: bool = False
+) -> int:
+    """Memory the package's statistics will take, from the layer shapes alone (`all_kinds`:
+    the Hessian and the moments, as for a statistics cache entry)."""
+    hessian, moments = method.needs_hessian or all_kinds, method.needs_moments or all_kinds
     total = 0
     for unit in package:
         for group in unit.groups:
             n = linear_at(denoiser, f"{unit.block_name}.{group[0]}").in_features
-            total += 4 * (
-                (n * n if method.needs_hessian else 0) + (3 * n if method.needs_moments else 0)
-            )
+            total += 4 * ((n * n if hessian else 0) + (3 * n if moments else 0))
     return total
 
 
-def peak_statistics_bytes(
-    denoiser: nn.Module, packages: list[list[UnitRef]], method: PruningMethod
-) -> int:
-    """The calibration statistics held at once: those of the largest package (0 for a method
-    without calibration). More packages, smaller packages: the paper's Table 7 memory."""
+def package_statistics_bytes(
+    denoiser: nn.Module,
+    packages: list[list[UnitRef]],
+    method: PruningMethod,
+    cached_first: bool = False,
+) -> list[int]:
+    """The statistics of each package (none for a method without calibration;
+    `cached_first`: the first package's hold every kind, `build_package(all_kinds=True)`)."""
     if not method.needs_calibration:
-        return 0
-    return max((statistics_bytes(denoiser, p, method) for p in packages), default=0)
+        return [0] * len(packages)
+    return [
+        statistics_bytes(denoiser, p, method, all_kinds=cached_first and i == 0)
+        for i, p in enumerate(packages)
+    ]
+
+
+def peak_statistics_bytes(
+    denoiser: nn.Module,
+    packages: list[list[UnitRef]],
+    method: PruningMethod,
+    cached_first: bool = False,
+) -> int:
+    """The calibration statistics held at once: those of the largest package. More packages,
+    smaller packages: the paper's Table 7 memory."""
+    return max(package_statistics_bytes(denoiser, packages, method, cached_first), default=0)
 
 
 def embed_batches(
@@ -162,31 +185,47 @@ def calibrate_and_prune(
     on_package_done: Callable[[int, LoopReport], None] | None = None,
     parallel: DataParallel | None = None,
     first_prompt: int = 0,
+    cache: StatisticsCache | None = None,
+    cache_key: str | None = None,
 ) -> LoopReport:
     """Run the loop from package `start_package` on: calibrate each package, then
     `method.prune_package(package, target)`; `on_package_done(index, report)` follows it.
 
     Data-parallel: `embeddings` hold this rank's prompts, the first of which is prompt number
     `first_prompt` of the whole set (its noise seed); the statistics are summed over the ranks
-    before the package is solved, so every rank prunes with the statistics of all prompts."""
+    before the package is solved, so every rank prunes with the statistics of all prompts.
+
+    With `cache` and `cache_key` (`obsdiff.calibration.cache`), the first package's statistics
+    are read from the cache when it holds them, else computed and written there."""
     parallel = parallel or DataParallel()
     denoiser = adapter.denoiser(pipe)
     tracker = StepTracker()
     report = LoopReport(packages_done=start_package)
     cfg_mode = adapter.cfg_mode()
     if method.needs_calibration:
-        peak = peak_statistics_bytes(denoiser, packages, method)
+        peak = peak_statistics_bytes(denoiser, packages, method, cached_first=cache is not None)
         log.info(
             "%d packages; calibration statistics need at most %.1f MiB per package",
             len(packages),
             peak / 2**20,
         )
     for index in progress(range(start_package, len(packages)), "packages", "package"):
+        cached = cache is not None and cache_key is not None and index == 0
         package = build_package(
-            denoiser, packages[index], method, target, settings.hessian_precision, adapter
+            denoiser,
+            packages[index],
+            method,
+            target,
+            settings.hessian_precision,
+            adapter,
+            all_kinds=cached and method.needs_calibration,
         )
         started = time.perf_counter()
-        if method.needs_calibration:
+        hit = False
+        if cached and method.needs_calibration:
+            assert cache is not None and cache_key is not None
+            hit = cache.load(cache_key, package)
+        if method.needs_calibration and not hit:
             hooks = StatisticsHooks(
                 denoiser,
                 [(g.modules[0], g.stats) for g in package.groups if g.stats is not None],
@@ -206,6 +245,8 @@ def calibrate_and_prune(
                     offset += count
             states = (t for g in package.groups if g.stats for t in g.stats.state_tensors())
             parallel.all_reduce_(states)
+            if cache is not None and cache_key is not None and index == 0 and parallel.is_main:
+                cache.save(cache_key, package)
         calibrated = time.perf_counter()
         with torch.no_grad():
             report.records.extend(method.prune_package(package, target))

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,6 +51,7 @@ class PruneJob:
     blocks: tuple[int, int] | None = None
     save: bool = True
     keep_checkpoint: bool = False
+    statistics_cache: Path | None = None  # a folder: the first package's statistics reused
 
     def __post_init__(self) -> None:
         try:
@@ -84,6 +86,24 @@ class PruneJob:
             "blocks": None if self.blocks is None else list(self.blocks),
             "prompts_sha256": self.prompts.describe()["prompts_sha256"],
             "calibration": asdict(self.calibration),
+        }
+
+    def first_package_identity(
+        self, first: list[UnitRef], world_size: int, weights: str | None = None
+    ) -> dict[str, Any]:
+        """Everything the first package's statistics depend on (it sees the dense model):
+        `obsdiff.calibration.cache`'s key. Not the method, granularity or sparsity. `weights`:
+        a hash of a pipeline in memory's weights (a checkpoint's files name its own)."""
+        settings = self.settings()
+        return {
+            "model": settings["model"],
+            "weights": weights or self.model.weights_fingerprint(),
+            "weighting": settings["weighting"],
+            "prompts_sha256": settings["prompts_sha256"],
+            "calibration": settings["calibration"],
+            "groups": [[f"{u.block_name}.{n}" for n in group] for u in first for group in u.groups],
+            "world_size": world_size,
+            "device": self.device.type,
         }
 
     @property

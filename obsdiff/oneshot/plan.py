@@ -10,7 +10,8 @@ What the prune run holds on its device at its peak, and what the plan counts:
   counted);
 - the calibration statistics of the largest package, float32 (`statistics_bytes`: an n x n
   Hessian for OBS, 3 n moments for Wanda and DSnoT, per input read by the package's linears):
-  the only term the package count changes (the paper's Table 7);
+  the only term the package count changes (the paper's Table 7); with a statistics cache
+  (`job.statistics_cache`) the first package holds both kinds;
 - the solve of the widest layer: its Hessian's copy, Cholesky factor and inverse (3 n^2) and
   the float32 weights, mask and errors of the layers that read it (3 rows x n), float32.
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from obsdiff.calibration.sequential import statistics_bytes
+from obsdiff.calibration.sequential import package_statistics_bytes
 from obsdiff.models.structure import linear_at
 from obsdiff.oneshot.job import JobError, PruneJob, plan_packages
 
@@ -100,10 +101,8 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
     components = job.model.component_skeletons() if components is None else components
     denoiser = components[job.model.denoiser_attr]
     packages, _ = plan_packages(job, denoiser)
-    per_package = [
-        statistics_bytes(denoiser, package, job.method) if job.method.needs_calibration else 0
-        for package in packages
-    ]
+    cached_first = job.statistics_cache is not None
+    per_package = package_statistics_bytes(denoiser, packages, job.method, cached_first)
     widest = 0
     for package in packages:
         for unit in package:

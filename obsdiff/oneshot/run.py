@@ -7,6 +7,7 @@ same directory resumes after the last finished package (`obsdiff.oneshot.checkpo
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import resource
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline
 from torch import nn
 
 from obsdiff.artifacts.pruned import PrunedModel, save_pruned
 from obsdiff.artifacts.record import PruneResult
+from obsdiff.calibration.cache import StatisticsCache, cache_key
 from obsdiff.calibration.packages import UnitRef
 from obsdiff.calibration.sequential import (
     LoopReport,
@@ -67,6 +70,19 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
+def weights_hash(pipe: DiffusionPipeline) -> str:
+    """sha256 of every weight of the pipeline's modules: the identity of a pipeline in memory,
+    whose files (if any) say nothing of what was done to it since."""
+    sha = hashlib.sha256()
+    for name, component in sorted(pipe.components.items()):
+        if isinstance(component, nn.Module):
+            for key, tensor in sorted(component.state_dict().items()):
+                sha.update(f"{name}.{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+                flat = tensor.detach().cpu().contiguous().reshape(-1)
+                sha.update(flat.view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()[:16]
+
+
 def prune_pipeline(
     job: PruneJob, run_dir: Path, parallel: DataParallel | None = None
 ) -> PrunedModel:
@@ -89,7 +105,9 @@ def prune_pipeline(
     params_before = sum(p.numel() for p in denoiser.parameters())
     flops_before = pipeline_flops(pipe, denoiser, job.model.call_kwargs())
     step_weights = job.weighting.weights(job.model.sampling.num_inference_steps)
-    statistics_peak = peak_statistics_bytes(denoiser, packages, job.method)
+    statistics_peak = peak_statistics_bytes(
+        denoiser, packages, job.method, cached_first=job.statistics_cache is not None
+    )
 
     checkpointer = Checkpointer(run_dir, job.run_key, denoiser, len(packages))
     previous = checkpointer.restore()
@@ -104,6 +122,11 @@ def prune_pipeline(
             checkpointer.save(index, _merged(previous, report))
         parallel.barrier()
 
+    cache, key = None, None
+    if job.statistics_cache is not None and job.method.needs_calibration:
+        cache = StatisticsCache(job.statistics_cache)
+        weights = None if job.model.pipeline is None else weights_hash(pipe)
+        key = cache_key(job.first_package_identity(packages[0], parallel.world_size, weights))
     report = calibrate_and_prune(
         pipe,
         job.model,
@@ -117,6 +140,8 @@ def prune_pipeline(
         on_package_done=on_package_done,
         parallel=parallel,
         first_prompt=shard.start,
+        cache=cache,
+        cache_key=key,
     )
     report = _merged(previous, report)
 
