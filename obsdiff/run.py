@@ -19,10 +19,11 @@ from omegaconf import DictConfig
 
 from obsdiff.app.config import CONF_DIR
 from obsdiff.app.settings import build_eval, build_prune_job
-from obsdiff.app.shell import RunContext, execute, timed_together
+from obsdiff.app.shell import RunContext, execute, show_only, timed_together
 from obsdiff.artifacts.record import RunRecord
 from obsdiff.eval.harness import EvalSettings, evaluate_dense, evaluate_pipeline
 from obsdiff.oneshot.job import PruneJob
+from obsdiff.oneshot.plan import memory_plan
 from obsdiff.oneshot.run import prune_pipeline
 
 
@@ -45,6 +46,9 @@ def prune_and_evaluate(
 
 @hydra.main(config_path=str(CONF_DIR), config_name="run", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    if cfg.get("plan_only", False):  # the prune's memory plan, as the prune app prints it
+        show_only(cfg, lambda: memory_plan(build_prune_job(cfg, reach_model=False)).table())
+        return None
     dense_cache = Path(cfg.paths.dense_cache)
 
     def validate() -> tuple[tuple[PruneJob, EvalSettings], torch.device]:

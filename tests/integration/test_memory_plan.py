@@ -155,3 +155,9 @@ def test_plan_only_prints_the_plan_and_leaves_nothing(tmp_path: Path) -> None:
     command.append("packages=auto")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2 and "no package count fits" in result.stdout + result.stderr
+    command = [sys.executable, "-m", "obsdiff.run", "model=sdxl_base", "plan_only=true"]
+    command += [f"paths.output_root={tmp_path}/run", "packages=2"]  # the run app: the same
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert obsdiff.memory_plan("sdxl_base", packages=2).table() in result.stdout
+    assert not any(p.is_file() for p in (tmp_path / "run").rglob("*"))
