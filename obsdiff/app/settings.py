@@ -170,9 +170,9 @@ def build_prune_job(cfg: DictConfig, reach_model: bool = True) -> PruneJob:
     )
     if auto:
         assert budget is not None
-        job = choose_packages(job, budget)
+        job = choose_packages(job, budget)  # fits by construction
     check_layout(job, reach_model)
-    if budget is not None and not (plan := memory_plan(job)).fits(budget):
+    if budget is not None and not auto and not (plan := memory_plan(job)).fits(budget):
         log.warning(
             "predicted peak %.2f GB exceeds memory_budget=%g GB with packages=%d; packages=auto "
             "picks the fewest that fit",

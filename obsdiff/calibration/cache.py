@@ -31,8 +31,6 @@ from obsdiff.methods.package import Package
 
 log = logging.getLogger(__name__)
 
-KINDS = ("xtx", "column_sum", "column_sq_sum", "variance_sum", "counts")
-
 
 def cache_key(settings: dict[str, Any]) -> str:
     """The hash of everything the first package's statistics depend on (plain data)."""
@@ -62,10 +60,7 @@ class StatisticsCache:
         for group in package.groups:
             if group.stats is None:
                 continue
-            for kind in KINDS:
-                mine = getattr(group.stats, kind)
-                if mine is None:
-                    continue
+            for kind, mine in group.stats.named_state().items():
                 found = saved.get(f"{group.names[0]}/{kind}")
                 if found is None or found.shape != mine.shape or found.dtype != mine.dtype:
                     log.warning("%s lacks %s of %s: recalibrating", file, kind, group.names[0])
@@ -80,11 +75,10 @@ class StatisticsCache:
         """Write the package's statistics as entry `key` (atomically: a reader sees the whole
         file or none)."""
         tensors = {
-            f"{group.names[0]}/{kind}": getattr(group.stats, kind).detach().cpu().contiguous()
+            f"{group.names[0]}/{kind}": tensor.detach().cpu().contiguous()
             for group in package.groups
             if group.stats is not None
-            for kind in KINDS
-            if getattr(group.stats, kind) is not None
+            for kind, tensor in group.stats.named_state().items()
         }
         self.root.mkdir(parents=True, exist_ok=True)
         file = self.path(key)

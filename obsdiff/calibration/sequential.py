@@ -202,13 +202,6 @@ def calibrate_and_prune(
     tracker = StepTracker()
     report = LoopReport(packages_done=start_package)
     cfg_mode = adapter.cfg_mode()
-    if method.needs_calibration:
-        peak = peak_statistics_bytes(denoiser, packages, method, cached_first=cache is not None)
-        log.info(
-            "%d packages; calibration statistics need at most %.1f MiB per package",
-            len(packages),
-            peak / 2**20,
-        )
     for index in progress(range(start_package, len(packages)), "packages", "package"):
         cached = cache is not None and cache_key is not None and index == 0
         package = build_package(
@@ -218,7 +211,7 @@ def calibrate_and_prune(
             target,
             settings.hessian_precision,
             adapter,
-            all_kinds=cached and method.needs_calibration,
+            all_kinds=cached,
         )
         started = time.perf_counter()
         hit = False
@@ -245,7 +238,8 @@ def calibrate_and_prune(
                     offset += count
             states = (t for g in package.groups if g.stats for t in g.stats.state_tensors())
             parallel.all_reduce_(states)
-            if cache is not None and cache_key is not None and index == 0 and parallel.is_main:
+            if cached and parallel.is_main:
+                assert cache is not None and cache_key is not None
                 cache.save(cache_key, package)
         calibrated = time.perf_counter()
         with torch.no_grad():

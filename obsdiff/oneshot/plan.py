@@ -129,10 +129,9 @@ def choose_packages(
     JobError saying what the model needs and what would make it fit."""
     components = job.model.component_skeletons() if components is None else components
     denoiser = components[job.model.denoiser_attr]
-    first = memory_plan(replace(job, packages=1), components)
-    units = len([u for p in plan_packages(replace(job, packages=1), denoiser)[0] for u in p])
+    units = sum(len(p) for p in plan_packages(replace(job, packages=1), denoiser)[0])
     for count in range(1, units + 1):
-        plan = first if count == 1 else memory_plan(replace(job, packages=count), components)
+        plan = memory_plan(replace(job, packages=count), components)
         if plan.fits(budget_bytes):
             log.info(
                 "packages=auto: %d packages, predicted peak %.2f GB of a %.2f GB budget",

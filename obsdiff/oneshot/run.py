@@ -108,6 +108,12 @@ def prune_pipeline(
     statistics_peak = peak_statistics_bytes(
         denoiser, packages, job.method, cached_first=job.statistics_cache is not None
     )
+    if job.method.needs_calibration:
+        log.info(
+            "%d packages; calibration statistics need at most %.1f MiB per package",
+            len(packages),
+            statistics_peak / 2**20,
+        )
 
     checkpointer = Checkpointer(run_dir, job.run_key, denoiser, len(packages))
     previous = checkpointer.restore()

@@ -115,10 +115,14 @@ class InputStatistics:
             device=self.counts.device,
         )
 
+    def named_state(self) -> dict[str, torch.Tensor]:
+        """Every sum this instance keeps, by attribute name (saved and loaded by name)."""
+        names = ("xtx", "column_sum", "column_sq_sum", "variance_sum", "counts")
+        return {name: t for name in names if (t := getattr(self, name)) is not None}
+
     def state_tensors(self) -> list[torch.Tensor]:
         """Every sum, for an in-place all-reduce (SUM) across data-parallel ranks."""
-        tensors = [self.xtx, self.column_sum, self.column_sq_sum, self.variance_sum, self.counts]
-        return [t for t in tensors if t is not None]
+        return list(self.named_state().values())
 
     @torch.no_grad()
     def merge_(self, other: InputStatistics) -> InputStatistics:

@@ -117,6 +117,12 @@ def better(metric: str, a: float, b: float) -> bool:
     return a > b if HIGHER_IS_BETTER[metric] else a < b
 
 
+def evaluation_key(job: JobResult) -> tuple[tuple[str, str], ...]:
+    """The job's evaluation settings (`eval.*` overrides): jobs with other ones generated other
+    images, which are not paired."""
+    return tuple(sorted((k, str(v)) for k, v in job.settings.items() if k.startswith("eval.")))
+
+
 def cells(jobs: Sequence[JobResult]) -> dict[tuple[object, ...], list[JobResult]]:
     """The completed pruned jobs that compete: the same sparsity and the same evaluation
     settings (`eval.*`: other images are not paired), whatever else differs (method,
@@ -124,10 +130,7 @@ def cells(jobs: Sequence[JobResult]) -> dict[tuple[object, ...], list[JobResult]
     found: dict[tuple[object, ...], list[JobResult]] = {}
     for job in jobs:
         if job.completed and job.method != DENSE:
-            evaluation = sorted(
-                (k, str(v)) for k, v in job.settings.items() if k.startswith("eval.")
-            )
-            found.setdefault((job.sparsity, *evaluation), []).append(job)
+            found.setdefault((job.sparsity, *evaluation_key(job)), []).append(job)
     return found
 
 

@@ -30,6 +30,7 @@ from obsdiff.reporting.compare import (
     PairedScores,
     cells,
     choose_reference,
+    evaluation_key,
     headline,
     tested_best,
 )
@@ -185,11 +186,10 @@ def dense_rows(jobs: Sequence[JobResult], reference: JobResult | None) -> list[J
     settings that vary, e.g. a robustness sweep's guidance scales), else `reference`."""
     found: dict[tuple[tuple[str, str], ...], JobResult] = {}
     for job in jobs:
-        evaluation = {k: v for k, v in job.settings.items() if k.startswith("eval.")}
-        if job.completed and job.dense is not None and evaluation:
-            key = tuple(sorted((k, str(v)) for k, v in evaluation.items()))
-            if key not in found:
-                found[key] = replace(job.dense, settings={**job.dense.settings, **evaluation})
+        key = evaluation_key(job)
+        if job.completed and job.dense is not None and key and key not in found:
+            evaluation = {k: v for k, v in job.settings.items() if k.startswith("eval.")}
+            found[key] = replace(job.dense, settings={**job.dense.settings, **evaluation})
     if len(found) > 1:
         return list(found.values())
     return [reference] if reference is not None else []
