@@ -33,7 +33,7 @@ endif
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install lock check-lock imagereward-env train-toy bench-quality run sample test test-fast test-all test-gpu gpu-check lint format typecheck bench-kernels bench-prune clean clean-outputs FORCE
+.PHONY: help install lock check-lock imagereward-env train-toy bench-quality run sample test test-fast test-all test-gpu gpu-check lint format typecheck bench-kernels bench-prune bench-speed bench-sharded clean clean-outputs FORCE
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -125,6 +125,12 @@ bench-kernels: $(STAMP) ## OBS on one SD3-Medium block vs a straightforward Spar
 
 gpu-check: $(STAMP) ## on a CUDA machine: the gpu tier and the paper-setting SD3-Medium benchmark
 	PY=$(PY) experiments/gpu_check.sh
+
+bench-speed: $(STAMP) ## inference speed: an SD3.5-Large block (Table 5), the toy, full-size SD3-Medium; eager and compiled
+	$(PY) experiments/bench_speed.py
+
+bench-sharded: $(STAMP) ## the solve of 2 full-width SD3-Medium blocks by 1 process, 2 sharing it, 2 repeating it (CPU, ~8 min)
+	$(PY) experiments/bench_sharded_solve.py --blocks 2 --repeats 3
 
 bench-prune: $(STAMP) ## calibration hook overhead, then a full-size random SD3-Medium pruned end to end
 	$(PY) experiments/bench_prune.py overhead

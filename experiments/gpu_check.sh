@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check (`make gpu-check`): on one CUDA GPU (sized for under 8 minutes on an H100/H200-class
 # card; not yet run on one: no GPU was lent to the session that wrote it),
-#   1. the gpu test tier (CUDA sampling, kernels on the device);
+#   1. the gpu test tier (CUDA sampling, kernels on the device, offload on CUDA);
 #   2. the paper-setting benchmark: a full-size random SD3-Medium (no download) pruned with
 #      OBS-Diff, 100 prompts x 25 steps x 512 x 512, float16, 4 packages, printing calibration and
 #      solve time and the peak GPU memory beside the paper's 14.95 min / 24 GB (RTX 4090) and the
-#      memory plan's prediction.
+#      memory plan's prediction;
+#   3. the speed benchmark's block (the paper's Table 5 setting, 2:4 on the sparse kernels) and toy;
+#   4. with two or more GPUs, the sharded solve's seconds on 1 vs 2 GPUs (NCCL,
+#      experiments/bench_sharded_solve.py: 8 full-width SD3-Medium blocks).
 # It needs the environment (`make install`) and CUDA; it downloads nothing. Not part of CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +30,15 @@ start=$SECONDS
     --t5-tokens 256 --batch-size 4 --packages 4 --dtype float16 --device cuda
 echo "gpu-check: paper-setting benchmark in $((SECONDS - start)) s"
 
+start=$SECONDS
+"$PY" experiments/bench_speed.py --parts block toy --repeats 10
+echo "gpu-check: speed benchmark (block with 2:4 on sparse kernels, toy) in $((SECONDS - start)) s"
+
 gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -ge 2 ]; then
-    echo "gpu-check: $gpus GPUs; the 2-process solve ratio needs the sharded solve (issue 14, not built yet)"
+    start=$SECONDS
+    "$PY" experiments/bench_sharded_solve.py --device cuda --blocks 8 --repeats 3
+    echo "gpu-check: 2-GPU sharded solve in $((SECONDS - start)) s"
+else
+    echo "gpu-check: one GPU; the 2-process solve ratio needs two (not measured)"
 fi

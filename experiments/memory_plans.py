@@ -5,8 +5,9 @@ no weights downloaded, a few seconds on a CPU.
 
 For SD3-Medium, SD3.5-Large, Flux.1-dev and SDXL (OBS-Diff, unstructured, every target block):
 weights, the largest package's statistics and the predicted peak at 1, 4 and 10 packages, and
-the fewest packages that fit 24, 48 and 80 GB; then SD3-Medium's predicted drops between 1, 4,
-10 and 20 packages beside the paper's Table 7 (RTX 4090, 30% unstructured).
+the fewest packages that fit 24, 48 and 80 GB, without and with offload (statistics and the
+components other than the denoiser in CPU memory); then SD3-Medium's predicted drops between
+1, 4, 10 and 20 packages beside the paper's Table 7 (RTX 4090, 30% unstructured).
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ BUDGETS = (24, 48, 80)
 PAPER_TABLE7 = {1: 30.67, 4: 24.05, 10: 22.75, 20: 22.08}  # peak GB, SD3-Medium
 
 
-def fewest(model: str, budget: float) -> str:
+OFFLOAD = {"offload_statistics": True, "offload_components": True}
+
+
+def fewest(model: str, budget: float, offload: bool) -> str:
+    options = OFFLOAD if offload else {}
     try:
-        return str(memory_plan(model, packages="auto", memory_budget=budget).packages)
+        return str(memory_plan(model, packages="auto", memory_budget=budget, **options).packages)
     except JobError:
         return "none"
 
@@ -35,21 +40,26 @@ def fewest(model: str, budget: float) -> str:
 def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     out = [
-        "| model (dtype) | weights GB | packages | statistics GB, largest package "
-        "| predicted peak GB | fewest packages for 24 / 48 / 80 GB |",
-        "|---|--:|--:|--:|--:|---|",
+        "| model (dtype) | weights GB (denoiser) | packages | statistics GB, largest package "
+        "| predicted peak GB | offloaded: peak GB | fewest packages for 24 / 48 / 80 GB "
+        "| offloaded |",
+        "|---|--:|--:|--:|--:|--:|---|---|",
     ]
     for name in MODELS:
         adapter = model_from_config(name)
-        fits = " / ".join(fewest(name, b) for b in BUDGETS)
+        fits = " / ".join(fewest(name, b, offload=False) for b in BUDGETS)
+        fits_offloaded = " / ".join(fewest(name, b, offload=True) for b in BUDGETS)
         for count in COUNTS:
             plan = memory_plan(adapter, packages=count)
+            offloaded = memory_plan(adapter, packages=count, **OFFLOAD)
             first = count == COUNTS[0]
+            weights = f"{plan.weights_bytes / GB:.2f} ({offloaded.weights_bytes / GB:.2f})"
             out.append(
                 f"| {f'{name} ({adapter.dtype})' if first else ''} "
-                f"| {f'{plan.weights_bytes / GB:.2f}' if first else ''} | {count} "
+                f"| {weights if first else ''} | {count} "
                 f"| {plan.statistics_peak_bytes / GB:.2f} | {plan.predicted_peak_bytes / GB:.2f} "
-                f"| {fits if first else ''} |"
+                f"| {offloaded.predicted_peak_bytes / GB:.2f} "
+                f"| {fits if first else ''} | {fits_offloaded if first else ''} |"
             )
     out += [
         "",

@@ -5,9 +5,10 @@
     obsdiff.save_pruned(pruned, "my_run")
     pruned = obsdiff.load_pruned("my_run")
     scores = obsdiff.evaluate(pruned, prompts=eval_prompts, out_dir="my_eval")
+    obsdiff.export("my_run", "exported")   # a diffusers folder with a model card
 
 The functions live in `obsdiff.api` and are imported on first use, so that `import obsdiff`
-stays light. `obsdiff.prune` and `obsdiff.evaluate` are also the apps' modules
+stays light. `obsdiff.prune`, `obsdiff.evaluate` and `obsdiff.export` are also the apps' modules
 (`python -m obsdiff.prune`); once such a module is imported it stands in the package under the
 function's name, and calling it calls the function (`obsdiff.app.entry.callable_module`).
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 
-__all__ = ["evaluate", "load_pruned", "memory_plan", "prune", "save_pruned"]
+__all__ = ["evaluate", "export", "load_pruned", "memory_plan", "prune", "save_pruned"]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,7 @@ typed objects, so the two paths give the same results.
 from __future__ import annotations
 
 import functools
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,8 +27,9 @@ import yaml
 from diffusers import DiffusionPipeline
 from torch import nn
 
+from obsdiff.artifacts.export import export_pruned as export
 from obsdiff.artifacts.pruned import PrunedModel, load_pruned, save_pruned
-from obsdiff.calibration.sequential import CalibrationSettings
+from obsdiff.calibration.sequential import CalibrationSettings, Placement
 from obsdiff.eval.bootstrap import BootstrapSettings
 from obsdiff.eval.clip_score import CLIPScore
 from obsdiff.eval.dense_relative import DenseRelative, build_lpips
@@ -63,6 +65,7 @@ from obsdiff.utils.devices import resolve_device
 __all__ = [
     "evaluate",
     "evaluation_settings",
+    "export",
     "load_pruned",
     "memory_plan",
     "prune",
@@ -76,6 +79,7 @@ TOY_DATASET = "toy_dataset"
 TOY_REFERENCE_SEED = 100_000  # the toy FID reference images: seeds unlike any generation's
 TOY_REFERENCE_REPEATS = 2  # reference images per evaluation prompt (less noise on that side)
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "model"
+DATA = Path(__file__).resolve().parent / "data"  # files shipped with obsdiff
 
 
 def prune(
@@ -97,14 +101,17 @@ def prune(
     run_dir: str | Path | None = None,
     keep_checkpoint: bool = False,
     statistics_cache: str | Path | None = None,
+    offload_statistics: bool = False,
+    offload_components: bool = False,
     **method_options: Any,
 ) -> PrunedModel:
     """Prune `pipe` in place; returns it with its manifest and figures (`.result`: achieved
     sparsity, parameters, TFLOPs, seconds). `method_options` set the method's parameters (e.g.
     `compensate=False`); `run_dir` keeps a resumable checkpoint while it works (removed at the
     end unless `keep_checkpoint`) and writes the pruned model there, as the prune app does
-    (else `save_pruned` writes it later). Every setting is checked before the first
-    calibration pass."""
+    (else `save_pruned` writes it later). `offload_statistics` keeps the calibration
+    statistics in CPU memory, `offload_components` all but the denoiser while pruning (the
+    same weights either way). Every setting is checked before the first calibration pass."""
     if not prompts:
         raise ValueError("prompts is empty: give the calibration prompts (a list of strings)")
     job = _job(
@@ -123,6 +130,7 @@ def prune(
     )
     if statistics_cache is not None:
         job.statistics_cache = Path(statistics_cache)
+    job.placement = Placement(offload_statistics, offload_components)
     check_layout(job)
     if run_dir is not None:
         pruned = prune_pipeline(job, Path(run_dir))
@@ -142,6 +150,8 @@ def memory_plan(
     packages: int | str = 4,
     memory_budget: float | None = None,
     blocks: tuple[int, int] | None = None,
+    offload_statistics: bool = False,
+    offload_components: bool = False,
     **method_options: Any,
 ) -> MemoryPlan:
     """What pruning `model` will hold on its device (`MemoryPlan`: weights per component,
@@ -160,6 +170,7 @@ def memory_plan(
     settings = CalibrationSettings()
     job = _job(model, method, granularity, sparsity, "log_decrease", count, [""], settings,
                "cpu", blocks, False, method_options)  # fmt: skip
+    job.placement = Placement(offload_statistics, offload_components)
     components = model.component_skeletons()
     if auto:
         assert memory_budget is not None
@@ -169,12 +180,14 @@ def memory_plan(
 
 def model_from_config(name: str) -> ModelAdapter:
     """The adapter of `conf/model/<name>.yaml` (a source checkout's config group), without
-    Hydra: its keys are plain values."""
+    Hydra: its keys are plain values but for `${obsdiff_data:<file>}`, a file shipped in
+    obsdiff/data (the toy's pipeline)."""
     path = MODEL_CONFIGS / f"{name}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml"))
         raise ValueError(f"model={name!r}: no {path}; use one of {available}")
-    return adapter_from_config(yaml.safe_load(path.read_text()))
+    text = re.sub(r"\$\{obsdiff_data:([^}]*)\}", lambda m: str(DATA / m.group(1)), path.read_text())
+    return adapter_from_config(yaml.safe_load(text))
 
 
 def _job(

@@ -28,6 +28,7 @@ from obsdiff.artifacts.pruned import load_pruned, read_manifest
 from obsdiff.artifacts.record import RecordError, RunIdentity, RunRecord
 from obsdiff.eval.harness import EvalSettings, evaluate_dense, evaluate_pipeline
 from obsdiff.models.base import ModelAdapter, adapter_from_config
+from obsdiff.models.sparse import check_sparse_kernels
 from obsdiff.utils.devices import resolve_device
 
 
@@ -61,6 +62,7 @@ class EvaluateJob:
     settings: EvalSettings
     pruned: RunRecord | None  # the prune run evaluated (None: the dense model of `model`)
     pretrained: str | None
+    sparse_kernels: bool = False  # 2:4 linears as semi-structured sparse weights (CUDA)
 
 
 def evaluate(job: EvaluateJob, dense_cache: Path, context: RunContext) -> RunRecord:
@@ -73,8 +75,13 @@ def evaluate(job: EvaluateJob, dense_cache: Path, context: RunContext) -> RunRec
     if job.pruned is None:
         return RunRecord("completed", eval=dense)
     assert job.pruned.identity.pruned_run is not None
-    pruned = load_pruned(job.pruned.identity.pruned_run, job.pretrained)
-    pipe = pruned.pipeline.to(context.device)
+    pruned = load_pruned(
+        job.pruned.identity.pruned_run,
+        job.pretrained,
+        sparse_kernels=job.sparse_kernels,
+        device=context.device,
+    )
+    pipe = pruned.pipeline
     evaluation = evaluate_pipeline(
         pipe, job.model, job.settings, context.out / "eval", context.parallel, dense
     )
@@ -107,10 +114,17 @@ def main(cfg: DictConfig) -> None:
                 )
             if pretrained is not None:
                 model_config["pretrained"] = pretrained
+        sparse_kernels = bool(cfg.get("sparse_kernels", False))
+        if sparse_kernels:
+            if pruned_dir is None:
+                raise ConfigError("sparse_kernels=true needs pruned=<the run of a 2:4 prune>")
+            dtype = getattr(torch, str(model_config.get("dtype", "float32")))
+            check_sparse_kernels(str(manifest.get("granularity")), device, dtype)
         model = adapter_from_config(model_config)
         model.check_source()  # the model's files are reachable (a clear error if not)
         settings = build_eval(cfg.eval, str(device), dense_cache)
-        return EvaluateJob(model, model_config, settings, pruned, pretrained), device
+        job = EvaluateJob(model, model_config, settings, pruned, pretrained, sparse_kernels)
+        return job, device
 
     execute(cfg, validate, lambda job, context: evaluate(job, dense_cache, context), names)
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from obsdiff.api import METRICS, evaluation_settings
 from obsdiff.app.config import ConfigError, instantiate, instantiate_model, to_plain
 from obsdiff.artifacts.record import RunIdentity
-from obsdiff.calibration.sequential import CalibrationSettings
+from obsdiff.calibration.sequential import CalibrationSettings, Placement
 from obsdiff.eval.harness import EvalSettings
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
@@ -167,6 +167,11 @@ def build_prune_job(cfg: DictConfig, reach_model: bool = True) -> PruneJob:
         statistics_cache=None
         if cfg.get("statistics_cache") is None
         else Path(str(cfg.statistics_cache)),
+        placement=Placement(
+            offload_statistics=bool(cfg.get("offload", {}).get("statistics", False)),
+            offload_components=bool(cfg.get("offload", {}).get("components", False)),
+            shard_solve=bool(cfg.runner.get("shard_solve", True)) if "runner" in cfg else True,
+        ),
     )
     if auto:
         assert budget is not None

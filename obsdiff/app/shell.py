@@ -62,7 +62,7 @@ REFUSED = (
     ".refused"  # in a sweep directory: the jobs refused because their directory held another run
 )
 # Keys that do not change what a run computes: a run directory may be resumed with other values.
-NEUTRAL_KEYS = ("paths", "device", "runner", "tracking", "keep_checkpoint")
+NEUTRAL_KEYS = ("paths", "device", "runner", "tracking", "keep_checkpoint", "offload")
 MAX_SHOWN = 8  # differences named when a run directory is refused
 EXIT_SETTING = 2
 EXIT_INTERRUPTED = 130

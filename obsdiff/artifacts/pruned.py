@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 import yaml
 from diffusers import DiffusionPipeline
 from torch import nn
@@ -22,6 +23,7 @@ from torch import nn
 from obsdiff.artifacts.record import PruneResult
 from obsdiff.models import adapter_for
 from obsdiff.models.base import ModelAdapter, adapter_from_config
+from obsdiff.models.sparse import check_sparse_kernels, use_sparse_kernels
 from obsdiff.models.surgery import restore_shapes
 from obsdiff.utils.io import save_tensors, write_json
 
@@ -73,15 +75,24 @@ def load_pruned(
     run_dir: str | Path,
     pretrained: str | None = None,
     pipeline: DiffusionPipeline | None = None,
+    *,
+    sparse_kernels: bool = False,
+    device: str | torch.device | None = None,
 ) -> PrunedModel:
-    """The pipeline with the pruned denoiser, its model adapter and the manifest, on the CPU.
+    """The pipeline with the pruned denoiser, its model adapter and the manifest, on the CPU
+    (or on `device`).
 
     `pretrained` points at another copy of the base model (e.g. a local path on this machine);
     `pipeline` is the base pipeline itself, in memory (needed for a run of `obsdiff.api.prune`
     on a pipeline in memory, whose manifest names no source): its denoiser is replaced.
+    `sparse_kernels` (a 2:4 model, `device` CUDA, fp16/bf16): the pruned linears as 2:4
+    semi-structured sparse weights (`obsdiff.models.sparse`); checked before anything loads.
     """
     manifest = read_manifest(run_dir)
     model_config = dict(manifest["model_config"])
+    if sparse_kernels:
+        dtype = getattr(torch, str(model_config.get("dtype", "float32")))
+        check_sparse_kernels(str(manifest.get("granularity")), device or "cpu", dtype)
     if pipeline is not None:
         name = str(model_config.get("name", "in_memory"))
         adapter = adapter_for(pipeline, model_config.get("sampling"), name)
@@ -100,4 +111,11 @@ def load_pruned(
         restore_shapes(denoiser, manifest["structure"])
     state = safetensors.torch.load_file(str(Path(run_dir) / WEIGHTS))
     denoiser.load_state_dict(state, strict=True)
+    if device is not None:
+        pipe.to(device)
+    if sparse_kernels:
+        names = [
+            r["name"] for r in manifest.get("records", []) if r.get("type", "layer") == "layer"
+        ]
+        use_sparse_kernels(denoiser, names)
     return PrunedModel(pipe, adapter, manifest)

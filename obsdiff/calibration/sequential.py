@@ -4,13 +4,19 @@ For each package: attach hooks feeding one `InputStatistics` per input group, ru
 calibration batch through the real pipeline (prompt embeddings computed once, reused by every
 package), remove the hooks, prune the package, free its statistics, go on. Later packages see the
 already pruned earlier ones. Methods that need no statistics (magnitude, dense) skip the passes.
+
+`Placement` says where the work lives without changing its result: statistics offloaded to CPU
+memory (one work unit's moved to the device for its solve), the pipeline's other components
+(text encoders, VAE) off the device while the denoiser calibrates and is solved, and, with
+several ranks, the solve shared between them (`obsdiff.calibration.solve`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +26,7 @@ from torch import nn
 from obsdiff.calibration.cache import StatisticsCache
 from obsdiff.calibration.hooks import StatisticsHooks, StepTracker
 from obsdiff.calibration.packages import UnitRef
+from obsdiff.calibration.solve import solve_package
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.package import (
     InputGroup,
@@ -50,6 +57,16 @@ class CalibrationSettings:
     hessian_precision: str = "float32"  # X^T X products: float32 | tf32 | bfloat16
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where calibration and the solve keep their work; the pruned weights are the same
+    whatever it says (not part of a run's key)."""
+
+    offload_statistics: bool = False  # package statistics in CPU memory, pinned beside CUDA
+    offload_components: bool = False  # all but the denoiser off the device while pruning
+    shard_solve: bool = True  # several ranks: each solves its share of a package
+
+
 @dataclass
 class LoopReport:
     records: list[PruneRecord] = field(default_factory=list)  # what the method reported
@@ -66,12 +83,14 @@ def build_package(
     hessian_precision: str = "float32",
     adapter: ModelAdapter | None = None,
     all_kinds: bool = False,
+    offload: bool = False,
 ) -> Package:
     """One input group per input the package's linears read, with fresh statistics if the
     method needs them (`all_kinds`: the Hessian and the moments, whatever it needs: a cache
-    entry serves every method) and, with `adapter`, which linears belong to a feed-forward
-    network; for a `Structured` target (which needs `adapter`) also the head and neuron groups
-    it holds."""
+    entry serves every method; `offload`: in CPU memory, pinned when CUDA is there) and, with
+    `adapter`, which linears belong to a feed-forward network; for a `Structured` target
+    (which needs `adapter`) also the head and neuron groups it holds."""
+    pin = offload and torch.cuda.is_available()
     groups = []
     for unit in units:
         for group in unit.groups:
@@ -83,8 +102,9 @@ def build_package(
                     modules[0].in_features,
                     hessian=method.needs_hessian or all_kinds,
                     moments=method.needs_moments or all_kinds,
-                    device=modules[0].weight.device,
+                    device="cpu" if offload else modules[0].weight.device,
                     hessian_precision=hessian_precision,
+                    pin_memory=pin,
                 )
             ffn = [adapter.is_ffn(name) for name in names] if adapter is not None else []
             groups.append(InputGroup(names, modules, stats, ffn))
@@ -187,6 +207,7 @@ def calibrate_and_prune(
     first_prompt: int = 0,
     cache: StatisticsCache | None = None,
     cache_key: str | None = None,
+    placement: Placement | None = None,
 ) -> LoopReport:
     """Run the loop from package `start_package` on: calibrate each package, then
     `method.prune_package(package, target)`; `on_package_done(index, report)` follows it.
@@ -196,67 +217,97 @@ def calibrate_and_prune(
     before the package is solved, so every rank prunes with the statistics of all prompts.
 
     With `cache` and `cache_key` (`obsdiff.calibration.cache`), the first package's statistics
-    are read from the cache when it holds them, else computed and written there."""
+    are read from the cache when it holds them, else computed and written there. `placement`
+    (default: nothing offloaded, the solve sharded) says where the work lives."""
     parallel = parallel or DataParallel()
+    placement = placement or Placement()
     denoiser = adapter.denoiser(pipe)
-    tracker = StepTracker()
-    report = LoopReport(packages_done=start_package)
-    cfg_mode = adapter.cfg_mode()
-    for index in progress(range(start_package, len(packages)), "packages", "package"):
-        cached = cache is not None and cache_key is not None and index == 0
-        package = build_package(
-            denoiser,
-            packages[index],
-            method,
-            target,
-            settings.hessian_precision,
-            adapter,
-            all_kinds=cached,
-        )
-        started = time.perf_counter()
-        hit = False
-        if cached and method.needs_calibration:
-            assert cache is not None and cache_key is not None
-            hit = cache.load(cache_key, package)
-        if method.needs_calibration and not hit:
-            hooks = StatisticsHooks(
+    with components_released(pipe, denoiser, placement.offload_components):
+        tracker = StepTracker()
+        report = LoopReport(packages_done=start_package)
+        cfg_mode = adapter.cfg_mode()
+        for index in progress(range(start_package, len(packages)), "packages", "package"):
+            cached = cache is not None and cache_key is not None and index == 0
+            package = build_package(
                 denoiser,
-                [(g.modules[0], g.stats) for g in package.groups if g.stats is not None],
-                step_weights,
-                tracker,
-                cfg_mode=cfg_mode,
-                include_uncond=settings.include_uncond,
+                packages[index],
+                method,
+                target,
+                settings.hessian_precision,
+                adapter,
+                all_kinds=cached,
+                offload=placement.offload_statistics,
             )
-            with hooks.attached(), torch.inference_mode():
-                offset = first_prompt
-                desc = f"package {index + 1}/{len(packages)}"
-                for batch in progress(embeddings, desc, "batch", leave=False):
-                    count = next(iter(batch.values())).shape[0]
-                    tracker.reset()
-                    generators = image_generators(settings.seed, offset, count)
-                    adapter.calibration_call(pipe, batch, generators, tracker.on_step_end)
-                    offset += count
-            states = (t for g in package.groups if g.stats for t in g.stats.state_tensors())
-            parallel.all_reduce_(states)
-            if cached and parallel.is_main:
+            started = time.perf_counter()
+            hit = False
+            if cached and method.needs_calibration:
                 assert cache is not None and cache_key is not None
-                cache.save(cache_key, package)
-        calibrated = time.perf_counter()
-        with torch.no_grad():
-            report.records.extend(method.prune_package(package, target))
-        solved = time.perf_counter()
-        report.calibration_seconds += calibrated - started
-        report.solve_seconds += solved - calibrated
-        report.packages_done = index + 1
-        log.info(
-            "package %d/%d: %d layers, calibration %.1f s, solve %.1f s",
-            index + 1,
-            len(packages),
-            sum(len(g.modules) for g in package.groups),
-            calibrated - started,
-            solved - calibrated,
-        )
-        del package
-        if on_package_done is not None:
-            on_package_done(index, report)
-    return report
+                hit = cache.load(cache_key, package)
+            if method.needs_calibration and not hit:
+                hooks = StatisticsHooks(
+                    denoiser,
+                    [(g.modules[0], g.stats) for g in package.groups if g.stats is not None],
+                    step_weights,
+                    tracker,
+                    cfg_mode=cfg_mode,
+                    include_uncond=settings.include_uncond,
+                )
+                with hooks.attached(), torch.inference_mode():
+                    offset = first_prompt
+                    desc = f"package {index + 1}/{len(packages)}"
+                    for batch in progress(embeddings, desc, "batch", leave=False):
+                        count = next(iter(batch.values())).shape[0]
+                        tracker.reset()
+                        generators = image_generators(settings.seed, offset, count)
+                        adapter.calibration_call(pipe, batch, generators, tracker.on_step_end)
+                        offset += count
+                states = (t for g in package.groups if g.stats for t in g.stats.state_tensors())
+                parallel.all_reduce_(states)
+                if cached and parallel.is_main:
+                    assert cache is not None and cache_key is not None
+                    cache.save(cache_key, package)
+            calibrated = time.perf_counter()
+            with torch.no_grad():
+                report.records.extend(
+                    solve_package(method, package, target, parallel, placement.shard_solve)
+                )
+            solved = time.perf_counter()
+            report.calibration_seconds += calibrated - started
+            report.solve_seconds += solved - calibrated
+            report.packages_done = index + 1
+            log.info(
+                "package %d/%d: %d layers, calibration %.1f s, solve %.1f s",
+                index + 1,
+                len(packages),
+                sum(len(g.modules) for g in package.groups),
+                calibrated - started,
+                solved - calibrated,
+            )
+            del package
+            if on_package_done is not None:
+                on_package_done(index, report)
+        return report
+
+
+@contextmanager
+def components_released(
+    pipe: DiffusionPipeline, denoiser: nn.Module, release: bool
+) -> Iterator[None]:
+    """With `release`, every pipeline component but the denoiser (text encoders, VAE) in CPU
+    memory for the block, back on the denoiser's device after it (calibration calls the
+    pipeline with precomputed embeddings and stops at the latents)."""
+    device = next(denoiser.parameters()).device
+    moved = []
+    if release and device.type != "cpu":
+        for name, component in pipe.components.items():
+            if isinstance(component, nn.Module) and component is not denoiser:
+                component.to("cpu")
+                moved.append(name)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("released from %s while pruning: %s", device, ", ".join(moved) or "nothing")
+    try:
+        yield
+    finally:
+        for name in moved:
+            pipe.components[name].to(device)

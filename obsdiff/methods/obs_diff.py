@@ -8,7 +8,7 @@ import torch
 
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.package import InputGroup, LayerRecord, write_weight
-from obsdiff.pruning.obs import ObsProblem, obs_prune_problems
+from obsdiff.pruning.obs import ObsProblem, obs_batches, obs_prune_problems
 from obsdiff.pruning.obs_structured import HEAD_SALIENCIES, obs_prune_heads, obs_prune_neurons
 from obsdiff.pruning.patterns import Pattern
 
@@ -21,6 +21,7 @@ class ObsDiff(PruningMethod):
     normaliser: str = "sample"
     head_saliency: str = "reference"
     rrf_k: float = 60.0
+    solve_batch_gb: float | None = 1.0  # workspace of one batched solve (obs_batches), None: any
 
     name = "obsdiff"
     granularities = ("unstructured", "nm", "structured")
@@ -29,6 +30,15 @@ class ObsDiff(PruningMethod):
     def __post_init__(self) -> None:
         if self.percdamp < 0 or self.blocksize < 1:
             raise ValueError("obsdiff needs percdamp >= 0 and blocksize >= 1")
+        if self.solve_batch_gb is not None and self.solve_batch_gb <= 0:
+            raise ValueError(f"solve_batch_gb={self.solve_batch_gb} must be > 0 (or null)")
+
+    @property
+    def batch_bytes(self) -> float | None:
+        return None if self.solve_batch_gb is None else self.solve_batch_gb * 1e9
+
+    def solve_units(self, shapes: list[tuple[int, int]]) -> list[list[int]]:
+        return obs_batches(shapes, self.batch_bytes)
         if self.head_saliency not in HEAD_SALIENCIES:
             raise ValueError(f"head_saliency={self.head_saliency!r}; use one of {HEAD_SALIENCIES}")
 
@@ -77,6 +87,7 @@ class ObsDiff(PruningMethod):
             blocksize=self.blocksize,
             percdamp=self.percdamp,
             compensate=self.compensate,
+            batch_bytes=self.batch_bytes,
         )
         records = []
         for group, group_results in zip(groups, results, strict=True):

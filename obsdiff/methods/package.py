@@ -8,7 +8,7 @@ and returns one record per linear (`LayerRecord`) or per head/neuron group (`Str
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +44,22 @@ class InputGroup:
     def is_ffn(self, index: int) -> bool:
         return bool(self.ffn) and self.ffn[index]
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(inputs, stacked outputs): the size of the group's solve."""
+        return self.modules[0].in_features, sum(m.out_features for m in self.modules)
+
+    def cost(self) -> float:
+        """The work of solving the group, about n^3 + rows n^2 (factorisation and updates)."""
+        n, rows = self.shape
+        return float(n**3 + rows * n**2)
+
+    def local(self) -> InputGroup:
+        """The group with its statistics on its linears' device (a copy when offloaded)."""
+        if self.stats is None:
+            return self
+        return replace(self, stats=self.stats.to(self.modules[0].weight.device))
+
 
 @dataclass
 class StructuredBlock:
@@ -59,6 +75,18 @@ class StructuredBlock:
 class Package:
     groups: list[InputGroup]
     blocks: list[StructuredBlock] = field(default_factory=list)  # structured pruning only
+
+    def cost(self) -> float:
+        return sum(g.cost() for g in self.groups)
+
+    def local(self) -> Package:
+        """The package with its statistics on its linears' device (`InputGroup.local`)."""
+        return Package([g.local() for g in self.groups], self.blocks)
+
+    def block_part(self, block: StructuredBlock) -> Package:
+        """The input groups of one of its blocks, with that block."""
+        prefix = f"{block.name}."
+        return Package([g for g in self.groups if g.names[0].startswith(prefix)], [block])
 
     def hessian(self, name: str, offset: int, width: int) -> torch.Tensor | None:
         """The (width, width) block of the Hessian of the input read by linear `name`, from

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,7 @@ import torch
 from torch import nn
 
 from obsdiff.calibration.packages import UnitRef, list_units, split_packages
-from obsdiff.calibration.sequential import (
-    CalibrationSettings,
-)
+from obsdiff.calibration.sequential import CalibrationSettings, Placement
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.methods.package import Structured, Target
@@ -52,6 +50,7 @@ class PruneJob:
     save: bool = True
     keep_checkpoint: bool = False
     statistics_cache: Path | None = None  # a folder: the first package's statistics reused
+    placement: Placement = field(default_factory=Placement)  # where the work lives (no key)
 
     def __post_init__(self) -> None:
         try:

@@ -7,13 +7,17 @@
 What the prune run holds on its device at its peak, and what the plan counts:
 - the weights of every pipeline component at the model's dtype (the run moves the whole pipeline
   to the device; components the config drops, e.g. SD3's T5 with `with_t5: false`, are not
-  counted);
+  counted); with `offload.components` only the denoiser's;
 - the calibration statistics of the largest package, float32 (`statistics_bytes`: an n x n
   Hessian for OBS, 3 n moments for Wanda and DSnoT, per input read by the package's linears):
   the only term the package count changes (the paper's Table 7); with a statistics cache
-  (`job.statistics_cache`) the first package holds both kinds;
-- the solve of the widest layer: its Hessian's copy, Cholesky factor and inverse (3 n^2) and
-  the float32 weights, mask and errors of the layers that read it (3 rows x n), float32.
+  (`job.statistics_cache`) the first package holds both kinds; with `offload.statistics` they
+  are held in CPU memory instead (the plan's host term);
+- the solve of the costliest work unit (`PruningMethod.solve_units`: OBS-Diff batches layers of
+  equal size up to `solve_batch_gb`): per input group its Hessian's copy, inverse factor and
+  stacked factor (3 n^2) and the float32 weights of the layers that read it, stacked,
+  transposed and updated (3 rows x n), plus, with offloaded statistics, the unit's statistics
+  moved to the device for it.
 
 Not predicted: activations of the calibration forward (small at the paper's 512 x 512, a few
 hundred MB at most), the CUDA context and the allocator's caching; measure them on the device.
@@ -27,6 +31,7 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from obsdiff.calibration.sequential import package_statistics_bytes
+from obsdiff.methods.package import Structured
 from obsdiff.models.structure import linear_at
 from obsdiff.oneshot.job import JobError, PruneJob, plan_packages
 
@@ -47,11 +52,26 @@ class MemoryPlan:
     packages: int
     components: dict[str, int]  # weights of each pipeline component at the model's dtype
     package_statistics: list[int]  # calibration statistics of each package
-    solve_bytes: int  # the widest layer's solve workspace
+    solve_bytes: int  # the costliest work unit's solve workspace
+    denoiser: str = ""  # the denoiser's component name
+    offload_statistics: bool = False  # statistics in CPU memory
+    offload_components: bool = False  # only the denoiser on the device
 
     @property
     def weights_bytes(self) -> int:
+        """The weights on the device while pruning."""
+        if self.offload_components:
+            return self.components[self.denoiser]
         return sum(self.components.values())
+
+    @property
+    def device_statistics_bytes(self) -> int:
+        return 0 if self.offload_statistics else self.statistics_peak_bytes
+
+    @property
+    def host_statistics_bytes(self) -> int:
+        """Statistics held in CPU memory (offloaded), besides the pipeline's CPU copy."""
+        return self.statistics_peak_bytes if self.offload_statistics else 0
 
     @property
     def statistics_peak_bytes(self) -> int:
@@ -63,25 +83,38 @@ class MemoryPlan:
 
     @property
     def predicted_peak_bytes(self) -> int:
-        """Weights + the largest package's statistics + the widest solve."""
-        return self.weights_bytes + self.statistics_peak_bytes + self.solve_bytes
+        """On the device: weights + the largest package's statistics (unless offloaded) +
+        the costliest solve."""
+        return self.weights_bytes + self.device_statistics_bytes + self.solve_bytes
 
     def fits(self, budget_bytes: float) -> bool:
         return self.predicted_peak_bytes <= budget_bytes
 
     def table(self) -> str:
         """The plan as a few aligned lines (GB = 1e9 bytes)."""
+        offloaded = [
+            what
+            for what, on in (
+                ("statistics", self.offload_statistics),
+                ("components", self.offload_components),
+            )
+            if on
+        ]
         lines = [
             f"memory plan: {self.model} ({self.dtype}), {self.method}, {self.packages} packages"
+            + (f", offloaded: {' and '.join(offloaded)}" if offloaded else "")
         ]
         for name, size in sorted(self.components.items()):
-            lines.append(f"  {name:<28} {size / GB:9.3f} GB")
-        lines.append(f"  {'weights, all components':<28} {self.weights_bytes / GB:9.3f} GB")
+            where = " (CPU)" if self.offload_components and name != self.denoiser else ""
+            lines.append(f"  {name:<28} {size / GB:9.3f} GB{where}")
+        which = "denoiser only" if self.offload_components else "all components"
+        lines.append(f"  {'weights, ' + which:<28} {self.weights_bytes / GB:9.3f} GB")
+        where = " (CPU)" if self.offload_statistics else ""
         lines.append(
             f"  {'statistics, largest package':<28} {self.statistics_peak_bytes / GB:9.3f} GB"
-            f"  (all packages: {self.statistics_total_bytes / GB:.3f} GB)"
+            f"{where}  (all packages: {self.statistics_total_bytes / GB:.3f} GB)"
         )
-        lines.append(f"  {'solve, widest layer':<28} {self.solve_bytes / GB:9.3f} GB")
+        lines.append(f"  {'solve, costliest unit':<28} {self.solve_bytes / GB:9.3f} GB")
         lines.append(
             f"  {'predicted peak':<28} {self.predicted_peak_bytes / GB:9.3f} GB"
             "  (+ activations, CUDA context: not predicted)"
@@ -103,14 +136,26 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
     packages, _ = plan_packages(job, denoiser)
     cached_first = job.statistics_cache is not None
     per_package = package_statistics_bytes(denoiser, packages, job.method, cached_first)
+    offload = job.placement.offload_statistics
+    method = job.method
     widest = 0
-    for package in packages:
+    for index, package in enumerate(packages):
+        shapes = []
         for unit in package:
             for group in unit.groups:
                 linears = [linear_at(denoiser, f"{unit.block_name}.{n}") for n in group]
-                n, rows = linears[0].in_features, sum(m.out_features for m in linears)
-                hessian = 3 * n * n if job.method.needs_hessian else 0
-                widest = max(widest, FLOAT32 * (hessian + 3 * rows * n))
+                shapes.append((linears[0].in_features, sum(m.out_features for m in linears)))
+        all_kinds = cached_first and index == 0
+        hessian, moments = method.needs_hessian or all_kinds, method.needs_moments or all_kinds
+        group_bytes = []  # each input group's solve (and its statistics, moved over if offloaded)
+        for n, rows in shapes:
+            size = FLOAT32 * ((3 * n * n if method.needs_hessian else 0) + 3 * rows * n)
+            if offload and method.needs_calibration:
+                size += FLOAT32 * ((n * n if hessian else 0) + (3 * n if moments else 0))
+            group_bytes.append(size)
+        structured = isinstance(job.target, Structured)
+        units = [[i] for i in range(len(shapes))] if structured else method.solve_units(shapes)
+        widest = max([widest, *(sum(group_bytes[i] for i in unit) for unit in units)])
     return MemoryPlan(
         model=job.model.name,
         dtype=job.model.dtype,
@@ -119,6 +164,9 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
         components={name: module_bytes(m) for name, m in components.items()},
         package_statistics=per_package,
         solve_bytes=widest,
+        denoiser=job.model.denoiser_attr,
+        offload_statistics=offload and method.needs_calibration,
+        offload_components=job.placement.offload_components,
     )
 
 
@@ -143,20 +191,25 @@ def choose_packages(
     finest = memory_plan(replace(job, packages=units), components)
     fixed = finest.weights_bytes + finest.solve_bytes
     if fixed > budget_bytes:
+        advice = "the weights and the costliest solve alone exceed it: "
+        if not job.placement.offload_components:
+            advice += "keep only the denoiser on the device (offload.components=true), or "
+        advice += (
+            "use a device with more memory, or drop a component the calibration does not need "
+            "(SD3 and SD3.5: model.with_t5=false)"
+        )
+    elif not job.placement.offload_statistics:
         advice = (
-            "the weights and the widest solve alone exceed it: use a device with more memory, "
-            "or drop a component the calibration does not need (SD3 and SD3.5: "
-            "model.with_t5=false)"
+            "the statistics of its largest single unit do not fit beside them: keep them in "
+            "CPU memory (offload.statistics=true), or use a device of at least "
+            f"{finest.predicted_peak_bytes / GB:.1f} GB"
         )
     else:
-        advice = (
-            "the statistics of its largest single unit do not fit beside them: it needs a "
-            f"device of at least {finest.predicted_peak_bytes / GB:.1f} GB"
-        )
+        advice = f"it needs a device of at least {finest.predicted_peak_bytes / GB:.1f} GB"
     raise JobError(
         f"packages=auto: no package count fits memory_budget={budget_bytes / GB:g} GB. "
         f"{job.model.name} ({job.model.dtype}) holds {finest.weights_bytes / GB:.2f} GB of "
-        f"weights and {finest.solve_bytes / GB:.2f} GB for its widest solve, "
+        f"weights on the device and {finest.solve_bytes / GB:.2f} GB for its costliest solve, "
         f"{finest.predicted_peak_bytes / GB:.2f} GB at its peak with one unit a package "
         f"({units} packages): {advice}."
     )

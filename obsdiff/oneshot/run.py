@@ -148,6 +148,7 @@ def prune_pipeline(
         first_prompt=shard.start,
         cache=cache,
         cache_key=key,
+        placement=job.placement,
     )
     report = _merged(previous, report)
 

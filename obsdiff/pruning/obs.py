@@ -20,7 +20,11 @@ H it can end worse than plain zeroing for a given mask; the default 1% damping w
 Speed: problems (one Hessian with the layers that read its input) are solved together. Layers
 sharing a Hessian are stacked along rows (one factorisation, one column loop); Hessians of equal
 size with equal stacked row counts run through one batched loop, which amortises the per-column
-interpreter and kernel-launch overhead that dominates layers of up to ~2k columns.
+interpreter and kernel-launch overhead that dominates layers of up to ~2k columns. A batch holds
+at most `batch_bytes` of solve workspace (`obs_workspace_bytes`; at least one problem): wide
+layers gain nothing from batching and would multiply the solve's memory. `obs_batches` is that
+partition, a function of the shapes alone: the package solve and the sharded solve cut the same
+batches, so each problem meets the same arithmetic whichever process solves it.
 """
 
 from __future__ import annotations
@@ -259,6 +263,30 @@ class ObsProblem:
     masks: Sequence[torch.Tensor] | None = None
 
 
+def obs_workspace_bytes(columns: int, rows: int, itemsize: int = 4) -> int:
+    """Memory of one problem's solve (`columns` inputs, `rows` stacked outputs): its Hessian's
+    copy, inverse factor and the batch's stacked factor (3 n^2), and the stacked, transposed
+    and updated weights (3 rows x n)."""
+    return itemsize * (3 * columns * columns + 3 * rows * columns)
+
+
+def obs_batches(
+    shapes: Sequence[tuple[int, int]], batch_bytes: float | None = None, itemsize: int = 4
+) -> list[list[int]]:
+    """The batches problems of (columns, rows) `shapes` are solved in: equal shapes together,
+    in order of first appearance, each batch at most `batch_bytes` of workspace (None: no
+    limit), at least one problem."""
+    by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, shape in enumerate(shapes):
+        by_shape[shape].append(index)
+    batches = []
+    for (columns, rows), members in by_shape.items():
+        size = obs_workspace_bytes(columns, rows, itemsize)
+        per_batch = len(members) if batch_bytes is None else max(1, int(batch_bytes // size))
+        batches += [members[i : i + per_batch] for i in range(0, len(members), per_batch)]
+    return batches
+
+
 def obs_prune_problems(
     problems: Sequence[ObsProblem],
     pattern: Pattern,
@@ -266,12 +294,14 @@ def obs_prune_problems(
     blocksize: int = 128,
     percdamp: float = 0.01,
     compensate: bool = True,
+    batch_bytes: float | None = None,
 ) -> list[list[ObsResult]]:
     """Prune every layer of every problem; result[p][k] is layer k of problem p.
 
     Every layer gets its own exact sparsity (per layer and per column block for unstructured,
     per group of M for N:M). `compensate=False` keeps the OBS mask selection and skips the weight
-    updates (the mask then comes from the unmodified weights).
+    updates (the mask then comes from the unmodified weights). Problems of equal size are solved
+    in batches of at most `batch_bytes` of workspace (`obs_batches`; None: no limit).
     """
     if blocksize < 1:
         raise ValueError(f"blocksize={blocksize} must be >= 1")
@@ -291,20 +321,46 @@ def obs_prune_problems(
         groups[(n, rows, dtype, str(problem.hessian.device), fixed)].append(p)
 
     results: list[list[ObsResult]] = [[] for _ in problems]
-    for (_, _, dtype, _, _), members in groups.items():
-        batch = _make_batch([problems[p] for p in members], dtype, percdamp)
-        W, M, losses = _solve(batch, pattern, blocksize, compensate)
-        for g, p in enumerate(members):
-            for k, (start, stop) in enumerate(batch.segments[g]):
-                original = problems[p].weights[k]
-                results[p].append(
-                    ObsResult(
-                        weight=W[g, start:stop].to(original.dtype),
-                        mask=M[g, start:stop].clone(),
-                        loss=float(losses[g, start:stop].sum()),
-                    )
-                )
+    for (n, rows, dtype, _, _), same in groups.items():
+        itemsize = torch.finfo(dtype).bits // 8
+        for batch_members in obs_batches([(n, rows)] * len(same), batch_bytes, itemsize):
+            _solve_batch(
+                problems,
+                [same[i] for i in batch_members],
+                pattern,
+                dtype,
+                results,
+                blocksize=blocksize,
+                percdamp=percdamp,
+                compensate=compensate,
+            )
     return results
+
+
+def _solve_batch(
+    problems: Sequence[ObsProblem],
+    members: list[int],
+    pattern: Pattern,
+    dtype: torch.dtype,
+    results: list[list[ObsResult]],
+    *,
+    blocksize: int,
+    percdamp: float,
+    compensate: bool,
+) -> None:
+    """Solve problems `members` (equal size) in one batch; their results go into `results`."""
+    batch = _make_batch([problems[p] for p in members], dtype, percdamp)
+    W, M, losses = _solve(batch, pattern, blocksize, compensate)
+    for g, p in enumerate(members):
+        for k, (start, stop) in enumerate(batch.segments[g]):
+            original = problems[p].weights[k]
+            results[p].append(
+                ObsResult(
+                    weight=W[g, start:stop].to(original.dtype),
+                    mask=M[g, start:stop].clone(),
+                    loss=float(losses[g, start:stop].sum()),
+                )
+            )
 
 
 def _make_batch(problems: list[ObsProblem], dtype: torch.dtype, percdamp: float) -> _Batch:

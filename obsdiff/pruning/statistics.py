@@ -5,6 +5,13 @@ holds *sums* in float32 (whatever the activation dtype), so partial statistics f
 batches or processes merge exactly by addition (`merge_`, or an all-reduce over `state_tensors`).
 Modules that read the same input tensor (q/k/v of one stream) share one instance.
 
+Offload. The sums may live on another device than the activations (`device="cpu"` beside a
+pipeline on CUDA, pinned there): each batch's terms (X^T X, column sums) are computed on the
+activations' device, scaled by alpha_t there, and only then moved and added. Both placements run
+that same arithmetic, each step correctly rounded, so offloaded sums equal on-device sums bit
+for bit (an `addmm_` would fuse the scaling into the matmul's accumulation, which a CPU sum
+cannot reproduce). `to(device)` copies the sums to the device of a solve, one group at a time.
+
 Normalisation. The Hessian is H = 2 * sum_t alpha_t X_t^T X_t / normaliser. With
 `normaliser="sample"` (default, as the reference code) it divides by sum_t alpha_t * B_t, B_t being
 the number of samples in the batch (the CFG-doubled batch counts both halves); with "token" it
@@ -42,6 +49,12 @@ def _xtx(rows: torch.Tensor, hessian_precision: str) -> torch.Tensor:
     return rows.T @ rows
 
 
+def _accumulate(total: torch.Tensor, term: torch.Tensor, weight: float) -> None:
+    """total += weight * term, the product rounded on the term's device, then moved to the
+    total's (see the module docstring: offloaded and on-device sums agree bit for bit)."""
+    total.add_(term.mul_(weight).to(total.device))
+
+
 @dataclass
 class InputStatistics:
     """Weighted sums over the rows x (length `features`) of every batch fed to `update`.
@@ -60,6 +73,7 @@ class InputStatistics:
     moments: bool = True
     device: torch.device | str | None = None
     hessian_precision: str = "float32"  # of X^T X: float32 | tf32 | bfloat16 (see `_xtx`)
+    pin_memory: bool = False  # page-locked CPU sums (offload beside CUDA: faster copies)
     xtx: torch.Tensor | None = field(init=False, default=None)
     column_sum: torch.Tensor | None = field(init=False, default=None)
     column_sq_sum: torch.Tensor | None = field(init=False, default=None)
@@ -76,13 +90,19 @@ class InputStatistics:
             raise ValueError(
                 f"hessian_precision={self.hessian_precision!r}; use one of {HESSIAN_PRECISIONS}"
             )
-        n, device = self.features, self.device
+        n = self.features
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(
+                *shape, dtype=torch.float32, device=self.device, pin_memory=self.pin_memory
+            )
+
         if self.hessian:
-            self.xtx = torch.zeros(n, n, dtype=torch.float32, device=device)  # (n, n)
+            self.xtx = zeros(n, n)  # (n, n)
         if self.moments:
-            self.column_sum = torch.zeros(n, dtype=torch.float32, device=device)  # (n,)
-            self.column_sq_sum = torch.zeros(n, dtype=torch.float32, device=device)  # (n,)
-            self.variance_sum = torch.zeros(n, dtype=torch.float32, device=device)  # (n,)
+            self.column_sum = zeros(n)  # (n,)
+            self.column_sq_sum = zeros(n)  # (n,)
+            self.variance_sum = zeros(n)  # (n,)
         self.counts = torch.zeros(4, dtype=torch.float64, device=self.device)
 
     # ----------------------------------------------------------------- feeding
@@ -97,23 +117,33 @@ class InputStatistics:
         rows = x.reshape(-1, self.features).to(torch.float32)  # (tokens, n)
         tokens = rows.shape[0]
         if self.xtx is not None:
-            if self.hessian_precision == "float32":
-                self.xtx.addmm_(rows.T, rows, alpha=weight)  # += alpha X^T X   (n, n)
-            else:
-                self.xtx.add_(_xtx(rows, self.hessian_precision), alpha=weight)
+            _accumulate(self.xtx, _xtx(rows, self.hessian_precision), weight)  # alpha X^T X
         if self.column_sum is not None:
             assert self.column_sq_sum is not None and self.variance_sum is not None
-            self.column_sum.add_(rows.sum(0), alpha=weight)
-            self.column_sq_sum.add_(rows.square().sum(0), alpha=weight)
+            _accumulate(self.column_sum, rows.sum(0), weight)
+            _accumulate(self.column_sq_sum, rows.square().sum(0), weight)
             # population variance of each sample over its tokens, weighted by alpha * tokens
             per_sample = rows.reshape(samples, -1, self.features)  # (B, tokens / B, n)
             sample_var = torch.var(per_sample, dim=1, correction=0)  # (B, n)
-            self.variance_sum.add_(sample_var.sum(0), alpha=weight * per_sample.shape[1])
+            _accumulate(self.variance_sum, sample_var.sum(0), weight * per_sample.shape[1])
         self.counts += torch.tensor(
             [weight * samples, weight * tokens, samples, tokens],
             dtype=torch.float64,
             device=self.counts.device,
         )
+
+    def to(self, device: torch.device | str) -> InputStatistics:
+        """These statistics with their sums on `device`: itself when they are there, else a
+        copy (an offloaded group's, for its solve)."""
+        if self.counts.device == torch.device(device):
+            return self
+        copy = InputStatistics(
+            self.features, self.hessian, self.moments, "meta", self.hessian_precision
+        )
+        for name, tensor in self.named_state().items():
+            setattr(copy, name, tensor.to(device))
+        copy.device = device
+        return copy
 
     def named_state(self) -> dict[str, torch.Tensor]:
         """Every sum this instance keeps, by attribute name (saved and loaded by name)."""

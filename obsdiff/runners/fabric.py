@@ -18,6 +18,7 @@ class RunnerSettings:
     accelerator: str = "auto"
     devices: int | str = 1
     strategy: str = "auto"
+    shard_solve: bool = True  # several ranks: each solves its share (obsdiff.calibration.solve)
 
 
 def launch(settings: RunnerSettings, device: torch.device) -> tuple[torch.device, DataParallel]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,9 +41,44 @@ class DataParallel:
         """Sum every tensor over the ranks, in place."""
         if self.world_size == 1:
             return
+        through_device = dist.get_backend() == dist.Backend.NCCL  # NCCL reduces CUDA tensors
         for tensor in tensors:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            if through_device and tensor.device.type == "cpu":  # offloaded: one at a time
+                buffer = tensor.cuda()
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+                tensor.copy_(buffer)
+            else:
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def broadcast_(self, tensors: Iterable[torch.Tensor], src: int) -> None:
+        """Every tensor overwritten, in place, by rank `src`'s."""
+        if self.world_size == 1:
+            return
+        for tensor in tensors:
+            if tensor.is_contiguous():
+                dist.broadcast(tensor, src=src)
+            else:
+                buffer = tensor.contiguous()
+                dist.broadcast(buffer, src=src)
+                tensor.copy_(buffer)
+
+    def broadcast_object(self, value: Any, src: int) -> Any:
+        """Rank `src`'s `value` on every rank (a small picklable record between our own
+        processes)."""
+        if self.world_size == 1:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=src)
+        return holder[0]
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        """Every rank's `value`, by rank."""
+        if self.world_size == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered

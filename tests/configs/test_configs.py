@@ -81,7 +81,7 @@ def test_real_config_loads_a_local_copy(compose_sample, tmp_path: Path) -> None:
 @pytest.mark.integration
 @pytest.mark.unit
 def test_every_app_has_a_console_script() -> None:
-    """obsdiff-sample, -prune, -run, -evaluate (Hydra mains) and -report (argparse)."""
+    """obsdiff-sample, -prune, -run, -evaluate (Hydra mains), -report and -export (argparse)."""
     import importlib
 
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
@@ -93,7 +93,7 @@ def test_every_app_has_a_console_script() -> None:
         assert callable(getattr(importlib.import_module(module), function))
 
 
-APPS = ("sample", "prune", "run", "evaluate", "report")
+APPS = ("sample", "prune", "run", "evaluate", "report", "export")
 
 
 def test_sample_app_composes_on_the_command_line() -> None:

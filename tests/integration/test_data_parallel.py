@@ -1,9 +1,10 @@
 """Data-parallel calibration: two CPU processes (gloo, launched by Lightning Fabric) give the
-single-process result."""
+single-process result, sharing each package's solve."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,11 @@ def test_shards_cover_every_prompt_once(count: int, world: int) -> None:
         DataParallel(2, 2)
 
 
-def run(tmp_path: Path, *overrides: str) -> Path:
+def run(tmp_path: Path, *overrides: str) -> tuple[Path, str]:
     result = run_app("obsdiff.prune", *COMMON, *overrides, f"paths.output_root={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = [p.parent for p in tmp_path.glob("prune/runs/*/results.json")]
-    return run_dir
+    return run_dir, result.stdout + result.stderr
 
 
 @pytest.mark.slow
@@ -53,10 +54,14 @@ def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
     sum of ~10^3 products here) may differ by a few ulps times the number of terms (~1e-4
     relative), which the OBS compensation carries into the kept weights."""
     overrides = ["granularity=structured", "sparsity=0.25"]
-    single = run(tmp_path / "single", *overrides)
-    parallel = run(tmp_path / "ddp", "runner=ddp_cpu", *overrides)
+    single, _ = run(tmp_path / "single", *overrides)
+    parallel, output = run(tmp_path / "ddp", "runner=ddp_cpu", *overrides)
     pruned = RunRecord.read(parallel).prune
     assert pruned is not None and pruned.world_size == 2
+    # the solve is shared (obsdiff.calibration.solve; its bit-identity: test_sharded_solve.py):
+    # rank 0 logs each rank's share of every package
+    shares = re.findall(r"solve shared: rank (\d) solved \d+ of \d+ work units", output)
+    assert shares.count("0") == shares.count("1") == 2  # 2 packages
     decisions = [
         [(r["block"], r["group"], r["removed"]) for r in json.loads(m.read_text())["records"]]
         for m in (single / "manifest.json", parallel / "manifest.json")

@@ -128,7 +128,7 @@ def test_packages_auto_picks_the_fewest_that_fit(compose_prune) -> None:  # type
     assert choose_packages(job, peaks[3], components).packages == 3
     assert choose_packages(job, peaks[3] - 1, components).packages == 4
     assert choose_packages(job, peaks[1], components).packages == 1
-    with pytest.raises(JobError, match="weights and the widest solve alone exceed it"):
+    with pytest.raises(JobError, match="weights and the costliest solve alone exceed it"):
         choose_packages(job, 10e9, components)
     auto = build_prune_job(
         compose_prune("model=sd3_medium", "packages=auto", "memory_budget=20"), reach_model=False

@@ -105,9 +105,10 @@ def test_run_key_hashes_only_the_settings_that_change_the_weights(compose_prune)
     }  # fmt: skip
     neutral = ["+tracking.tags=[a,b]", "device=cpu", "keep_checkpoint=true", "save=false"]
     neutral += ["paths.output_root=/elsewhere", "runner=ddp_cpu", "task_name=mine"]
+    neutral += ["offload.statistics=true", "offload.components=true", "runner.shard_solve=false"]
     for override in neutral:
         assert build_job(compose_prune(*FAST, override)).run_key == base.run_key, override
-    changed = ["sparsity=0.4", "method.percdamp=0.02", "packages=1"]
+    changed = ["sparsity=0.4", "method.percdamp=0.02", "packages=1", "method.solve_batch_gb=0.5"]
     changed += ["weighting=uniform", "calibration.hessian_precision=bfloat16", "blocks=[0,1]"]
     changed += ["model.sampling.num_inference_steps=3", "calibration.num_prompts=1", "seed=1"]
     for override in changed:

@@ -1,0 +1,445 @@
+"""Export a pruned run for use elsewhere: a diffusers pipeline folder with a model card.
+
+    export_pruned("outputs/prune/runs/<time>", "exported/sd3-obsdiff-50")  # or the CLI:
+    python -m obsdiff.export outputs/prune/runs/<time> exported/sd3-obsdiff-50
+
+Unstructured and N:M: the pruned weights are ordinary dense tensors with zeros, so the export is
+a standard diffusers folder (`model_index.json`, the pruned denoiser in `transformer/` or
+`unet/` as safetensors) that plain `DiffusionPipeline.from_pretrained` loads without obsdiff.
+`components="copy"` (default) writes every component; `"reference"` writes the denoiser alone
+and the card shows how to join it to the base model's other components.
+
+Structured: diffusers' configs cannot express per-block widths and head counts, so the export is
+obsdiff's own folder (`manifest.json` with the structure, `denoiser.safetensors`), loaded with
+`obsdiff.load_pruned(OUT_DIR)` on top of the base model the manifest names.
+
+Always a `README.md` model card (the Hub's YAML front matter, then what was pruned, the sizes
+before and after, the evaluation figures of `results.json`, the command, how to load it, the base
+model's licence). Every input is checked before anything is loaded or written; the folder is
+built beside OUT_DIR and moved into place at the end, so a failed export leaves nothing behind
+and `overwrite` replaces an old export only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from diffusers import DiffusionPipeline
+
+from obsdiff.artifacts.pruned import MANIFEST, WEIGHTS, load_pruned, read_manifest
+from obsdiff.artifacts.record import RESULTS, RecordError, RunRecord
+
+
+log = logging.getLogger(__name__)
+
+COMPONENT_CHOICES = ("copy", "reference")
+CARD = "README.md"
+# licences of the base models obsdiff ships configs for (hub id: the Hub's licence fields)
+BASE_LICENCES = {
+    "stabilityai/stable-diffusion-3-medium-diffusers": ("other", "stabilityai-ai-community"),
+    "stabilityai/stable-diffusion-3.5-medium": ("other", "stabilityai-ai-community"),
+    "stabilityai/stable-diffusion-3.5-large": ("other", "stabilityai-ai-community"),
+    "black-forest-labs/FLUX.1-dev": ("other", "flux-1-dev-non-commercial-license"),
+    "black-forest-labs/FLUX.1-schnell": ("apache-2.0", None),
+    "stabilityai/stable-diffusion-xl-base-1.0": ("openrail++", None),
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ExportError(ValueError):
+    """The export cannot be made as asked; raised before anything is loaded or written."""
+
+
+class UploadError(RuntimeError):
+    """The export is complete, its upload to the Hub failed."""
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """A checked export: what is read, what is written, how."""
+
+    run_dir: Path
+    out_dir: Path
+    manifest: dict[str, Any]
+    record: RunRecord | None
+    structured: bool
+    components: str
+    base: str | None  # the base model's hub id or local path (None: built in code)
+
+
+def check_export(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    components: str = "copy",
+    in_memory: bool = False,
+    repo_id: str | None = None,
+) -> ExportRequest:
+    """Every check of an export, before any work: a run directory of a finished prune with its
+    weights, an OUT_DIR that is new or empty (or `overwrite`), a known `components` mode, a
+    well-formed `repo_id`. `in_memory`: the base pipeline will be passed in."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"{run_dir} is not a directory: give the run directory of a prune")
+    try:
+        manifest = read_manifest(run_dir)
+    except FileNotFoundError as err:
+        raise ExportError(str(err)) from err
+    if not (run_dir / WEIGHTS).is_file():
+        raise ExportError(
+            f"{run_dir} holds no {WEIGHTS}: the run did not save its pruned weights; prune again "
+            "with save=true"
+        )
+    if components not in COMPONENT_CHOICES:
+        raise ExportError(f"components={components!r}; use one of {COMPONENT_CHOICES}")
+    if out_dir.resolve() == run_dir.resolve() or run_dir.resolve() in out_dir.resolve().parents:
+        raise ExportError(f"OUT_DIR {out_dir} lies in the run directory; export elsewhere")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"OUT_DIR {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(
+            f"OUT_DIR {out_dir} exists and is not empty; choose another, or pass --overwrite "
+            "(overwrite=True) to replace it"
+        )
+    if repo_id is not None and not HUB_ID.match(repo_id):
+        raise ExportError(f"repo id {repo_id!r} is not of the form <owner>/<name>")
+    config = manifest.get("model_config", {})
+    if "_target_" not in config and not in_memory:
+        raise ExportError(
+            f"{run_dir} pruned a pipeline in memory: its manifest names no base model to load; "
+            "export it from Python with obsdiff.export(run_dir, out_dir, pipeline=<the base>)"
+        )
+    structured = "structure" in manifest
+    base = None if config.get("tiny") else config.get("pretrained")
+    if components == "reference" and not structured and base is None:
+        raise ExportError(
+            f"{run_dir} pruned a model built in code or in memory: it has no files to reference; "
+            "use components='copy' (--components copy)"
+        )
+    if components == "reference" and structured:
+        raise ExportError(
+            "a structured export is obsdiff's folder on top of the base model the manifest "
+            "names; --components does not apply to it: leave it at copy"
+        )
+    record = None
+    if (run_dir / RESULTS).is_file():
+        try:
+            record = RunRecord.read(run_dir)
+        except RecordError as err:
+            log.warning("%s: %s; the model card goes without its figures", run_dir / RESULTS, err)
+    return ExportRequest(run_dir, out_dir, manifest, record, structured, components, base)
+
+
+def export_pruned(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    components: str = "copy",
+    pretrained: str | None = None,
+    pipeline: DiffusionPipeline | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    export_command: str | None = None,
+) -> Path:
+    """Export the pruned model of `run_dir` into `out_dir` (see the module docstring); returns
+    `out_dir`. `pretrained` / `pipeline`: another copy of the base model, or the base pipeline
+    in memory (as `load_pruned`). `push_to_hub="<owner>/<name>"`: then uploaded there (the
+    card's code loads it from there; `UploadError` if the upload fails, the export kept).
+    `export_command`: the export's own command line, for the card."""
+    request = check_export(
+        run_dir, out_dir, overwrite, components, pipeline is not None, push_to_hub
+    )
+    out = request.out_dir
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        where = push_to_hub or str(request.out_dir)
+        if request.structured:
+            load = _write_structured(request, building, where)
+        else:
+            load = _write_diffusers(request, building, where, pretrained, pipeline)
+        (building / CARD).write_text(model_card(request, load, export_command))
+        if out.exists():
+            shutil.rmtree(out)
+        building.rename(out)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    log.info("exported %s to %s (%s)", request.run_dir, out, _layout(request))
+    if push_to_hub is not None:
+        try:
+            url = upload(out, push_to_hub, private=private)
+        except Exception as err:  # offline, no token, no rights: the export itself stands
+            raise UploadError(
+                f"the export is complete in {out}, but the upload to {push_to_hub} failed: "
+                f"{err}; upload it later with `huggingface-cli upload {push_to_hub} {out}`"
+            ) from err
+        log.info("pushed to %s", url)
+    return out
+
+
+def _layout(request: ExportRequest) -> str:
+    if request.structured:
+        return "obsdiff folder: structured"
+    return f"diffusers pipeline, components {request.components}"
+
+
+def _write_structured(request: ExportRequest, out: Path, where: str) -> str:
+    """obsdiff's folder: the manifest (with the structure), the weights, the run record."""
+    for name in (MANIFEST, WEIGHTS, RESULTS):
+        if (request.run_dir / name).is_file():
+            shutil.copy2(request.run_dir / name, out / name)
+    return "\n".join(
+        [
+            "import obsdiff  # pip install obsdiff",
+            "",
+            f'pruned = obsdiff.load_pruned("{where}")  # base model + pruned denoiser',
+            "pipe = pruned.pipeline",
+        ]
+    )
+
+
+def _write_diffusers(
+    request: ExportRequest,
+    out: Path,
+    where: str,
+    pretrained: str | None,
+    pipeline: DiffusionPipeline | None,
+) -> str:
+    """A diffusers folder; returns the plain-diffusers code that loads it."""
+    pruned = load_pruned(request.run_dir, pretrained, pipeline)
+    pipe, attr = pruned.pipeline, pruned.adapter.denoiser_attr
+    denoiser = pruned.denoiser
+    optional = set(getattr(pipe, "_optional_components", []))
+    missing = sorted(
+        n for n, value in pipe.components.items() if value is None and n not in optional
+    )
+    extra = "".join(f", {name}=None" for name in missing)  # saved as absent: say so on load
+    if request.components == "copy":
+        pipe.save_pretrained(str(out), safe_serialization=True)
+        return "\n".join(
+            [
+                "from diffusers import DiffusionPipeline",
+                "",
+                f'pipe = DiffusionPipeline.from_pretrained("{where}"{extra})',
+            ]
+        )
+    denoiser.save_pretrained(str(out / attr), safe_serialization=True)  # type: ignore[operator]
+    cls = type(denoiser).__name__
+    base = pretrained or request.base
+    return "\n".join(
+        [
+            f"from diffusers import DiffusionPipeline, {cls}",
+            "",
+            f'{attr} = {cls}.from_pretrained("{where}", subfolder="{attr}")',
+            f'pipe = DiffusionPipeline.from_pretrained("{base}", {attr}={attr}{extra})',
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------- the model card
+def model_card(request: ExportRequest, load_code: str, export_command: str | None = None) -> str:
+    """The model card: the Hub's YAML front matter, then the figures and how to load."""
+    manifest, record = request.manifest, request.record
+    method = manifest.get("method", {}).get("name", "?")
+    granularity = manifest.get("granularity", "?")
+    sparsity = manifest.get("sparsity")
+    model = manifest.get("model", {}).get("name") or manifest.get("model_config", {}).get("name")
+    licence, licence_name = BASE_LICENCES.get(request.base or "", (None, None))
+    if request.base is None:
+        licence = "apache-2.0"  # a tiny or toy model of obsdiff's own: obsdiff's licence
+    front: dict[str, Any] = {}
+    if request.base and HUB_ID.match(request.base):
+        front["base_model"] = request.base
+    front["library_name"] = "obsdiff" if request.structured else "diffusers"
+    front["pipeline_tag"] = "text-to-image"
+    front["license"] = licence or "other"
+    if licence_name:
+        front["license_name"] = licence_name
+    front["tags"] = ["pruning", "obs-diff", "sparsity", method, granularity, "text-to-image"]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
+    lines += [
+        f"# {model}: {method}, {granularity}, sparsity {sparsity}",
+        "",
+        f"`{request.base or model}` pruned one-shot, without training, by "
+        f"[obsdiff](https://arxiv.org/abs/2510.06751) ({_method_name(method)}).",
+        "",
+        "## What was pruned",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    calibration = manifest.get("calibration", {})
+    rows = {
+        "method": json.dumps(manifest.get("method", {})),
+        "granularity": granularity,
+        "target sparsity": sparsity,
+        "achieved sparsity": _round(manifest.get("achieved_sparsity")),
+        "blocks": _blocks(manifest.get("blocks")),
+        "packages": manifest.get("packages"),
+        "timestep weighting": manifest.get("weighting", {}).get("scheme"),
+        "calibration prompts": f"{calibration.get('num_prompts')} ({calibration.get('source')}, "
+        f"sha256 {str(calibration.get('prompts_sha256', ''))[:12]})",
+        "calibration sampling": f"{calibration.get('num_inference_steps')} steps, guidance "
+        f"{calibration.get('guidance_scale')}, {calibration.get('resolution')}",
+    }
+    lines += [f"| {k} | {v} |" for k, v in rows.items()]
+    prune = None if record is None else record.prune
+    if prune is not None:
+        lines += [
+            "",
+            "## Size",
+            "",
+            "| | before | after |",
+            "|---|--:|--:|",
+            f"| parameters (denoiser) | {prune.params_before:,} | {prune.params_after:,} |",
+            f"| TFLOPs per denoiser forward | {prune.tflops_before:.4g} "
+            f"| {prune.tflops_after:.4g} |",
+        ]
+        if prune.target_parameters and prune.target_nonzero is not None:
+            lines.append(
+                f"| non-zero weights of the pruned linears | {prune.target_parameters:,} "
+                f"| {prune.target_nonzero:,} |"
+            )
+        lines += [
+            "",
+            "Unstructured and N:M zeros keep the tensors' shapes: the files and the dense "
+            "speed stay as they were; structured pruning removes heads and neurons.",
+        ]
+    lines += ["", "## Evaluation", ""] + _evaluation_lines(record)
+    lines += ["", "## How it was made", "", "```bash", _command(record), "```"]
+    if export_command:
+        lines += ["", f"Exported with `{export_command}`."]
+    lines += ["", "## How to load", "", "```python", load_code, "```"]
+    if not request.structured:
+        lines += ["", "obsdiff is not needed to load it: plain diffusers does."]
+    lines += ["", "## Licence", ""]
+    if request.base is None:
+        lines.append("A model of obsdiff's own test zoo, under obsdiff's licence (Apache-2.0).")
+    else:
+        known = f" ({licence_name or licence})" if licence else ""
+        lines.append(
+            f"These are weights derived from `{request.base}`: its licence{known} applies to "
+            "them; read it on the base model's card before using or sharing them."
+        )
+    lines += ["", "## Citation", "", "```bibtex", CITATION, "```", ""]
+    return "\n".join(lines)
+
+
+CITATION = """@inproceedings{zhu2026obsdiff,
+  title     = {OBS-Diff: Accurate Pruning for Diffusion Models in One-Shot},
+  author    = {Zhu, Junhan and others},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2026},
+  note      = {arXiv:2510.06751}
+}"""
+
+
+def _method_name(method: str) -> str:
+    return {"obsdiff": "OBS-Diff", "wanda": "Wanda", "dsnot": "DSnoT"}.get(method, method)
+
+
+def _round(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def _blocks(blocks: Any) -> str:
+    if not blocks:
+        return "?"
+    return f"{len(blocks)} ({blocks[0]}..{blocks[-1]})"
+
+
+def _evaluation_lines(record: RunRecord | None) -> list[str]:
+    if record is None or record.eval is None:
+        return [
+            "Not evaluated in this run: `python -m obsdiff.evaluate pruned_run=<run dir>` "
+            "measures it (FID, CLIP score, ImageReward, dense-relative metrics)."
+        ]
+    evaluation, dense = record.eval, record.dense
+    sampling = evaluation.sampling or {}
+    lines = [
+        f"Evaluation set `{evaluation.set}`: {evaluation.num_images} images, seed "
+        f"{evaluation.seed}"
+        + (f", {json.dumps(sampling)}" if sampling else "")
+        + "; 95% bootstrap intervals over prompts in brackets.",
+        "",
+        "| metric | pruned | dense |",
+        "|---|--:|--:|",
+    ]
+    for name, value in evaluation.metrics.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        dense_value = None if dense is None else dense.metrics.get(name)
+        dense_interval = None if dense is None else dense.intervals.get(name)
+        lines.append(
+            f"| {name} | {_with_interval(value, evaluation.intervals.get(name))} "
+            f"| {_with_interval(dense_value, dense_interval)} |"
+        )
+    settings = {k: v for k, v in evaluation.metrics.items() if isinstance(v, str)}
+    if settings:
+        lines += ["", "Measured with: " + ", ".join(f"{k} {v}" for k, v in settings.items())]
+    if record.speed is not None:
+        speed = record.speed
+        lines += [
+            "",
+            f"Seconds per image on {speed.device}: dense {speed.dense_seconds_per_image:.4g}, "
+            f"pruned {speed.pruned_seconds_per_image:.4g} ({speed.speedup:.3f}x, median of "
+            f"{speed.repeats}).",
+        ]
+    return lines
+
+
+def _with_interval(value: Any, interval: list[float] | None) -> str:
+    if value is None:
+        return "–"
+    text = f"{value:.4g}"
+    if interval:
+        text += f" [{interval[0]:.4g}, {interval[1]:.4g}]"
+    return text
+
+
+def _command(record: RunRecord | None) -> str:
+    if record is None:
+        return "# the run directory holds no results.json: see its config.yaml"
+    overrides = " ".join(f"{k}={v}" for k, v in record.overrides.items())
+    app = "obsdiff.run" if record.eval is not None else "obsdiff.prune"
+    return f"python -m {app} {overrides}".rstrip()
+
+
+# ----------------------------------------------------------------------------- the Hub
+def upload(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    api: Any = None,
+) -> str:
+    """Upload an exported folder to the Hub model repo `repo_id` (created if missing); returns
+    the commit's URL. `api`: a `huggingface_hub.HfApi` (default: one with `token`)."""
+    folder = Path(folder)
+    if not (folder / CARD).is_file():
+        raise ExportError(f"{folder} is not an obsdiff export (no {CARD}); export it first")
+    if not HUB_ID.match(repo_id):
+        raise ExportError(f"repo id {repo_id!r} is not of the form <owner>/<name>")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message="Upload a model pruned with obsdiff",
+    )
+    return str(getattr(commit, "commit_url", commit))

@@ -1,0 +1,250 @@
+"""Export (issue 15): a pruned run becomes a diffusers folder that plain diffusers loads without
+obsdiff (unstructured, 2:4), or obsdiff's folder (structured), with a model card that holds the
+run's figures; bad inputs are refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from app_runner import run_app
+
+import obsdiff
+from obsdiff.artifacts.export import ExportError, check_export, upload
+from obsdiff.artifacts.record import RunRecord
+
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model=tiny_sd3", "calibration=tiny", "model.sampling.num_inference_steps=2"]
+TINY += ["calibration.num_prompts=2", "packages=1"]
+TOY = ["model=toy", "calibration=toy", "model.sampling.num_inference_steps=2"]
+TOY += ["calibration.num_prompts=4", "packages=1"]
+PROMPT = "a red circle in the top left"
+
+# plain diffusers in a process where obsdiff cannot be imported: the card's code, then a call
+PLAIN = """
+import json, sys
+sys.modules["obsdiff"] = None  # obsdiff is not importable here
+try:
+    import obsdiff
+except ImportError:
+    pass
+else:
+    raise SystemExit("obsdiff was importable")
+import safetensors.torch, torch
+{load}
+denoiser = pipe.{attr}
+state = {{k: v.contiguous() for k, v in denoiser.state_dict().items()}}
+safetensors.torch.save_file(state, sys.argv[1])
+kwargs = json.loads(sys.argv[3])
+generator = torch.Generator().manual_seed(0)
+out = pipe({prompt!r}, generator=generator, output_type="latent", **kwargs)
+safetensors.torch.save_file({{"latents": out.images.contiguous()}}, sys.argv[2])
+assert "obsdiff" not in {{m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}}
+"""
+
+
+RUNS = {  # the runs the tests export, each made once (module scope)
+    "tiny, evaluated": ("obsdiff.run", [*TINY, "eval=tiny", "eval.prompts.num_prompts=2"]),
+    "tiny 2:4 wanda": ("obsdiff.prune", [*TINY, "granularity=semi_2_4", "method=wanda"]),
+    "toy 2:4": ("obsdiff.prune", [*TOY, "granularity=semi_2_4"]),
+    "tiny structured": ("obsdiff.prune", [*TINY, "granularity=structured", "sparsity=0.25"]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    made = {}
+    for name, (app, overrides) in RUNS.items():
+        out = tmp_path_factory.mktemp("outputs")
+        result = run_app(app, *overrides, f"paths.output_root={out}", timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (made[name],) = [p.parent for p in out.glob("*/runs/*/results.json")]
+    return made
+
+
+def card_code(card: str, heading: str = "## How to load") -> str:
+    section = card[card.index(heading) :]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
+
+
+def generate(pipe: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return pipe(PROMPT, generator=generator, output_type="latent", **kwargs).images
+
+
+@pytest.mark.parametrize("name", ["tiny, evaluated", "tiny 2:4 wanda", "toy 2:4"])
+def test_plain_diffusers_loads_the_export(tmp_path: Path, runs: dict[str, Path], name: str) -> None:
+    run_dir = runs[name]
+    app, overrides = RUNS[name]
+    out = obsdiff.export(run_dir, tmp_path / "exported")
+    assert (out / "model_index.json").is_file() and (out / "README.md").is_file()
+    card = (out / "README.md").read_text()
+
+    pruned = obsdiff.load_pruned(run_dir)
+    kwargs = pruned.adapter.call_kwargs()
+    kwargs.pop("negative_prompt", None)
+    attr = pruned.adapter.denoiser_attr
+    script = PLAIN.format(load=card_code(card), attr=attr, prompt=PROMPT)
+    weights, latents = tmp_path / "weights.safetensors", tmp_path / "latents.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(weights), str(latents), json.dumps(kwargs)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain = safetensors.torch.load_file(str(weights))
+    ours = pruned.denoiser.state_dict()
+    assert plain.keys() == ours.keys()
+    for name, tensor in ours.items():
+        assert torch.equal(plain[name], tensor), name
+    expected = generate(pruned.pipeline, kwargs)
+    torch.testing.assert_close(
+        safetensors.torch.load_file(str(latents))["latents"], expected, rtol=1e-4, atol=1e-5
+    )
+
+    # the card: the Hub's front matter and the run's figures
+    front = card.split("---")[1]
+    assert "library_name: diffusers" in front and "pipeline_tag: text-to-image" in front
+    assert all(tag in front for tag in ("pruning", "obs-diff", "sparsity"))
+    record = RunRecord.read(run_dir)
+    assert record.prune is not None
+    assert f"{record.prune.params_before:,}" in card and f"{record.prune.tflops_after:.4g}" in card
+    assert f"{record.prune.target_nonzero:,}" in card
+    assert f"python -m {app} " in card and "| timestep weighting | log_decrease |" in card
+    for key, value in record.overrides.items():
+        assert f"{key}={value}" in card
+    if record.eval is not None:
+        assert f"Evaluation set `{record.eval.set}`: {record.eval.num_images} images" in card
+        numbers = {k: v for k, v in record.eval.metrics.items() if isinstance(v, float)}
+        assert numbers
+        for value in numbers.values():
+            assert f"{value:.4g}" in card
+    else:
+        assert "Not evaluated in this run" in card
+    if "model=toy" in overrides:  # saved without T5: plain diffusers must be told
+        assert "text_encoder_3=None, tokenizer_3=None" in card
+
+
+def test_structured_export_reloads_with_identical_outputs(
+    tmp_path: Path, runs: dict[str, Path]
+) -> None:
+    run_dir = runs["tiny structured"]
+    out = obsdiff.export(run_dir, tmp_path / "exported")
+    card = (out / "README.md").read_text()
+    assert "library_name: obsdiff" in card and "obsdiff.load_pruned" in card_code(card)
+    original, exported = obsdiff.load_pruned(run_dir), obsdiff.load_pruned(out)
+    a, b = original.denoiser.state_dict(), exported.denoiser.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(t.numel() for t in b.values()) < sum(
+        t.numel() for t in original.adapter.denoiser(original.adapter.load()).state_dict().values()
+    )
+    kwargs = original.adapter.call_kwargs()
+    kwargs.pop("negative_prompt", None)
+    assert torch.equal(generate(original.pipeline, kwargs), generate(exported.pipeline, kwargs))
+
+
+def test_reference_export_holds_the_denoiser_alone(tmp_path: Path, runs: dict[str, Path]) -> None:
+    run_dir = runs["toy 2:4"]
+    out = obsdiff.export(run_dir, tmp_path / "exported", components="reference")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "transformer"]
+    code = card_code((out / "README.md").read_text())
+    assert 'subfolder="transformer"' in code and "transformer=transformer" in code
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)  # the card's code, as a user would paste it
+    pruned = obsdiff.load_pruned(run_dir)
+    loaded = namespace["pipe"].transformer.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in pruned.denoiser.state_dict().items())
+
+
+def test_bad_inputs_are_refused_before_anything_is_written(
+    tmp_path: Path, runs: dict[str, Path]
+) -> None:
+    run_dir = runs["tiny 2:4 wanda"]
+    out = tmp_path / "exported"
+    with pytest.raises(ExportError, match="is not a directory"):
+        check_export(tmp_path / "nowhere", out)
+    with pytest.raises(ExportError, match="not the run directory of a finished prune"):
+        check_export(tmp_path, out)
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    for name in ("manifest.json", "results.json"):
+        (weightless / name).write_bytes((run_dir / name).read_bytes())
+    with pytest.raises(ExportError, match="holds no denoiser.safetensors"):
+        check_export(weightless, out)
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not empty; choose another, or pass --overwrite"):
+        check_export(run_dir, out)
+    with pytest.raises(ExportError, match="components='copy'"):
+        check_export(run_dir, tmp_path / "other", components="reference")  # tiny: built in code
+    with pytest.raises(ExportError, match="<owner>/<name>"):
+        check_export(run_dir, tmp_path / "other", repo_id="no-owner")
+    assert not (tmp_path / "other").exists()
+
+    # the CLI: one message, exit code 2, nothing written
+    result = run_app("obsdiff.export", str(run_dir), str(out))
+    assert result.returncode == 2
+    assert "not empty; choose another, or pass --overwrite" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert not list(tmp_path.glob(".*partial*"))
+
+    # --overwrite replaces it once the new export is complete
+    result = run_app("obsdiff.export", str(run_dir), str(out), "--overwrite")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (out / "mine.txt").exists() and (out / "model_index.json").is_file()
+    assert "Exported with `python -m obsdiff.export" in (out / "README.md").read_text()
+
+
+class FakeHub:
+    """Records the calls `upload` makes; sends nothing."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def create_repo(self, repo_id: str, **kwargs: Any) -> None:
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self, **kwargs: Any) -> str:
+        self.calls.append(("upload_folder", kwargs))
+        return "https://huggingface.co/me/model/commit/0"
+
+
+def test_push_to_hub_forms_the_upload_and_sends_nothing(
+    tmp_path: Path, runs: dict[str, Path]
+) -> None:
+    run_dir = runs["tiny 2:4 wanda"]
+    out = obsdiff.export(run_dir, tmp_path / "exported")
+    hub = FakeHub()
+    url = upload(out, "me/tiny-sd3-obsdiff", private=True, api=hub)
+    assert url.startswith("https://huggingface.co/me/model")
+    (create, created), (upload_call, uploaded) = hub.calls
+    assert create == "create_repo" and created["repo_id"] == "me/tiny-sd3-obsdiff"
+    assert created["private"] is True and created["exist_ok"] is True
+    assert upload_call == "upload_folder" and uploaded["folder_path"] == str(out)
+    assert uploaded["repo_id"] == "me/tiny-sd3-obsdiff" and uploaded["repo_type"] == "model"
+    folder = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"README.md", "model_index.json"} <= folder
+    assert any(name.startswith("transformer/") and name.endswith(".safetensors") for name in folder)
+
+    # offline, the CLI exports, then says the upload failed and how to retry it
+    result = run_app(
+        "obsdiff.export", str(run_dir), str(tmp_path / "again"), "--push-to-hub", "me/x",
+        env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_test_not_a_token"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "the export is complete in" in result.stderr
+    assert "huggingface-cli upload" in result.stderr
+    assert (tmp_path / "again" / "model_index.json").is_file()
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert 'DiffusionPipeline.from_pretrained("me/x")' in card_code(card)  # where it will be
