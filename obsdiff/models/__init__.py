@@ -7,10 +7,10 @@ from obsdiff.models.flux import FluxAdapter
 from obsdiff.models.loading import ModelConfigError, ModelLoadError
 from obsdiff.models.sampling import SamplingDefaults
 from obsdiff.models.sd3 import SD3Adapter
-from obsdiff.models.sdxl import SDXLAdapter
+from obsdiff.models.unet import SDXLAdapter, UNetAdapter
 
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (SD3Adapter, FluxAdapter, SDXLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (SD3Adapter, FluxAdapter, UNetAdapter)
 
 
 def adapter_for(
@@ -38,5 +38,6 @@ __all__ = [
     "ModelLoadError",
     "SD3Adapter",
     "SDXLAdapter",
+    "UNetAdapter",
     "SamplingDefaults",
 ]

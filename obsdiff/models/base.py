@@ -340,6 +340,11 @@ class ModelAdapter(ABC):
         s = sampling or self.sampling
         return s.guidance_scale > 1.0
 
+    def denoising_steps(self, pipe: DiffusionPipeline) -> int:
+        """Denoiser steps of one trajectory (each step's calls share its timestep weight):
+        `num_inference_steps`, unless the scheduler takes more (PNDM's PLMS: one more)."""
+        return self.sampling.num_inference_steps
+
     def cfg_mode(self, sampling: SamplingDefaults | None = None) -> str:
         """How the unconditional branch reaches the denoiser: `doubled_batch` ([uncond, cond] in
         one call, SD3 and SDXL), `separate_calls` (cond call, then uncond call: Flux true CFG)

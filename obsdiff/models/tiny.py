@@ -20,8 +20,10 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    PNDMScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -239,5 +241,45 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         tokenizer=char_clip_tokenizer(),
         text_encoder_2=tiny_clip_text_encoder(with_projection=True),
         tokenizer_2=char_clip_tokenizer(),
+    )
+    return set_eval_mode(pipe)
+
+
+def tiny_sd_pipeline(seed: int = 0, linear_projection: bool = True) -> StableDiffusionPipeline:
+    """SD 2.1 (`linear_projection`: linear `proj_in`/`proj_out`) or SD 1.5 (1x1 convolutions)
+    in miniature: a two-level UNet whose cross-attention levels hold 1 and 2
+    BasicTransformerBlocks (GEGLU FFNs), one CLIP text encoder, the PNDM scheduler."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),  # diffusers' UNet name for the number of heads
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=linear_projection,
+        cross_attention_dim=TEXT_WIDTH,
+        norm_num_groups=4,
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(scaling_factor=0.18215, shift_factor=None, quant_conv=True),
+        text_encoder=tiny_clip_text_encoder(with_projection=False),
+        tokenizer=char_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     return set_eval_mode(pipe)

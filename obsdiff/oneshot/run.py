@@ -104,7 +104,7 @@ def prune_pipeline(
     packages, targets = plan_packages(job, denoiser)
     params_before = sum(p.numel() for p in denoiser.parameters())
     flops_before = pipeline_flops(pipe, denoiser, job.model.call_kwargs())
-    step_weights = job.weighting.weights(job.model.sampling.num_inference_steps)
+    step_weights = job.weighting.weights(job.model.denoising_steps(pipe))
     statistics_peak = peak_statistics_bytes(
         denoiser, packages, job.method, cached_first=job.statistics_cache is not None
     )

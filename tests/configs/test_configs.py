@@ -15,7 +15,8 @@ from obsdiff.models import SD3Adapter
 
 
 REAL_MODELS = {"sd3_medium", "sd35_medium", "sd35_large", "flux_dev", "flux_schnell", "sdxl_base"}
-TINY_MODELS = {"tiny_sd3", "tiny_sd35", "tiny_flux", "tiny_sdxl"}
+REAL_MODELS |= {"sd21_base", "sd15"}
+TINY_MODELS = {"tiny_sd3", "tiny_sd35", "tiny_flux", "tiny_sdxl", "tiny_sd21", "tiny_sd15"}
 TOY_MODEL = "toy"
 MODEL_CONFIGS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 

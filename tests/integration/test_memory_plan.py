@@ -90,6 +90,8 @@ def test_the_plan_is_what_the_run_allocates(
         ("sd3_medium", "transformer", 2_028_328_000),
         ("flux_dev", "transformer", 11_901_408_320),
         ("sdxl_base", "unet", 2_567_463_684),
+        ("sd21_base", "unet", 865_910_724),
+        ("sd15", "unet", 859_520_964),
         ("sd35_large", "text_encoder_3", 4_762_310_656),  # T5-XXL's encoder
     ],
 )

@@ -33,9 +33,12 @@ FAMILY_OVERRIDES = {
     # Flux-dev with real CFG: two denoiser calls per step, the unconditional one second
     "tiny_flux": ["model.sampling.true_cfg_scale=3.0", "model.sampling.negative_prompt=''"],
     "tiny_sdxl": [],
+    "tiny_sd21": [],
+    "tiny_sd15": [],
 }
 FAST = ["model.sampling.num_inference_steps=2", "packages=2", "calibration.num_prompts=2"]
 TINY = {"model": "tiny_sd3", "calibration": "tiny"}
+UNETS = {"tiny_sdxl", "tiny_sd21", "tiny_sd15"}  # every BasicTransformerBlock is pruned
 
 
 def _overridden(group: str, overrides: tuple[str, ...]) -> bool:
@@ -354,7 +357,7 @@ def test_structured_prune(family: str, method: str, compose_prune, tmp_path: Pat
     assert results.tflops_after < results.tflops_before
     blocks = adapter.blocks(base)
     pruned_blocks = {r["block"] for r in records}
-    if family != "tiny_sdxl":  # first and last blocks are kept (the paper's parameter counts)
+    if family not in UNETS:  # first and last blocks are kept (the paper's parameter counts)
         assert blocks[0][0] not in pruned_blocks and blocks[-1][0] not in pruned_blocks
     images = generate(pipe, adapter, ["a red circle"], seed=0, batch_size=1, output_type="latent")
     assert torch.isfinite(images[0]).all()

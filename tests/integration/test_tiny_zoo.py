@@ -13,14 +13,17 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.normalization import RMSNorm
 from PIL import Image
 
+from obsdiff.calibration.hooks import StepTracker
 from obsdiff.models import (
     FluxAdapter,
     ModelAdapter,
     ModelLoadError,
     SD3Adapter,
     SDXLAdapter,
+    UNetAdapter,
 )
 from obsdiff.utils.memory import is_allocator_aligned
+from obsdiff.utils.seeds import image_generators
 
 
 pytestmark = pytest.mark.integration
@@ -67,6 +70,18 @@ ZOO: dict[str, tuple[type[ModelAdapter], dict[str, Any], int, int]] = {
     "tiny_sdxl": (
         SDXLAdapter,
         {"tiny": "sdxl", "sampling": {**SAMPLING, "guidance_scale": 5.0}},
+        1,
+        4,
+    ),
+    "tiny_sd21": (
+        UNetAdapter,
+        {"tiny": "sd21", "sampling": {**SAMPLING, "guidance_scale": 5.0}},
+        1,
+        4,
+    ),
+    "tiny_sd15": (
+        UNetAdapter,
+        {"tiny": "sd15", "sampling": {**SAMPLING, "guidance_scale": 5.0}},
         1,
         4,
     ),
@@ -159,6 +174,37 @@ def test_sdxl_has_text_time_linear_projections_and_geglu() -> None:
     assert projections and all(isinstance(p, torch.nn.Linear) for p in projections)
 
 
+@pytest.mark.parametrize(("name", "projection"), [("tiny_sd21", "Linear"), ("tiny_sd15", "Conv2d")])
+def test_sd15_and_sd21_differ_in_their_projections_only(name: str, projection: str) -> None:
+    """One CLIP encoder, no added conditioning, PNDM; SD 2.1 projects with linears, SD 1.5 with
+    1x1 convolutions (not pruned); the pruned linears and head groups are SDXL's."""
+    adapter = make_adapter(name)
+    pipe = adapter.load()
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.safety_checker is None
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    unet = pipe.unet
+    assert unet.config.addition_embed_type is None
+    projections = [m.proj_in for m in unet.modules() if hasattr(m, "proj_in")]
+    assert projections and all(type(p).__name__ == projection for p in projections)
+    blocks = adapter.blocks(unet)
+    assert len(blocks) == 11 and all(type(b.ff.net[0]).__name__ == "GEGLU" for _, b in blocks)
+    units = adapter.block_units(blocks[0][1])
+    assert units[2] == (("attn2.to_q",), ("attn2.to_k", "attn2.to_v"))  # image stream, text
+    heads, neurons = adapter.structured_groups(blocks[0][1])
+    assert [g.attention for g in heads] == ["attn1", "attn2"] and len(neurons) == 1
+
+    # PNDM (PLMS) takes one step more than asked: calibration weights each step on its own
+    steps = adapter.denoising_steps(pipe)
+    assert steps == adapter.sampling.num_inference_steps + 1
+    tracker, seen = StepTracker(), []
+    handle = unet.register_forward_pre_hook(lambda module, args: seen.append(tracker.step))
+    embeddings = adapter.encode_prompts(pipe, ["a red circle"], torch.device("cpu"))
+    with torch.inference_mode():
+        adapter.calibration_call(pipe, embeddings, image_generators(0, 0, 1), tracker.on_step_end)
+    handle.remove()
+    assert seen == list(range(steps))  # the step index of each call: a weight of its own
+
+
 def test_generation_with_cfg_latent_and_pil(zoo_name: str) -> None:
     _, _, calls_per_step, batch_per_call = ZOO[zoo_name]
     adapter = make_adapter(zoo_name)
@@ -176,6 +222,8 @@ def test_generation_with_cfg_latent_and_pil(zoo_name: str) -> None:
     finally:
         handle.remove()
     steps = SAMPLING["num_inference_steps"]
+    if type(pipe.scheduler).__name__ == "PNDMScheduler":  # PLMS repeats its second timestep
+        steps += 1
     assert seen == [batch_per_call] * (calls_per_step * steps)
     expected = (
         (2, 256, 16) if adapter.family == "flux" else (2, 4, 32, 32)

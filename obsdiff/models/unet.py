@@ -1,7 +1,15 @@
-"""SDXL family: `UNet2DConditionModel` with `text_time` added conditioning in a
-`StableDiffusionXLPipeline`. CFG runs as one doubled batch `[uncond, cond]` per step."""
+"""The UNet family: `UNet2DConditionModel` denoisers of SDXL (`StableDiffusionXLPipeline`, two
+CLIP text encoders and `text_time` added conditioning), SD 2.1 and SD 1.5
+(`StableDiffusionPipeline`, one CLIP text encoder: OpenCLIP-H of width 1024 with linear
+`proj_in`/`proj_out`, or CLIP-L of width 768 with convolutional 1x1 ones). What differs between
+them is data (text encoders, added conditioning), not structure: the same target linears in
+every BasicTransformerBlock (attn1, attn2, the GEGLU FFN), the same head and neuron groups;
+`proj_in`/`proj_out`, convolutions, time and added embeddings are not pruned. CFG runs as one
+doubled batch `[uncond, cond]`."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -34,14 +42,31 @@ SDXL_UNITS: list[list[InputNames]] = [
 ]
 
 
-class SDXLAdapter(ModelAdapter):
-    family = "sdxl"
-    pipeline_classes = ("StableDiffusionXLPipeline",)
+class UNetAdapter(ModelAdapter):
+    family = "unet"
+    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionPipeline")
     denoiser_attr = "unet"
-    tiny_variants = ("sdxl",)
+    tiny_variants = ("sdxl", "sd21", "sd15")
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
-        return tiny.tiny_sdxl_pipeline(seed=seed)
+        if variant == "sdxl":
+            return tiny.tiny_sdxl_pipeline(seed=seed)
+        return tiny.tiny_sd_pipeline(seed=seed, linear_projection=variant == "sd21")
+
+    def denoising_steps(self, pipe: DiffusionPipeline) -> int:
+        """The scheduler's timesteps for `num_inference_steps`: SD 1.5 and 2.1's PNDM (PLMS)
+        repeats its second timestep, one denoiser step more, weighted on its own."""
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(self.sampling.num_inference_steps)
+        return len(scheduler.timesteps)
+
+    def _from_pretrained_kwargs(self) -> dict[str, Any]:
+        """SD 1.5 and 2.1 checkpoints: without the safety checker (it would blank images the
+        evaluation scores; calibration never decodes)."""
+        if self._pipeline_index().get("_class_name") == "StableDiffusionPipeline":
+            return {"safety_checker": None, "feature_extractor": None,
+                    "requires_safety_checker": False}  # fmt: skip
+        return {}
 
     def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
         """Every BasicTransformerBlock in forward order: down blocks, mid block, up blocks."""
@@ -78,6 +103,16 @@ class SDXLAdapter(ModelAdapter):
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device
     ) -> dict[str, torch.Tensor]:
         cfg = self.uses_cfg()
+        if type(pipe).__name__ == "StableDiffusionPipeline":  # one encoder, nothing pooled
+            embeds, negative = pipe.encode_prompt(
+                prompt=prompts,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=cfg,
+                negative_prompt=self.sampling.negative_prompt,
+            )
+            out = {"prompt_embeds": embeds}
+            return out | ({"negative_prompt_embeds": negative} if cfg else {})
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt=prompts,
             device=device,
@@ -87,3 +122,6 @@ class SDXLAdapter(ModelAdapter):
         if not cfg:
             return embedding_kwargs(embeds, pooled)
         return embedding_kwargs(embeds, pooled, negative, negative_pooled)
+
+
+SDXLAdapter = UNetAdapter  # its first name: the configs and saved runs of SDXL name it
