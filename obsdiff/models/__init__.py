@@ -5,12 +5,13 @@ from typing import Any
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.flux import FluxAdapter
 from obsdiff.models.loading import ModelConfigError, ModelLoadError
+from obsdiff.models.pixart import PixArtAdapter
 from obsdiff.models.sampling import SamplingDefaults
 from obsdiff.models.sd3 import SD3Adapter
 from obsdiff.models.unet import SDXLAdapter, UNetAdapter
 
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (SD3Adapter, FluxAdapter, UNetAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (SD3Adapter, FluxAdapter, UNetAdapter, PixArtAdapter)
 
 
 def adapter_for(
@@ -36,6 +37,7 @@ __all__ = [
     "ModelAdapter",
     "ModelConfigError",
     "ModelLoadError",
+    "PixArtAdapter",
     "SD3Adapter",
     "SDXLAdapter",
     "UNetAdapter",

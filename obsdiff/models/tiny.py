@@ -16,10 +16,13 @@ import tokenizers
 import torch
 from diffusers import (
     AutoencoderKL,
+    DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
     PNDMScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
@@ -281,5 +284,35 @@ def tiny_sd_pipeline(seed: int = 0, linear_projection: bool = True) -> StableDif
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    return set_eval_mode(pipe)
+
+
+def tiny_pixart_pipeline(seed: int = 0) -> PixArtSigmaPipeline:
+    """PixArt-Sigma in miniature: 2 cross-attention DiT blocks of 2 heads x 8 with adaLN-single,
+    a GELU FFN, a tiny T5 encoder, the DPM-Solver++ scheduler."""
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,  # the learned variance, as the real model
+        num_layers=2,
+        cross_attention_dim=16,
+        caption_channels=TEXT_WIDTH,
+        sample_size=32,
+        patch_size=2,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        use_additional_conditions=False,
+        interpolation_scale=1,
+    )
+    pipe = PixArtSigmaPipeline(
+        tokenizer=char_t5_tokenizer(),
+        text_encoder=tiny_t5_encoder(TEXT_WIDTH),
+        vae=tiny_vae(scaling_factor=0.13025, shift_factor=None, quant_conv=True),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
     )
     return set_eval_mode(pipe)

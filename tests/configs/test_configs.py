@@ -15,8 +15,9 @@ from obsdiff.models import SD3Adapter
 
 
 REAL_MODELS = {"sd3_medium", "sd35_medium", "sd35_large", "flux_dev", "flux_schnell", "sdxl_base"}
-REAL_MODELS |= {"sd21_base", "sd15"}
+REAL_MODELS |= {"sd21_base", "sd15", "pixart_sigma"}
 TINY_MODELS = {"tiny_sd3", "tiny_sd35", "tiny_flux", "tiny_sdxl", "tiny_sd21", "tiny_sd15"}
+TINY_MODELS |= {"tiny_pixart"}
 TOY_MODEL = "toy"
 MODEL_CONFIGS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
@@ -43,7 +44,9 @@ def test_model_config_instantiates(name: str, compose_sample) -> None:  # type: 
     assert adapter.name == name
     if name in REAL_MODELS:
         assert adapter.pretrained and adapter.tiny is None
-        assert (adapter.sampling.height, adapter.sampling.width) == (512, 512)  # paper, App. B
+        # paper, App. B; PixArt-Sigma's released pipeline is its 1024 model (not in the paper)
+        side = 1024 if name == "pixart_sigma" else 512
+        assert (adapter.sampling.height, adapter.sampling.width) == (side, side)
         assert adapter.dtype in ("float16", "bfloat16")
     elif name == TOY_MODEL:  # the committed pipeline directory, loaded like a checkpoint
         assert (

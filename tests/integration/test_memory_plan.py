@@ -5,6 +5,7 @@ plan_only."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ import obsdiff
 from obsdiff.app.config import CONF_DIR, ConfigError
 from obsdiff.app.settings import build_prune_job
 from obsdiff.calibration import sequential
+from obsdiff.models import ModelLoadError
 from obsdiff.models.base import adapter_from_config
 from obsdiff.oneshot.job import JobError
 from obsdiff.oneshot.plan import choose_packages, memory_plan, module_bytes
@@ -92,6 +94,7 @@ def test_the_plan_is_what_the_run_allocates(
         ("sdxl_base", "unet", 2_567_463_684),
         ("sd21_base", "unet", 865_910_724),
         ("sd15", "unet", 859_520_964),
+        ("pixart_sigma", "transformer", 610_856_096),  # "0.6 B"
         ("sd35_large", "text_encoder_3", 4_762_310_656),  # T5-XXL's encoder
     ],
 )
@@ -163,3 +166,14 @@ def test_plan_only_prints_the_plan_and_leaves_nothing(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert obsdiff.memory_plan("sdxl_base", packages=2).table() in result.stdout
     assert not any(p.is_file() for p in (tmp_path / "run").rglob("*"))
+
+
+@pytest.mark.parametrize("model", ["sd21_base", "sd15", "pixart_sigma"])
+def test_new_real_models_fail_offline_with_one_clear_message(model: str) -> None:
+    """Here (no hub) the checkpoint cannot be reached: one error naming it and the fix, while
+    the shipped configs still give the plan."""
+    adapter = obsdiff.api.model_from_config(model)
+    assert adapter.pretrained is not None
+    with pytest.raises(ModelLoadError, match=f"hf download {re.escape(adapter.pretrained)}"):
+        adapter.check_source()
+    assert obsdiff.memory_plan(model, packages=4).predicted_peak_bytes > 0

@@ -35,10 +35,11 @@ FAMILY_OVERRIDES = {
     "tiny_sdxl": [],
     "tiny_sd21": [],
     "tiny_sd15": [],
+    "tiny_pixart": [],
 }
 FAST = ["model.sampling.num_inference_steps=2", "packages=2", "calibration.num_prompts=2"]
 TINY = {"model": "tiny_sd3", "calibration": "tiny"}
-UNETS = {"tiny_sdxl", "tiny_sd21", "tiny_sd15"}  # every BasicTransformerBlock is pruned
+UNETS = {"tiny_sdxl", "tiny_sd21", "tiny_sd15", "tiny_pixart"}  # every block is pruned
 
 
 def _overridden(group: str, overrides: tuple[str, ...]) -> bool:

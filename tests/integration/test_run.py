@@ -192,6 +192,7 @@ def test_reproduce_prints_one_sweep_and_report_per_recipe() -> None:
     )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("$ ")]
-    assert len(lines) == 6  # three Table 1 models, each a sweep then a report
+    assert len(lines) == 8  # four Table 1 models, each a sweep then a report
     assert all("hydra/launcher=slurm" in line for line in lines[::2])
     assert "+experiment=table1_flux_dev" in lines[0]
+    assert "+experiment=table1_sd21_base" in lines[2]  # SD 2.1-base: OBS-Diff and baselines

@@ -18,6 +18,7 @@ from obsdiff.models import (
     FluxAdapter,
     ModelAdapter,
     ModelLoadError,
+    PixArtAdapter,
     SD3Adapter,
     SDXLAdapter,
     UNetAdapter,
@@ -82,6 +83,12 @@ ZOO: dict[str, tuple[type[ModelAdapter], dict[str, Any], int, int]] = {
     "tiny_sd15": (
         UNetAdapter,
         {"tiny": "sd15", "sampling": {**SAMPLING, "guidance_scale": 5.0}},
+        1,
+        4,
+    ),
+    "tiny_pixart": (
+        PixArtAdapter,
+        {"tiny": "sigma", "sampling": {**SAMPLING, "guidance_scale": 4.5}},
         1,
         4,
     ),
@@ -203,6 +210,26 @@ def test_sd15_and_sd21_differ_in_their_projections_only(name: str, projection: s
         adapter.calibration_call(pipe, embeddings, image_generators(0, 0, 1), tracker.on_step_end)
     handle.remove()
     assert seen == list(range(steps))  # the step index of each call: a weight of its own
+
+
+def test_pixart_is_a_cross_attention_dit() -> None:
+    """Self-attention, cross-attention to T5 (q from the image tokens, k/v from the text: two
+    input groups, two Hessians), a GELU FFN; adaLN-single and the caption projection kept out."""
+    adapter = make_adapter("tiny_pixart")
+    transformer = adapter.load().transformer
+    assert transformer.config.norm_type == "ada_norm_single"
+    blocks = adapter.blocks(transformer)
+    assert len(blocks) == 2
+    block = blocks[0][1]
+    assert type(block.ff.net[0]).__name__ == "GELU"
+    units = adapter.block_units(block)
+    assert units[2] == (("attn2.to_q",), ("attn2.to_k", "attn2.to_v"))
+    targets = {n for unit in units for group in unit for n in group}
+    assert not any("adaln" in n or "scale_shift" in n or "caption" in n for n in targets)
+    assert block.attn2.to_k.in_features == transformer.config.cross_attention_dim
+    heads, neurons = adapter.structured_groups(block)
+    assert [g.attention for g in heads] == ["attn1", "attn2"]
+    assert len(neurons) == 1 and len(neurons[0].producers) == 1  # not gated
 
 
 def test_generation_with_cfg_latent_and_pil(zoo_name: str) -> None:
