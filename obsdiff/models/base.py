@@ -394,6 +394,13 @@ class ModelAdapter(ABC):
         """Prompt embeddings (and the negative ones when CFG is on) as pipeline keyword arguments,
         computed once and reused by every calibration pass."""
 
+    def calibration_kwargs(self) -> dict[str, Any]:
+        """`call_kwargs` for a call with precomputed embeddings (which carry the negative
+        prompt)."""
+        kwargs = self.call_kwargs()
+        kwargs.pop("negative_prompt", None)
+        return kwargs
+
     def calibration_call(
         self,
         pipe: DiffusionPipeline,
@@ -402,11 +409,9 @@ class ModelAdapter(ABC):
         on_step_end: Callable[..., dict[str, Any]],
     ) -> Any:
         """One denoising trajectory to latents (no VAE decode), `on_step_end` after each step."""
-        kwargs = self.call_kwargs()
-        kwargs.pop("negative_prompt", None)  # the embeddings carry it
         return pipe(
             **embeddings,
-            **kwargs,
+            **self.calibration_kwargs(),
             generator=generators,
             output_type="latent",
             callback_on_step_end=on_step_end,

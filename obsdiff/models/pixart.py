@@ -11,7 +11,6 @@ one doubled batch `[uncond, cond]` per step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,23 +22,11 @@ from obsdiff.models.base import ModelAdapter
 from obsdiff.models.sampling import SamplingDefaults
 from obsdiff.models.structure import (
     HeadGroup,
-    InputNames,
     NeuronGroup,
     Unit,
-    ffn_group,
-    head_group,
-    present_groups,
+    basic_block_groups,
+    basic_block_units,
 )
-
-
-PIXART_UNITS: list[list[InputNames]] = [
-    [("attn1.to_q", "attn1.to_k", "attn1.to_v")],
-    [("attn1.to_out.0",)],
-    [("attn2.to_q",), ("attn2.to_k", "attn2.to_v")],  # image tokens; text states
-    [("attn2.to_out.0",)],
-    [("ff.net.0.proj",)],
-    [("ff.net.2",)],
-]
 
 
 class PixArtAdapter(ModelAdapter):
@@ -56,19 +43,11 @@ class PixArtAdapter(ModelAdapter):
         return [(f"transformer_blocks.{i}", b) for i, b in enumerate(blocks)]
 
     def block_units(self, block: nn.Module) -> list[Unit]:
-        units = [present_groups(block, groups) for groups in PIXART_UNITS]
-        return [unit for unit in units if unit]
+        return basic_block_units(block)
 
     def structured_groups(self, block: nn.Module) -> tuple[list[HeadGroup], list[NeuronGroup]]:
-        """Self- and cross-attention heads (cross-attention k/v rows included) and the GELU FFN
-        (not gated)."""
-        heads = head_group(
-            block, "attn1", ["attn1.to_q", "attn1.to_k", "attn1.to_v"], ["attn1.to_out.0"]
-        )
-        heads += head_group(
-            block, "attn2", ["attn2.to_q", "attn2.to_k", "attn2.to_v"], ["attn2.to_out.0"]
-        )
-        return heads, ffn_group(block, "ff.net.0.proj", "ff.net.2")
+        """Self- and cross-attention heads and the GELU FFN's neurons (not gated)."""
+        return basic_block_groups(block, gated=False)
 
     def default_blocks(self, num_blocks: int, structured: bool) -> tuple[int, int]:
         """Every block (no published pruned counts to match)."""
@@ -93,24 +72,10 @@ class PixArtAdapter(ModelAdapter):
             }
         return out
 
-    def calibration_call(
-        self,
-        pipe: DiffusionPipeline,
-        embeddings: dict[str, torch.Tensor],
-        generators: list[torch.Generator],
-        on_step_end: Callable[..., dict[str, Any]],
-    ) -> Any:
-        """As the base; the pipeline's default negative prompt ("") would clash with the
-        precomputed negative embeddings, so it is None here."""
-        kwargs = self.call_kwargs()
-        kwargs["negative_prompt"] = None
-        return pipe(
-            **embeddings,
-            **kwargs,
-            generator=generators,
-            output_type="latent",
-            callback_on_step_end=on_step_end,
-        )
+    def calibration_kwargs(self) -> dict[str, Any]:
+        """The pipeline's default negative prompt ("") would clash with the precomputed
+        negative embeddings: None here."""
+        return super().calibration_kwargs() | {"negative_prompt": None}
 
     def call_kwargs(self, sampling: SamplingDefaults | None = None) -> dict[str, Any]:
         """As the base, without resolution binning (the sizes asked are the sizes made) and

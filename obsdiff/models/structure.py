@@ -85,3 +85,33 @@ def is_linear(block: nn.Module, name: str) -> bool:
         return isinstance(block.get_submodule(name), nn.Linear)
     except AttributeError:
         return False
+
+
+# A diffusers BasicTransformerBlock (the UNets' and PixArt's): self-attention, cross-attention
+# (to_q reads the image tokens, to_k and to_v the text states: parallel), the FFN.
+BASIC_BLOCK_UNITS: list[list[InputNames]] = [
+    [("attn1.to_q", "attn1.to_k", "attn1.to_v")],
+    [("attn1.to_out.0",)],
+    [("attn2.to_q",), ("attn2.to_k", "attn2.to_v")],
+    [("attn2.to_out.0",)],
+    [("ff.net.0.proj",)],
+    [("ff.net.2",)],
+]
+
+
+def basic_block_units(block: nn.Module) -> list[Unit]:
+    """The basic units a BasicTransformerBlock holds."""
+    units = [present_groups(block, groups) for groups in BASIC_BLOCK_UNITS]
+    return [unit for unit in units if unit]
+
+
+def basic_block_groups(block: nn.Module, gated: bool) -> tuple[list[HeadGroup], list[NeuronGroup]]:
+    """Self- and cross-attention heads (cross-attention k/v rows included) and the FFN's
+    neurons (`gated`: GEGLU, value and gate halves of one projection kept together)."""
+    heads = head_group(
+        block, "attn1", ["attn1.to_q", "attn1.to_k", "attn1.to_v"], ["attn1.to_out.0"]
+    )
+    heads += head_group(
+        block, "attn2", ["attn2.to_q", "attn2.to_k", "attn2.to_v"], ["attn2.to_out.0"]
+    )
+    return heads, ffn_group(block, "ff.net.0.proj", "ff.net.2", gated=gated)

@@ -207,27 +207,35 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True) -> FluxPipel
     return set_eval_mode(pipe)
 
 
-def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
-    """SDXL in miniature: a two-level UNet whose cross-attention level holds 1 and 2
-    BasicTransformerBlocks (linear projections, GEGLU FFNs) and `text_time` added conditioning."""
-    torch.manual_seed(seed)
-    time_embed_dim = 8
-    unet = UNet2DConditionModel(
+def tiny_unet(**family: Any) -> UNet2DConditionModel:
+    """A two-level UNet whose cross-attention levels hold 1 and 2 BasicTransformerBlocks;
+    `family`: the block types, projections and conditioning of SDXL, SD 2.1 or SD 1.5."""
+    return UNet2DConditionModel(
         sample_size=32,
         in_channels=4,
         out_channels=4,
         block_out_channels=(16, 32),
         layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),  # diffusers' UNet name for the number of heads
         transformer_layers_per_block=(1, 2),
+        norm_num_groups=4,
+        **family,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL in miniature: a two-level UNet whose cross-attention level holds 1 and 2
+    BasicTransformerBlocks (linear projections, GEGLU FFNs) and `text_time` added conditioning."""
+    torch.manual_seed(seed)
+    time_embed_dim = 8
+    unet = tiny_unet(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_embed_dim,
         projection_class_embeddings_input_dim=6 * time_embed_dim + TEXT_WIDTH,
         cross_attention_dim=2 * TEXT_WIDTH,  # both CLIP encoders' hidden states, concatenated
-        norm_num_groups=4,
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
@@ -253,19 +261,11 @@ def tiny_sd_pipeline(seed: int = 0, linear_projection: bool = True) -> StableDif
     in miniature: a two-level UNet whose cross-attention levels hold 1 and 2
     BasicTransformerBlocks (GEGLU FFNs), one CLIP text encoder, the PNDM scheduler."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
+    unet = tiny_unet(
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4),  # diffusers' UNet name for the number of heads
-        transformer_layers_per_block=(1, 2),
         use_linear_projection=linear_projection,
         cross_attention_dim=TEXT_WIDTH,
-        norm_num_groups=4,
     )
     scheduler = PNDMScheduler(
         beta_start=0.00085,

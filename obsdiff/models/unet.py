@@ -21,25 +21,11 @@ from obsdiff.models.base import ModelAdapter
 from obsdiff.models.sampling import embedding_kwargs
 from obsdiff.models.structure import (
     HeadGroup,
-    InputNames,
     NeuronGroup,
     Unit,
-    ffn_group,
-    head_group,
-    present_groups,
+    basic_block_groups,
+    basic_block_units,
 )
-
-
-# A BasicTransformerBlock: self-attention, cross-attention (to_q reads the image tokens, to_k and
-# to_v the text states: parallel), GEGLU FFN (one projection holds both halves).
-SDXL_UNITS: list[list[InputNames]] = [
-    [("attn1.to_q", "attn1.to_k", "attn1.to_v")],
-    [("attn1.to_out.0",)],
-    [("attn2.to_q",), ("attn2.to_k", "attn2.to_v")],
-    [("attn2.to_out.0",)],
-    [("ff.net.0.proj",)],
-    [("ff.net.2",)],
-]
 
 
 class UNetAdapter(ModelAdapter):
@@ -81,19 +67,11 @@ class UNetAdapter(ModelAdapter):
         return found
 
     def block_units(self, block: nn.Module) -> list[Unit]:
-        units = [present_groups(block, groups) for groups in SDXL_UNITS]
-        return [unit for unit in units if unit]
+        return basic_block_units(block)
 
     def structured_groups(self, block: nn.Module) -> tuple[list[HeadGroup], list[NeuronGroup]]:
-        """Self- and cross-attention heads (cross-attention k/v rows included) and the GEGLU FFN
-        (value and gate halves of one projection kept together)."""
-        heads = head_group(
-            block, "attn1", ["attn1.to_q", "attn1.to_k", "attn1.to_v"], ["attn1.to_out.0"]
-        )
-        heads += head_group(
-            block, "attn2", ["attn2.to_q", "attn2.to_k", "attn2.to_v"], ["attn2.to_out.0"]
-        )
-        return heads, ffn_group(block, "ff.net.0.proj", "ff.net.2", gated=True)
+        """Self- and cross-attention heads and the GEGLU FFN's neurons."""
+        return basic_block_groups(block, gated=True)
 
     def default_blocks(self, num_blocks: int, structured: bool) -> tuple[int, int]:
         """Every BasicTransformerBlock (the released SDXL checkpoints' parameter counts)."""
