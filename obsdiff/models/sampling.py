@@ -24,7 +24,7 @@ class SamplingDefaults:
 
     `negative_prompt` and `true_cfg_scale` matter only where the pipeline accepts them
     (`true_cfg_scale > 1` turns on real classifier-free guidance for Flux).
-    `max_sequence_length` caps the T5 prompt length (SD3 and Flux only).
+    `max_sequence_length` caps the T5 prompt length (SD3, Flux and PixArt only).
     """
 
     num_inference_steps: int = 28
