@@ -155,7 +155,7 @@ def memory_plan(
     **method_options: Any,
 ) -> MemoryPlan:
     """What pruning `model` will hold on its device (`MemoryPlan`: weights per component,
-    statistics per package, the widest solve, the predicted peak; `.table()` prints it), from
+    statistics per package, the costliest solve, the predicted peak; `.table()` prints it), from
     its architecture alone: no weights are loaded. `model`: a pipeline, an adapter, or the name
     of a model config (`conf/model/<name>.yaml`, e.g. "flux_dev": its config files ship with
     obsdiff). `packages="auto"` with `memory_budget` (GB) picks the fewest that fit."""

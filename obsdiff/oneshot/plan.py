@@ -138,7 +138,7 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
     per_package = package_statistics_bytes(denoiser, packages, job.method, cached_first)
     offload = job.placement.offload_statistics
     method = job.method
-    widest = 0
+    costliest = 0
     for index, package in enumerate(packages):
         shapes = []
         for unit in package:
@@ -155,7 +155,7 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
             group_bytes.append(size)
         structured = isinstance(job.target, Structured)
         units = [[i] for i in range(len(shapes))] if structured else method.solve_units(shapes)
-        widest = max([widest, *(sum(group_bytes[i] for i in unit) for unit in units)])
+        costliest = max([costliest, *(sum(group_bytes[i] for i in unit) for unit in units)])
     return MemoryPlan(
         model=job.model.name,
         dtype=job.model.dtype,
@@ -163,7 +163,7 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
         packages=len(packages),
         components={name: module_bytes(m) for name, m in components.items()},
         package_statistics=per_package,
-        solve_bytes=widest,
+        solve_bytes=costliest,
         denoiser=job.model.denoiser_attr,
         offload_statistics=offload and method.needs_calibration,
         offload_components=job.placement.offload_components,
