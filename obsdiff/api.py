@@ -46,7 +46,7 @@ from obsdiff.eval.image_reward import ImageReward
 from obsdiff.eval.tiny_backbones import RandomFeatures, tiny_clip
 from obsdiff.methods import METHODS, Granularity, PruningMethod
 from obsdiff.models import adapter_for
-from obsdiff.models.base import ModelAdapter, adapter_from_config
+from obsdiff.models.base import DATA_DIR, ModelAdapter, adapter_from_config
 from obsdiff.models.sampling import SamplingDefaults
 from obsdiff.oneshot.checkpoint import remove_checkpoint
 from obsdiff.oneshot.job import PruneJob, check_layout
@@ -79,7 +79,6 @@ TOY_DATASET = "toy_dataset"
 TOY_REFERENCE_SEED = 100_000  # the toy FID reference images: seeds unlike any generation's
 TOY_REFERENCE_REPEATS = 2  # reference images per evaluation prompt (less noise on that side)
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "model"
-DATA = Path(__file__).resolve().parent / "data"  # files shipped with obsdiff
 
 
 def prune(
@@ -186,7 +185,9 @@ def model_from_config(name: str) -> ModelAdapter:
     if not path.is_file():
         available = sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml"))
         raise ValueError(f"model={name!r}: no {path}; use one of {available}")
-    text = re.sub(r"\$\{obsdiff_data:([^}]*)\}", lambda m: str(DATA / m.group(1)), path.read_text())
+    text = re.sub(
+        r"\$\{obsdiff_data:([^}]*)\}", lambda m: str(DATA_DIR / m.group(1)), path.read_text()
+    )
     return adapter_from_config(yaml.safe_load(text))
 
 

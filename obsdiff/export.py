@@ -23,7 +23,6 @@ from obsdiff.artifacts.export import (
     COMPONENT_CHOICES,
     ExportError,
     UploadError,
-    check_export,
     export_pruned,
 )
 
@@ -50,15 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--private", action="store_true", help="a private Hub repo")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(name)s: %(message)s")
-    try:  # every check first: nothing is loaded or written for a bad input
-        check_export(
-            args.run_dir, args.out_dir, args.overwrite, args.components, repo_id=args.push_to_hub
-        )
-    except ExportError as err:
-        log.error("%s", err)
-        return EXIT_SETTING
     command = "python -m obsdiff.export " + shlex.join(sys.argv[1:] if argv is None else argv)
-    try:
+    try:  # every check comes first: nothing is loaded or written for a bad input
         export_pruned(
             args.run_dir,
             args.out_dir,
@@ -69,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             private=args.private,
             export_command=command,
         )
+    except ExportError as err:
+        log.error("%s", err)
+        return EXIT_SETTING
     except UploadError as err:
         log.error("%s", err)
         return 1

@@ -15,12 +15,11 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from obsdiff.models.base import ModelAdapter, adapter_from_config
+from obsdiff.models.base import DATA_DIR, ModelAdapter, adapter_from_config
 from obsdiff.models.loading import ModelConfigError
 
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 ALLOWED_TARGET_PREFIXES = ("obsdiff.",)
 
 T = TypeVar("T")

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 # the real models' `model_index.json` and component `config.json` files, shipped with obsdiff:
 # their architecture (for checks and the memory plan) without the hub or any weights
-ARCHITECTURES = Path(__file__).resolve().parents[1] / "data" / "architectures"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # files shipped with obsdiff
+ARCHITECTURES = DATA_DIR / "architectures"
 
 
 class ModelAdapter(ABC):
@@ -49,6 +50,7 @@ class ModelAdapter(ABC):
     pipeline_classes: ClassVar[tuple[str, ...]]  # accepted diffusers pipeline class names
     denoiser_attr: ClassVar[str]  # "transformer" or "unet"
     tiny_variants: ClassVar[tuple[str, ...]]  # recipes of `obsdiff.models.tiny`
+    takes_max_sequence_length: ClassVar[bool] = False  # its pipeline caps a T5 prompt
     ffn_modules: ClassVar[tuple[str, ...]] = ("ff", "ff_context")  # names of FFN submodules
 
     def __init__(
@@ -333,6 +335,8 @@ class ModelAdapter(ABC):
         }
         if s.negative_prompt is not None:
             kwargs["negative_prompt"] = s.negative_prompt
+        if self.takes_max_sequence_length and s.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = s.max_sequence_length
         return kwargs
 
     def uses_cfg(self, sampling: SamplingDefaults | None = None) -> bool:

@@ -52,6 +52,7 @@ class FluxAdapter(ModelAdapter):
     # single blocks: proj_mlp is the MLP's up-projection, proj_out reads [attention, MLP]
     ffn_modules = ("ff", "ff_context", "proj_mlp", "proj_out")
     tiny_variants = ("dev", "schnell")
+    takes_max_sequence_length = True
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
         return tiny.tiny_flux_pipeline(seed=seed, guidance_embeds=variant == "dev")
@@ -108,8 +109,6 @@ class FluxAdapter(ModelAdapter):
         kwargs = super().call_kwargs(s)
         if s.true_cfg_scale is not None:
             kwargs["true_cfg_scale"] = s.true_cfg_scale
-        if s.max_sequence_length is not None:
-            kwargs["max_sequence_length"] = s.max_sequence_length
         return kwargs
 
     def uses_cfg(self, sampling: SamplingDefaults | None = None) -> bool:

@@ -18,22 +18,17 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from obsdiff.models import tiny
-from obsdiff.models.base import ModelAdapter
+from obsdiff.models.basic_block import BasicBlockAdapter
 from obsdiff.models.sampling import SamplingDefaults
-from obsdiff.models.structure import (
-    HeadGroup,
-    NeuronGroup,
-    Unit,
-    basic_block_groups,
-    basic_block_units,
-)
 
 
-class PixArtAdapter(ModelAdapter):
+class PixArtAdapter(BasicBlockAdapter):
     family = "pixart"
     pipeline_classes = ("PixArtSigmaPipeline",)
+    gated_ffn = False  # GELU
     denoiser_attr = "transformer"
     tiny_variants = ("sigma",)
+    takes_max_sequence_length = True
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
         return tiny.tiny_pixart_pipeline(seed=seed)
@@ -41,17 +36,6 @@ class PixArtAdapter(ModelAdapter):
     def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
         blocks: nn.ModuleList = denoiser.transformer_blocks  # type: ignore[assignment]
         return [(f"transformer_blocks.{i}", b) for i, b in enumerate(blocks)]
-
-    def block_units(self, block: nn.Module) -> list[Unit]:
-        return basic_block_units(block)
-
-    def structured_groups(self, block: nn.Module) -> tuple[list[HeadGroup], list[NeuronGroup]]:
-        """Self- and cross-attention heads and the GELU FFN's neurons (not gated)."""
-        return basic_block_groups(block, gated=False)
-
-    def default_blocks(self, num_blocks: int, structured: bool) -> tuple[int, int]:
-        """Every block (no published pruned counts to match)."""
-        return (0, num_blocks)
 
     def encode_prompts(
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device
@@ -80,8 +64,7 @@ class PixArtAdapter(ModelAdapter):
     def call_kwargs(self, sampling: SamplingDefaults | None = None) -> dict[str, Any]:
         """As the base, without resolution binning (the sizes asked are the sizes made) and
         without caption cleaning (it needs BeautifulSoup and ftfy; prompts are used as given)."""
-        s = sampling or self.sampling
-        kwargs = super().call_kwargs(s) | {"use_resolution_binning": False, "clean_caption": False}
-        if s.max_sequence_length is not None:
-            kwargs["max_sequence_length"] = s.max_sequence_length
-        return kwargs
+        return super().call_kwargs(sampling) | {
+            "use_resolution_binning": False,
+            "clean_caption": False,
+        }

@@ -14,7 +14,7 @@ from torch import nn
 
 from obsdiff.models import tiny
 from obsdiff.models.base import ModelAdapter
-from obsdiff.models.sampling import SamplingDefaults, embedding_kwargs
+from obsdiff.models.sampling import embedding_kwargs
 from obsdiff.models.structure import (
     HeadGroup,
     InputNames,
@@ -45,6 +45,7 @@ class SD3Adapter(ModelAdapter):
     pipeline_classes = ("StableDiffusion3Pipeline",)
     denoiser_attr = "transformer"
     tiny_variants = ("sd3", "sd35")
+    takes_max_sequence_length = True
 
     def __init__(self, *args: Any, with_t5: bool = True, **kwargs: Any) -> None:
         """`with_t5=False` drops the T5 encoder (4.7 B parameters); SD3 then pads with zeros."""
@@ -97,10 +98,3 @@ class SD3Adapter(ModelAdapter):
         if not cfg:
             return embedding_kwargs(embeds, pooled)
         return embedding_kwargs(embeds, pooled, negative, negative_pooled)
-
-    def call_kwargs(self, sampling: SamplingDefaults | None = None) -> dict[str, Any]:
-        s = sampling or self.sampling
-        kwargs = super().call_kwargs(s)
-        if s.max_sequence_length is not None:
-            kwargs["max_sequence_length"] = s.max_sequence_length
-        return kwargs

@@ -17,20 +17,14 @@ from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
 from obsdiff.models import tiny
-from obsdiff.models.base import ModelAdapter
+from obsdiff.models.basic_block import BasicBlockAdapter
 from obsdiff.models.sampling import embedding_kwargs
-from obsdiff.models.structure import (
-    HeadGroup,
-    NeuronGroup,
-    Unit,
-    basic_block_groups,
-    basic_block_units,
-)
 
 
-class UNetAdapter(ModelAdapter):
+class UNetAdapter(BasicBlockAdapter):
     family = "unet"
     pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionPipeline")
+    gated_ffn = True  # GEGLU
     denoiser_attr = "unet"
     tiny_variants = ("sdxl", "sd21", "sd15")
 
@@ -65,17 +59,6 @@ class UNetAdapter(ModelAdapter):
                 if isinstance(sub, BasicTransformerBlock):
                     found.append((f"{part}.{name}", sub))
         return found
-
-    def block_units(self, block: nn.Module) -> list[Unit]:
-        return basic_block_units(block)
-
-    def structured_groups(self, block: nn.Module) -> tuple[list[HeadGroup], list[NeuronGroup]]:
-        """Self- and cross-attention heads and the GEGLU FFN's neurons."""
-        return basic_block_groups(block, gated=True)
-
-    def default_blocks(self, num_blocks: int, structured: bool) -> tuple[int, int]:
-        """Every BasicTransformerBlock (the released SDXL checkpoints' parameter counts)."""
-        return (0, num_blocks)
 
     def encode_prompts(
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device
