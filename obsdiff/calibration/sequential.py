@@ -142,12 +142,13 @@ def statistics_bytes(
     """Memory the package's statistics will take, from the layer shapes alone (`all_kinds`:
     the Hessian and the moments, as for a statistics cache entry)."""
     hessian, moments = method.needs_hessian or all_kinds, method.needs_moments or all_kinds
-    total = 0
-    for unit in package:
-        for group in unit.groups:
-            n = linear_at(denoiser, f"{unit.block_name}.{group[0]}").in_features
-            total += 4 * ((n * n if hessian else 0) + (3 * n if moments else 0))
-    return total
+    return sum(
+        InputStatistics.sum_bytes(
+            linear_at(denoiser, f"{unit.block_name}.{group[0]}").in_features, hessian, moments
+        )
+        for unit in package
+        for group in unit.groups
+    )
 
 
 def package_statistics_bytes(
@@ -210,7 +211,7 @@ def calibrate_and_prune(
     placement: Placement | None = None,
 ) -> LoopReport:
     """Run the loop from package `start_package` on: calibrate each package, then
-    `method.prune_package(package, target)`; `on_package_done(index, report)` follows it.
+    `solve_package(method, package, target)`; `on_package_done(index, report)` follows it.
 
     Data-parallel: `embeddings` hold this rank's prompts, the first of which is prompt number
     `first_prompt` of the whole set (its noise seed); the statistics are summed over the ranks

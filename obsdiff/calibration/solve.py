@@ -1,15 +1,20 @@
-"""The solve of one calibrated package, shared between data-parallel ranks (issue 14).
+"""The package driver: a calibrated package pruned work unit by work unit, in one process or
+shared between data-parallel ranks.
 
-Every rank holds the same all-reduced statistics and the same weights. Without sharding each
-rank would solve the whole package, the same work `world_size` times. Sharded, the package's
-work units (`PruningMethod.work_units`: the method's batches of input groups, or its blocks for
-structured pruning) are dealt to the ranks by their cost (about n^3 + rows n^2 per input group,
-longest first to the least loaded rank); each rank solves its own, then every unit's pruned
-weights are broadcast from the rank that solved it (structured: its new shapes first, then
-every tensor of the block), so every rank goes on with identical weights. A unit meets exactly
-the arithmetic it meets in one process (the same batches, on the same statistics), so the
-weights equal those of an unsharded solve bit for bit, given equal kernels on every rank
-(same device type and thread count).
+A package is cut into work units solved independently of each other (`work_units`): its blocks
+for structured pruning (each cut by `obsdiff.methods.structured.prune_structured` from the
+method's choice of heads and neurons), else the method's `solve_units` of its input groups
+(each pruned by the method's `prune_groups`). A unit's statistics are moved to its linears'
+device just before its solve (offloaded statistics: one unit on the device at a time).
+
+Shared between ranks (`shard=True` with several ranks): every rank holds the same all-reduced
+statistics and the same weights; the units are dealt by their cost (about n^3 + rows n^2 per
+input group, the costliest first to the least loaded rank), each rank solves its own, then every
+unit's pruned weights are broadcast from the rank that solved it (structured: its new shapes
+first, then every tensor of the block), so every rank goes on with identical weights. A unit
+meets exactly the arithmetic it meets in one process (the same batches, on the same
+statistics), so the weights equal those of an unsharded solve bit for bit, given equal kernels
+on every rank (same device type and thread count).
 """
 
 from __future__ import annotations
@@ -17,13 +22,38 @@ from __future__ import annotations
 import logging
 import time
 
-from obsdiff.methods.base import PruningMethod, package_order
+from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.package import Package, PruneRecord, Structured, Target
+from obsdiff.methods.structured import prune_structured
 from obsdiff.models.surgery import restore_shapes, shapes
 from obsdiff.runners.parallel import DataParallel
 
 
 log = logging.getLogger(__name__)
+
+
+def work_units(method: PruningMethod, package: Package, target: Target) -> list[Package]:
+    """The parts of `package` pruned independently of each other, in order: its blocks
+    (structured) or the method's `solve_units` of its input groups."""
+    if isinstance(target, Structured):
+        return [package.block_part(block) for block in package.blocks]
+    units = method.solve_units([group.shape for group in package.groups])
+    return [Package([package.groups[i] for i in unit]) for unit in units]
+
+
+def prune_unit(method: PruningMethod, unit: Package, target: Target) -> list[PruneRecord]:
+    """Prune one work unit in place, its statistics moved to its linears' device."""
+    unit = unit.local()
+    if isinstance(target, Structured):
+        return list(prune_structured(method, unit, target.sparsity))
+    return list(method.prune_groups(unit.groups, target))
+
+
+def package_order(package: Package, records: list[PruneRecord]) -> list[PruneRecord]:
+    """Layer records in the order of the package's linears (work units may batch them in
+    another); structured records keep their block order."""
+    position = {name: i for i, name in enumerate(n for g in package.groups for n in g.names)}
+    return sorted(records, key=lambda r: position.get(getattr(r, "name", ""), 0))
 
 
 def assign_units(costs: list[float], world_size: int) -> list[int]:
@@ -42,21 +72,23 @@ def solve_package(
     method: PruningMethod,
     package: Package,
     target: Target,
-    parallel: DataParallel,
+    parallel: DataParallel | None = None,
     shard: bool = True,
 ) -> list[PruneRecord]:
-    """Prune `package` in place on every rank; with several ranks and `shard`, each solves its
-    share of the work units and receives the others' results. Records in the package's order."""
+    """Prune `package` in place towards `target`, work unit by work unit (on every rank; with
+    several ranks and `shard`, each solves its share and receives the others'); one record per
+    linear (patterns) or per head and neuron group (structured), in the package's order."""
+    parallel = parallel or DataParallel()
+    units = work_units(method, package, target)
     if parallel.world_size == 1 or not shard:
-        return method.prune_package(package, target)
-    units = method.work_units(package, target)
+        return package_order(package, [r for u in units for r in prune_unit(method, u, target)])
     costs = [unit.cost() for unit in units]
     owners = assign_units(costs, parallel.world_size)
     started = time.perf_counter()
     solved: dict[int, list[PruneRecord]] = {}
     for index, (unit, owner) in enumerate(zip(units, owners, strict=True)):
         if owner == parallel.rank:
-            solved[index] = method.prune_unit(unit.local(), target)
+            solved[index] = prune_unit(method, unit, target)
     seconds = time.perf_counter() - started
     by_rank = parallel.all_gather_object((solved, seconds))
     total = max(sum(costs), 1e-30)

@@ -94,12 +94,6 @@ def paired_difference(
     return float(difference.mean()), mean_interval(difference, groups, settings)
 
 
-def group_members(groups: np.ndarray) -> list[np.ndarray]:
-    """The indices of each group's images. (groups,) arrays"""
-    n_groups = int(groups.max()) + 1 if groups.size else 0
-    return [np.flatnonzero(groups == g) for g in range(n_groups)]
-
-
 def set_statistic_interval(
     statistic: Callable[[np.ndarray], float],
     n_groups: int,

@@ -1,38 +1,37 @@
-"""The method contract: which statistics a method needs and how it prunes one package.
+"""The method contract: which statistics a method needs and how it prunes, nothing more.
 
-Every granularity goes through `prune_package(package, target)`, which cuts the package into
-work units solved independently of each other (`work_units`) and prunes one after the other: for
-a pattern target (unstructured, N:M) the method's `solve_units` of its input groups, each pruned
-by `prune_groups`; for a `Structured` target its blocks, each pruned by the structured driver
-(`obsdiff.methods.structured`) calling the method's `select_heads` / `select_neurons`. The
-sharded solve (`obsdiff.calibration.solve`) deals the same units to the ranks, so a unit meets
-the same arithmetic whichever process solves it. A unit's statistics are moved to its linears'
-device just before its solve (offloaded statistics: one unit on the device at a time).
+A method is a dataclass of its parameters that answers:
+- which calibration statistics it reads (`needs_hessian`, `needs_moments`; neither: no
+  calibration pass);
+- at a pattern granularity (unstructured, N:M), how one linear is pruned given the statistics of
+  the input it reads (`prune_linear`); a method that solves several input groups at once
+  overrides `prune_groups` and says which groups go together (`solve_units`);
+- at structured granularity, which heads and FFN neurons go and how their consumers change
+  (`select_heads`, `select_neurons`).
+
+The loop over a package's work units, in one process or shared between ranks, and the cutting
+of structured blocks are the package driver's (`obsdiff.calibration.solve`).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import fields
 from typing import Any, ClassVar
 
 import torch
 
 from obsdiff.methods.granularity import GRANULARITY_OPTIONS
-from obsdiff.methods.package import (
-    InputGroup,
-    LayerRecord,
-    Package,
-    PruneRecord,
-    Structured,
-    Target,
-)
-from obsdiff.methods.structured import prune_structured
+from obsdiff.methods.package import InputGroup, LayerRecord, write_weight
+from obsdiff.pruning.obs import obs_workspace_bytes
 from obsdiff.pruning.patterns import Pattern
+from obsdiff.pruning.statistics import InputStatistics
 
 
-class PruningMethod(ABC):
-    """A pruning method; its YAML in conf/method/ names the subclass and its parameters."""
+FLOAT32 = 4
+
+
+class PruningMethod:
+    """A pruning method; its YAML in conf/method/ names the subclass (a dataclass)."""
 
     name: ClassVar[str]
     granularities: ClassVar[tuple[str, ...]]  # kinds of obsdiff.methods.Granularity
@@ -56,38 +55,46 @@ class PruningMethod(ABC):
         params = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
         return {"name": self.name, **params}
 
+    # ------------------------------------------------------------ patterns
+    def prune_linear(
+        self,
+        weight: torch.Tensor,
+        stats: InputStatistics | None,
+        pattern: Pattern,
+        ffn: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One linear's pruned weight and mask (True where pruned), both (rows, inputs), from
+        its weight and the statistics of its input (None without calibration); `ffn`: it
+        belongs to a feed-forward network."""
+        raise ValueError(f"method {self.name!r} does not prune by weight patterns")
+
+    def prune_groups(self, groups: list[InputGroup], pattern: Pattern) -> list[LayerRecord]:
+        """Prune every linear of `groups` in place and report what was done: by default one
+        `prune_linear` at a time."""
+        records = []
+        for group in groups:
+            for index, (name, module) in enumerate(zip(group.names, group.modules, strict=True)):
+                weight, mask = self.prune_linear(
+                    module.weight.data, group.stats, pattern, group.is_ffn(index)
+                )
+                write_weight(module, weight, mask)
+                records.append(LayerRecord(name, tuple(module.weight.shape), int(mask.sum())))
+        return records
+
     def solve_units(self, shapes: list[tuple[int, int]]) -> list[list[int]]:
-        """Which input groups (by their (inputs, stacked outputs)) are solved together, in
-        order: each alone unless the method batches them."""
+        """Which input groups (by their (inputs, stacked outputs)) `prune_groups` is given
+        together, in order: each alone unless the method batches them."""
         return [[index] for index in range(len(shapes))]
 
-    def work_units(self, package: Package, target: Target) -> list[Package]:
-        """The parts of `package` pruned independently of each other, in order: its blocks
-        (structured) or the method's `solve_units` of its input groups."""
-        if isinstance(target, Structured):
-            return [package.block_part(block) for block in package.blocks]
-        units = self.solve_units([group.shape for group in package.groups])
-        return [Package([package.groups[i] for i in unit]) for unit in units]
+    def solve_bytes(self, inputs: int, rows: int) -> int:
+        """Working memory of pruning one input group of `inputs` columns and `rows` stacked
+        outputs: the OBS workspace for a method that reads the Hessian, else the weights
+        copied, scored and updated in float32."""
+        if self.needs_hessian:
+            return obs_workspace_bytes(inputs, rows)
+        return FLOAT32 * 3 * rows * inputs
 
-    def prune_unit(self, unit: Package, target: Target) -> list[PruneRecord]:
-        """Prune one work unit in place (its statistics on its device)."""
-        if isinstance(target, Structured):
-            return list(prune_structured(self, unit, target.sparsity))
-        return list(self.prune_groups(unit.groups, target))
-
-    def prune_package(self, package: Package, target: Target) -> list[PruneRecord]:
-        """Prune one calibrated package in place towards `target`, work unit by work unit;
-        one record per linear (patterns) or per head and neuron group (structured), in the
-        package's order."""
-        records = []
-        for unit in self.work_units(package, target):
-            records += self.prune_unit(unit.local(), target)
-        return package_order(package, records)
-
-    @abstractmethod
-    def prune_groups(self, groups: list[InputGroup], pattern: Pattern) -> list[LayerRecord]:
-        """Prune every linear of `groups` in place (one package) and report what was done."""
-
+    # ---------------------------------------------------------- structured
     def select_heads(
         self,
         consumers: list[torch.Tensor],
@@ -110,10 +117,3 @@ class PruningMethod(ABC):
         """Structured: which `count` FFN neurons go, and the down-projection's new weight
         ((rows, width)). Producers are the (width, in) row blocks of the up-projection(s)."""
         raise ValueError(f"method {self.name!r} does not support structured pruning")
-
-
-def package_order(package: Package, records: list[PruneRecord]) -> list[PruneRecord]:
-    """Layer records in the order of the package's linears (work units may batch them in
-    another); structured records keep their block order."""
-    position = {name: i for i, name in enumerate(n for g in package.groups for n in g.names)}
-    return sorted(records, key=lambda r: position.get(getattr(r, "name", ""), 0))

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from obsdiff.methods.base import PruningMethod
-from obsdiff.methods.package import InputGroup, LayerRecord
 from obsdiff.pruning.patterns import Pattern
+from obsdiff.pruning.statistics import InputStatistics
 
 
 @dataclass
@@ -16,12 +16,10 @@ class Dense(PruningMethod):
     name = "dense"
     granularities = ("unstructured", "nm", "structured")
 
-    def prune_groups(self, groups: list[InputGroup], pattern: Pattern) -> list[LayerRecord]:
-        return [
-            LayerRecord(name, tuple(module.weight.shape), 0)
-            for group in groups
-            for name, module in zip(group.names, group.modules, strict=True)
-        ]
+    def prune_linear(
+        self, weight: torch.Tensor, stats: InputStatistics | None, pattern: Pattern, ffn: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return weight, torch.zeros_like(weight, dtype=torch.bool)
 
     def select_heads(
         self,

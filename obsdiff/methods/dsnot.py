@@ -4,20 +4,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from obsdiff.methods.base import PruningMethod
-from obsdiff.methods.package import InputGroup, LayerRecord, write_weight
 from obsdiff.pruning.dsnot import INITIAL_METHODS, dsnot_prune
 from obsdiff.pruning.patterns import Pattern
+from obsdiff.pruning.statistics import InputStatistics
 
 
 @dataclass
 class DSnoT(PruningMethod):
-    """`skip_mlp=True` is the official default (`--skip_layer mlp`): FFN layers keep their
-    initial mask. obsdiff's default refines every layer."""
+    """DSnoT's prune-and-grow cycles (official defaults; `obsdiff.pruning.dsnot`).
+
+    max_cycles:       swap cycles per row; 0 keeps the initial mask
+    update_threshold: stop a row once its summed output shift is below this
+    reference_tokens: null: the official absolute threshold; e.g. 2048: scaled by
+                      tokens-per-sample / 2048
+    var_power:        exponent of the input variance in the growth criterion
+    initial:          the mask it starts from: wanda | magnitude | obs
+    skip_mlp:         true: the official `--skip_layer mlp` (FFN layers keep their initial mask);
+                      obsdiff's default refines every layer
+    """
 
     max_cycles: int = 50
     update_threshold: float = 0.1
-    reference_tokens: float | None = None  # official: an absolute threshold
+    reference_tokens: float | None = None
     var_power: float = 1.0
     initial: str = "wanda"
     skip_mlp: bool = False
@@ -28,28 +39,25 @@ class DSnoT(PruningMethod):
 
     def __post_init__(self) -> None:
         if self.initial not in INITIAL_METHODS:
-            raise ValueError(f"dsnot initial={self.initial!r}; use one of {INITIAL_METHODS}")
+            raise ValueError(
+                f"method.initial={self.initial!r}; use one of {', '.join(INITIAL_METHODS)}"
+            )
 
     @property
     def needs_hessian(self) -> bool:  # type: ignore[override]
         return self.initial == "obs"
 
-    def prune_groups(self, groups: list[InputGroup], pattern: Pattern) -> list[LayerRecord]:
-        records = []
-        for group in groups:
-            assert group.stats is not None
-            for index, (name, module) in enumerate(zip(group.names, group.modules, strict=True)):
-                cycles = 0 if self.skip_mlp and group.is_ffn(index) else self.max_cycles
-                weight, mask = dsnot_prune(
-                    module.weight.data,
-                    group.stats,
-                    pattern,
-                    initial=self.initial,
-                    max_cycles=cycles,
-                    update_threshold=self.update_threshold,
-                    reference_tokens=self.reference_tokens,
-                    var_power=self.var_power,
-                )
-                write_weight(module, weight, mask)
-                records.append(LayerRecord(name, tuple(module.weight.shape), int(mask.sum())))
-        return records
+    def prune_linear(
+        self, weight: torch.Tensor, stats: InputStatistics | None, pattern: Pattern, ffn: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert stats is not None
+        return dsnot_prune(
+            weight,
+            stats,
+            pattern,
+            initial=self.initial,
+            max_cycles=0 if self.skip_mlp and ffn else self.max_cycles,
+            update_threshold=self.update_threshold,
+            reference_tokens=self.reference_tokens,
+            var_power=self.var_power,
+        )

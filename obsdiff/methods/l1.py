@@ -8,18 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from obsdiff.methods.base import PruningMethod
-from obsdiff.methods.package import InputGroup, LayerRecord
 from obsdiff.pruning.l1 import l1_select, l1_unit_scores
-from obsdiff.pruning.patterns import Pattern
 
 
 @dataclass
 class L1(PruningMethod):
     name = "l1"
     granularities = ("structured",)
-
-    def prune_groups(self, groups: list[InputGroup], pattern: Pattern) -> list[LayerRecord]:
-        raise ValueError("l1 is a structured baseline; use granularity=structured")
 
     def select_heads(
         self,

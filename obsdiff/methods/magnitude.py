@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from obsdiff.methods.base import PruningMethod
-from obsdiff.methods.package import InputGroup, LayerRecord, write_weight
 from obsdiff.pruning.magnitude import magnitude_prune
 from obsdiff.pruning.patterns import Pattern
+from obsdiff.pruning.statistics import InputStatistics
 
 
 @dataclass
@@ -15,11 +17,7 @@ class Magnitude(PruningMethod):
     name = "magnitude"
     granularities = ("unstructured", "nm")
 
-    def prune_groups(self, groups: list[InputGroup], pattern: Pattern) -> list[LayerRecord]:
-        records = []
-        for group in groups:
-            for name, module in zip(group.names, group.modules, strict=True):
-                weight, mask = magnitude_prune(module.weight.data, pattern)
-                write_weight(module, weight, mask)
-                records.append(LayerRecord(name, tuple(module.weight.shape), int(mask.sum())))
-        return records
+    def prune_linear(
+        self, weight: torch.Tensor, stats: InputStatistics | None, pattern: Pattern, ffn: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return magnitude_prune(weight, pattern)

@@ -11,27 +11,51 @@ from obsdiff.methods.package import InputGroup, LayerRecord, write_weight
 from obsdiff.pruning.obs import ObsProblem, obs_batches, obs_prune_problems
 from obsdiff.pruning.obs_structured import HEAD_SALIENCIES, obs_prune_heads, obs_prune_neurons
 from obsdiff.pruning.patterns import Pattern
+from obsdiff.pruning.statistics import NORMALISERS
 
 
 @dataclass
 class ObsDiff(PruningMethod):
+    """OBS-Diff (the paper): OBS with the timestep-aware Hessian, module packages.
+
+    percdamp:       damping, a fraction of mean(diag H)
+    blocksize:      lazy-batch columns (and the unit of the adaptive unstructured mask)
+    compensate:     false: OBS mask selection only, no weight update (ablation)
+    normaliser:     H divided by sum alpha * samples (`sample`, the reference code) or `token`
+    head_saliency:  structured heads: reference (the code) | eq7 (as printed) | exact
+    rrf_k:          reciprocal rank fusion constant across the two MMDiT streams (Eq. 8)
+    solve_batch_gb: equal-size layers are solved in batches of at most this workspace (GB;
+                    null: any size)
+    """
+
     percdamp: float = 0.01
     blocksize: int = 128
     compensate: bool = True
     normaliser: str = "sample"
     head_saliency: str = "reference"
     rrf_k: float = 60.0
-    solve_batch_gb: float | None = 1.0  # workspace of one batched solve (obs_batches), None: any
+    solve_batch_gb: float | None = 1.0
 
     name = "obsdiff"
     granularities = ("unstructured", "nm", "structured")
     needs_hessian = True
 
     def __post_init__(self) -> None:
-        if self.percdamp < 0 or self.blocksize < 1:
-            raise ValueError("obsdiff needs percdamp >= 0 and blocksize >= 1")
+        if self.percdamp < 0:
+            raise ValueError(f"method.percdamp={self.percdamp} must be >= 0; e.g. 0.01")
+        if self.blocksize < 1:
+            raise ValueError(f"method.blocksize={self.blocksize} must be >= 1; e.g. 128")
         if self.solve_batch_gb is not None and self.solve_batch_gb <= 0:
-            raise ValueError(f"solve_batch_gb={self.solve_batch_gb} must be > 0 (or null)")
+            raise ValueError(f"method.solve_batch_gb={self.solve_batch_gb} must be > 0 (or null)")
+        if self.normaliser not in NORMALISERS:
+            raise ValueError(
+                f"method.normaliser={self.normaliser!r}; use one of {', '.join(NORMALISERS)}"
+            )
+        if self.head_saliency not in HEAD_SALIENCIES:
+            raise ValueError(
+                f"method.head_saliency={self.head_saliency!r}; use one of "
+                f"{', '.join(HEAD_SALIENCIES)}"
+            )
 
     @property
     def batch_bytes(self) -> float | None:
@@ -39,8 +63,6 @@ class ObsDiff(PruningMethod):
 
     def solve_units(self, shapes: list[tuple[int, int]]) -> list[list[int]]:
         return obs_batches(shapes, self.batch_bytes)
-        if self.head_saliency not in HEAD_SALIENCIES:
-            raise ValueError(f"head_saliency={self.head_saliency!r}; use one of {HEAD_SALIENCIES}")
 
     def select_heads(
         self,

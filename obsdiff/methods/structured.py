@@ -1,21 +1,16 @@
-"""Structured pruning of one package: for every head and neuron group of the package, the method
+"""Structured pruning of the blocks of a work unit: for every head and neuron group, the method
 picks the units to drop (and, for OBS, compensates the consumers), then the block is cut
 (`obsdiff.models.surgery`). Counts follow the paper: round(units * sparsity)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.package import Package, StructuredRecord
 from obsdiff.models.structure import linear_at
 from obsdiff.models.surgery import Surgery
 from obsdiff.pruning.obs_structured import structured_count
-
-
-if TYPE_CHECKING:
-    from obsdiff.methods.base import PruningMethod
 
 
 @torch.no_grad()

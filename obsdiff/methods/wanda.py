@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from obsdiff.methods.base import PruningMethod
-from obsdiff.methods.package import InputGroup, LayerRecord, write_weight
 from obsdiff.pruning.patterns import Pattern
+from obsdiff.pruning.statistics import InputStatistics
 from obsdiff.pruning.wanda import wanda_prune
 
 
@@ -16,13 +18,8 @@ class Wanda(PruningMethod):
     granularities = ("unstructured", "nm")
     needs_moments = True
 
-    def prune_groups(self, groups: list[InputGroup], pattern: Pattern) -> list[LayerRecord]:
-        records = []
-        for group in groups:
-            assert group.stats is not None
-            norms = group.stats.column_sq_norms()
-            for name, module in zip(group.names, group.modules, strict=True):
-                weight, mask = wanda_prune(module.weight.data, norms, pattern)
-                write_weight(module, weight, mask)
-                records.append(LayerRecord(name, tuple(module.weight.shape), int(mask.sum())))
-        return records
+    def prune_linear(
+        self, weight: torch.Tensor, stats: InputStatistics | None, pattern: Pattern, ffn: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert stats is not None
+        return wanda_prune(weight, stats.column_sq_norms(), pattern)

@@ -18,26 +18,18 @@ from obsdiff.models import tiny
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.sampling import CFG_NONE, CFG_SEPARATE_CALLS, SamplingDefaults, embedding_kwargs
 from obsdiff.models.structure import (
+    MMDIT_UNITS,
     HeadGroup,
     InputNames,
     NeuronGroup,
     Unit,
-    ffn_group,
     head_group,
     linear_at,
-    present_groups,
+    mmdit_groups,
+    units_of,
 )
 
 
-DOUBLE_UNITS: list[list[InputNames]] = [
-    [
-        ("attn.to_q", "attn.to_k", "attn.to_v"),
-        ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    ],
-    [("attn.to_out.0",), ("attn.to_add_out",)],
-    [("ff.net.0.proj",), ("ff_context.net.0.proj",)],
-    [("ff.net.2",), ("ff_context.net.2",)],
-]
 # single-stream blocks: q/k/v and the MLP read one normalised input; proj_out reads [attn, mlp]
 SINGLE_UNITS: list[list[InputNames]] = [
     [("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")],
@@ -65,24 +57,18 @@ class FluxAdapter(ModelAdapter):
         ]
 
     def block_units(self, block: nn.Module) -> list[Unit]:
-        groups = SINGLE_UNITS if hasattr(block, "proj_mlp") else DOUBLE_UNITS
-        units = [present_groups(block, unit) for unit in groups]
-        return [unit for unit in units if unit]
+        return units_of(block, SINGLE_UNITS if hasattr(block, "proj_mlp") else MMDIT_UNITS)
 
     def structured_groups(self, block: nn.Module) -> tuple[list[HeadGroup], list[NeuronGroup]]:
-        """Double blocks: as SD3. Single blocks: `proj_out` consumes [attention, MLP], so the
-        heads own its first columns and the MLP neurons the columns after them."""
+        """Double blocks: the MMDiT block's. Single blocks: `proj_out` consumes [attention,
+        MLP], so the heads own its first columns and the MLP neurons the columns after them."""
+        if not hasattr(block, "proj_mlp"):
+            return mmdit_groups(block)
+        inner = linear_at(block, "attn.to_q").out_features
+        mlp = linear_at(block, "proj_mlp").out_features
+        neurons = [NeuronGroup((("proj_mlp", 0),), ("proj_out", inner), mlp)]
         qkv = ["attn.to_q", "attn.to_k", "attn.to_v"]
-        if hasattr(block, "proj_mlp"):
-            inner = linear_at(block, "attn.to_q").out_features
-            mlp = linear_at(block, "proj_mlp").out_features
-            neurons = [NeuronGroup((("proj_mlp", 0),), ("proj_out", inner), mlp)]
-            return head_group(block, "attn", qkv, ["proj_out"]), neurons
-        joint = qkv + ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]
-        heads = head_group(block, "attn", joint, ["attn.to_out.0", "attn.to_add_out"])
-        neurons = ffn_group(block, "ff.net.0.proj", "ff.net.2")
-        neurons += ffn_group(block, "ff_context.net.0.proj", "ff_context.net.2")
-        return heads, neurons
+        return head_group(block, "attn", qkv, ["proj_out"]), neurons
 
     def cfg_mode(self, sampling: SamplingDefaults | None = None) -> str:
         return CFG_SEPARATE_CALLS if self.uses_cfg(sampling) else CFG_NONE

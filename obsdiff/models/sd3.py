@@ -16,27 +16,23 @@ from obsdiff.models import tiny
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.sampling import embedding_kwargs
 from obsdiff.models.structure import (
+    MMDIT_UNITS,
     HeadGroup,
     InputNames,
     NeuronGroup,
     Unit,
-    ffn_group,
     head_group,
-    present_groups,
+    mmdit_groups,
+    units_of,
 )
 
 
 # The 12 target linears of a JointTransformerBlock (paper Sec. 1.5) as basic units, plus the
-# dual-attention `attn2` of SD3.5-Medium (image tokens only).
+# dual-attention `attn2` of SD3.5-Medium (image tokens only) beside the joint attention.
 SD3_UNITS: list[list[InputNames]] = [
-    [
-        ("attn.to_q", "attn.to_k", "attn.to_v"),
-        ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-        ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
-    ],
-    [("attn.to_out.0",), ("attn.to_add_out",), ("attn2.to_out.0",)],
-    [("ff.net.0.proj",), ("ff_context.net.0.proj",)],
-    [("ff.net.2",), ("ff_context.net.2",)],
+    [*MMDIT_UNITS[0], ("attn2.to_q", "attn2.to_k", "attn2.to_v")],
+    [*MMDIT_UNITS[1], ("attn2.to_out.0",)],
+    *MMDIT_UNITS[2:],
 ]
 
 
@@ -66,20 +62,15 @@ class SD3Adapter(ModelAdapter):
         return [(f"transformer_blocks.{i}", b) for i, b in enumerate(blocks)]
 
     def block_units(self, block: nn.Module) -> list[Unit]:
-        units = [present_groups(block, groups) for groups in SD3_UNITS]
-        return [unit for unit in units if unit]
+        return units_of(block, SD3_UNITS)
 
     def structured_groups(self, block: nn.Module) -> tuple[list[HeadGroup], list[NeuronGroup]]:
-        """Joint attention (heads shared by both streams, one output projection each), the
-        SD3.5-Medium dual attention, and the two FFNs (GELU, not gated)."""
-        joint = ["attn.to_q", "attn.to_k", "attn.to_v"]
-        joint += ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]
-        heads = head_group(block, "attn", joint, ["attn.to_out.0", "attn.to_add_out"])
+        """The MMDiT block's joint heads and FFN neurons, and the heads of SD3.5-Medium's dual
+        attention."""
+        heads, neurons = mmdit_groups(block)
         heads += head_group(
             block, "attn2", ["attn2.to_q", "attn2.to_k", "attn2.to_v"], ["attn2.to_out.0"]
         )
-        neurons = ffn_group(block, "ff.net.0.proj", "ff.net.2")
-        neurons += ffn_group(block, "ff_context.net.0.proj", "ff_context.net.2")
         return heads, neurons
 
     def encode_prompts(

@@ -87,6 +87,35 @@ def is_linear(block: nn.Module, name: str) -> bool:
         return False
 
 
+# An MMDiT joint block (SD3/SD3.5, Flux's double-stream blocks): joint attention over the image
+# and text streams (q/k/v and add_q/k/v, one output projection per stream), one FFN per stream.
+MMDIT_UNITS: list[list[InputNames]] = [
+    [
+        ("attn.to_q", "attn.to_k", "attn.to_v"),
+        ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    ],
+    [("attn.to_out.0",), ("attn.to_add_out",)],
+    [("ff.net.0.proj",), ("ff_context.net.0.proj",)],
+    [("ff.net.2",), ("ff_context.net.2",)],
+]
+
+
+def units_of(block: nn.Module, layout: Sequence[Sequence[InputNames]]) -> list[Unit]:
+    """The basic units of `layout` that `block` holds (groups restricted to its linears)."""
+    units = [present_groups(block, groups) for groups in layout]
+    return [unit for unit in units if unit]
+
+
+def mmdit_groups(block: nn.Module) -> tuple[list[HeadGroup], list[NeuronGroup]]:
+    """The joint attention's heads (shared by both streams, one output projection each) and the
+    neurons of both FFNs (GELU, not gated)."""
+    producers = [name for group in MMDIT_UNITS[0] for name in group]  # q/k/v of both streams
+    heads = head_group(block, "attn", producers, ["attn.to_out.0", "attn.to_add_out"])
+    neurons = ffn_group(block, "ff.net.0.proj", "ff.net.2")
+    neurons += ffn_group(block, "ff_context.net.0.proj", "ff_context.net.2")
+    return heads, neurons
+
+
 # A diffusers BasicTransformerBlock (the UNets' and PixArt's): self-attention, cross-attention
 # (to_q reads the image tokens, to_k and to_v the text states: parallel), the FFN.
 BASIC_BLOCK_UNITS: list[list[InputNames]] = [
@@ -101,8 +130,7 @@ BASIC_BLOCK_UNITS: list[list[InputNames]] = [
 
 def basic_block_units(block: nn.Module) -> list[Unit]:
     """The basic units a BasicTransformerBlock holds."""
-    units = [present_groups(block, groups) for groups in BASIC_BLOCK_UNITS]
-    return [unit for unit in units if unit]
+    return units_of(block, BASIC_BLOCK_UNITS)
 
 
 def basic_block_groups(block: nn.Module, gated: bool) -> tuple[list[HeadGroup], list[NeuronGroup]]:

@@ -8,16 +8,15 @@ What the prune run holds on its device at its peak, and what the plan counts:
 - the weights of every pipeline component at the model's dtype (the run moves the whole pipeline
   to the device; components the config drops, e.g. SD3's T5 with `with_t5: false`, are not
   counted); with `offload.components` only the denoiser's;
-- the calibration statistics of the largest package, float32 (`statistics_bytes`: an n x n
-  Hessian for OBS, 3 n moments for Wanda and DSnoT, per input read by the package's linears):
+- the calibration statistics of the largest package (`InputStatistics.sum_bytes` per input read
+  by the package's linears: an n x n Hessian for OBS, 3 n moments for Wanda and DSnoT, float32):
   the only term the package count changes (the paper's Table 7); with a statistics cache
   (`job.statistics_cache`) the first package holds both kinds; with `offload.statistics` they
   are held in CPU memory instead (the plan's host term);
 - the solve of the costliest work unit (`PruningMethod.solve_units`: OBS-Diff batches layers of
-  equal size up to `solve_batch_gb`): per input group its Hessian's copy, inverse factor and
-  stacked factor (3 n^2) and the float32 weights of the layers that read it, stacked,
-  transposed and updated (3 rows x n), plus, with offloaded statistics, the unit's statistics
-  moved to the device for it.
+  equal size up to `solve_batch_gb`), each input group's `PruningMethod.solve_bytes` (for OBS
+  `obs_workspace_bytes`), plus, with offloaded statistics, the unit's statistics moved to the
+  device for it.
 
 Not predicted: activations of the calibration forward (small at the paper's 512 x 512, a few
 hundred MB at most), the CUDA context and the allocator's caching; measure them on the device.
@@ -34,11 +33,11 @@ from obsdiff.calibration.sequential import package_statistics_bytes
 from obsdiff.methods.package import Structured
 from obsdiff.models.structure import linear_at
 from obsdiff.oneshot.job import JobError, PruneJob, plan_packages
+from obsdiff.pruning.statistics import InputStatistics
 
 
 log = logging.getLogger(__name__)
 
-FLOAT32 = 4
 GB = 1e9
 
 
@@ -149,9 +148,9 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
         hessian, moments = method.needs_hessian or all_kinds, method.needs_moments or all_kinds
         group_bytes = []  # each input group's solve (and its statistics, moved over if offloaded)
         for n, rows in shapes:
-            size = FLOAT32 * ((3 * n * n if method.needs_hessian else 0) + 3 * rows * n)
+            size = method.solve_bytes(n, rows)
             if offload and method.needs_calibration:
-                size += FLOAT32 * ((n * n if hessian else 0) + (3 * n if moments else 0))
+                size += InputStatistics.sum_bytes(n, hessian, moments)
             group_bytes.append(size)
         structured = isinstance(job.target, Structured)
         units = [[i] for i in range(len(shapes))] if structured else method.solve_units(shapes)

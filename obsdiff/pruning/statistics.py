@@ -21,12 +21,14 @@ nor updates (damping is relative), but it sets the scale of reported losses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 
 NORMALISERS = ("sample", "token")
+FLOAT32_BYTES = 4
 HESSIAN_PRECISIONS = ("float32", "tf32", "bfloat16")
 
 
@@ -90,20 +92,36 @@ class InputStatistics:
             raise ValueError(
                 f"hessian_precision={self.hessian_precision!r}; use one of {HESSIAN_PRECISIONS}"
             )
-        n = self.features
-
-        def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(
-                *shape, dtype=torch.float32, device=self.device, pin_memory=self.pin_memory
+        for name, shape in self.sum_shapes(self.features, self.hessian, self.moments).items():
+            setattr(
+                self,
+                name,
+                torch.zeros(
+                    shape, dtype=torch.float32, device=self.device, pin_memory=self.pin_memory
+                ),
             )
-
-        if self.hessian:
-            self.xtx = zeros(n, n)  # (n, n)
-        if self.moments:
-            self.column_sum = zeros(n)  # (n,)
-            self.column_sq_sum = zeros(n)  # (n,)
-            self.variance_sum = zeros(n)  # (n,)
         self.counts = torch.zeros(4, dtype=torch.float64, device=self.device)
+
+    @staticmethod
+    def sum_shapes(
+        features: int, hessian: bool = True, moments: bool = True
+    ) -> dict[str, tuple[int, ...]]:
+        """The float32 sums an instance of these kinds keeps, by attribute name: X^T X (n, n)
+        for the Hessian, three (n,) vectors for the moments."""
+        n = features
+        shapes: dict[str, tuple[int, ...]] = {}
+        if hessian:
+            shapes["xtx"] = (n, n)
+        if moments:
+            shapes.update(column_sum=(n,), column_sq_sum=(n,), variance_sum=(n,))
+        return shapes
+
+    @classmethod
+    def sum_bytes(cls, features: int, hessian: bool = True, moments: bool = True) -> int:
+        """Bytes of the float32 sums (`sum_shapes`; the few counts aside): what the memory plan
+        counts per input."""
+        shapes = cls.sum_shapes(features, hessian, moments).values()
+        return FLOAT32_BYTES * sum(math.prod(shape) for shape in shapes)
 
     # ----------------------------------------------------------------- feeding
     @torch.no_grad()

@@ -112,11 +112,6 @@ class PairedScores:
         return Difference(job, reference, FID, mean, interval, len(mine.groups))
 
 
-def better(metric: str, a: float, b: float) -> bool:
-    """Whether `a` is better than `b` in `metric` (which has a known direction)."""
-    return a > b if HIGHER_IS_BETTER[metric] else a < b
-
-
 def evaluation_key(job: JobResult) -> tuple[tuple[str, str], ...]:
     """The job's evaluation settings (`eval.*` overrides): jobs with other ones generated other
     images, which are not paired."""

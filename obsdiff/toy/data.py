@@ -140,13 +140,6 @@ def sample_batch(
     return tensor, chosen
 
 
-def write_prompts(path: Path, scenes: list[Scene]) -> Path:
-    """One caption per line (a prompt file the calibration and evaluation sets read)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{s.caption}\n" for s in scenes))
-    return path
-
-
 def render_folder(folder: Path, captions: list[str], seed: int) -> Path:
     """Fresh dataset images of `captions` (image i from seed + i): the toy FID reference."""
     folder.mkdir(parents=True, exist_ok=True)

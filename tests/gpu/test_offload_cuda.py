@@ -1,4 +1,4 @@
-"""Offload on a CUDA device (issue 14; run with `make test-gpu`): statistics accumulated in
+"""Offload on a CUDA device (run with `make test-gpu`): statistics accumulated in
 pinned CPU memory from CUDA activations, and the text encoders and VAE off the device while
 pruning, give the weights of the on-device run bit for bit, and hold less on the device."""
 

@@ -1,4 +1,4 @@
-"""2:4 sparse kernels on CUDA (issue 15; run with `make test-gpu`): a 2:4-pruned tiny model's
+"""2:4 sparse kernels on CUDA (run with `make test-gpu`): a 2:4-pruned tiny model's
 linears become semi-structured sparse weights where the kernels take their shapes, and the
 denoiser's output equals the masked dense model's within fp16 tolerance."""
 

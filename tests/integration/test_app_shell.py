@@ -50,6 +50,12 @@ def load(path: Path) -> dict:  # type: ignore[type-arg]
         ("obsdiff.prune", ["runner=ddp"], "runner.accelerator"),
         ("obsdiff.prune", ["blocks=3"], "blocks=3"),
         ("obsdiff.prune", ["packages=1000"], "packages=1000"),  # from the model's config
+        ("obsdiff.prune", ["method.head_saliency=nosuch"], "method.head_saliency='nosuch'; use"),
+        (
+            "obsdiff.prune",
+            ["method.head_saliency=nosuch", "granularity=structured", "sparsity=0.25"],
+            "method.head_saliency='nosuch'; use one of reference, eq7, exact",
+        ),
         ("obsdiff.run", ["calibration.batch_size=two"], "calibration.batch_size"),
         ("obsdiff.evaluate", ["model=flux_dev"], "model.pretrained"),
         ("obsdiff.sample", ["model=sdxl_base"], "model.pretrained"),

@@ -1,4 +1,4 @@
-"""Export (issue 15): a pruned run becomes a diffusers folder that plain diffusers loads without
+"""Export: a pruned run becomes a diffusers folder that plain diffusers loads without
 obsdiff (unstructured, 2:4), or obsdiff's folder (structured), with a model card that holds the
 run's figures; bad inputs are refused before anything is written."""
 

@@ -1,4 +1,4 @@
-"""Offload (issue 14): statistics in CPU memory and the pipeline's other components off the
+"""Offload: statistics in CPU memory and the pipeline's other components off the
 device change where the work lives, never the pruned weights. On a CPU-only machine the
 placement is checked with the meta device standing in for an accelerator; the CUDA round trip
 is in tests/gpu/test_offload_cuda.py."""

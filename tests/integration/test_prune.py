@@ -261,6 +261,14 @@ def test_bad_settings_fail_before_loading(overrides, error, message, compose_pru
         (["granularity=structured", "sparsity=0.9"], r"sparsity=0.9 would remove all \d+ heads"),
         (["weighting=explicit"], r"config group 'weighting'.*weights"),
         (
+            ["method.head_saliency=nosuch"],
+            r"method.head_saliency='nosuch'; use one of reference, eq7, exact",
+        ),
+        (
+            ["method.head_saliency=nosuch", "granularity=structured", "sparsity=0.25"],
+            r"method.head_saliency='nosuch'; use one of reference, eq7, exact",
+        ),
+        (
             ["model.sampling.num_inference_steps=x"],
             r"model.sampling.num_inference_steps='x' is not an integer",
         ),

@@ -1,4 +1,4 @@
-"""The sharded solve (issue 14): with two gloo processes each rank solves its share of a
+"""The sharded solve: with two gloo processes each rank solves its share of a
 package's work units and receives the others'; every rank ends with the weights (structured: the
 shapes too) of one process solving the whole package, bit for bit, on the same statistics.
 
@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from obsdiff.calibration.packages import list_units
 from obsdiff.calibration.sequential import build_package
-from obsdiff.calibration.solve import assign_units, solve_package
+from obsdiff.calibration.solve import assign_units, solve_package, work_units
 from obsdiff.methods import ObsDiff, Wanda
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.package import Package, Structured, Target
@@ -95,8 +95,8 @@ def test_two_gloo_processes_solve_as_one(
     try:
         method = _method(method_name, batch_gb)
         denoiser, package = _package(kind, method)
-        units = method.work_units(package, TARGETS[kind])
-        records = method.prune_package(package, TARGETS[kind])
+        units = work_units(method, package, TARGETS[kind])
+        records = solve_package(method, package, TARGETS[kind])
     finally:
         torch.set_num_threads(threads)
     single = denoiser.state_dict()
@@ -122,7 +122,7 @@ def test_units_are_dealt_by_cost() -> None:
     # the tiny SD3, one input group a unit: each of two ranks gets about half the work
     method = ObsDiff(solve_batch_gb=1e-6)
     _, package = _package("unstructured", method)
-    costs = [u.cost() for u in method.work_units(package, TARGETS["unstructured"])]
+    costs = [u.cost() for u in work_units(method, package, TARGETS["unstructured"])]
     owners = assign_units(costs, 2)
     share = sum(c for c, o in zip(costs, owners, strict=True) if o == 0) / sum(costs)
     assert 0.4 < share < 0.6

@@ -1,4 +1,4 @@
-"""2:4 sparse kernels (issue 15): on a CPU, or on a model that is not 2:4, one clear error
+"""2:4 sparse kernels: on a CPU, or on a model that is not 2:4, one clear error
 before any model is loaded; the pattern check itself. The CUDA conversion and its outputs are
 in tests/gpu/test_sparse_kernels_cuda.py."""
 

@@ -1,5 +1,6 @@
-"""The import-linter contracts of pyproject.toml hold: layers import downward only, no entry
-point imports another, and only the app layer and the entry points see Hydra."""
+"""The import structure: the import-linter contracts of pyproject.toml hold (layers import
+downward only, no entry point imports another, only the app layer and the entry points see
+Hydra), and no module of obsdiff imports itself through others."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grimp
 import pytest
 
 
@@ -22,3 +24,17 @@ def test_import_contracts_are_kept() -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "Contracts: 2 kept, 0 broken." in result.stdout
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """No circle of imports between two modules, direct or through others (imports made only
+    for type checking count: they tie the modules together all the same)."""
+    graph = grimp.build_graph("obsdiff")
+    circles = [
+        " -> ".join(graph.find_shortest_chain(importer=imported, imported=importer) or ())
+        + f" -> {imported}"
+        for importer in sorted(graph.modules)
+        for imported in sorted(graph.find_modules_directly_imported_by(importer))
+        if graph.chain_exists(importer=imported, imported=importer)
+    ]
+    assert not circles, "\n".join(circles)
