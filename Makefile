@@ -33,7 +33,7 @@ endif
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install lock check-lock imagereward-env train-toy bench-quality run sample test test-fast test-all test-gpu gpu-check lint format typecheck bench-kernels bench-prune bench-speed bench-sharded clean clean-outputs FORCE
+.PHONY: help install lock check-lock imagereward-env train-toy bench-quality run sample test test-fast test-all test-gpu gpu-check lint format typecheck docs docs-serve bench-kernels bench-prune bench-speed bench-sharded clean clean-outputs FORCE
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -109,6 +109,12 @@ format: $(STAMP) ## fix style and lint where ruff can
 typecheck: $(STAMP) ## static types (mypy) on the package
 	$(VENV)/bin/mypy
 
+docs: $(STAMP) ## build the manual (docs/, mkdocs.yml) into site/; a broken link or reference fails
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+docs-serve: $(STAMP) ## serve the manual on http://127.0.0.1:8000 while you edit it
+	$(VENV)/bin/mkdocs serve
+
 imagereward-env: ## ImageReward's own environment (.venv-imagereward: transformers 4.55, ~3 min, 6 GB)
 	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" IMAGEREWARD_VENV=.venv-imagereward bash experiments/imagereward_env.sh
 
@@ -137,7 +143,7 @@ bench-prune: $(STAMP) ## calibration hook overhead, then a full-size random SD3-
 	$(PY) experiments/bench_prune.py sd3-medium
 
 clean: ## remove caches and build artefacts (keeps .venv and outputs/)
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache .grimp_cache .import_linter_cache
+	rm -rf build dist site *.egg-info .pytest_cache .ruff_cache .mypy_cache .grimp_cache .import_linter_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 clean-outputs: ## remove every run under outputs/ (keeps its README)
