@@ -39,9 +39,9 @@ from obsdiff.models import SD3Adapter
 from obsdiff.models.loading import set_eval_mode
 from obsdiff.models.sampling import SamplingDefaults
 from obsdiff.models.tiny import char_clip_tokenizer, char_t5_tokenizer
-from obsdiff.oneshot.job import PruneJob
 from obsdiff.oneshot.plan import memory_plan
 from obsdiff.oneshot.run import prune_pipeline
+from obsdiff.oneshot.settings import PruneSettings
 from obsdiff.prompts.files import BUNDLED_PROMPTS, load_prompts
 from obsdiff.pruning.patterns import Unstructured
 from obsdiff.pruning.schedules import TimestepWeighting
@@ -69,7 +69,7 @@ def overhead(repeats: int) -> None:
     batches = embed_batches(adapter, pipe, prompts, 4, torch.device("cpu"))
     method = ObsDiff()
     packages = split_packages(list_units(adapter, denoiser), 4)
-    weights = TimestepWeighting("log_decrease").weights(10)
+    weights = TimestepWeighting("log_decrease").step_weights(10)
 
     def calls() -> None:
         for i, batch in enumerate(batches):
@@ -185,20 +185,17 @@ def sd3_medium(args: argparse.Namespace) -> None:
         prompts = load_prompts(
             BUNDLED_PROMPTS if args.prompts <= 32 else args.prompt_file, num_prompts=args.prompts
         )
-        job = PruneJob(
+        job = PruneSettings(packages=args.packages, device=str(device), save=False).job(
             model=model,
             model_config={},
             method=ObsDiff(),
             granularity=Granularity.from_name("unstructured"),
-            sparsity=0.5,
             weighting=TimestepWeighting("log_decrease"),
-            packages=args.packages,
             prompts=prompts,
             calibration=CalibrationSettings(
                 batch_size=args.batch_size, hessian_precision=args.precision
             ),
-            device=device,
-            save=False,
+            shard_solve=True,
         )
         plan = memory_plan(job)  # from the saved pipeline's config files, no weights
         if device.type == "cuda":

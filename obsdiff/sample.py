@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from obsdiff.app.config import CONF_DIR, ConfigError, instantiate_model
-from obsdiff.app.settings import number
+from obsdiff.app.config import CONF_DIR, ConfigError, instantiate_model, settings
 from obsdiff.app.shell import RunContext, execute
 from obsdiff.artifacts.record import RunRecord
 from obsdiff.eval.generation import sample_to_dir
 from obsdiff.models.base import ModelAdapter
 from obsdiff.utils.devices import resolve_device
+
+
+@dataclass
+class SampleSettings:
+    """The sample app's keys (their values: conf/sample.yaml)."""
+
+    prompts: str | list[str]
+    seed: int = field(metadata={"example": 0})
+    batch_size: int = field(metadata={"example": 4, "minimum": 1})
+    device: str
 
 
 @dataclass
@@ -36,18 +45,13 @@ def sample(job: SampleJob, context: RunContext) -> RunRecord:
 def main(cfg: DictConfig) -> None:
     def validate() -> tuple[SampleJob, torch.device]:
         model = instantiate_model(cfg.model)
-        given = cfg.prompts
-        prompts = [str(given)] if isinstance(given, str) else [str(p) for p in given]
+        given = settings(cfg, SampleSettings, only=("prompts", "seed", "batch_size", "device"))
+        prompts = [given.prompts] if isinstance(given.prompts, str) else given.prompts
         if not prompts:
             raise ConfigError("prompts is empty; give at least one, e.g. 'prompts=[a red circle]'")
         model.check_source()  # the model's files are reachable (a clear error if not)
-        job = SampleJob(
-            model,
-            prompts,
-            number(cfg, "seed", int, "0"),
-            number(cfg, "batch_size", int, "4", minimum=1),
-        )
-        return job, resolve_device(str(cfg.device))
+        job = SampleJob(model, prompts, given.seed, given.batch_size)
+        return job, resolve_device(given.device)
 
     execute(cfg, validate, sample)
 

@@ -1,22 +1,40 @@
-"""Turning Hydra configs into objects, once, in the apps.
+"""Turning Hydra configs into typed objects, once, in the apps; the configs' defaults from the
+dataclasses that hold them.
 
-Library code never sees a DictConfig: apps call `instantiate` on a config group node and pass the
-resulting typed objects down. `instantiate` only builds classes of obsdiff itself, so that a
-config file cannot construct arbitrary objects, and it turns a wrong key into one clear error.
+Each setting and its default is said once, in a dataclass of the layer that uses it (a method's
+parameters in its class, the calibration in `CalibrationSettings`, the prune run's top-level
+keys in `PruneSettings`, the evaluation in `EvalOptions`, the runner in `RunnerSettings`, the
+timestep weighting in `TimestepWeighting`). `register_schemas` stores their defaults as Hydra
+configs under `schema/`, which the YAML options include (e.g. conf/method/obsdiff.yaml:
+`defaults: [/schema/method/obsdiff@_here_]`) and override where they differ;
+`python -m obsdiff.prune --cfg job` prints the composed result.
+
+Library code never sees a DictConfig: apps build the objects here (`build`, `settings`) and
+pass them down. `build` only builds classes of obsdiff itself, so that a config file cannot
+construct arbitrary objects; a wrong key or value is one clear error naming it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, TypeVar
 
 import hydra.utils
+from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from obsdiff.calibration.sequential import CalibrationSettings
+from obsdiff.eval.options import EvalOptions
+from obsdiff.methods import METHODS
 from obsdiff.models.base import DATA_DIR, ModelAdapter, adapter_from_config
 from obsdiff.models.loading import ModelConfigError
+from obsdiff.oneshot.settings import PruneSettings
+from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.runners.fabric import RunnerSettings
+from obsdiff.utils.settings import from_mapping, plain_defaults
 
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -31,6 +49,31 @@ OmegaConf.register_new_resolver("obsdiff_data", lambda rel: str(DATA_DIR / rel),
 
 class ConfigError(ValueError):
     """A config node cannot be turned into the object it describes."""
+
+
+def _target_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_schemas() -> None:
+    """Every dataclass of settings as a Hydra config under `schema/` (its fields' defaults;
+    with `_target_` where the config group builds that class). The prune schema also names the
+    default option of the method, granularity and weighting groups (`PruneSettings`)."""
+    store = ConfigStore.instance()
+    for name, method in METHODS.items():
+        node = {"_target_": _target_name(method), **plain_defaults(method)}
+        store.store(group="schema/method", name=name, node=node)
+    weighting = {"_target_": _target_name(TimestepWeighting), **plain_defaults(TimestepWeighting)}
+    store.store(group="schema", name="weighting", node=weighting)
+    store.store(group="schema", name="calibration", node=plain_defaults(CalibrationSettings))
+    store.store(group="schema", name="runner", node=plain_defaults(RunnerSettings))
+    store.store(group="schema", name="eval", node=plain_defaults(EvalOptions))
+    prune = plain_defaults(PruneSettings)
+    choices = [{f"/{group}": prune.pop(group)} for group in PruneSettings.GROUPS]
+    store.store(group="schema", name="prune", node={"defaults": [*choices, "_self_"], **prune})
+
+
+register_schemas()
 
 
 def _target(node: DictConfig, group: str) -> str:
@@ -53,27 +96,63 @@ def _unset_value(err: OmegaConfBaseException, group: str, target: str) -> Config
     )
 
 
-def instantiate(node: DictConfig, expected: type[T], group: str) -> T:
-    """Build the object of a config group option: `instantiate(cfg.method, PruningMethod,
-    "method")`.
+def build(node: DictConfig, expected: type[T], group: str) -> T:
+    """The object of a config group option: `build(cfg.method, PruningMethod, "method")`. A
+    dataclass target gets every value converted to its field's type (`from_mapping`); another
+    target (a factory such as `Granularity.from_name`) is called by Hydra's `instantiate`.
 
     Raises ConfigError naming the group and the problem when the target is missing or not an
     obsdiff class, a key is unknown or a value invalid, or the result is not an `expected`.
     """
     target = _target(node, group)
     try:
-        obj = hydra.utils.instantiate(node, _convert_="all")
+        cls = hydra.utils.get_object(target)
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+            values = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+            assert isinstance(values, dict)
+            values.pop("_target_")
+            obj = from_mapping(cls, {str(k): v for k, v in values.items()}, f"{group}.")
+        else:
+            obj = hydra.utils.instantiate(node, _convert_="all")
     except InstantiationException as err:
         cause = err.__cause__ or err
         raise ConfigError(f"config group {group!r} ({target}): {cause}") from err
     except OmegaConfBaseException as err:
         raise _unset_value(err, group, target) from None
+    except (ValueError, TypeError, ImportError) as err:
+        raise ConfigError(f"config group {group!r} ({target}): {err}") from err
     if not isinstance(obj, expected):
         raise ConfigError(
             f"config group {group!r}: {target} built a {type(obj).__name__}, "
             f"expected a {expected.__name__}"
         )
     return obj
+
+
+def settings(
+    node: DictConfig, cls: type[T], prefix: str = "", only: tuple[str, ...] | None = None
+) -> T:
+    """The settings dataclass `cls` from a config node whose keys sit at `prefix`
+    (`"calibration."`; "" at the top level), each value converted to its field's type, or one
+    ConfigError naming the key (also for the dataclass's own checks). `only`: the keys read
+    from the node (the top level holds the config groups too); by default every key, and one
+    `cls` lacks is refused."""
+    try:
+        data = {str(k): _plain_value(node[k]) for k in node if only is None or k in only}
+        return from_mapping(cls, data, prefix)
+    except ValueError as err:  # a SettingError, or the dataclass's own check (naming its key)
+        raise ConfigError(str(err)) from None
+    except OmegaConfBaseException as err:
+        reason = str(err).splitlines()[0]
+        key = getattr(err, "full_key", None) or f"{prefix}<key>"
+        raise ConfigError(f"{reason}; set it on the command line: {key}=<value>") from None
+
+
+def _plain_value(value: Any) -> Any:
+    """A config value resolved into plain data (lists and mappings as Python's)."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True, throw_on_missing=True)
+    return value
 
 
 def instantiate_model(node: DictConfig) -> ModelAdapter:

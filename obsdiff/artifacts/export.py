@@ -42,15 +42,6 @@ log = logging.getLogger(__name__)
 
 COMPONENT_CHOICES = ("copy", "reference")
 CARD = "README.md"
-# licences of the base models obsdiff ships configs for (hub id: the Hub's licence fields)
-BASE_LICENCES = {
-    "stabilityai/stable-diffusion-3-medium-diffusers": ("other", "stabilityai-ai-community"),
-    "stabilityai/stable-diffusion-3.5-medium": ("other", "stabilityai-ai-community"),
-    "stabilityai/stable-diffusion-3.5-large": ("other", "stabilityai-ai-community"),
-    "black-forest-labs/FLUX.1-dev": ("other", "flux-1-dev-non-commercial-license"),
-    "black-forest-labs/FLUX.1-schnell": ("apache-2.0", None),
-    "stabilityai/stable-diffusion-xl-base-1.0": ("openrail++", None),
-}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -254,9 +245,8 @@ def model_card(request: ExportRequest, load_code: str, export_command: str | Non
     granularity = manifest.get("granularity", "?")
     sparsity = manifest.get("sparsity")
     model = manifest.get("model", {}).get("name") or manifest.get("model_config", {}).get("name")
-    licence, licence_name = BASE_LICENCES.get(request.base or "", (None, None))
-    if request.base is None:
-        licence = "apache-2.0"  # a tiny or toy model of obsdiff's own: obsdiff's licence
+    config = manifest.get("model_config", {})
+    licence, licence_name = config.get("license"), config.get("license_name")
     front: dict[str, Any] = {}
     if request.base and HUB_ID.match(request.base):
         front["base_model"] = request.base
@@ -323,14 +313,14 @@ def model_card(request: ExportRequest, load_code: str, export_command: str | Non
     if not request.structured:
         lines += ["", "obsdiff is not needed to load it: plain diffusers does."]
     lines += ["", "## Licence", ""]
-    if request.base is None:
-        lines.append("A model of obsdiff's own test zoo, under obsdiff's licence (Apache-2.0).")
-    else:
-        known = f" ({licence_name or licence})" if licence else ""
-        lines.append(
-            f"These are weights derived from `{request.base}`: its licence{known} applies to "
-            "them; read it on the base model's card before using or sharing them."
-        )
+    source = f"`{request.base or model}`"
+    lines.append(
+        f"These weights derive from {source}, whose licence ({licence_name or licence}) applies "
+        "to them: read it on its model card before using or sharing them."
+        if licence
+        else f"These weights derive from {source}: its licence applies to them; read it on the "
+        "base model's card before using or sharing them."
+    )
     lines += ["", "## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -49,22 +50,66 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CalibrationSettings:
-    """How calibration passes run."""
+    """The calibration set and how its passes run (the `calibration` config group; the
+    defaults of `obsdiff.prune`'s calibration arguments).
 
-    batch_size: int = 4
+    prompts:           a prompt file (GCC3M TSV, text, CSV, JSONL, COCO JSON), or `bundled`:
+                       obsdiff's demo prompts
+    format:            auto | tsv | txt | csv | jsonl | coco
+    column:            the CSV or JSONL column, the TSV header name
+    num_prompts:       how many prompts of the file; null: all
+    selection:         first (the reference code) | random (a sample seeded by `seed`)
+    seed:              calibration noise: image i of the prompt list uses seed + i
+    batch_size:        prompts per calibration pipeline call
+    include_uncond:    feed the CFG unconditional half to the statistics (the reference code)
+    hessian_precision: of the X^T X products: float32 | tf32 | bfloat16 (GPU speed; the sums
+                       stay float32)
+    """
+
+    prompts: str = "bundled"
+    format: str = "auto"
+    column: str = "caption"
+    num_prompts: int | None = field(default=None, metadata={"example": 100, "minimum": 1})
+    selection: str = "first"
     seed: int = 0
-    include_uncond: bool = True  # the reference code includes the CFG unconditional half
-    hessian_precision: str = "float32"  # X^T X products: float32 | tf32 | bfloat16
+    batch_size: int = field(default=4, metadata={"minimum": 1})
+    include_uncond: bool = True
+    hessian_precision: str = "float32"
+
+    def run_settings(self) -> dict[str, Any]:
+        """What changes the statistics besides the prompts themselves (their sha256 says which
+        they are): part of a run's key and of the statistics cache's."""
+        return {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "include_uncond": self.include_uncond,
+            "hessian_precision": self.hessian_precision,
+        }
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Where the work lives while pruning (the prune app's `offload.*`); the pruned weights are
+    the same whatever it says.
+
+    statistics: package statistics in CPU memory (pinned beside CUDA), one work unit's moved to
+                the device for its solve
+    components: every component but the denoiser (text encoders, VAE) in CPU memory while
+                pruning
+    """
+
+    statistics: bool = False
+    components: bool = False
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Where calibration and the solve keep their work; the pruned weights are the same
-    whatever it says (not part of a run's key)."""
+    """Where calibration and the solve keep their work: offloaded or not, and with several
+    ranks whether each solves its share of a package (`RunnerSettings.shard_solve`). Not part
+    of a run's key."""
 
-    offload_statistics: bool = False  # package statistics in CPU memory, pinned beside CUDA
-    offload_components: bool = False  # all but the denoiser off the device while pruning
-    shard_solve: bool = True  # several ranks: each solves its share of a package
+    offload: Offload
+    shard_solve: bool
 
 
 @dataclass
@@ -202,13 +247,13 @@ def calibrate_and_prune(
     step_weights: torch.Tensor,
     embeddings: list[dict[str, torch.Tensor]],
     settings: CalibrationSettings,
+    placement: Placement,
     start_package: int = 0,
     on_package_done: Callable[[int, LoopReport], None] | None = None,
     parallel: DataParallel | None = None,
     first_prompt: int = 0,
     cache: StatisticsCache | None = None,
     cache_key: str | None = None,
-    placement: Placement | None = None,
 ) -> LoopReport:
     """Run the loop from package `start_package` on: calibrate each package, then
     `solve_package(method, package, target)`; `on_package_done(index, report)` follows it.
@@ -219,11 +264,10 @@ def calibrate_and_prune(
 
     With `cache` and `cache_key` (`obsdiff.calibration.cache`), the first package's statistics
     are read from the cache when it holds them, else computed and written there. `placement`
-    (default: nothing offloaded, the solve sharded) says where the work lives."""
+    says where the work lives."""
     parallel = parallel or DataParallel()
-    placement = placement or Placement()
     denoiser = adapter.denoiser(pipe)
-    with components_released(pipe, denoiser, placement.offload_components):
+    with components_released(pipe, denoiser, placement.offload.components):
         tracker = StepTracker()
         report = LoopReport(packages_done=start_package)
         cfg_mode = adapter.cfg_mode()
@@ -237,7 +281,7 @@ def calibrate_and_prune(
                 settings.hessian_precision,
                 adapter,
                 all_kinds=cached,
-                offload=placement.offload_statistics,
+                offload=placement.offload.statistics,
             )
             started = time.perf_counter()
             hit = False

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats
@@ -22,10 +22,17 @@ from scipy import stats
 
 @dataclass(frozen=True)
 class BootstrapSettings:
-    resamples: int = 2000  # for means and paired differences (BCa)
-    fid_resamples: int = 200  # FID is recomputed per resample (a matrix square root each)
+    """eval.bootstrap: 95% intervals over prompts (scipy.stats.bootstrap), seeded.
+
+    resamples:     for means and paired differences (BCa); 0: no intervals
+    fid_resamples: FID is recomputed per resample (a matrix square root each); 0: no FID
+                   interval
+    """
+
+    resamples: int = field(default=2000, metadata={"minimum": 0})
+    fid_resamples: int = field(default=200, metadata={"minimum": 0})
     confidence: float = 0.95
-    seed: int = 0
+    seed: int = field(default=0, metadata={"minimum": 0})
 
     def __post_init__(self) -> None:
         if self.resamples < 0 or self.fid_resamples < 0:

@@ -66,10 +66,14 @@ class ModelAdapter(ABC):
         load_kwargs: dict[str, Any] | None = None,
         pipeline: DiffusionPipeline | None = None,
         architecture: str | None = None,
+        license: str | None = None,
+        license_name: str | None = None,
     ) -> None:
         """`pipeline`: a pipeline already in memory (the Python API), instead of a source.
         `architecture`: where the checkpoint's config files can be read without the hub: a
-        folder of `obsdiff/data/architectures/` (the real models') or a directory path."""
+        folder of `obsdiff/data/architectures/` (the real models') or a directory path.
+        `license`, `license_name`: the weights' licence as the Hub's model card fields name it
+        (`license_name` for `license: other`), which an export's model card repeats."""
         if [pretrained, tiny, pipeline].count(None) != 2:
             raise ModelConfigError(
                 f"model {name!r}: set exactly one of `pretrained` (a hub id or local path) "
@@ -113,6 +117,8 @@ class ModelAdapter(ABC):
         self.load_kwargs = dict(load_kwargs or {})
         self.pipeline = pipeline
         self.architecture = None if architecture is None else _architecture_dir(name, architecture)
+        self.license = license
+        self.license_name = license_name
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -131,6 +137,8 @@ class ModelAdapter(ABC):
             "in_memory": self.pipeline is not None,
             "seed": self.seed if self.tiny else None,
             "sampling": asdict(self.sampling),
+            "license": self.license,
+            "license_name": self.license_name,
         }
 
     def weights_fingerprint(self) -> str | None:

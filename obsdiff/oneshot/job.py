@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,9 @@ class JobError(ValueError):
 
 @dataclass
 class PruneJob:
+    """A prune run's typed settings, checked in every combination (`PruneSettings.job` builds
+    it from the plain settings, for the apps and the Python API alike)."""
+
     model: ModelAdapter
     model_config: dict[str, Any]
     method: PruningMethod
@@ -46,17 +49,17 @@ class PruneJob:
     prompts: PromptSet
     calibration: CalibrationSettings
     device: torch.device
-    blocks: tuple[int, int] | None = None
-    save: bool = True
-    keep_checkpoint: bool = False
-    statistics_cache: Path | None = None  # a folder: the first package's statistics reused
-    placement: Placement = field(default_factory=Placement)  # where the work lives (no key)
+    blocks: tuple[int, int] | None
+    save: bool
+    keep_checkpoint: bool
+    statistics_cache: Path | None  # a folder: the first package's statistics reused
+    placement: Placement  # where the work lives (not part of the key)
 
     def __post_init__(self) -> None:
         try:
             self.method.check_granularity(self.granularity.kind)
             self.target: Target = self.granularity.target(self.sparsity)
-            self.weighting.weights(self.model.sampling.num_inference_steps)
+            self.weighting.step_weights(self.model.sampling.num_inference_steps)
         except ValueError as err:
             raise JobError(str(err)) from err
         if self.packages < 1:
@@ -84,7 +87,7 @@ class PruneJob:
             "packages": self.packages,
             "blocks": None if self.blocks is None else list(self.blocks),
             "prompts_sha256": self.prompts.describe()["prompts_sha256"],
-            "calibration": asdict(self.calibration),
+            "calibration": self.calibration.run_settings(),
         }
 
     def first_package_identity(

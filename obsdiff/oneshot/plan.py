@@ -135,7 +135,7 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
     packages, _ = plan_packages(job, denoiser)
     cached_first = job.statistics_cache is not None
     per_package = package_statistics_bytes(denoiser, packages, job.method, cached_first)
-    offload = job.placement.offload_statistics
+    offload = job.placement.offload.statistics
     method = job.method
     costliest = 0
     for index, package in enumerate(packages):
@@ -165,7 +165,7 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
         solve_bytes=costliest,
         denoiser=job.model.denoiser_attr,
         offload_statistics=offload and method.needs_calibration,
-        offload_components=job.placement.offload_components,
+        offload_components=job.placement.offload.components,
     )
 
 
@@ -191,13 +191,13 @@ def choose_packages(
     fixed = finest.weights_bytes + finest.solve_bytes
     if fixed > budget_bytes:
         advice = "the weights and the costliest solve alone exceed it: "
-        if not job.placement.offload_components:
+        if not job.placement.offload.components:
             advice += "keep only the denoiser on the device (offload.components=true), or "
         advice += (
             "use a device with more memory, or drop a component the calibration does not need "
             "(SD3 and SD3.5: model.with_t5=false)"
         )
-    elif not job.placement.offload_statistics:
+    elif not job.placement.offload.statistics:
         advice = (
             "the statistics of its largest single unit do not fit beside them: keep them in "
             "CPU memory (offload.statistics=true), or use a device of at least "

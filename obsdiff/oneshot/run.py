@@ -104,7 +104,7 @@ def prune_pipeline(
     packages, targets = plan_packages(job, denoiser)
     params_before = sum(p.numel() for p in denoiser.parameters())
     flops_before = pipeline_flops(pipe, denoiser, job.model.call_kwargs())
-    step_weights = job.weighting.weights(job.model.denoising_steps(pipe))
+    step_weights = job.weighting.step_weights(job.model.denoising_steps(pipe))
     statistics_peak = peak_statistics_bytes(
         denoiser, packages, job.method, cached_first=job.statistics_cache is not None
     )
@@ -142,13 +142,13 @@ def prune_pipeline(
         step_weights,
         embeddings,
         job.calibration,
+        job.placement,
         start_package=previous.packages_done,
         on_package_done=on_package_done,
         parallel=parallel,
         first_prompt=shard.start,
         cache=cache,
         cache_key=key,
-        placement=job.placement,
     )
     report = _merged(previous, report)
 
@@ -238,10 +238,7 @@ def _manifest(
         "blocks": sorted({unit.block_index for p in packages for unit in p}),
         "calibration": {
             **job.prompts.describe(),
-            "batch_size": job.calibration.batch_size,
-            "seed": job.calibration.seed,
-            "include_uncond": job.calibration.include_uncond,
-            "hessian_precision": job.calibration.hessian_precision,
+            **job.calibration.run_settings(),
             "num_inference_steps": steps,
             "guidance_scale": job.model.sampling.guidance_scale,
             "resolution": [job.model.sampling.height, job.model.sampling.width],

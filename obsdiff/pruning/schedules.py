@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -112,37 +113,37 @@ def timestep_weights(
     return SCHEDULES[scheme](num_steps, alpha_min, alpha_max)
 
 
+@dataclass
 class TimestepWeighting:
-    """A weighting scheme from the `weighting` config group; T is bound by `weights(T)`.
+    """A weighting scheme (the `weighting` config group); T is bound by `step_weights(T)`.
 
-    `scheme` is one of `SCHEDULES` or `explicit` (then `weights` lists one weight per step).
+    scheme:               one of `SCHEDULES`, or `explicit`
+    alpha_min, alpha_max: the range of the weights (the reference code's 0.8 and 1.2; the paper
+                          states none)
+    weights:              `explicit` only: one positive weight per sampling step, first step first
     """
 
-    def __init__(
-        self,
-        scheme: str,
-        alpha_min: float = ALPHA_MIN,
-        alpha_max: float = ALPHA_MAX,
-        weights: Sequence[float] | None = None,
-    ) -> None:
-        if scheme == "explicit":
-            if not weights:
-                raise ValueError("the explicit weighting needs `weights`, one per sampling step")
-            explicit(len(weights), weights)  # validates
-        elif scheme not in SCHEDULES:
-            known = sorted(SCHEDULES) + ["explicit"]
-            raise ValueError(f"unknown timestep weighting {scheme!r}; use one of {known}")
-        else:
-            _check(1, alpha_min, alpha_max)
-        self.scheme = scheme
-        self.alpha_min = alpha_min
-        self.alpha_max = alpha_max
-        self.explicit_weights = list(weights) if weights is not None else None
+    scheme: str
+    alpha_min: float = ALPHA_MIN
+    alpha_max: float = ALPHA_MAX
+    weights: list[float] | None = None
 
-    def weights(self, num_steps: int) -> torch.Tensor:
+    def __post_init__(self) -> None:
         if self.scheme == "explicit":
-            assert self.explicit_weights is not None
-            return explicit(num_steps, self.explicit_weights)
+            if not self.weights:
+                raise ValueError("the explicit weighting needs `weights`, one per sampling step")
+            explicit(len(self.weights), self.weights)  # validates
+        elif self.scheme not in SCHEDULES:
+            known = sorted(SCHEDULES) + ["explicit"]
+            raise ValueError(f"unknown timestep weighting {self.scheme!r}; use one of {known}")
+        else:
+            _check(1, self.alpha_min, self.alpha_max)
+
+    def step_weights(self, num_steps: int) -> torch.Tensor:
+        """alpha_1..alpha_T for T = `num_steps` (float64)."""
+        if self.scheme == "explicit":
+            assert self.weights is not None
+            return explicit(num_steps, self.weights)
         return SCHEDULES[self.scheme](num_steps, self.alpha_min, self.alpha_max)
 
     def describe(self, num_steps: int) -> dict[str, object]:
@@ -150,5 +151,5 @@ class TimestepWeighting:
             "scheme": self.scheme,
             "alpha_min": self.alpha_min,
             "alpha_max": self.alpha_max,
-            "weights": [round(float(w), 6) for w in self.weights(num_steps)],
+            "weights": [round(float(w), 6) for w in self.step_weights(num_steps)],
         }

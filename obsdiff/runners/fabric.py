@@ -15,10 +15,19 @@ from obsdiff.runners.parallel import DataParallel
 
 @dataclass(frozen=True)
 class RunnerSettings:
+    """How an app's processes run (the `runner` config group).
+
+    accelerator: auto | cpu | cuda (Lightning Fabric's accelerator)
+    devices:     processes, one a device (-1: every visible GPU)
+    strategy:    auto (one process) | ddp (data-parallel calibration)
+    shard_solve: with several ranks, each solves its share of a package's work units
+                 (`obsdiff.calibration.solve`); false: every rank solves all of it
+    """
+
     accelerator: str = "auto"
     devices: int | str = 1
     strategy: str = "auto"
-    shard_solve: bool = True  # several ranks: each solves its share (obsdiff.calibration.solve)
+    shard_solve: bool = True
 
 
 def launch(settings: RunnerSettings, device: torch.device) -> tuple[torch.device, DataParallel]:

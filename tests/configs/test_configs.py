@@ -121,25 +121,69 @@ def test_sample_app_runs_every_tiny_model(tmp_path: Path) -> None:
         assert len(list(job.glob("0000*.png"))) == 2
 
 
-GROUPS = {
-    "method": ["obsdiff", "wanda", "dsnot", "magnitude", "dense"],
-    "granularity": ["unstructured", "semi_2_4", "semi_4_8", "structured"],
-    "weighting": ["uniform", "linear_increase", "linear_decrease", "log_increase", "log_decrease"],
-}
+# Every option of the prune app's groups, read from conf/: each builds its object.
+BUILT_GROUPS = ("method", "granularity", "weighting")
+OPTIONS = [
+    (group, path.stem)
+    for group in BUILT_GROUPS
+    for path in sorted((CONF_DIR / group).glob("*.yaml"))
+    if path.stem != "explicit"  # needs its list of weights: test_prune's bad settings
+]
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize(
-    ("group", "option"), [(g, o) for g, options in GROUPS.items() for o in options]
-)
-def test_prune_group_options_instantiate(group: str, option: str) -> None:
-    from obsdiff.app.config import instantiate
+def test_config_groups_are_the_registries() -> None:
+    """An option per registry entry and none else: METHODS, the granularities, SCHEDULES."""
+    from obsdiff.methods import METHODS
+    from obsdiff.methods.granularity import GRANULARITY_OPTIONS
+    from obsdiff.pruning.schedules import SCHEDULES
 
-    assert {p.stem for p in (CONF_DIR / group).glob("*.yaml")} >= set(GROUPS[group])
+    def options(group: str) -> set[str]:
+        return {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+
+    assert options("method") == set(METHODS)
+    assert options("granularity") == {o for kind in GRANULARITY_OPTIONS.values() for o in kind}
+    assert options("weighting") == set(SCHEDULES) | {"explicit"}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("group", "option"), OPTIONS)
+def test_prune_group_options_build(group: str, option: str) -> None:
+    from obsdiff.app.config import build
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="prune", overrides=[f"{group}={option}"])
-    obj = instantiate(cfg[group], object, group)
+    obj = build(cfg[group], object, group)
     assert type(obj).__module__.startswith("obsdiff.")
+    if group == "method":
+        assert obj.name == option  # type: ignore[attr-defined]
+
+
+@pytest.mark.unit
+def test_defaults_come_from_the_settings_dataclasses() -> None:
+    """The composed prune config holds each dataclass's defaults, and the Python API's
+    keyword defaults are the same objects' (each default said once)."""
+    import inspect
+
+    import obsdiff
+    from obsdiff.app.config import settings
+    from obsdiff.calibration.sequential import CalibrationSettings
+    from obsdiff.methods import ObsDiff
+    from obsdiff.oneshot.settings import PruneSettings
+    from obsdiff.utils.settings import from_mapping, plain_defaults
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="prune", overrides=["calibration=tiny"], return_hydra_config=True)
+    assert settings(cfg, PruneSettings, only=PruneSettings.values()) == PruneSettings()
+    choices = cfg.hydra.runtime.choices
+    assert {g: choices[g] for g in PruneSettings.GROUPS} == {
+        g: getattr(PruneSettings(), g) for g in PruneSettings.GROUPS
+    }
+    method = {k: v for k, v in cfg.method.items() if k != "_target_"}
+    assert from_mapping(ObsDiff, method) == ObsDiff() and method == plain_defaults(ObsDiff)
+    signature = inspect.signature(obsdiff.api.prune).parameters
+    assert signature["sparsity"].default == PruneSettings().sparsity
+    assert signature["batch_size"].default == CalibrationSettings().batch_size
 
 
 @pytest.mark.integration
@@ -196,14 +240,14 @@ TOY_RECIPES = sorted(p.stem for p in (CONF_DIR / "experiment").glob("toy_*.yaml"
 @pytest.mark.unit
 @pytest.mark.parametrize("recipe", TOY_RECIPES)
 def test_toy_benchmark_recipes_compose_with_the_toy_protocol(recipe: str) -> None:
-    from obsdiff.app.config import instantiate
+    from obsdiff.app.config import build
     from obsdiff.methods import PruningMethod
 
     cfg = _compose_recipe(recipe)
     choices = cfg.hydra.runtime.choices
     assert (choices.model, choices.calibration, choices.eval) == ("toy", "toy", "toy")
     assert cfg.hydra.sweeper.params and cfg.save is False
-    method = instantiate(cfg.method, PruningMethod, "method")
+    method = build(cfg.method, PruningMethod, "method")
     if recipe == "toy_7_dsnot_official":  # DSnoT's official threshold and skipped MLP layers
         assert method.reference_tokens is None and method.skip_mlp is True
 

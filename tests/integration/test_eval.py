@@ -211,7 +211,7 @@ def test_a_model_against_itself_sampling_overrides_and_latency(
     infinite PSNR, SSIM 1, LPIPS 0, latent error 0. Evaluation-only sampling overrides render
     other images and leave the pipeline as it was; the latency comparison swaps denoisers and
     puts the pipeline's own back."""
-    from obsdiff.api import evaluation_settings
+    from obsdiff.api import evaluation_options, evaluation_settings
     from obsdiff.eval.efficiency import compare_latency
     from obsdiff.eval.harness import evaluate_pipeline
 
@@ -221,10 +221,9 @@ def test_a_model_against_itself_sampling_overrides_and_latency(
     def settings(**options: object):  # type: ignore[no-untyped-def]
         return evaluation_settings(
             prompts,
-            metrics=[],
-            lpips="tiny",
-            images_per_prompt=2,
-            **options,  # type: ignore[arg-type]
+            evaluation_options(
+                metrics=[], dense_relative={"lpips": "tiny"}, images_per_prompt=2, **options
+            ),
         )
 
     dense = evaluate_pipeline(pipe, tiny_model, settings(), tmp_path / "dense")

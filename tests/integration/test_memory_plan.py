@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import obsdiff
-from obsdiff.app.config import CONF_DIR, ConfigError
+from obsdiff.app.config import CONF_DIR
 from obsdiff.app.settings import build_prune_job
 from obsdiff.calibration import sequential
 from obsdiff.models import ModelLoadError
@@ -142,7 +142,7 @@ def test_packages_auto_picks_the_fewest_that_fit(compose_prune) -> None:  # type
         auto.packages
         == obsdiff.memory_plan("sd3_medium", packages="auto", memory_budget=20).packages
     )
-    with pytest.raises(ConfigError, match="packages=auto needs memory_budget"):
+    with pytest.raises(JobError, match="packages=auto needs memory_budget"):
         build_prune_job(compose_prune("model=sd3_medium", "packages=auto"), reach_model=False)
 
 

@@ -109,7 +109,7 @@ def test_anything_the_statistics_depend_on_changes_the_key(job_for) -> None:  # 
     for same in ("method=wanda", "sparsity=0.3", "granularity=semi_2_4", "device=cpu"):
         assert key(same) == base, same
     changed = [
-        "seed=1",
+        "calibration.seed=1",
         "calibration.num_prompts=1",
         "calibration.batch_size=1",
         "calibration.include_uncond=false",

@@ -1,0 +1,139 @@
+"""The plain settings of a prune run, said once: the prune app's top-level keys take their
+defaults from `PruneSettings` (the app layer registers it with Hydra), `obsdiff.prune` and
+`obsdiff.memory_plan` take their keyword defaults from it, and both build their job with
+`PruneSettings.job`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from obsdiff.calibration.sequential import CalibrationSettings, Offload, Placement
+from obsdiff.methods.base import PruningMethod
+from obsdiff.methods.granularity import Granularity
+from obsdiff.models.base import ModelAdapter
+from obsdiff.oneshot.job import JobError, PruneJob, check_layout
+from obsdiff.oneshot.plan import GB, choose_packages, memory_plan
+from obsdiff.prompts.files import BUNDLED_PROMPTS, PromptSet, load_prompts
+from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.utils.devices import resolve_device
+
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"  # packages=auto: the fewest packages that fit memory_budget
+BLOCKS_HINT = "blocks must be null (the granularity's default) or [start, end), e.g. blocks=[1,23]"
+
+
+@dataclass
+class PruneSettings:
+    """What a prune run does, as plain values.
+
+    method, granularity, weighting: the default option of each config group (`obsdiff.prune`'s
+                      default method, granularity and weighting scheme)
+    sparsity:         target sparsity of the target linears, in [0, 1); N:M needs N / M
+    packages:         module packages (paper Sec. 4.2): 1 = one pass for everything, the number
+                      of basic units = layer by layer; `auto`: the fewest whose predicted peak
+                      fits `memory_budget`
+    memory_budget:    GB (1e9 bytes) of the device, for packages=auto (else a warning when the
+                      memory plan exceeds it)
+    plan_only:        print the memory plan (from the model's config files) and stop
+    statistics_cache: a folder (e.g. `${paths.output_root}/statistics`): the first package's
+                      statistics computed once and reused by every job that shares them
+    offload:          where the work lives while pruning (`Offload`); the weights are the same
+    blocks:           [start, end) block range; null: the granularity's default (all blocks;
+                      structured SD3 and Flux: the first and last kept)
+    device:           auto | cpu | cuda | cuda:N
+    save:             write the pruned denoiser (safetensors) and its manifest
+    keep_checkpoint:  keep `checkpoint/` (resume state, a full copy of the denoiser) after a
+                      finished run
+    """
+
+    method: str = "obsdiff"
+    granularity: str = "unstructured"
+    weighting: str = "log_decrease"
+    sparsity: float = 0.5
+    packages: int | str = 4
+    memory_budget: float | None = field(default=None, metadata={"example": 24, "minimum": 0.001})
+    plan_only: bool = False
+    statistics_cache: str | None = None
+    offload: Offload = field(default_factory=Offload)
+    blocks: tuple[int, int] | None = field(default=None, metadata={"hint": BLOCKS_HINT})
+    device: str = "auto"
+    save: bool = True
+    keep_checkpoint: bool = False
+
+    # the fields that are config groups in the apps (their default option), not values
+    GROUPS = ("method", "granularity", "weighting")
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        """The fields that are plain values (the prune app's top-level keys)."""
+        return tuple(f.name for f in fields(cls) if f.name not in cls.GROUPS)
+
+    def job(
+        self,
+        model: ModelAdapter,
+        model_config: dict[str, Any],
+        method: PruningMethod,
+        granularity: Granularity,
+        weighting: TimestepWeighting,
+        prompts: PromptSet,
+        calibration: CalibrationSettings,
+        shard_solve: bool,
+        reach_model: bool = True,
+    ) -> PruneJob:
+        """The checked job: every combination and the model's layout from its architecture
+        alone (nothing loaded; `reach_model`: also that the checkpoint can be reached), the
+        package count chosen for `memory_budget` with packages=auto."""
+        auto = self.packages == AUTO
+        if isinstance(self.packages, str) and not auto:
+            raise JobError(f"packages={self.packages!r} is not an integer or auto; e.g. 4")
+        if auto and self.memory_budget is None:
+            raise JobError("packages=auto needs memory_budget=<GB of the device>, e.g. 24")
+        job = PruneJob(
+            model=model,
+            model_config=model_config,
+            method=method,
+            granularity=granularity,
+            sparsity=self.sparsity,
+            weighting=weighting,
+            packages=1 if auto else int(self.packages),
+            prompts=prompts,
+            calibration=calibration,
+            device=resolve_device(self.device),
+            blocks=self.blocks,
+            save=self.save,
+            keep_checkpoint=self.keep_checkpoint,
+            statistics_cache=None if self.statistics_cache is None else Path(self.statistics_cache),
+            placement=Placement(self.offload, shard_solve),
+        )
+        budget = None if self.memory_budget is None else self.memory_budget * GB
+        if auto:
+            assert budget is not None
+            job = choose_packages(job, budget)  # fits by construction
+        check_layout(job, reach_model)
+        if budget is not None and not auto and not (plan := memory_plan(job)).fits(budget):
+            log.warning(
+                "predicted peak %.2f GB exceeds memory_budget=%g GB with packages=%d; "
+                "packages=auto picks the fewest that fit",
+                plan.predicted_peak_bytes / GB,
+                budget / GB,
+                job.packages,
+            )
+        return job
+
+
+def calibration_prompts(settings: CalibrationSettings) -> PromptSet:
+    """The calibration set `settings` names (the bundled demo prompts for `bundled`)."""
+    return load_prompts(
+        BUNDLED_PROMPTS if settings.prompts == "bundled" else settings.prompts,
+        num_prompts=settings.num_prompts,
+        fmt=settings.format,
+        column=settings.column,
+        selection=settings.selection,
+        seed=settings.seed,
+    )
