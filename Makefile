@@ -83,8 +83,12 @@ run: $(STAMP) ## the main job: prune the toy model (OBS-Diff 50%), evaluate dens
 sample: $(STAMP) ## sample every tiny pipeline once (images, grid, record per model)
 	$(PY) -m obsdiff.sample --multirun 'model=glob(tiny_*)'
 
-test: $(STAMP) ## run every test tier except gpu (offline, W&B disabled)
-	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+# pytest-xdist: a worker per core (`-n auto`); tests that share an expensive module fixture carry
+# one xdist_group, so the fixture is made once (`--dist loadgroup`).
+XDIST := -n auto --dist loadgroup
+
+test: $(STAMP) ## run every test tier except gpu (offline, W&B disabled), on every core
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest $(XDIST) -m "not gpu" $(PYTEST_ARGS)
 
 # Every `unit` test wherever it lives: tests/unit, the config composition tests in tests/configs,
 # the sharding test in tests/integration.
@@ -92,7 +96,7 @@ test-fast: $(STAMP) ## the fast tier: only the unit tests, config composition in
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -m unit $(PYTEST_ARGS)
 
 test-all: $(STAMP) ## run every tier, gpu included (gpu tests skip themselves without CUDA)
-	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-gpu: $(STAMP) ## run only the gpu tier
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -m gpu $(PYTEST_ARGS)
@@ -110,7 +114,7 @@ typecheck: $(STAMP) ## static types (mypy) on the package
 	$(VENV)/bin/mypy
 
 docs: $(STAMP) ## build the manual (docs/, mkdocs.yml) into site/; a broken link or reference fails
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 docs-serve: $(STAMP) ## serve the manual on http://127.0.0.1:8000 while you edit it
 	$(VENV)/bin/mkdocs serve

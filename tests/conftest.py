@@ -15,6 +15,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`make test`: a worker per core) each worker, and every process it starts,
+# computes on one thread: two threads each would fight over the cores. Set before torch is
+# imported, so the worker's own results and its subprocesses' run the same kernels.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 _real_connect = socket.socket.connect
 

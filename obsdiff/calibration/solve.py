@@ -27,6 +27,7 @@ from obsdiff.methods.package import Package, PruneRecord, Structured, Target
 from obsdiff.methods.structured import prune_structured
 from obsdiff.models.surgery import restore_shapes, shapes
 from obsdiff.runners.parallel import DataParallel
+from obsdiff.utils.progress import progress
 
 
 log = logging.getLogger(__name__)
@@ -81,14 +82,17 @@ def solve_package(
     parallel = parallel or DataParallel()
     units = work_units(method, package, target)
     if parallel.world_size == 1 or not shard:
-        return package_order(package, [r for u in units for r in prune_unit(method, u, target)])
+        records = []
+        for unit in progress(units, "solve", "work unit", leave=False):
+            records += prune_unit(method, unit, target)
+        return package_order(package, records)
     costs = [unit.cost() for unit in units]
     owners = assign_units(costs, parallel.world_size)
     started = time.perf_counter()
     solved: dict[int, list[PruneRecord]] = {}
-    for index, (unit, owner) in enumerate(zip(units, owners, strict=True)):
-        if owner == parallel.rank:
-            solved[index] = prune_unit(method, unit, target)
+    mine = [i for i, owner in enumerate(owners) if owner == parallel.rank]
+    for index in progress(mine, f"solve (rank {parallel.rank})", "work unit", leave=False):
+        solved[index] = prune_unit(method, units[index], target)
     seconds = time.perf_counter() - started
     by_rank = parallel.all_gather_object((solved, seconds))
     total = max(sum(costs), 1e-30)

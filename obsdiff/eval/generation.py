@@ -71,8 +71,7 @@ def render(
             last["latents"] = tensors["latents"]
             return tensors
 
-        kwargs = {"callback_on_step_end": keep_latents}
-        kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+        kwargs = model.step_callback(pipe, keep_latents, latents=True)
     with torch.inference_mode():
         result = pipe(
             prompt=prompts,

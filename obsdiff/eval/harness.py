@@ -50,6 +50,7 @@ from obsdiff.runners.parallel import DataParallel
 from obsdiff.toy.data import covering_prompts
 from obsdiff.utils.images import captioned_grid, image_name, make_grid
 from obsdiff.utils.io import write_json, write_text
+from obsdiff.utils.progress import heartbeat
 from obsdiff.utils.scores import ImageScores
 
 
@@ -282,7 +283,8 @@ def evaluate_pipeline(
         grid: list[Image.Image] = [Image.open(file) for file in files[: settings.grid_size]]
         make_grid(grid).save(out_dir / GRID_FILE)
         evaluation.grid_prompts = prompts[: settings.grid_size]
-        _score(pipe, model, settings, out_dir, manifest, dense, evaluation)
+        with heartbeat(f"{model.name} on {settings.name}: scoring"):
+            _score(pipe, model, settings, out_dir, manifest, dense, evaluation)
         if dense is not None and Path(dense.images_dir).resolve() != (out_dir / IMAGES).resolve():
             rows = min(settings.grid_size, 8)
             title = f"{model.name}: dense | this model (same prompt and seed)"
@@ -291,9 +293,10 @@ def evaluate_pipeline(
             )
             evaluation.comparison = str((out_dir / COMPARISON_FILE).resolve())
         if settings.efficiency_repeats > 0:
-            evaluation.efficiency = measure_efficiency(
-                pipe, model, repeats=settings.efficiency_repeats
-            )
+            with heartbeat(f"{model.name}: timing {settings.efficiency_repeats} generations"):
+                evaluation.efficiency = measure_efficiency(
+                    pipe, model, repeats=settings.efficiency_repeats
+                )
         write_json(out_dir / METRICS_FILE, evaluation.as_dict())
     parallel.barrier()
     if not parallel.is_main:
@@ -489,7 +492,8 @@ def latency_against_dense(
     device = next(model.denoiser(pipe).parameters()).device
     dense = model.denoiser(model.load()).to(device)  # the rest of that pipeline is dropped
     try:
-        return compare_latency(pipe, model, dense, repeats)
+        with heartbeat(f"{model.name}: timing dense and pruned, {repeats} each"):
+            return compare_latency(pipe, model, dense, repeats)
     finally:
         del dense
         gc.collect()

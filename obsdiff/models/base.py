@@ -424,10 +424,24 @@ class ModelAdapter(ABC):
         return pipe(
             **embeddings,
             **self.calibration_kwargs(),
+            **self.step_callback(pipe, on_step_end),
             generator=generators,
             output_type="latent",
-            callback_on_step_end=on_step_end,
         )
+
+    def step_callback(
+        self,
+        pipe: DiffusionPipeline,
+        on_step_end: Callable[..., dict[str, Any]],
+        latents: bool = False,
+    ) -> dict[str, Any]:
+        """The pipeline keyword arguments that call `on_step_end(pipe, i, t, tensors)` after
+        denoising step i (`latents`: with the step's latents in `tensors["latents"]`):
+        `callback_on_step_end`, which the pipelines of every family but PixArt's take."""
+        kwargs: dict[str, Any] = {"callback_on_step_end": on_step_end}
+        if latents:
+            kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+        return kwargs
 
     def __repr__(self) -> str:
         source = f"tiny={self.tiny!r}" if self.tiny else f"pretrained={self.pretrained!r}"

@@ -11,6 +11,7 @@ one doubled batch `[uncond, cond]` per step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,6 +61,21 @@ class PixArtAdapter(BasicBlockAdapter):
         """The pipeline's default negative prompt ("") would clash with the precomputed
         negative embeddings: None here."""
         return super().calibration_kwargs() | {"negative_prompt": None}
+
+    def step_callback(
+        self,
+        pipe: DiffusionPipeline,
+        on_step_end: Callable[..., dict[str, Any]],
+        latents: bool = False,
+    ) -> dict[str, Any]:
+        """PixArt-Sigma's pipeline reports a finished step through the legacy
+        `callback(step, timestep, latents)` only (it takes `callback_on_step_end` into its
+        `**kwargs` and never calls it)."""
+
+        def callback(step: int, timestep: Any, step_latents: torch.Tensor) -> None:
+            on_step_end(pipe, step, timestep, {"latents": step_latents})
+
+        return {"callback": callback, "callback_steps": 1}
 
     def call_kwargs(self, sampling: SamplingDefaults | None = None) -> dict[str, Any]:
         """As the base, without resolution binning (the sizes asked are the sizes made) and

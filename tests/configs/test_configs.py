@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,16 +10,12 @@ import pytest
 from app_runner import run_app
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from registry import REAL_MODELS, SHIPPED_MODELS, TINY_MODELS
 
 from obsdiff.app.config import CONF_DIR, ConfigError, instantiate_model
 from obsdiff.models import SD3Adapter
 
 
-REAL_MODELS = {"sd3_medium", "sd35_medium", "sd35_large", "flux_dev", "flux_schnell", "sdxl_base"}
-REAL_MODELS |= {"sd21_base", "sd15", "pixart_sigma"}
-TINY_MODELS = {"tiny_sd3", "tiny_sd35", "tiny_flux", "tiny_sdxl", "tiny_sd21", "tiny_sd15"}
-TINY_MODELS |= {"tiny_pixart"}
-TOY_MODEL = "toy"
 MODEL_CONFIGS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
@@ -33,8 +30,12 @@ def compose_sample() -> Iterator:  # type: ignore[type-arg]
 
 
 @pytest.mark.unit
-def test_every_documented_model_has_a_config() -> None:
-    assert set(MODEL_CONFIGS) == REAL_MODELS | TINY_MODELS | {TOY_MODEL}
+def test_every_model_config_is_in_the_readmes_model_table_and_only_those() -> None:
+    readme = (CONF_DIR.parent / "README.md").read_text()
+    table = readme.split("## Models", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z0-9_]+)` \|", table, flags=re.MULTILINE))
+    assert documented == set(MODEL_CONFIGS)
+    assert set(MODEL_CONFIGS) == set(REAL_MODELS) | set(TINY_MODELS) | set(SHIPPED_MODELS)
 
 
 @pytest.mark.unit
@@ -48,7 +49,7 @@ def test_model_config_instantiates(name: str, compose_sample) -> None:  # type: 
         side = 1024 if name == "pixart_sigma" else 512
         assert (adapter.sampling.height, adapter.sampling.width) == (side, side)
         assert adapter.dtype in ("float16", "bfloat16")
-    elif name == TOY_MODEL:  # the committed pipeline directory, loaded like a checkpoint
+    elif name in SHIPPED_MODELS:  # the committed toy pipeline, loaded like a checkpoint
         assert (
             adapter.tiny is None and (Path(str(adapter.pretrained)) / "model_index.json").is_file()
         )

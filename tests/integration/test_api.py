@@ -29,18 +29,26 @@ CLI = ["model=toy", "calibration=toy", "model.sampling.num_inference_steps=4"]
 CLI += ["calibration.num_prompts=8", "packages=2"]
 
 
-@pytest.mark.parametrize(
-    ("granularity", "sparsity"), [("unstructured", 0.5), ("semi_2_4", 0.5), ("structured", 0.2)]
-)
-def test_prune_in_memory_equals_the_prune_app(
-    granularity: str, sparsity: float, tmp_path: Path
-) -> None:
+GRANULARITIES = ["unstructured", "semi_2_4", "structured"]  # sweep jobs 0, 1, 2 at 50%
+
+
+@pytest.fixture(scope="module")
+def cli_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The prune app's sweep over the three granularities: one process for the three runs."""
+    sweep = tmp_path_factory.mktemp("cli")
     result = run_app(
-        "obsdiff.prune", *CLI, f"granularity={granularity}", f"sparsity={sparsity}",
-        f"hydra.run.dir={tmp_path / 'cli'}",
+        "obsdiff.prune", "-m", *CLI, f"granularity={','.join(GRANULARITIES)}", "sparsity=0.5",
+        f"hydra.sweep.dir={sweep}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    saved = safetensors.torch.load_file(str(tmp_path / "cli" / "denoiser.safetensors"))
+    return sweep
+
+
+@pytest.mark.xdist_group("api_cli_sweep")  # the sweep runs once, on one worker
+@pytest.mark.parametrize("job", range(len(GRANULARITIES)))
+def test_prune_in_memory_equals_the_prune_app(job: int, cli_sweep: Path, tmp_path: Path) -> None:
+    granularity, sparsity = GRANULARITIES[job], 0.5
+    saved = safetensors.torch.load_file(str(cli_sweep / str(job) / "denoiser.safetensors"))
 
     # plain diffusers; an SD3 pipeline saved without T5 needs both components passed as None
     pipe = DiffusionPipeline.from_pretrained(str(TOY), text_encoder_3=None, tokenizer_3=None)
@@ -54,7 +62,8 @@ def test_prune_in_memory_equals_the_prune_app(
     written = safetensors.torch.load_file(str(tmp_path / "api" / "denoiser.safetensors"))
     for name, tensor in saved.items():
         assert torch.equal(state[name], tensor) and torch.equal(written[name], tensor), name
-    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("cli", "api")]
+    runs = (cli_sweep / str(job), tmp_path / "api")
+    manifests = [json.loads((run / "manifest.json").read_text()) for run in runs]
     assert manifests[0]["records"] == manifests[1]["records"]
     assert manifests[0].get("structure") == manifests[1].get("structure")
     assert not (tmp_path / "api" / "checkpoint").exists()  # gone once the model is saved

@@ -122,6 +122,8 @@ def test_refused_resume_changes_nothing(
     common = [*TINY, *extra, f"paths.output_root={tmp_path}", f"hydra.run.dir={run}"]
     first = run_app(app, *common)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert (run / "denoiser.safetensors").is_file()
+    assert not (run / "checkpoint").exists()  # gone once the run is recorded (keep_checkpoint)
     before, dense_before = snapshot(run), snapshot(tmp_path / "dense")
     again = run_app(app, *common, change)
     output = again.stdout + again.stderr
@@ -181,29 +183,22 @@ def test_interrupted_run_reads_incomplete_then_resumes(tmp_path: Path) -> None:
     assert not (run / "checkpoint").exists() and not (run / "denoiser.safetensors").exists()
 
 
-def test_keep_checkpoint_keeps_it_and_every_app_names_its_directory(tmp_path: Path) -> None:
+def test_keep_checkpoint_a_line_per_package_and_the_run_directory_last(tmp_path: Path) -> None:
+    """A 4-package prune that keeps its checkpoint: a few lines per package off a terminal, not
+    one per denoising step, and `run directory: <path>` last (a plain run leaves no checkpoint:
+    test_refused_resume_changes_nothing)."""
     run = tmp_path / "run"
-    result = run_app("obsdiff.prune", *TINY, "keep_checkpoint=true", f"hydra.run.dir={run}")
+    result = run_app("obsdiff.prune", *TINY, "packages=4", "keep_checkpoint=true",
+                     f"hydra.run.dir={run}")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert [f.name for f in (run / "checkpoint").glob("*.safetensors")] == [
-        "denoiser-2.safetensors"
+        "denoiser-4.safetensors"
     ]
-    assert result.stdout.strip().splitlines()[-1].endswith(f"run directory: {run}")
-    assert (run / "prune.log").read_text().count("run directory") == 1
-    plain = tmp_path / "plain"
-    result = run_app("obsdiff.prune", *TINY, f"hydra.run.dir={plain}")
-    assert result.returncode == 0 and not (plain / "checkpoint").exists()
-    assert (plain / "denoiser.safetensors").is_file()
-
-
-def test_logs_have_no_bar_flood_off_a_terminal(tmp_path: Path) -> None:
-    """A 4-package prune writes a few lines per package, not one per denoising step."""
-    run = tmp_path / "run"
-    result = run_app("obsdiff.prune", *TINY, "packages=4", f"hydra.run.dir={run}")
-    assert result.returncode == 0, result.stderr[-3000:]
     lines = (result.stdout + result.stderr).splitlines()
     assert len(lines) <= 12, "\n".join(lines)
     assert sum("package " in line and "calibration" in line for line in lines) == 4
+    assert result.stdout.strip().splitlines()[-1].endswith(f"run directory: {run}")
+    assert (run / "prune.log").read_text().count("run directory") == 1
 
 
 CRASH_AT_30_PERCENT = textwrap.dedent(

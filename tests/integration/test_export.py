@@ -14,11 +14,9 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-import yaml
 from app_runner import run_app
 
 import obsdiff
-from obsdiff.app.config import CONF_DIR
 from obsdiff.artifacts.export import ExportError, check_export, upload
 from obsdiff.artifacts.record import RunRecord
 
@@ -83,6 +81,7 @@ def generate(pipe: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     return pipe(PROMPT, generator=generator, output_type="latent", **kwargs).images
 
 
+@pytest.mark.xdist_group("export_runs")  # the module's runs are made once, on one worker
 @pytest.mark.parametrize("name", ["tiny, evaluated", "tiny 2:4 wanda", "toy 2:4"])
 def test_plain_diffusers_loads_the_export(tmp_path: Path, runs: dict[str, Path], name: str) -> None:
     run_dir = runs[name]
@@ -137,6 +136,7 @@ def test_plain_diffusers_loads_the_export(tmp_path: Path, runs: dict[str, Path],
         assert "text_encoder_3=None, tokenizer_3=None" in card
 
 
+@pytest.mark.xdist_group("export_runs")  # the module's runs are made once, on one worker
 def test_structured_export_reloads_with_identical_outputs(
     tmp_path: Path, runs: dict[str, Path]
 ) -> None:
@@ -156,6 +156,7 @@ def test_structured_export_reloads_with_identical_outputs(
     assert torch.equal(generate(original.pipeline, kwargs), generate(exported.pipeline, kwargs))
 
 
+@pytest.mark.xdist_group("export_runs")  # the module's runs are made once, on one worker
 def test_reference_export_holds_the_denoiser_alone(tmp_path: Path, runs: dict[str, Path]) -> None:
     run_dir = runs["toy 2:4"]
     out = obsdiff.export(run_dir, tmp_path / "exported", components="reference")
@@ -169,6 +170,7 @@ def test_reference_export_holds_the_denoiser_alone(tmp_path: Path, runs: dict[st
     assert all(torch.equal(loaded[k], v) for k, v in pruned.denoiser.state_dict().items())
 
 
+@pytest.mark.xdist_group("export_runs")  # the module's runs are made once, on one worker
 def test_bad_inputs_are_refused_before_anything_is_written(
     tmp_path: Path, runs: dict[str, Path]
 ) -> None:
@@ -222,6 +224,7 @@ class FakeHub:
         return "https://huggingface.co/me/model/commit/0"
 
 
+@pytest.mark.xdist_group("export_runs")  # the module's runs are made once, on one worker
 def test_push_to_hub_forms_the_upload_and_sends_nothing(
     tmp_path: Path, runs: dict[str, Path]
 ) -> None:
@@ -250,39 +253,3 @@ def test_push_to_hub_forms_the_upload_and_sends_nothing(
     assert (tmp_path / "again" / "model_index.json").is_file()
     card = (tmp_path / "again" / "README.md").read_text()
     assert 'DiffusionPipeline.from_pretrained("me/x")' in card_code(card)  # where it will be
-
-
-PUBLISHED_LICENCES = {  # the Hub's licence fields of each shipped real model's card
-    "sd3_medium": ("other", "stabilityai-ai-community"),
-    "sd35_medium": ("other", "stabilityai-ai-community"),
-    "sd35_large": ("other", "stabilityai-ai-community"),
-    "flux_dev": ("other", "flux-1-dev-non-commercial-license"),
-    "flux_schnell": ("apache-2.0", None),
-    "sdxl_base": ("openrail++", None),
-    "sd21_base": ("openrail++", None),
-    "sd15": ("creativeml-openrail-m", None),
-    "pixart_sigma": ("openrail++", None),
-}
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
-def test_the_model_card_names_the_base_models_licence(model: str, tmp_path: Path) -> None:
-    """Every model config states its licence; the card of an export carries it, in its front
-    matter and its Licence section (real models: as their own cards publish it)."""
-    from obsdiff.api import model_from_config
-    from obsdiff.artifacts.export import ExportRequest, model_card
-
-    config = yaml.safe_load((CONF_DIR / "model" / f"{model}.yaml").read_text())
-    adapter = model_from_config(model)
-    expected = PUBLISHED_LICENCES.get(model, ("apache-2.0", None))  # else obsdiff's own
-    assert (adapter.license, adapter.license_name) == expected
-    manifest = {"model": adapter.describe(), "model_config": config, "method": {"name": "wanda"}}
-    request = ExportRequest(
-        tmp_path, tmp_path / "out", manifest, None, False, "copy", adapter.pretrained
-    )
-    card = model_card(request, "load code")
-    front = yaml.safe_load(card.split("---")[1])
-    assert (front["license"], front.get("license_name")) == expected
-    licence_section = card.split("## Licence", 1)[1].split("##", 1)[0]
-    assert f"({expected[1] or expected[0]})" in licence_section

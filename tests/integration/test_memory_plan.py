@@ -17,6 +17,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from registry import REAL_MODELS
 
 import obsdiff
 from obsdiff.app.config import CONF_DIR
@@ -168,8 +169,8 @@ def test_plan_only_prints_the_plan_and_leaves_nothing(tmp_path: Path) -> None:
     assert not any(p.is_file() for p in (tmp_path / "run").rglob("*"))
 
 
-@pytest.mark.parametrize("model", ["sd21_base", "sd15", "pixart_sigma"])
-def test_new_real_models_fail_offline_with_one_clear_message(model: str) -> None:
+@pytest.mark.parametrize("model", REAL_MODELS)
+def test_real_models_fail_offline_with_one_clear_message(model: str) -> None:
     """Here (no hub) the checkpoint cannot be reached: one error naming it and the fix, while
     the shipped configs still give the plan."""
     adapter = obsdiff.api.model_from_config(model)

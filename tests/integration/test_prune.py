@@ -1,5 +1,6 @@
-"""The prune app on every tiny family: exact sparsity, valid patterns, safe round trip, resume,
-clear errors before any work."""
+"""The prune app on every tiny model and every method (from the registries): exact sparsity,
+valid patterns, the saved model loads back and computes the same, resume, clear errors before any
+work."""
 
 from __future__ import annotations
 
@@ -12,12 +13,22 @@ import safetensors.torch
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from registry import (
+    CALIBRATION_OVERRIDES,
+    PATTERN_GRANULARITIES,
+    PATTERN_METHODS,
+    STRUCTURED_METHODS,
+    TINY_MODELS,
+    covering,
+    prunes,
+)
 
 from obsdiff.app.config import CONF_DIR, ConfigError
 from obsdiff.app.settings import build_prune_job as build_job
 from obsdiff.artifacts.pruned import PrunedModel, load_pruned
 from obsdiff.calibration.hooks import count_hooks
 from obsdiff.eval.generation import generate
+from obsdiff.methods import METHODS
 from obsdiff.models.loading import ModelLoadError
 from obsdiff.oneshot.job import JobError
 from obsdiff.oneshot.run import prune_pipeline
@@ -27,19 +38,18 @@ from obsdiff.pruning.patterns import num_to_prune
 
 pytestmark = pytest.mark.integration
 
-FAMILY_OVERRIDES = {
-    "tiny_sd3": [],
-    "tiny_sd35": [],
-    # Flux-dev with real CFG: two denoiser calls per step, the unconditional one second
-    "tiny_flux": ["model.sampling.true_cfg_scale=3.0", "model.sampling.negative_prompt=''"],
-    "tiny_sdxl": [],
-    "tiny_sd21": [],
-    "tiny_sd15": [],
-    "tiny_pixart": [],
-}
 FAST = ["model.sampling.num_inference_steps=2", "packages=2", "calibration.num_prompts=2"]
 TINY = {"model": "tiny_sd3", "calibration": "tiny"}
-UNETS = {"tiny_sdxl", "tiny_sd21", "tiny_sd15", "tiny_pixart"}  # every block is pruned
+# every tiny model at every pattern granularity, every method at every granularity; Dense (the
+# reference row, nothing pruned) once
+PATTERN_CASES = covering(
+    TINY_MODELS, [m for m in PATTERN_METHODS if prunes(m)], PATTERN_GRANULARITIES
+)
+PATTERN_CASES.append(("tiny_sd3", "dense", "unstructured"))
+STRUCTURED_CASES = covering(
+    TINY_MODELS, [m for m in STRUCTURED_METHODS if prunes(m)], ["structured"]
+)
+STRUCTURED_CASES.append(("tiny_sd3", "dense", "structured"))
 
 
 def _overridden(group: str, overrides: tuple[str, ...]) -> bool:
@@ -69,34 +79,41 @@ def target_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return {layer["name"]: saved[layer["name"] + ".weight"] for layer in manifest["records"]}
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_OVERRIDES))
-@pytest.mark.parametrize("method", ["obsdiff", "wanda", "dsnot", "magnitude"])
-@pytest.mark.parametrize("granularity", ["unstructured", "semi_2_4"])
+@pytest.mark.parametrize(("model", "method", "granularity"), PATTERN_CASES)
 def test_prune_matrix(
-    family: str, method: str, granularity: str, compose_prune, tmp_path: Path
+    model: str, method: str, granularity: str, compose_prune, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    overrides = [
-        f"model={family}",
-        f"method={method}",
-        f"granularity={granularity}",
-        *FAMILY_OVERRIDES[family],
-    ]
-    results = prune(compose_prune, tmp_path, *overrides).result
+    overrides = [f"model={model}", f"method={method}", f"granularity={granularity}"]
+    pruned = prune(compose_prune, tmp_path, *overrides, *CALIBRATION_OVERRIDES.get(model, []))
+    results = pruned.result
     assert results is not None
     weights = target_weights(tmp_path)
     assert results.target_modules == len(weights) > 0
-    expected = sum(num_to_prune(w.numel(), 0.5) for w in weights.values())
+    expected = sum(num_to_prune(w.numel(), 0.5) for w in weights.values()) if prunes(method) else 0
     zeros = sum(int((w == 0).sum()) for w in weights.values())
     assert results.target_parameters is not None
     assert results.achieved_sparsity == pytest.approx(expected / results.target_parameters)
     assert zeros == expected  # exactly the pruned weights are zero in the saved tensors
-    if granularity == "semi_2_4":
+    if granularity != "unstructured" and prunes(method):  # N:M: n of every m inputs
+        n, m = (int(x) for x in granularity.split("_")[1:])
         for w in weights.values():
-            assert bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) == 2).all())
+            assert bool(((w.reshape(w.shape[0], -1, m) == 0).sum(-1) == n).all())
     assert results.params_before == results.params_after > 0  # zeros, not removed weights
-    assert results.calibration_seconds > 0 or method == "magnitude"
+    assert results.calibration_seconds > 0 or not METHODS[method]().needs_calibration
     assert results.solve_seconds >= 0 and results.peak_memory_bytes > 0
     assert not (tmp_path / "results.json").exists()  # the app shell writes the run record
+    # the saved model loads back (the family's own loader), hook-free, computing the same
+    loaded = load_pruned(tmp_path)
+    assert loaded.manifest["method"]["name"] == method
+    assert count_hooks(loaded.adapter.denoiser(loaded.pipeline)) == 0
+    prompts = ["a red circle", "a blue square"]
+    a = generate(
+        pruned.pipeline, loaded.adapter, prompts, seed=1, batch_size=2, output_type="latent"
+    )
+    b = generate(
+        loaded.pipeline, loaded.adapter, prompts, seed=1, batch_size=2, output_type="latent"
+    )
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_run_key_hashes_only_the_settings_that_change_the_weights(compose_prune) -> None:  # type: ignore[no-untyped-def]
@@ -118,45 +135,6 @@ def test_run_key_hashes_only_the_settings_that_change_the_weights(compose_prune)
     changed += ["calibration.seed=1"]
     for override in changed:
         assert build_job(compose_prune(*FAST, override)).run_key != base.run_key, override
-
-
-@pytest.mark.parametrize("family", sorted(FAMILY_OVERRIDES))
-def test_saved_model_loads_back_and_generates_the_same(
-    family: str, compose_prune, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
-    cfg = compose_prune(*FAST, f"model={family}", *FAMILY_OVERRIDES[family])
-    job = build_job(cfg)
-    prune_pipeline(job, tmp_path)
-    loaded = load_pruned(tmp_path)
-    pipe, adapter, manifest = loaded.pipeline, loaded.adapter, loaded.manifest
-    assert (
-        manifest["method"]["name"] == "obsdiff"
-        and manifest["weighting"]["scheme"] == "log_decrease"
-    )
-    assert count_hooks(adapter.denoiser(pipe)) == 0
-    # the in-memory pruned model: rebuild by pruning again in a fresh directory
-    job_again = build_job(cfg)
-    rerun_dir = tmp_path / "again"
-    prune_pipeline(job_again, rerun_dir)
-    reloaded = load_pruned(rerun_dir).pipeline
-    prompts = ["a red circle", "a blue square"]
-    a = generate(pipe, adapter, prompts, seed=1, batch_size=2, output_type="latent")
-    b = generate(reloaded, adapter, prompts, seed=1, batch_size=2, output_type="latent")
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    dense = adapter.load()
-    c = generate(dense, adapter, prompts, seed=1, batch_size=2, output_type="latent")
-    assert not torch.equal(a[0], c[0])
-
-
-def test_in_memory_model_equals_the_reloaded_one(compose_prune, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The pipeline prune_pipeline pruned generates what load_pruned rebuilds."""
-    in_memory = prune(compose_prune, tmp_path, "model=tiny_sd3", "granularity=semi_2_4").pipeline
-    loaded = load_pruned(tmp_path)
-    pipe, adapter = loaded.pipeline, loaded.adapter
-    prompts = ["a cat"]
-    a = generate(in_memory, adapter, prompts, seed=0, batch_size=1, output_type="latent")
-    b = generate(pipe, adapter, prompts, seed=0, batch_size=1, output_type="latent")
-    assert torch.equal(a[0], b[0])
 
 
 @pytest.mark.parametrize("granularity", ["semi_2_4", "structured"])
@@ -346,41 +324,41 @@ def removed_parameters(adapter, base: torch.nn.Module, records: list[dict]) -> i
     return total
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_OVERRIDES))
-@pytest.mark.parametrize("method", ["obsdiff", "l1"])
-def test_structured_prune(family: str, method: str, compose_prune, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("model", "method", "granularity"), STRUCTURED_CASES)
+def test_structured_prune(
+    model: str, method: str, granularity: str, compose_prune, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     from obsdiff.pruning.obs_structured import structured_count
 
-    overrides = [f"model={family}", "granularity=structured", f"method={method}", "sparsity=0.25"]
-    results = prune(compose_prune, tmp_path, *overrides, *FAMILY_OVERRIDES[family]).result
+    overrides = [
+        f"model={model}",
+        f"granularity={granularity}",
+        f"method={method}",
+        "sparsity=0.25",
+    ]
+    pruned = prune(compose_prune, tmp_path, *overrides, *CALIBRATION_OVERRIDES.get(model, []))
+    results = pruned.result
     assert results is not None
     loaded = load_pruned(tmp_path)
     pipe, adapter, manifest = loaded.pipeline, loaded.adapter, loaded.manifest
     records = manifest["records"]
-    assert records and all(
-        len(r["removed"]) == structured_count(r["before"], 0.25) for r in records
-    )
+    count = structured_count if prunes(method) else lambda units, sparsity: 0
+    assert records and all(len(r["removed"]) == count(r["before"], 0.25) for r in records)
     base = adapter.denoiser(adapter.load())
     expected = removed_parameters(adapter, base, records)
-    assert results.params_before - results.params_after == expected > 0
+    assert results.params_before - results.params_after == expected
+    assert (expected > 0) == prunes(method)
     assert sum(p.numel() for p in adapter.denoiser(pipe).parameters()) == results.params_after
-    assert results.tflops_after < results.tflops_before
+    if prunes(method):
+        assert results.tflops_after < results.tflops_before
     blocks = adapter.blocks(base)
-    pruned_blocks = {r["block"] for r in records}
-    if family not in UNETS:  # first and last blocks are kept (the paper's parameter counts)
-        assert blocks[0][0] not in pruned_blocks and blocks[-1][0] not in pruned_blocks
-    images = generate(pipe, adapter, ["a red circle"], seed=0, batch_size=1, output_type="latent")
-    assert torch.isfinite(images[0]).all()
-
-
-def test_structured_in_memory_equals_reloaded(compose_prune, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    overrides = ("model=tiny_sd35", "granularity=structured", "sparsity=0.3")
-    in_memory = prune(compose_prune, tmp_path, *overrides).pipeline
-    loaded = load_pruned(tmp_path)
-    pipe, adapter = loaded.pipeline, loaded.adapter
-    a = generate(in_memory, adapter, ["a cat"], seed=0, batch_size=1, output_type="latent")
-    b = generate(pipe, adapter, ["a cat"], seed=0, batch_size=1, output_type="latent")
-    assert torch.equal(a[0], b[0])
+    first, end = adapter.default_blocks(len(blocks), structured=True)
+    assert {r["block"] for r in records} == {name for name, _ in blocks[first:end]}
+    a = generate(pipe, adapter, ["a red circle"], seed=0, batch_size=1, output_type="latent")
+    b = generate(
+        pruned.pipeline, adapter, ["a red circle"], seed=0, batch_size=1, output_type="latent"
+    )
+    assert torch.isfinite(a[0]).all() and torch.equal(a[0], b[0])  # loaded = in memory
 
 
 def test_layouts_that_cannot_be_pruned_are_refused_before_calibration() -> None:

@@ -40,6 +40,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return sweep_dir, result.stdout + result.stderr
 
 
+@pytest.mark.xdist_group("run_sweep")  # the module's sweep runs once, on one worker
 def test_sweep_records_every_job_with_dense_and_pruned_metrics(sweep) -> None:  # type: ignore[no-untyped-def]
     sweep_dir, output = sweep
     records = [RunRecord.read(p.parent) for p in sorted(sweep_dir.glob("*/results.json"))]
@@ -80,6 +81,7 @@ def test_sweep_records_every_job_with_dense_and_pruned_metrics(sweep) -> None:  
     assert len(fids) == 4  # every pruned model has its own images
 
 
+@pytest.mark.xdist_group("run_sweep")  # the module's sweep runs once, on one worker
 def test_report_of_the_sweep(sweep) -> None:  # type: ignore[no-untyped-def]
     sweep_dir, _ = sweep
     result = run_app("obsdiff.report", str(sweep_dir))
@@ -121,6 +123,7 @@ def test_report_of_the_sweep(sweep) -> None:  # type: ignore[no-untyped-def]
         assert (copy / "report" / name).read_bytes() == (report / name).read_bytes(), name
 
 
+@pytest.mark.xdist_group("run_sweep")  # the module's sweep runs once, on one worker
 def test_wandb_offline_run_and_evaluate_app(sweep, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sweep_dir, _ = sweep  # its dense cache is reused
     result = run_app(

@@ -12,17 +12,18 @@ from diffusers import DiffusionPipeline
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.normalization import RMSNorm
 from PIL import Image
+from registry import TINY_MODELS, tiny_adapter
 
 from obsdiff.calibration.hooks import StepTracker
+from obsdiff.eval.generation import render
 from obsdiff.models import (
+    ADAPTERS,
     FluxAdapter,
     ModelAdapter,
     ModelLoadError,
-    PixArtAdapter,
     SD3Adapter,
-    SDXLAdapter,
-    UNetAdapter,
 )
+from obsdiff.models.sampling import CFG_SEPARATE_CALLS
 from obsdiff.utils.memory import is_allocator_aligned
 from obsdiff.utils.seeds import image_generators
 
@@ -33,71 +34,15 @@ PROMPTS = ["a red circle on a blue background", "a green square"]
 SAMPLING = {"num_inference_steps": 2, "height": 64, "width": 64}
 PARAMETER_BUDGET = 500_000  # "a few hundred thousand parameters at most", whole pipeline
 
-# name -> (adapter class, constructor arguments, denoiser calls per step, batch per call)
-ZOO: dict[str, tuple[type[ModelAdapter], dict[str, Any], int, int]] = {
-    "tiny_sd3": (
-        SD3Adapter,
-        {"tiny": "sd3", "sampling": {**SAMPLING, "guidance_scale": 5.0}},
-        1,
-        4,
-    ),
-    "tiny_sd3_no_t5": (
-        SD3Adapter,
-        {"tiny": "sd3", "with_t5": False, "sampling": {**SAMPLING, "guidance_scale": 5.0}},
-        1,
-        4,
-    ),
-    "tiny_sd35": (
-        SD3Adapter,
-        {"tiny": "sd35", "sampling": {**SAMPLING, "guidance_scale": 5.0}},
-        1,
-        4,
-    ),
-    # Flux-dev is guidance-distilled; real CFG runs the conditional and unconditional calls apart.
-    "tiny_flux": (
-        FluxAdapter,
-        {
-            "tiny": "dev",
-            "sampling": {
-                **SAMPLING,
-                "true_cfg_scale": 4.0,
-                "negative_prompt": "",
-                "guidance_scale": 3.5,
-            },
-        },
-        2,
-        2,
-    ),
-    "tiny_sdxl": (
-        SDXLAdapter,
-        {"tiny": "sdxl", "sampling": {**SAMPLING, "guidance_scale": 5.0}},
-        1,
-        4,
-    ),
-    "tiny_sd21": (
-        UNetAdapter,
-        {"tiny": "sd21", "sampling": {**SAMPLING, "guidance_scale": 5.0}},
-        1,
-        4,
-    ),
-    "tiny_sd15": (
-        UNetAdapter,
-        {"tiny": "sd15", "sampling": {**SAMPLING, "guidance_scale": 5.0}},
-        1,
-        4,
-    ),
-    "tiny_pixart": (
-        PixArtAdapter,
-        {"tiny": "sigma", "sampling": {**SAMPLING, "guidance_scale": 4.5}},
-        1,
-        4,
-    ),
-}
+# every tiny model config (conf/model/), and SD3 without its T5 encoder
+ZOO = [*TINY_MODELS, "tiny_sd3_no_t5"]
 
 
 def make_adapter(name: str, **overrides: Any) -> ModelAdapter:
-    cls, kwargs, _, _ = ZOO[name]
-    return cls(name=name, **{**kwargs, **overrides})
+    """The zoo member's adapter at `SAMPLING` (true CFG where the family has it)."""
+    if name == "tiny_sd3_no_t5":
+        name, overrides = "tiny_sd3", {"with_t5": False, **overrides}
+    return tiny_adapter(name, sampling=SAMPLING, **overrides)
 
 
 def latents(pipe: DiffusionPipeline, adapter: ModelAdapter, seed: int = 0) -> torch.Tensor:
@@ -233,7 +178,6 @@ def test_pixart_is_a_cross_attention_dit() -> None:
 
 
 def test_generation_with_cfg_latent_and_pil(zoo_name: str) -> None:
-    _, _, calls_per_step, batch_per_call = ZOO[zoo_name]
     adapter = make_adapter(zoo_name)
     assert adapter.uses_cfg()
     pipe = adapter.load()
@@ -248,9 +192,9 @@ def test_generation_with_cfg_latent_and_pil(zoo_name: str) -> None:
         out = latents(pipe, adapter)
     finally:
         handle.remove()
-    steps = SAMPLING["num_inference_steps"]
-    if type(pipe.scheduler).__name__ == "PNDMScheduler":  # PLMS repeats its second timestep
-        steps += 1
+    separate = adapter.cfg_mode() == CFG_SEPARATE_CALLS  # conditional and unconditional calls
+    calls_per_step, batch_per_call = (2, len(PROMPTS)) if separate else (1, 2 * len(PROMPTS))
+    steps = adapter.denoising_steps(pipe)  # PNDM (PLMS) repeats its second timestep
     assert seen == [batch_per_call] * (calls_per_step * steps)
     expected = (
         (2, 256, 16) if adapter.family == "flux" else (2, 4, 32, 32)
@@ -258,6 +202,10 @@ def test_generation_with_cfg_latent_and_pil(zoo_name: str) -> None:
     assert tuple(out.shape) == expected
     assert torch.isfinite(out).all()
     assert not torch.equal(out[0], out[1])
+
+    final: list[torch.Tensor] = []  # the adapter's step callback hands over the last latents
+    again = render(pipe, adapter, PROMPTS, [0, 1], 0, output_type="latent", final_latents=final)
+    assert all(torch.equal(a, b) for a, b in zip(final, again, strict=True))
 
     generator = torch.Generator().manual_seed(0)
     images = pipe(PROMPTS, generator=generator, output_type="pil", **adapter.call_kwargs()).images
@@ -276,9 +224,7 @@ def test_save_load_round_trip_is_bit_identical(zoo_name: str, tmp_path: Path) ->
     pipe.save_pretrained(tmp_path)
     assert not list(tmp_path.rglob("*.bin")) and list(tmp_path.rglob("*.safetensors"))
 
-    cls, kwargs, _, _ = ZOO[zoo_name]
-    extra = {k: v for k, v in kwargs.items() if k not in ("tiny",)}
-    real_path = cls(name=zoo_name, pretrained=str(tmp_path), **extra)
+    real_path = make_adapter(zoo_name, tiny=None, pretrained=str(tmp_path))
     loaded = real_path.load()
     assert type(loaded) is type(pipe)
     modules = [m for m in loaded.components.values() if isinstance(m, torch.nn.Module)]
@@ -294,7 +240,7 @@ def test_bfloat16_dtype_is_applied() -> None:
     assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
 
 
-@pytest.mark.parametrize("cls", [SD3Adapter, FluxAdapter, SDXLAdapter])
+@pytest.mark.parametrize("cls", ADAPTERS)
 def test_unreachable_hub_id_gives_one_clear_error(cls: type[ModelAdapter]) -> None:
     adapter = cls(name="sd3_medium", pretrained="obsdiff-tests/no-such-model")
     started = time.perf_counter()
