@@ -50,20 +50,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CalibrationSettings:
-    """The calibration set and how its passes run (the `calibration` config group; the
-    defaults of `obsdiff.prune`'s calibration arguments).
+    """The calibration set and how its passes run: the `calibration` config group's keys and the
+    defaults of `obsdiff.prune`'s calibration arguments.
 
-    prompts:           a prompt file (GCC3M TSV, text, CSV, JSONL, COCO JSON), or `bundled`:
-                       obsdiff's demo prompts
-    format:            auto | tsv | txt | csv | jsonl | coco
-    column:            the CSV or JSONL column, the TSV header name
-    num_prompts:       how many prompts of the file; null: all
-    selection:         first (the reference code) | random (a sample seeded by `seed`)
-    seed:              calibration noise: image i of the prompt list uses seed + i
-    batch_size:        prompts per calibration pipeline call
-    include_uncond:    feed the CFG unconditional half to the statistics (the reference code)
-    hessian_precision: of the X^T X products: float32 | tf32 | bfloat16 (GPU speed; the sums
-                       stay float32)
+    Attributes:
+        prompts: A prompt file (GCC3M TSV, text, CSV, JSONL, COCO JSON), or `bundled`:
+            obsdiff's demo prompts.
+        format: auto, tsv, txt, csv, jsonl or coco.
+        column: The CSV or JSONL column, the TSV header name.
+        num_prompts: How many prompts of the file; null: all.
+        selection: `first` (the reference code) or `random` (a sample seeded by `seed`).
+        seed: Calibration noise: image i of the prompt list uses seed + i.
+        batch_size: Prompts per calibration pipeline call.
+        include_uncond: Feed the CFG unconditional half to the statistics (the reference code).
+        hessian_precision: Of the X^T X products: float32, tf32 or bfloat16 (GPU speed; the sums
+            stay float32).
     """
 
     prompts: str = "bundled"
@@ -92,10 +93,11 @@ class Offload:
     """Where the work lives while pruning (the prune app's `offload.*`); the pruned weights are
     the same whatever it says.
 
-    statistics: package statistics in CPU memory (pinned beside CUDA), one work unit's moved to
-                the device for its solve
-    components: every component but the denoiser (text encoders, VAE) in CPU memory while
-                pruning
+    Attributes:
+        statistics: Package statistics in CPU memory (pinned beside CUDA), one work unit's moved
+            to the device for its solve.
+        components: Every component but the denoiser (text encoders, VAE) in CPU memory while
+            pruning.
     """
 
     statistics: bool = False

@@ -81,8 +81,8 @@ def solve_package(
     linear (patterns) or per head and neuron group (structured), in the package's order."""
     parallel = parallel or DataParallel()
     units = work_units(method, package, target)
+    records: list[PruneRecord] = []
     if parallel.world_size == 1 or not shard:
-        records = []
         for unit in progress(units, "solve", "work unit", leave=False):
             records += prune_unit(method, unit, target)
         return package_order(package, records)
@@ -106,7 +106,6 @@ def solve_package(
             100 * sum(costs[i] for i in theirs) / total,
             their_seconds,
         )
-    records: list[PruneRecord] = []
     for index, (unit, owner) in enumerate(zip(units, owners, strict=True)):
         _receive(unit, owner, parallel, isinstance(target, Structured))
         records += by_rank[owner][0][index]

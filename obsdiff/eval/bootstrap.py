@@ -22,11 +22,14 @@ from scipy import stats
 
 @dataclass(frozen=True)
 class BootstrapSettings:
-    """eval.bootstrap: 95% intervals over prompts (scipy.stats.bootstrap), seeded.
+    """eval.bootstrap: the intervals over prompts (scipy.stats.bootstrap), seeded.
 
-    resamples:     for means and paired differences (BCa); 0: no intervals
-    fid_resamples: FID is recomputed per resample (a matrix square root each); 0: no FID
-                   interval
+    Attributes:
+        resamples: For means and paired differences (BCa); 0: no intervals.
+        fid_resamples: FID is recomputed per resample (a matrix square root each); 0: no FID
+            interval.
+        confidence: The intervals' confidence level.
+        seed: The resampling's seed: a rerun gives the same intervals.
     """
 
     resamples: int = field(default=2000, metadata={"minimum": 0})

@@ -20,12 +20,13 @@ METRICS = ("fid", "clip_score", "prompt_fidelity", "image_reward")
 class EvalPromptOptions:
     """eval.prompts: where the evaluation prompts come from.
 
-    source:      bundled (obsdiff's demo prompts) | coco (a captions_val2014.json) | file
-    path:        coco: the captions JSON; file: a TSV (PartiPrompts), text, CSV or JSONL file
-    num_prompts: how many; null: all
-    subset_seed: coco: the seeded sample of images
-    format:      file: auto | tsv | txt | csv | jsonl
-    column:      file: the TSV header or CSV/JSONL column
+    Attributes:
+        source: `bundled` (obsdiff's demo prompts), `coco` (a captions_val2014.json) or `file`.
+        path: coco: the captions JSON; file: a TSV (PartiPrompts), text, CSV or JSONL file.
+        num_prompts: How many; null: all.
+        subset_seed: coco: the seed of the sample of images.
+        format: file: auto, tsv, txt, csv or jsonl.
+        column: file: the TSV header or the CSV/JSONL column.
     """
 
     source: str = "bundled"
@@ -38,12 +39,16 @@ class EvalPromptOptions:
 
 @dataclass
 class FIDOptions:
-    """eval.fid.
+    """eval.fid: the Frechet Inception Distance (clean-fid).
 
-    reference: a folder of real images, an .npz of (mu, sigma), `dense` (the dense model's
-               images of the same prompts and seeds) or `toy_dataset`
-    mode:      clean | legacy_pytorch | legacy_tensorflow (clean-fid)
-    extractor: inception (clean-fid's) | tiny (random features, tests only) | toy_classifier
+    Attributes:
+        enabled: Compute it.
+        reference: A folder of real images, an .npz of (mu, sigma), `dense` (the dense model's
+            images of the same prompts and seeds) or `toy_dataset`.
+        mode: clean, legacy_pytorch or legacy_tensorflow (clean-fid's).
+        extractor: `inception` (clean-fid's), `tiny` (random features, for tests) or
+            `toy_classifier`.
+        batch_size: Images per feature batch.
     """
 
     enabled: bool = False
@@ -55,7 +60,13 @@ class FIDOptions:
 
 @dataclass
 class CLIPScoreOptions:
-    """eval.clip_score. model: a hub id or local path (the paper's ViT-B/16) | tiny."""
+    """eval.clip_score: the CLIP score (torchmetrics), reported as the raw cosine.
+
+    Attributes:
+        enabled: Compute it.
+        model: A hub id or a local path (the paper's ViT-B/16), or `tiny` (a random tiny CLIP).
+        batch_size: Images per batch.
+    """
 
     enabled: bool = True
     model: str = "openai/clip-vit-base-patch16"
@@ -64,15 +75,26 @@ class CLIPScoreOptions:
 
 @dataclass
 class PromptFidelityOptions:
-    """eval.prompt_fidelity: the toy world's attribute classifier."""
+    """eval.prompt_fidelity: the share of the prompt's attributes the toy world's classifier
+    sees in the image.
+
+    Attributes:
+        enabled: Compute it.
+    """
 
     enabled: bool = False
 
 
 @dataclass
 class ImageRewardOptions:
-    """eval.image_reward. python: the interpreter of its isolated environment (make
-    imagereward-env); download_root: where its weights are cached."""
+    """eval.image_reward: ImageReward, scored in its own environment.
+
+    Attributes:
+        enabled: Compute it.
+        model: The ImageReward checkpoint.
+        python: The interpreter of its isolated environment (`make imagereward-env`).
+        download_root: Where its weights are cached.
+    """
 
     enabled: bool = False
     model: str = "ImageReward-v1.0"
@@ -82,8 +104,11 @@ class ImageRewardOptions:
 
 @dataclass
 class EfficiencyOptions:
-    """eval.efficiency. repeats: timed one-image generations per model; 0 skips latency and
-    FLOPs."""
+    """eval.efficiency: size, FLOPs and latency.
+
+    Attributes:
+        repeats: Timed one-image generations per model; 0 skips latency and FLOPs.
+    """
 
     repeats: int = field(default=0, metadata={"minimum": 0})
 
@@ -93,9 +118,12 @@ class DenseRelativeOptions:
     """eval.dense_relative: each image against the dense model's image of the same prompt and
     seed: PSNR, SSIM, LPIPS, the final latents' error (needs the dense evaluation).
 
-    lpips:    alex | vgg | squeeze (torchvision weights, fetched once) | tiny (a random
-              backbone, tests) | null
-    features: toy_classifier: the distance in the toy attribute classifier's features | null
+    Attributes:
+        enabled: Compute them.
+        lpips: alex, vgg or squeeze (torchvision's weights, fetched once), tiny (a random
+            backbone, for tests) or null.
+        features: `toy_classifier`: the distance in the toy attribute classifier's features;
+            or null.
     """
 
     enabled: bool = True
@@ -109,22 +137,27 @@ def _no_sampling_overrides() -> dict[str, Any]:
 
 @dataclass
 class EvalOptions:
-    """An evaluation's settings (the `eval` group).
+    """An evaluation's settings: the `eval` config group's keys and `obsdiff.evaluate`'s
+    keyword arguments.
 
-    name:              the evaluation set's name (records, the dense cache's folder)
-    prompts:           where the prompts come from (`EvalPromptOptions`)
-    seed:              the image of prompt id i uses seed + i (the same noise for every method)
-    batch_size:        prompts per pipeline call
-    dense:             evaluate the dense model too (cached under paths.dense_cache)
-    grid_size:         the first prompts' images tiled into grid.png (logged to W&B)
-    images_per_prompt: images of each prompt (image j of prompt id i: id i * n + j)
-    fid, clip_score, prompt_fidelity, image_reward: the metrics, each turned on by `enabled`
-    efficiency:        latency and FLOPs
-    sampling:          other than the model's, for the evaluation images only (robustness):
-                       num_inference_steps, guidance_scale, scheduler (a diffusers scheduler
-                       class, e.g. FlowMatchHeunDiscreteScheduler); null: the model's
-    dense_relative:    the paired metrics against the dense images
-    bootstrap:         the intervals over prompts (`BootstrapSettings`)
+    Attributes:
+        name: The evaluation set's name (records, the dense cache's folder).
+        prompts: Where the prompts come from (`EvalPromptOptions`).
+        seed: The image of prompt id i uses the noise of seed + i (the same for every method).
+        batch_size: Prompts per pipeline call.
+        dense: Evaluate the dense model too (cached under `paths.dense_cache`).
+        grid_size: The first prompts' images tiled into grid.png (logged to W&B).
+        images_per_prompt: Images of each prompt (image j of prompt id i has id i * n + j).
+        fid: The FID (`FIDOptions`).
+        clip_score: The CLIP score (`CLIPScoreOptions`).
+        prompt_fidelity: The toy's prompt fidelity (`PromptFidelityOptions`).
+        image_reward: ImageReward (`ImageRewardOptions`).
+        efficiency: Latency and FLOPs (`EfficiencyOptions`).
+        sampling: Other sampling than the model's, for the evaluation images only: any of
+            num_inference_steps, guidance_scale and scheduler (a diffusers scheduler class,
+            e.g. FlowMatchHeunDiscreteScheduler); null keeps the model's.
+        dense_relative: The paired metrics against the dense images (`DenseRelativeOptions`).
+        bootstrap: The intervals over prompts (`BootstrapSettings`).
     """
 
     name: str = "python"

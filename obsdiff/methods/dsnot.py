@@ -14,16 +14,17 @@ from obsdiff.pruning.statistics import InputStatistics
 
 @dataclass
 class DSnoT(PruningMethod):
-    """DSnoT's prune-and-grow cycles (official defaults; `obsdiff.pruning.dsnot`).
+    """DSnoT's prune-and-grow cycles, with the official defaults (`obsdiff.pruning.dsnot`).
 
-    max_cycles:       swap cycles per row; 0 keeps the initial mask
-    update_threshold: stop a row once its summed output shift is below this
-    reference_tokens: null: the official absolute threshold; e.g. 2048: scaled by
-                      tokens-per-sample / 2048
-    var_power:        exponent of the input variance in the growth criterion
-    initial:          the mask it starts from: wanda | magnitude | obs
-    skip_mlp:         true: the official `--skip_layer mlp` (FFN layers keep their initial mask);
-                      obsdiff's default refines every layer
+    Attributes:
+        max_cycles: Swap cycles per row; 0 keeps the initial mask.
+        update_threshold: A row stops once its summed output shift is below this.
+        reference_tokens: Null: the official absolute threshold; e.g. 2048: the threshold
+            scaled by tokens per sample / 2048.
+        var_power: The exponent of the input variance in the growth criterion.
+        initial: The mask it starts from: wanda, magnitude or obs.
+        skip_mlp: True: the official `--skip_layer mlp` (FFN layers keep their initial mask);
+            obsdiff's default refines every layer.
     """
 
     max_cycles: int = 50

@@ -18,14 +18,17 @@ from obsdiff.pruning.statistics import NORMALISERS
 class ObsDiff(PruningMethod):
     """OBS-Diff (the paper): OBS with the timestep-aware Hessian, module packages.
 
-    percdamp:       damping, a fraction of mean(diag H)
-    blocksize:      lazy-batch columns (and the unit of the adaptive unstructured mask)
-    compensate:     false: OBS mask selection only, no weight update (ablation)
-    normaliser:     H divided by sum alpha * samples (`sample`, the reference code) or `token`
-    head_saliency:  structured heads: reference (the code) | eq7 (as printed) | exact
-    rrf_k:          reciprocal rank fusion constant across the two MMDiT streams (Eq. 8)
-    solve_batch_gb: equal-size layers are solved in batches of at most this workspace (GB;
-                    null: any size)
+    Attributes:
+        percdamp: Damping, a fraction of mean(diag H).
+        blocksize: Lazy-batch columns (and the unit of the adaptive unstructured mask).
+        compensate: False: OBS mask selection only, no weight update (an ablation).
+        normaliser: H divided by sum alpha * samples (`sample`, the reference code) or by
+            tokens (`token`).
+        head_saliency: Structured heads: `reference` (the code's), `eq7` (as printed) or
+            `exact`.
+        rrf_k: The reciprocal rank fusion constant across the two MMDiT streams (Eq. 8).
+        solve_batch_gb: Equal-size layers are solved in batches of at most this workspace (GB;
+            null: any size).
     """
 
     percdamp: float = 0.01

@@ -30,26 +30,28 @@ BLOCKS_HINT = "blocks must be null (the granularity's default) or [start, end), 
 
 @dataclass
 class PruneSettings:
-    """What a prune run does, as plain values.
+    """What a prune run does, as plain values: the prune app's top-level keys and their defaults.
 
-    method, granularity, weighting: the default option of each config group (`obsdiff.prune`'s
-                      default method, granularity and weighting scheme)
-    sparsity:         target sparsity of the target linears, in [0, 1); N:M needs N / M
-    packages:         module packages (paper Sec. 4.2): 1 = one pass for everything, the number
-                      of basic units = layer by layer; `auto`: the fewest whose predicted peak
-                      fits `memory_budget`
-    memory_budget:    GB (1e9 bytes) of the device, for packages=auto (else a warning when the
-                      memory plan exceeds it)
-    plan_only:        print the memory plan (from the model's config files) and stop
-    statistics_cache: a folder (e.g. `${paths.output_root}/statistics`): the first package's
-                      statistics computed once and reused by every job that shares them
-    offload:          where the work lives while pruning (`Offload`); the weights are the same
-    blocks:           [start, end) block range; null: the granularity's default (all blocks;
-                      structured SD3 and Flux: the first and last kept)
-    device:           auto | cpu | cuda | cuda:N
-    save:             write the pruned denoiser (safetensors) and its manifest
-    keep_checkpoint:  keep `checkpoint/` (resume state, a full copy of the denoiser) after a
-                      finished run
+    Attributes:
+        method: The default option of the `method` group (`obsdiff.prune`'s default method).
+        granularity: The default option of the `granularity` group.
+        weighting: The default option of the `weighting` group.
+        sparsity: Target sparsity of the target linears, in [0, 1); N:M needs N / M.
+        packages: Module packages (paper Sec. 4.2): 1 is one pass for everything, the number of
+            basic units is layer by layer; `auto` takes the fewest whose predicted peak fits
+            `memory_budget`.
+        memory_budget: GB (1e9 bytes) of the device, for `packages=auto`; with a package count,
+            a warning when the memory plan exceeds it.
+        plan_only: Print the memory plan (from the model's config files) and stop.
+        statistics_cache: A folder (e.g. `${paths.output_root}/statistics`): the first
+            package's statistics computed once and reused by every job that shares them.
+        offload: Where the work lives while pruning (`Offload`); the weights are the same.
+        blocks: A `[start, end)` block range; null is the granularity's default (all blocks;
+            structured SD3 and Flux keep the first and last).
+        device: auto, cpu, cuda or cuda:N.
+        save: Write the pruned denoiser (safetensors) and its manifest.
+        keep_checkpoint: Keep `checkpoint/` (the resume state, a full copy of the denoiser)
+            after a finished run.
     """
 
     method: str = "obsdiff"

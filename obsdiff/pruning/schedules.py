@@ -117,10 +117,11 @@ def timestep_weights(
 class TimestepWeighting:
     """A weighting scheme (the `weighting` config group); T is bound by `step_weights(T)`.
 
-    scheme:               one of `SCHEDULES`, or `explicit`
-    alpha_min, alpha_max: the range of the weights (the reference code's 0.8 and 1.2; the paper
-                          states none)
-    weights:              `explicit` only: one positive weight per sampling step, first step first
+    Attributes:
+        scheme: One of `SCHEDULES`, or `explicit`.
+        alpha_min: The smallest weight (the reference code's 0.8; the paper states none).
+        alpha_max: The largest weight (the reference code's 1.2).
+        weights: `explicit` only: one positive weight per sampling step, first step first.
     """
 
     scheme: str

@@ -17,11 +17,12 @@ from obsdiff.runners.parallel import DataParallel
 class RunnerSettings:
     """How an app's processes run (the `runner` config group).
 
-    accelerator: auto | cpu | cuda (Lightning Fabric's accelerator)
-    devices:     processes, one a device (-1: every visible GPU)
-    strategy:    auto (one process) | ddp (data-parallel calibration)
-    shard_solve: with several ranks, each solves its share of a package's work units
-                 (`obsdiff.calibration.solve`); false: every rank solves all of it
+    Attributes:
+        accelerator: auto, cpu or cuda (Lightning Fabric's accelerator).
+        devices: Processes, one a device (-1: every visible GPU).
+        strategy: `auto` (one process) or `ddp` (data-parallel calibration).
+        shard_solve: With several ranks, each solves its share of a package's work units
+            (`obsdiff.calibration.solve`); false: every rank solves all of it.
     """
 
     accelerator: str = "auto"

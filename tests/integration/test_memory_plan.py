@@ -157,10 +157,6 @@ def test_plan_only_prints_the_plan_and_leaves_nothing(tmp_path: Path) -> None:
     assert "memory plan: flux_dev (bfloat16), ObsDiff, 4 packages" in result.stdout
     assert obsdiff.memory_plan("flux_dev", packages=4).table() in result.stdout
     assert not any(p.is_file() for p in (tmp_path / "out").rglob("*"))  # no run written
-    command[-1] = "memory_budget=24"
-    command.append("packages=auto")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 2 and "no package count fits" in result.stdout + result.stderr
     command = [sys.executable, "-m", "obsdiff.run", "model=sdxl_base", "plan_only=true"]
     command += [f"paths.output_root={tmp_path}/run", "packages=2"]  # the run app: the same
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import safetensors.torch
@@ -57,39 +56,47 @@ def _package(kind: str, method: PruningMethod) -> tuple[torch.nn.Module, Package
     return denoiser, package
 
 
-def _worker(rank: int, init: str, kind: str, method_name: str, batch_gb: Any, out: str) -> None:
+# one case per path of the shared solve: OBS-Diff's batched units (the default batches, and one
+# input group a unit), a method that solves each group alone (Wanda, 2:4), structured blocks
+CASES: list[tuple[str, str, float | None]] = [
+    ("unstructured", "obsdiff", 1.0),
+    ("unstructured", "obsdiff", 1e-6),
+    ("2:4", "wanda", None),
+    ("structured", "obsdiff", 1.0),
+]
+
+
+def _worker(rank: int, init: str, out: str) -> None:
+    """Every case, solved shared between the two ranks of one process group."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     try:
-        method = _method(method_name, batch_gb)
-        denoiser, package = _package(kind, method)
-        records = solve_package(method, package, TARGETS[kind], DataParallel(rank, 2))
-        state = {k: v.contiguous() for k, v in denoiser.state_dict().items()}
-        safetensors.torch.save_file(state, f"{out}/rank{rank}.safetensors")
-        Path(f"{out}/rank{rank}.json").write_text(json.dumps([r.as_dict() for r in records]))
+        for case, (kind, method_name, batch_gb) in enumerate(CASES):
+            method = _method(method_name, batch_gb)
+            denoiser, package = _package(kind, method)
+            records = solve_package(method, package, TARGETS[kind], DataParallel(rank, 2))
+            state = {k: v.contiguous() for k, v in denoiser.state_dict().items()}
+            safetensors.torch.save_file(state, f"{out}/case{case}-rank{rank}.safetensors")
+            Path(f"{out}/case{case}-rank{rank}.json").write_text(
+                json.dumps([r.as_dict() for r in records])
+            )
     finally:
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The two gloo processes' results of every case (one spawn for all of them)."""
+    out = tmp_path_factory.mktemp("shared")
+    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=2)
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("kind", "method_name", "batch_gb"),
-    [
-        ("unstructured", "obsdiff", 1.0),  # the default batches
-        ("unstructured", "obsdiff", 1e-6),  # one input group a unit
-        ("2:4", "obsdiff", 1.0),
-        ("2:4", "wanda", None),
-        ("structured", "obsdiff", 1.0),
-    ],
-)
-def test_two_gloo_processes_solve_as_one(
-    tmp_path: Path, kind: str, method_name: str, batch_gb: float | None
-) -> None:
-    mp.spawn(
-        _worker,
-        args=(str(tmp_path / "init"), kind, method_name, batch_gb, str(tmp_path)),
-        nprocs=2,
-    )
+@pytest.mark.xdist_group("sharded_solve")  # the two processes are spawned once, on one worker
+@pytest.mark.parametrize("case", range(len(CASES)), ids=["-".join(map(str, c)) for c in CASES])
+def test_two_gloo_processes_solve_as_one(shared: Path, case: int) -> None:
+    kind, method_name, batch_gb = CASES[case]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -102,13 +109,13 @@ def test_two_gloo_processes_solve_as_one(
     single = denoiser.state_dict()
     assert len(units) >= 2  # there was something to share
     for rank in (0, 1):
-        shared = safetensors.torch.load_file(str(tmp_path / f"rank{rank}.safetensors"))
-        assert shared.keys() == single.keys()
+        found = safetensors.torch.load_file(str(shared / f"case{case}-rank{rank}.safetensors"))
+        assert found.keys() == single.keys()
         for name, tensor in single.items():
-            assert shared[name].shape == tensor.shape, name
-            assert torch.equal(shared[name], tensor), name
-        shared_records = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert shared_records == [r.as_dict() for r in records]
+            assert found[name].shape == tensor.shape, name
+            assert torch.equal(found[name], tensor), name
+        found_records = json.loads((shared / f"case{case}-rank{rank}.json").read_text())
+        assert found_records == [r.as_dict() for r in records]
     if kind != "structured":  # it pruned: the target linears hold zeros now
         assert sum(int((m.weight == 0).sum()) for g in package.groups for m in g.modules) > 0
 

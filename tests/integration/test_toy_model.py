@@ -59,6 +59,7 @@ def test_dense_toy_model_draws_held_out_prompts(toy) -> None:  # type: ignore[no
 def test_training_is_deterministic_from_its_seed(tmp_path: Path) -> None:
     quick = ["--vae-steps", "2", "--denoiser-steps", "2", "--pool-size", "256"]
     quick += ["--warmup", "1", "--sample-steps", "1", "--monitor-every", "0"]
+    quick += ["--threads", str(torch.get_num_threads())]  # as the test process (xdist: one)
     weights = []
     for name in ("a", "b"):
         assert train_main([*quick, "--out", str(tmp_path / name)]) == 0
