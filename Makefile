@@ -93,7 +93,7 @@ test: $(STAMP) ## run every test tier except gpu (offline, W&B disabled), on eve
 # Every `unit` test wherever it lives: tests/unit, the config composition tests in tests/configs,
 # the sharding test in tests/integration.
 test-fast: $(STAMP) ## the fast tier: only the unit tests, config composition included (~15 s)
-	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -m unit $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest $(XDIST) -m unit $(PYTEST_ARGS)
 
 test-all: $(STAMP) ## run every tier, gpu included (gpu tests skip themselves without CUDA)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)

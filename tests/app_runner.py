@@ -12,7 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_app(
-    module: str, *args: str, timeout: int = 300, env: dict[str, str | None] | None = None
+    module: str, *args: str, timeout: int = 600, env: dict[str, str | None] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`python -m <module> <args>` from the repository root, output captured; `env` adds to
     (a value) or removes from (None) the test environment."""
@@ -20,7 +20,7 @@ def run_app(
 
 
 def run_python(
-    prelude: str, module: str, *args: str, timeout: int = 300
+    prelude: str, module: str, *args: str, timeout: int = 600
 ) -> subprocess.CompletedProcess[str]:
     """As `run_app`, after running the Python code `prelude` in the same process (to inject a
     failure or an interruption at a chosen point, as a user's Ctrl-C would)."""

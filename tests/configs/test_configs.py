@@ -101,12 +101,6 @@ def test_every_app_has_a_console_script() -> None:
 APPS = ("sample", "prune", "run", "evaluate", "report", "export")
 
 
-def test_sample_app_composes_on_the_command_line() -> None:
-    result = run_app("obsdiff.sample", "--cfg", "job", "model=tiny_flux")
-    assert result.returncode == 0, result.stderr
-    assert "name: tiny_flux" in result.stdout
-
-
 @pytest.mark.slow
 def test_sample_app_runs_every_tiny_model(tmp_path: Path) -> None:
     """What `make sample` does: one multirun job per tiny model, images and a record each."""
@@ -185,34 +179,6 @@ def test_defaults_come_from_the_settings_dataclasses() -> None:
     signature = inspect.signature(obsdiff.api.prune).parameters
     assert signature["sparsity"].default == PruneSettings().sparsity
     assert signature["batch_size"].default == CalibrationSettings().batch_size
-
-
-@pytest.mark.integration
-def test_prune_app_exits_with_one_message_on_bad_input(tmp_path: Path) -> None:
-    result = run_app("obsdiff.prune", "sparsity=1.5", f"paths.output_root={tmp_path}")
-    assert result.returncode == 2
-    assert "sparsity=1.5 must lie in [0, 1)" in result.stdout + result.stderr
-    assert not list(tmp_path.rglob("results.json"))
-
-
-@pytest.mark.slow
-def test_prune_multirun_writes_one_results_file_per_job(tmp_path: Path) -> None:
-    result = run_app(
-        "obsdiff.prune",
-        "--multirun",
-        "method=obsdiff,wanda",
-        "model=tiny_sd3",
-        "calibration=tiny",
-        "model.sampling.num_inference_steps=2",
-        f"paths.output_root={tmp_path}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    from obsdiff.artifacts.record import RunRecord
-
-    results = sorted(tmp_path.glob("prune/multiruns/*/*/results.json"))
-    records = [RunRecord.read(p.parent) for p in results]
-    assert sorted(str(r.identity.method) for r in records) == ["obsdiff", "wanda"]
-    assert all(r.completed and r.prune is not None for r in records)
 
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("table*.yaml"))

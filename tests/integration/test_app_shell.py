@@ -48,7 +48,6 @@ def load(path: Path) -> dict:  # type: ignore[type-arg]
     [
         ("obsdiff.prune", ["model=sd3_medium"], "model.pretrained"),  # offline, not cached
         ("obsdiff.prune", ["runner=ddp"], "runner.accelerator"),
-        ("obsdiff.prune", ["blocks=3"], "blocks=3"),
         ("obsdiff.prune", ["packages=1000"], "packages=1000"),  # from the model's config
         ("obsdiff.prune", ["method.head_saliency=nosuch"], "method.head_saliency='nosuch'; use"),
         (
@@ -80,6 +79,7 @@ def test_bad_setting_exits_2_naming_its_key_before_loading(
     assert not any(tmp_path.iterdir())  # no run directory left behind
 
 
+@pytest.mark.timeout(600)  # about 25 s here: sized for a loaded machine
 def test_prune_sweep_survives_a_bad_job(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     result = run_app("obsdiff.prune", "-m", *TINY, "method=l1,obsdiff", f"hydra.sweep.dir={sweep}")
@@ -111,6 +111,7 @@ def test_prune_sweep_survives_a_bad_job(tmp_path: Path) -> None:
     assert "completed; nothing to do" in output and snapshot(sweep / "1") == finished
 
 
+@pytest.mark.timeout(600)  # about 25 s here: sized for a loaded machine
 @pytest.mark.parametrize(
     ("app", "extra", "change"),
     [("obsdiff.run", EVAL, "eval.seed=5"), ("obsdiff.prune", [], "sparsity=0.3")],
@@ -158,6 +159,7 @@ INTERRUPT_DURING_EVAL = textwrap.dedent(
 )
 
 
+@pytest.mark.timeout(600)  # about 20 s here: sized for a loaded machine
 def test_interrupted_run_reads_incomplete_then_resumes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [*TINY, *EVAL, "save=false", f"paths.output_root={tmp_path}", f"hydra.run.dir={run}"]

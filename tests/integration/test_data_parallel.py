@@ -44,6 +44,7 @@ def run(tmp_path: Path, *overrides: str) -> tuple[Path, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # about 23 s here: sized for a loaded machine
 def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
     """Structured: statistics all-reduced, then the same heads, neurons and surgery on every rank
     (the unstructured path shares the reduction; one run keeps the suite fast).

@@ -21,7 +21,8 @@ from obsdiff.artifacts.export import ExportError, check_export, upload
 from obsdiff.artifacts.record import RunRecord
 
 
-pytestmark = pytest.mark.slow
+# the module's runs take about 40 s here: the timeout is sized for a loaded machine
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 TINY = ["model=tiny_sd3", "calibration=tiny", "model.sampling.num_inference_steps=2"]
 TINY += ["calibration.num_prompts=2", "packages=1"]

@@ -71,6 +71,7 @@ def test_training_is_deterministic_from_its_seed(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # about 30 s here: sized for a loaded machine
 def test_default_run_prunes_and_evaluates_the_toy_model(tmp_path: Path) -> None:
     """The default job (`make run`) as it prunes; evaluated on the first 24 prompt lines (12
     held-out scenes), one image each, where the default renders 144 lines x 4 images."""
