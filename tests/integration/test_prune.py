@@ -105,6 +105,7 @@ def test_prune_matrix(
     # the saved model loads back (the family's own loader), hook-free, computing the same
     loaded = load_pruned(tmp_path)
     assert loaded.manifest["method"]["name"] == method
+    assert loaded.manifest["weighting"]["scheme"] == "log_decrease"
     assert count_hooks(loaded.adapter.denoiser(loaded.pipeline)) == 0
     prompts = ["a red circle", "a blue square"]
     a = generate(
@@ -114,6 +115,9 @@ def test_prune_matrix(
         loaded.pipeline, loaded.adapter, prompts, seed=1, batch_size=2, output_type="latent"
     )
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    dense = loaded.adapter.load()  # the base model, as the manifest names it
+    c = generate(dense, loaded.adapter, prompts, seed=1, batch_size=2, output_type="latent")
+    assert torch.equal(a[0], c[0]) == (not prunes(method))
 
 
 def test_run_key_hashes_only_the_settings_that_change_the_weights(compose_prune) -> None:  # type: ignore[no-untyped-def]
