@@ -6,7 +6,6 @@ module only composes them.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -29,8 +28,6 @@ from obsdiff.prompts.files import BUNDLED_PROMPTS
 from obsdiff.pruning.schedules import TimestepWeighting
 from obsdiff.runners.fabric import RunnerSettings
 
-
-log = logging.getLogger(__name__)
 
 BUNDLED_EVAL_PROMPTS = BUNDLED_PROMPTS.with_name("eval_prompts.txt")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from obsdiff.calibration.sequential import CalibrationSettings, Offload, Placement
 from obsdiff.methods.base import PruningMethod
@@ -69,7 +69,7 @@ class PruneSettings:
     keep_checkpoint: bool = False
 
     # the fields that are config groups in the apps (their default option), not values
-    GROUPS = ("method", "granularity", "weighting")
+    GROUPS: ClassVar[tuple[str, ...]] = ("method", "granularity", "weighting")
 
     @classmethod
     def values(cls) -> tuple[str, ...]:
