@@ -187,10 +187,10 @@ def memory_plan(
         blocks=blocks,
         device="cpu",
     )
-    components = model.component_skeletons()
+    components = model.component_skeletons()  # built once, for every check and the plan
     job = _job(model, method, granularity, PRUNE.weighting, settings, CALIBRATION,
                PromptSet([""], "python", "", "given", None), method_options,
-               reach_model=False)  # fmt: skip
+               reach_model=False, components=components)  # fmt: skip
     return plan_memory(job, components)
 
 
@@ -218,6 +218,7 @@ def _job(
     prompts: PromptSet,
     method_options: dict[str, Any],
     reach_model: bool = True,
+    components: dict[str, nn.Module] | None = None,
 ) -> PruneJob:
     """A prune job from the API's names or objects (the options' defaults)."""
     if isinstance(method, str):
@@ -230,7 +231,7 @@ def _job(
         weighting = TimestepWeighting(weighting)
     return settings.job(
         adapter, adapter.describe(), method, granularity, weighting, prompts, calibration,
-        shard_solve=RunnerSettings().shard_solve, reach_model=reach_model,
+        shard_solve=RunnerSettings().shard_solve, reach_model=reach_model, components=components,
     )  # fmt: skip
 
 
@@ -258,10 +259,10 @@ def evaluate(
     else:
         pipeline, adapter = pipe, adapter_for(pipe, sampling)
     target = resolve_device(device)
+    chosen = evaluation_options(metrics, **options)
     if dense is None:  # nothing to compare against
-        relative = options.get("dense_relative", {})
-        options["dense_relative"] = {"enabled": False, **dict(relative)}
-    settings = evaluation_settings(prompts, evaluation_options(metrics, **options), str(target))
+        chosen = replace(chosen, dense_relative=replace(chosen.dense_relative, enabled=False))
+    settings = evaluation_settings(prompts, chosen, str(target))
     return evaluate_pipeline(pipeline.to(target), adapter, settings, Path(out_dir), dense=dense)
 
 

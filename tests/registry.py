@@ -23,13 +23,18 @@ from obsdiff.models import ADAPTERS, ModelAdapter
 from obsdiff.models.base import DATA_DIR, adapter_from_config
 
 
-# The one table of per-family facts: the overrides that reach every calibration path of a tiny
+# The one table of per-family facts: the sampling that reaches every calibration path of a tiny
 # model (Flux-dev calibrated with true CFG: the conditional and unconditional denoiser calls of a
 # step apart, the unconditional second).
-CALIBRATION_OVERRIDES: dict[str, list[str]] = {
-    "tiny_flux": ["model.sampling.true_cfg_scale=3.0", "model.sampling.negative_prompt=''"],
+CALIBRATION_OVERRIDES: dict[str, dict[str, Any]] = {
+    "tiny_flux": {"true_cfg_scale": 3.0, "negative_prompt": ""},
 }
-TRUE_CFG = {"true_cfg_scale": 3.0, "negative_prompt": ""}  # the same, as sampling values
+
+
+def calibration_overrides(name: str) -> list[str]:
+    """`CALIBRATION_OVERRIDES` of model config `name` as command-line overrides."""
+    sampling = CALIBRATION_OVERRIDES.get(name, {})
+    return [f"model.sampling.{key}={value!r}" for key, value in sampling.items()]
 
 
 @cache
@@ -56,8 +61,7 @@ def tiny_adapter(name: str, **changes: Any) -> ModelAdapter:
     `changes` to its arguments (`sampling` merged into the config's)."""
     config = dict(model_configs()[name])
     sampling = dict(config.get("sampling") or {})
-    if name in CALIBRATION_OVERRIDES:
-        sampling.update(TRUE_CFG)
+    sampling.update(CALIBRATION_OVERRIDES.get(name, {}))
     sampling.update(changes.pop("sampling", {}))
     return adapter_from_config({**config, **changes, "sampling": sampling})
 

@@ -176,11 +176,6 @@ class EvalOptions:
     dense_relative: DenseRelativeOptions = field(default_factory=DenseRelativeOptions)
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
 
-    @property
-    def metrics(self) -> list[str]:
-        """The metrics turned on, in `METRICS` order."""
-        return [name for name in METRICS if getattr(self, name).enabled]
-
     def with_metrics(self, metrics: Sequence[str]) -> EvalOptions:
         """These options with exactly `metrics` turned on."""
         unknown = [m for m in metrics if m not in METRICS]

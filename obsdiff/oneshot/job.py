@@ -135,11 +135,14 @@ def plan_packages(
     return packages, targets
 
 
-def check_layout(job: PruneJob, reach_model: bool = True) -> None:
-    """Every layout check of `plan_packages` on the model's architecture alone (built from its
-    config on the meta device, or the tiny recipe): before any weights are loaded; with
-    `reach_model`, also that its checkpoint can be reached (`ModelAdapter.check_source`)."""
-    plan_packages(job, job.model.denoiser_skeleton())
+def check_layout(
+    job: PruneJob, reach_model: bool = True, denoiser: nn.Module | None = None
+) -> None:
+    """Every layout check of `plan_packages` on the model's architecture alone (`denoiser`, by
+    default built from its config on the meta device, or the tiny recipe): before any weights
+    are loaded; with `reach_model`, also that its checkpoint can be reached
+    (`ModelAdapter.check_source`)."""
+    plan_packages(job, job.model.denoiser_skeleton() if denoiser is None else denoiser)
     if reach_model:
         job.model.check_source()
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from torch import nn
+
 from obsdiff.calibration.sequential import CalibrationSettings, Offload, Placement
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
@@ -87,10 +89,12 @@ class PruneSettings:
         calibration: CalibrationSettings,
         shard_solve: bool,
         reach_model: bool = True,
+        components: dict[str, nn.Module] | None = None,
     ) -> PruneJob:
         """The checked job: every combination and the model's layout from its architecture
         alone (nothing loaded; `reach_model`: also that the checkpoint can be reached), the
-        package count chosen for `memory_budget` with packages=auto."""
+        package count chosen for `memory_budget` with packages=auto (`components`: the
+        pipeline's weightless components where the caller has built them already)."""
         auto = self.packages == AUTO
         if isinstance(self.packages, str) and not auto:
             raise JobError(f"packages={self.packages!r} is not an integer or auto; e.g. 4")
@@ -116,9 +120,12 @@ class PruneSettings:
         budget = None if self.memory_budget is None else self.memory_budget * GB
         if auto:
             assert budget is not None
-            job = choose_packages(job, budget)  # fits by construction
-        check_layout(job, reach_model)
-        if budget is not None and not auto and not (plan := memory_plan(job)).fits(budget):
+            job = choose_packages(job, budget, components)  # fits by construction
+        denoiser = None if components is None else components[model.denoiser_attr]
+        check_layout(job, reach_model, denoiser)
+        if budget is None or auto:
+            return job
+        if not (plan := memory_plan(job, components)).fits(budget):
             log.warning(
                 "predicted peak %.2f GB exceeds memory_budget=%g GB with packages=%d; "
                 "packages=auto picks the fewest that fit",

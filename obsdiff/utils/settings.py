@@ -32,14 +32,8 @@ def plain_defaults(cls: type) -> dict[str, Any]:
     dicts, tuples as lists); a field without a default is "???" (Hydra's mandatory value)."""
     values: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
-        if field.default is not dataclasses.MISSING:
-            value = field.default
-        elif field.default_factory is not dataclasses.MISSING:
-            value = field.default_factory()
-        else:
-            values[field.name] = "???"
-            continue
-        values[field.name] = _plain(value)
+        value = _default(field)
+        values[field.name] = "???" if value is dataclasses.MISSING else _plain(value)
     return values
 
 

@@ -14,11 +14,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from registry import (
-    CALIBRATION_OVERRIDES,
     PATTERN_GRANULARITIES,
     PATTERN_METHODS,
     STRUCTURED_METHODS,
     TINY_MODELS,
+    calibration_overrides,
     covering,
     prunes,
 )
@@ -84,7 +84,7 @@ def test_prune_matrix(
     model: str, method: str, granularity: str, compose_prune, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     overrides = [f"model={model}", f"method={method}", f"granularity={granularity}"]
-    pruned = prune(compose_prune, tmp_path, *overrides, *CALIBRATION_OVERRIDES.get(model, []))
+    pruned = prune(compose_prune, tmp_path, *overrides, *calibration_overrides(model))
     results = pruned.result
     assert results is not None
     weights = target_weights(tmp_path)
@@ -340,7 +340,7 @@ def test_structured_prune(
         f"method={method}",
         "sparsity=0.25",
     ]
-    pruned = prune(compose_prune, tmp_path, *overrides, *CALIBRATION_OVERRIDES.get(model, []))
+    pruned = prune(compose_prune, tmp_path, *overrides, *calibration_overrides(model))
     results = pruned.result
     assert results is not None
     loaded = load_pruned(tmp_path)
