@@ -18,6 +18,7 @@ typed objects, so the two paths give the same results.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import tempfile
 from collections.abc import Sequence
@@ -49,7 +50,7 @@ from obsdiff.eval.tiny_backbones import RandomFeatures, tiny_clip
 from obsdiff.methods import METHODS, Granularity, PruningMethod
 from obsdiff.models import adapter_for
 from obsdiff.models.base import DATA_DIR, ModelAdapter, adapter_from_config
-from obsdiff.models.sampling import SamplingDefaults
+from obsdiff.models.sampling import SAMPLING_KEYS, SamplingDefaults, pipeline_sampling
 from obsdiff.oneshot.checkpoint import remove_checkpoint
 from obsdiff.oneshot.job import PruneJob
 from obsdiff.oneshot.plan import MemoryPlan
@@ -77,6 +78,8 @@ __all__ = [
     "prune",
     "save_pruned",
 ]
+
+log = logging.getLogger(__name__)
 
 FID_EXTRACTORS = ("inception", "tiny", "toy_classifier")
 TINY = "tiny"
@@ -122,10 +125,12 @@ def prune(
     it works (removed at the end unless `keep_checkpoint`) and writes the pruned model there,
     as the prune app does (else `save_pruned` writes it later). `offload_statistics` keeps the
     calibration statistics in CPU memory, `offload_components` all but the denoiser while
-    pruning (the same weights either way). Every setting is checked before the first
-    calibration pass."""
-    if not prompts:
-        raise ValueError("prompts is empty: give the calibration prompts (a list of strings)")
+    pruning (the same weights either way). `prompts`: a list of strings. `sampling`: how the
+    calibration trajectories are sampled (`SamplingDefaults`' keys: steps, guidance,
+    resolution, ...); by default the model config (conf/model) of the checkpoint `pipe` was
+    loaded from, else the pipeline's own defaults, and a dict sets only the keys it names
+    (`in_memory_adapter`). Every setting is checked before the first calibration pass."""
+    prompts = _prompt_list(prompts, "calibration")
     settings = PruneSettings(
         sparsity=sparsity,
         packages=packages,
@@ -145,8 +150,8 @@ def prune(
         hessian_precision=hessian_precision,
     )
     job = _job(
-        adapter_for(pipe, sampling), method, granularity, weighting, settings, calibration,
-        PromptSet(list(prompts), "python", "", "given", None), method_options,
+        in_memory_adapter(pipe, sampling), method, granularity, weighting, settings, calibration,
+        PromptSet(prompts, "python", "", "given", None), method_options,
     )  # fmt: skip
     if run_dir is not None:
         pruned = prune_pipeline(job, Path(run_dir))
@@ -178,7 +183,7 @@ def memory_plan(
     if isinstance(model, str):
         model = model_from_config(model)
     elif not isinstance(model, ModelAdapter):
-        model = adapter_for(model, None)
+        model = in_memory_adapter(model, None)
     settings = PruneSettings(
         sparsity=sparsity,
         packages=packages,
@@ -202,10 +207,80 @@ def model_from_config(name: str) -> ModelAdapter:
     if not path.is_file():
         available = sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml"))
         raise ValueError(f"model={name!r}: no {path}; use one of {available}")
+    return adapter_from_config(_model_config(path))
+
+
+def _model_config(path: Path) -> dict[str, Any]:
     text = re.sub(
         r"\$\{obsdiff_data:([^}]*)\}", lambda m: str(DATA_DIR / m.group(1)), path.read_text()
     )
-    return adapter_from_config(yaml.safe_load(text))
+    config: dict[str, Any] = yaml.safe_load(text)
+    return config
+
+
+def in_memory_adapter(
+    pipe: DiffusionPipeline, sampling: dict[str, Any] | SamplingDefaults | None
+) -> ModelAdapter:
+    """The adapter of a pipeline in memory. `sampling` (a dict: only the keys it names) goes
+    over the sampling this checkpoint is known by: the model config (conf/model) of the
+    checkpoint it was loaded from, else what the pipeline itself does when called with a prompt
+    alone (its default steps, guidance and resolution)."""
+    adapter = adapter_for(pipe, sampling if isinstance(sampling, SamplingDefaults) else None)
+    if isinstance(sampling, SamplingDefaults):
+        return adapter
+    unknown = sorted(set(sampling or {}) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(f"sampling has unknown keys {unknown}; use any of {list(SAMPLING_KEYS)}")
+    source, defaults = _known_sampling(pipe, adapter)
+    missing = sorted(set(SAMPLING_KEYS) - set(defaults) - set(sampling or {}))
+    chosen = {**defaults, **(sampling or {})}
+    log.info(
+        "sampling of the calibration trajectories: %s (from %s%s)",
+        chosen,
+        source if sampling is None else f"sampling= over {source}",
+        f"; obsdiff's defaults for {missing}" if missing else "",
+    )
+    return adapter_for(pipe, chosen)
+
+
+def _known_sampling(pipe: DiffusionPipeline, adapter: ModelAdapter) -> tuple[str, dict[str, Any]]:
+    """The sampling of the shipped model config whose checkpoint `pipe` was loaded from, else
+    the pipeline's own defaults; with where it came from."""
+    source = getattr(pipe, "name_or_path", None)
+    if source:
+        for path in sorted(MODEL_CONFIGS.glob("*.yaml")):
+            config = _model_config(path)
+            pretrained = config.get("pretrained")
+            same_family = str(config.get("_target_", "")).endswith(f".{type(adapter).__name__}")
+            if same_family and pretrained is not None and _same_source(pretrained, source):
+                return f"conf/model/{path.name}", dict(config.get("sampling") or {})
+    denoiser = getattr(pipe, adapter.denoiser_attr, None)
+    return f"the {type(pipe).__name__}'s defaults", pipeline_sampling(pipe, denoiser)
+
+
+def _same_source(pretrained: str, source: str) -> bool:
+    """A hub id equal to the other, or two paths to the same folder."""
+    if pretrained == source:
+        return True
+    first, second = Path(pretrained).expanduser(), Path(source).expanduser()
+    return first.is_dir() and second.is_dir() and first.resolve() == second.resolve()
+
+
+def _prompt_list(prompts: Sequence[str], what: str) -> list[str]:
+    """`prompts` as a list of strings: one clear error for a single string (which would be
+    read as one prompt per character), an empty list or a non-string."""
+    if isinstance(prompts, str):
+        raise ValueError(
+            f"prompts={prompts!r} is one string, which would be read as {len(prompts)} "
+            f"one-character prompts: give a list, e.g. prompts=[{prompts!r}]"
+        )
+    listed = list(prompts)
+    if not listed:
+        raise ValueError(f"prompts is empty: give the {what} prompts (a list of strings)")
+    odd = next((p for p in listed if not isinstance(p, str)), None)
+    if odd is not None:
+        raise ValueError(f"prompts holds {odd!r}, not a string: give a list of strings")
+    return listed
 
 
 def _job(
@@ -249,15 +324,16 @@ def evaluate(
     """Generate one image per prompt into `out_dir/images` (image i from the noise of seed + i)
     and score them; returns the evaluation (also in `out_dir/metrics.json`, the per-image
     scores in `out_dir/per_image.csv`). A `PrunedModel` brings its own sampling settings
-    (`sampling`: a pipeline's); `dense`: the dense model's evaluation with the same settings
-    (the reference of the dense-relative metrics and of `fid={"reference": "dense"}`).
+    (`sampling`: a pipeline's, defaulted as `prune`'s); `dense`: the dense model's evaluation
+    with the same settings (the reference of the dense-relative metrics and of
+    `fid={"reference": "dense"}`).
     `metrics`: the metrics to compute (default: those `EvalOptions` turns on: clip_score);
     `options`: the eval group's keys (`EvalOptions`), a group as a dict of its keys, e.g.
     `seed=0, fid={"reference": "ref/"}, dense_relative={"lpips": None}`."""
     if isinstance(pipe, PrunedModel):
         pipeline, adapter = pipe.pipeline, pipe.adapter
     else:
-        pipeline, adapter = pipe, adapter_for(pipe, sampling)
+        pipeline, adapter = pipe, in_memory_adapter(pipe, sampling)
     target = resolve_device(device)
     chosen = evaluation_options(metrics, **options)
     if dense is None:  # nothing to compare against
@@ -287,9 +363,8 @@ def evaluation_settings(
     rendered once under `cache_dir`); `clip_score.model` `tiny` is the offline tiny CLIP; see
     `EvalOptions` for every key."""
     if not isinstance(prompts, EvalPrompts):
-        if not prompts:
-            raise ValueError("prompts is empty: give the evaluation prompts (a list of strings)")
-        prompts = EvalPrompts(list(range(len(prompts))), list(prompts), "python", "")
+        listed = _prompt_list(prompts, "evaluation")
+        prompts = EvalPrompts(list(range(len(listed))), listed, "python", "")
     prompts = prompts.repeated(options.images_per_prompt)
     cache = Path(cache_dir)
     classifier = functools.cache(load_classifier)  # the toy metrics share one classifier

@@ -11,125 +11,20 @@ Failures follow `obsdiff.app.shell.execute`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-import hydra
-import torch
-from omegaconf import DictConfig
-
-from obsdiff import api
-from obsdiff.app.config import CONF_DIR, ConfigError, to_plain
-from obsdiff.app.entry import callable_module
-from obsdiff.app.settings import build_eval, identity
-from obsdiff.app.shell import RunContext, execute, timed_together
-from obsdiff.artifacts.pruned import load_pruned, read_manifest
-from obsdiff.artifacts.record import RecordError, RunIdentity, RunRecord
-from obsdiff.eval.harness import EvalSettings, evaluate_dense, evaluate_pipeline
-from obsdiff.models.base import ModelAdapter, adapter_from_config
-from obsdiff.models.sparse import check_sparse_kernels
-from obsdiff.utils.devices import resolve_device
+from obsdiff.app.entry import HydraApp, callable_module
 
 
-def pruned_run(pruned_dir: Path, manifest: dict[str, Any], names: RunIdentity) -> RunRecord:
-    """What the evaluated prune run was: its record's identity and figures when it is a
-    completed run of the apps, else what its manifest says (`names`: this evaluation's)."""
-    try:
-        previous: RunRecord | None = RunRecord.read(pruned_dir)
-    except RecordError:
-        previous = None
-    if previous is not None and previous.completed:
-        identity = replace(previous.identity, eval_set=names.eval_set, pruned_run=str(pruned_dir))
-        return RunRecord("completed", identity, prune=previous.prune)
-    identity = RunIdentity(
-        model=manifest["model"]["name"],
-        method=manifest["method"]["name"],
-        granularity=manifest["granularity"],
-        sparsity=manifest["sparsity"],
-        weighting=manifest["weighting"].get("scheme"),
-        packages=manifest["packages"],
-        eval_set=names.eval_set,
-        pruned_run=str(pruned_dir),
-    )
-    return RunRecord("completed", identity)
+APP = HydraApp("evaluate", "obsdiff.app.evaluate_app")
 
 
-@dataclass
-class EvaluateJob:
-    model: ModelAdapter
-    model_config: dict[str, Any]
-    settings: EvalSettings
-    pruned: RunRecord | None  # the prune run evaluated (None: the dense model of `model`)
-    pretrained: str | None
-    sparse_kernels: bool = False  # 2:4 linears as semi-structured sparse weights (CUDA)
+def main() -> Any:
+    """`python -m obsdiff.evaluate`, `obsdiff-evaluate`."""
+    return APP.main()
 
 
-def evaluate(job: EvaluateJob, dense_cache: Path, context: RunContext) -> RunRecord:
-    dense = None
-    if job.settings.evaluate_dense or job.pruned is None:
-        dense = evaluate_dense(
-            job.model, job.model_config, job.settings, dense_cache, context.device,
-            context.parallel,
-        )  # fmt: skip
-    if job.pruned is None:
-        return RunRecord("completed", eval=dense)
-    assert job.pruned.identity.pruned_run is not None
-    pruned = load_pruned(
-        job.pruned.identity.pruned_run,
-        job.pretrained,
-        sparse_kernels=job.sparse_kernels,
-        device=context.device,
-    )
-    pipe = pruned.pipeline
-    evaluation = evaluate_pipeline(
-        pipe, job.model, job.settings, context.out / "eval", context.parallel, dense
-    )
-    record = RunRecord("completed", prune=job.pruned.prune, eval=evaluation, dense=dense)
-    return timed_together(record, pipe, job.model, job.settings, context)
-
-
-@hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    names = replace(identity(cfg), method="dense", sparsity=0.0)
-    pruned_dir = None if cfg.pruned is None else Path(str(cfg.pruned)).expanduser()
-    pretrained = None if cfg.pretrained is None else str(cfg.pretrained)
-    dense_cache = Path(cfg.paths.dense_cache)
-
-    def validate() -> tuple[EvaluateJob, torch.device]:
-        device = resolve_device(str(cfg.device))
-        pruned = None
-        if pruned_dir is None:
-            model_config = to_plain(cfg.model)
-        else:
-            manifest = read_manifest(pruned_dir)
-            pruned = pruned_run(pruned_dir, manifest, names)
-            vars(names).update(vars(pruned.identity))  # in place: the shell records under it
-            model_config = dict(manifest["model_config"])
-            if "_target_" not in model_config:
-                raise ConfigError(
-                    f"pruned={pruned_dir} pruned a pipeline in memory (obsdiff.prune): its "
-                    "manifest names no model to load; evaluate it from Python: "
-                    "obsdiff.evaluate(obsdiff.load_pruned(run_dir, pipeline=<base>), ...)"
-                )
-            if pretrained is not None:
-                model_config["pretrained"] = pretrained
-        sparse_kernels = bool(cfg.get("sparse_kernels", False))
-        if sparse_kernels:
-            if pruned_dir is None:
-                raise ConfigError("sparse_kernels=true needs pruned=<the run of a 2:4 prune>")
-            dtype = getattr(torch, str(model_config.get("dtype", "float32")))
-            check_sparse_kernels(str(manifest.get("granularity")), device, dtype)
-        model = adapter_from_config(model_config)
-        model.check_source()  # the model's files are reachable (a clear error if not)
-        settings = build_eval(cfg.eval, str(device), dense_cache)
-        job = EvaluateJob(model, model_config, settings, pruned, pretrained, sparse_kernels)
-        return job, device
-
-    execute(cfg, validate, lambda job, context: evaluate(job, dense_cache, context), names)
-
-
-callable_module(__name__, api.evaluate)  # `obsdiff.evaluate(...)` is the Python API's
+callable_module(__name__, "evaluate")  # `obsdiff.evaluate(...)` is the Python API's
 
 if __name__ == "__main__":
     main()

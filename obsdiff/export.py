@@ -17,7 +17,6 @@ import logging
 import shlex
 import sys
 
-from obsdiff import api
 from obsdiff.app.entry import callable_module
 from obsdiff.artifacts.export import (
     COMPONENT_CHOICES,
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-callable_module(__name__, api.export)  # `obsdiff.export(...)` is the Python API's
+callable_module(__name__, "export")  # `obsdiff.export(...)` is the Python API's
 
 if __name__ == "__main__":
     raise SystemExit(main())

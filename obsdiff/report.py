@@ -6,10 +6,13 @@ directory works too) and its `results.json`, and writes `<sweep>/report/`:
 interval), `differences.csv` (each job minus its reference, paired over the same prompts and
 seeds, with intervals), `results.md` (a table per model and granularity, the best method at
 each sparsity in bold where its lead is significant, the paired differences, then the jobs that
-did not complete), `plots/<metric>.png` (metric against sparsity with intervals, a line per
-method, dense dashed), `grid.png` (one prompt's image per method and sparsity, captioned) and
-`report.json`. A job without a readable, completed `results.json` is listed as one that did not
-complete, with why, never dropped.
+did not complete; the speed-up with its interval, flagged where that contains 1),
+`plots/<metric>.png` (metric against sparsity with intervals, a line per method, dense dashed;
+not the timings each job took in its own process, under its own load), `plots/speedup.png` (the
+speed-ups timed back to back within each job, with their intervals), `grid.png` (one prompt's
+image per method and sparsity, captioned) and `report.json`. A job without a readable,
+completed `results.json` is listed as one that did not complete, with why, never dropped. It
+logs each job read and each stage; `--out` is checked before any work.
 
 From Python, the same sweep as DataFrames:
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -108,12 +112,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unwritable(out_dir: Path) -> str | None:
+    """Why the report cannot be written into `out_dir` (None: it can), found without writing
+    anything: an existing file, a path under a file, a folder without write permission."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            return "is an existing file, not a directory"
+        return (
+            None
+            if os.access(out_dir, os.W_OK | os.X_OK)
+            else "is a directory without write permission"
+        )
+    ancestor = out_dir.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"cannot be created: {ancestor} is a file"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot be created: {ancestor} has no write permission"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     sweep_dir: Path = args.sweep_dir.expanduser()
     if not sweep_dir.is_dir():
         log.error("%s is not a directory: pass a Hydra sweep or run directory", sweep_dir)
+        return 2
+    out_dir: Path = args.out.expanduser() if args.out is not None else sweep_dir / "report"
+    why = unwritable(out_dir)
+    if why is not None:
+        option = "--out" if args.out is not None else "the default --out"
+        log.error("%s %s %s: pass a directory the report can be written into", option, out_dir, why)
         return 2
     try:
         settings = BootstrapSettings(args.resamples, args.fid_resamples, seed=args.seed)
@@ -124,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     if not jobs:
         log.error("%s holds no run directories (with .hydra/ or results.json)", sweep_dir)
         return 2
-    out_dir = args.out if args.out is not None else sweep_dir / "report"
     scores = PairedScores(settings)
     summary = write_report(jobs, sweep_dir, out_dir, args.prompt_id, scores, args.reference)
     log.info(

@@ -11,57 +11,17 @@ recorded in its results.json and the other jobs go on.
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
-import hydra
-import torch
-from omegaconf import DictConfig
-
-from obsdiff.app.config import CONF_DIR
-from obsdiff.app.settings import build_eval, build_prune_job
-from obsdiff.app.shell import RunContext, execute, show_only, timed_together
-from obsdiff.artifacts.record import RunRecord
-from obsdiff.eval.harness import EvalSettings, evaluate_dense, evaluate_pipeline
-from obsdiff.oneshot.job import PruneJob
-from obsdiff.oneshot.plan import memory_plan
-from obsdiff.oneshot.run import prune_pipeline
+from obsdiff.app.entry import HydraApp
 
 
-def prune_and_evaluate(
-    job: PruneJob, settings: EvalSettings, dense_cache: Path, context: RunContext
-) -> RunRecord:
-    job.device = context.device
-    dense = None
-    if settings.evaluate_dense:
-        dense = evaluate_dense(
-            job.model, job.model_config, settings, dense_cache, job.device, context.parallel
-        )
-    pruned = prune_pipeline(job, context.out, context.parallel)
-    evaluation = evaluate_pipeline(
-        pruned.pipeline, job.model, settings, context.out / "eval", context.parallel, dense
-    )
-    record = RunRecord("completed", prune=pruned.result, eval=evaluation, dense=dense)
-    return timed_together(record, pruned.pipeline, job.model, settings, context)
+APP = HydraApp("run", "obsdiff.app.run_app")
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="run", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    if cfg.get("plan_only", False):  # the prune's memory plan, as the prune app prints it
-        show_only(cfg, lambda: memory_plan(build_prune_job(cfg, reach_model=False)).table())
-        return None
-    dense_cache = Path(cfg.paths.dense_cache)
-
-    def validate() -> tuple[tuple[PruneJob, EvalSettings], torch.device]:
-        job = build_prune_job(cfg)
-        settings = build_eval(cfg.eval, str(job.device), dense_cache)
-        settings.prompts.check_disjoint(job.prompts.prompts)
-        return (job, settings), job.device
-
-    def work(built: tuple[PruneJob, EvalSettings], context: RunContext) -> RunRecord:
-        return prune_and_evaluate(*built, dense_cache, context)
-
-    record = execute(cfg, validate, work)
-    return None if record is None or record.prune is None else record.prune.achieved_sparsity
+def main() -> Any:
+    """`python -m obsdiff.run`, `obsdiff-run`."""
+    return APP.main()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,14 @@ from pathlib import Path
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# A prune of the tiny SD3 in seconds: the command-line settings the app tests share.
+TINY_PRUNE = [
+    "model=tiny_sd3",
+    "calibration=tiny",
+    "model.sampling.num_inference_steps=2",
+    "calibration.num_prompts=2",
+    "packages=2",
+]
 
 
 def run_app(
@@ -20,7 +28,11 @@ def run_app(
 
 
 def run_python(
-    prelude: str, module: str, *args: str, timeout: int = 600
+    prelude: str,
+    module: str,
+    *args: str,
+    timeout: int = 600,
+    env: dict[str, str | None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """As `run_app`, after running the Python code `prelude` in the same process (to inject a
     failure or an interruption at a chosen point, as a user's Ctrl-C would)."""
@@ -29,7 +41,7 @@ def run_python(
         f"sys.argv = [{module!r}, *{list(args)!r}]\n"
         f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
     )
-    return _run([sys.executable, "-c", prelude + "\n" + launch], timeout, None)
+    return _run([sys.executable, "-c", prelude + "\n" + launch], timeout, env)
 
 
 def _run(

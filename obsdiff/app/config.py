@@ -17,6 +17,8 @@ construct arbitrary objects; a wrong key or value is one clear error naming it.
 from __future__ import annotations
 
 import dataclasses
+import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +47,17 @@ T = TypeVar("T")
 
 # `${obsdiff_data:toy/pipeline}`: a file shipped in obsdiff/data, wherever obsdiff is installed.
 OmegaConf.register_new_resolver("obsdiff_data", lambda rel: str(DATA_DIR / rel), replace=True)
+
+
+def run_stamp() -> str:
+    """A run directory's name: its start to the millisecond and the process id, so that jobs
+    started together never share one (`2026-12-07_11-36-31.861_4242`)."""
+    now = datetime.now()
+    return f"{now:%Y-%m-%d_%H-%M-%S}.{now.microsecond // 1000:03d}_{os.getpid()}"
+
+
+# `${obsdiff_run_stamp:}`, cached as Hydra's `now`: every job of a sweep reads the same value.
+OmegaConf.register_new_resolver("obsdiff_run_stamp", run_stamp, use_cache=True, replace=True)
 
 
 class ConfigError(ValueError):

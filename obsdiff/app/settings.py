@@ -122,3 +122,13 @@ def build_eval(
         return evaluation_settings(prompts, options, device, cache_dir)
     except ValueError as err:  # every setting's problem names its eval.<key>
         raise ConfigError(str(err)) from err
+
+
+def plan_only(cfg: DictConfig) -> bool:
+    """The prune (or run) config's `plan_only`, typed: print the memory plan and stop. A value
+    that is not a boolean reads False here: the job's validation refuses it under the shell's
+    failure policy (exit 2 alone; a failed job inside a multirun)."""
+    try:
+        return settings(cfg, PruneSettings, only=("plan_only",)).plan_only
+    except ConfigError:
+        return False

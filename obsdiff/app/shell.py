@@ -1,16 +1,18 @@
 """What the Hydra apps share: one shell with one failure policy, the run directory, the run
 record (written here and nowhere else), the log's summary and W&B.
 
-The shell (`execute`) runs every app in the same order: check every setting (typed values, the
-model's layout from its config, the runner, the run directory) before any weights are loaded;
-only then write the run directory (`config.yaml`, `.hydra/`, the log file, `results.json` with
+The shell (`execute`) runs every app in the same order: hold the run directory (`run.lock`: a
+second process there is refused at once, exit code 2, naming the holder), check every setting
+(typed values, the model's layout from its config, the runner, the run directory) before any
+weights are loaded; only then write the run directory (`config.yaml`, `.hydra/`, the log file, `results.json` with
 `status: running`), do the work, and record `status: completed`. A bad setting is one message
 naming the key: exit code 2 when run alone (and no run directory left behind), a `failed`
 results.json inside a multirun, whose other jobs go on and whose exit status is 1 when any job
 did not complete (`SweepStatus`). A run directory that holds a run of other settings is refused
-before anything is written to it; one that holds the same run, completed, is left as it is (a
-re-run sweep skips its finished jobs). Ctrl-C records `status: interrupted` and says how to
-resume.
+with nothing of it changed; one that holds the same run, completed, is left as it is (a re-run
+sweep skips its finished jobs). Ctrl-C and SIGTERM record `status: interrupted` and say how to
+resume (exit codes 130 and 143); a write the filesystem refuses mid-run (a full disk) is one
+message naming the file, what was kept and how to resume (exit code 1).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from __future__ import annotations
 import logging
 import shlex
 import shutil
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -33,6 +37,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from obsdiff.app.config import ConfigError, to_plain
 from obsdiff.app.settings import identity, is_multirun, runner_settings, task_overrides
+from obsdiff.artifacts.lock import RunDirectoryBusy, RunLock
+from obsdiff.artifacts.pruned import PrunedRunError
 from obsdiff.artifacts.record import (
     RESULTS,
     RecordError,
@@ -45,12 +51,12 @@ from obsdiff.eval.harness import EvalSettings, latency_against_dense, with_laten
 from obsdiff.eval.image_reward import ImageRewardUnavailable
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.loading import ModelLoadError
-from obsdiff.oneshot.checkpoint import remove_checkpoint
+from obsdiff.oneshot.checkpoint import CHECKPOINT_DIR, remove_checkpoint
 from obsdiff.oneshot.job import JobError
 from obsdiff.prompts.files import PromptFileError
 from obsdiff.runners.fabric import RunnerSettings, launch
 from obsdiff.runners.parallel import DataParallel
-from obsdiff.utils.io import write_text
+from obsdiff.utils.io import WriteError, is_write_failure, write_text
 from obsdiff.utils.progress import quiet_library_bars
 
 
@@ -65,7 +71,8 @@ REFUSED = (
 NEUTRAL_KEYS = ("paths", "device", "runner", "tracking", "keep_checkpoint", "offload")
 MAX_SHOWN = 8  # differences named when a run directory is refused
 EXIT_SETTING = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it
+EXIT_TERMINATED = 143  # SIGTERM
 
 # A bad setting: one message, exit code 2 (a multirun records it and goes on). Before any work
 # every ValueError is one (the checks raise them); once working, only these named kinds are, so
@@ -80,7 +87,12 @@ SETTING_ERRORS: tuple[type[Exception], ...] = (
     ValueError,
     OmegaConfBaseException,  # an interpolation that does not resolve, a missing ??? value
 )
-WORK_SETTING_ERRORS: tuple[type[Exception], ...] = (ModelLoadError, JobError, ConfigError)
+WORK_SETTING_ERRORS: tuple[type[Exception], ...] = (
+    ModelLoadError,
+    JobError,
+    ConfigError,
+    PrunedRunError,
+)
 
 T = TypeVar("T")
 
@@ -95,7 +107,7 @@ def run_dir() -> Path:
 
 
 def sweep_id() -> str | None:
-    """The sweep's directory name (its start time) in a multirun, else None."""
+    """The sweep's directory name (its start and the process id) in a multirun, else None."""
     return Path(HydraConfig.get().sweep.dir).name if is_multirun() else None
 
 
@@ -196,6 +208,30 @@ def execute(
     out = run_dir()
     names = identity(cfg) if names is None else names
     fresh = not any(out.iterdir())  # Hydra has just created it (it writes nothing else there)
+    lock = RunLock(out)
+    try:
+        lock.acquire()
+    except RunDirectoryBusy as err:
+        _refuse(err, out, names, fresh=False)
+        return None
+    except OSError as err:  # the lock file cannot be made (permissions changed, a full disk)
+        _write_failed(WriteError(lock.path, None, err.strerror or str(err), err.errno), out, None)
+        return None
+    try:
+        with _signals_as_interruptions():
+            return _execute(cfg, validate, work, names, out, fresh)
+    finally:
+        lock.release()
+
+
+def _execute(
+    cfg: DictConfig,
+    validate: Callable[[], tuple[T, torch.device]],
+    work: Callable[[T, RunContext], RunRecord],
+    names: RunIdentity,
+    out: Path,
+    fresh: bool,
+) -> RunRecord | None:
     try:  # the cheap checks first: a refused directory is refused before anything is built
         runner = runner_settings(cfg.runner) if "runner" in cfg else RunnerSettings()
         if "tracking" in cfg:
@@ -205,8 +241,8 @@ def execute(
     except SETTING_ERRORS as err:
         _refuse(err, out, names, fresh)
         return None
-    except KeyboardInterrupt:
-        _interrupted(out, None, fresh)
+    except KeyboardInterrupt as stop:
+        _interrupted(out, None, fresh, stop)
     finally:
         if fresh and not out.exists():  # refused: no empty run folders left behind either
             _remove_empty_parents(out, Path(cfg.paths.output_root) if "paths" in cfg else None)
@@ -233,9 +269,9 @@ def execute(
             if not cfg.get("keep_checkpoint", False):
                 remove_checkpoint(out)
         status = "completed"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         status = "interrupted"
-        _interrupted(out, names if main else None, False)
+        _interrupted(out, names if main else None, False, stop)
     except WORK_SETTING_ERRORS as err:  # found while working (a model that does not load, ...)
         log.error("%s", err)
         if main:
@@ -244,6 +280,9 @@ def execute(
             sys.exit(EXIT_SETTING)
         return None
     except Exception as err:
+        if is_write_failure(err):  # the disk is full, a quota, permissions changed: no bug
+            _write_failed(err, out, names if main else None)
+            return None
         if main:
             mark(out, "failed", names, repr(err))
         if not is_multirun():
@@ -304,7 +343,7 @@ def _refuse(err: Exception, out: Path, names: RunIdentity, fresh: bool) -> None:
         if fresh:
             shutil.rmtree(out, ignore_errors=True)
         sys.exit(EXIT_SETTING)
-    if isinstance(err, RunDirectoryError):  # its directory must not change: note it beside
+    if isinstance(err, RunDirectoryError | RunDirectoryBusy):  # its directory stays: note beside
         refused = Path(HydraConfig.get().sweep.dir) / REFUSED
         refused.mkdir(parents=True, exist_ok=True)
         write_text(refused / f"{out.name}.txt", f"{out}: refused: {err}\n")
@@ -322,19 +361,75 @@ def _remove_empty_parents(out: Path, root: Path | None) -> None:
         parent.rmdir()
 
 
-def _interrupted(out: Path, names: RunIdentity | None, fresh: bool) -> NoReturn:
-    """Ctrl-C: record `interrupted` and say, in one line, how to resume."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, a batch system's time limit, `kill`): handled as Ctrl-C is."""
+
+
+@contextmanager
+def _signals_as_interruptions() -> Iterator[None]:
+    """SIGTERM raises `Terminated` while the job runs, so that it is recorded `interrupted`
+    and says how to resume, as Ctrl-C does (the previous handler is restored after)."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave the signals as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: installed outside Python, cannot be put back
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(
+    out: Path, names: RunIdentity | None, fresh: bool, stop: KeyboardInterrupt
+) -> NoReturn:
+    """Ctrl-C or SIGTERM: record `interrupted` and say, in one line, how to resume."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the record
+    terminated = isinstance(stop, Terminated)
+    how = "SIGTERM" if terminated else "Ctrl-C"
     if names is not None:
-        mark(out, "interrupted", names, "interrupted (Ctrl-C) before it finished")
+        mark(out, "interrupted", names, f"interrupted ({how}) before it finished")
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
-        log.error("interrupted before the run started; nothing was written")
-    elif is_multirun():
-        sweep = HydraConfig.get().sweep.dir
-        log.error("interrupted; resume with the same command plus %s", _override("sweep", sweep))
+        log.error("interrupted (%s) before the run started; nothing was written", how)
     else:
-        log.error("interrupted; resume with the same command plus %s", _override("run", out))
-    sys.exit(EXIT_INTERRUPTED)
+        log.error("interrupted (%s); resume with the same command plus %s", how, _resume(out))
+    sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
+
+
+def _write_failed(err: Exception, out: Path, names: RunIdentity | None) -> None:
+    """A write the filesystem refused mid-run: one message naming the file (and the bytes it
+    needed), what was kept, and the command that resumes once there is room; exit code 1."""
+    if names is not None:
+        try:
+            mark(out, "failed", names, str(err))
+        except OSError:  # the record cannot be written either (the disk is still full)
+            pass
+    kept = (
+        f"the last complete checkpoint in {out / CHECKPOINT_DIR} is kept"
+        if (out / CHECKPOINT_DIR / "progress.json").is_file()
+        else f"what was finished in {out} is kept"
+    )
+    log.error(
+        "%s; %s; make room (or fix the permissions), then resume with the same command plus %s",
+        err,
+        kept,
+        _resume(out),
+    )
+    if not is_multirun():
+        sys.exit(1)
+
+
+def _resume(out: Path) -> str:
+    """The override that resumes the run in `out` (its sweep, inside a multirun)."""
+    if is_multirun():
+        return _override("sweep", HydraConfig.get().sweep.dir)
+    return _override("run", out)
 
 
 def _override(kind: str, directory: str | Path) -> str:
@@ -383,8 +478,8 @@ def timed_together(
         record = replace(
             record,
             speed=speed,
-            eval=with_latency(record.eval, speed.pruned_seconds_per_image),
-            dense=with_latency(record.dense, speed.dense_seconds_per_image),
+            eval=with_latency(record.eval, speed.pruned_seconds_per_image, speed.pruned_seconds),
+            dense=with_latency(record.dense, speed.dense_seconds_per_image, speed.dense_seconds),
         )
     context.parallel.barrier()
     return record
@@ -451,22 +546,34 @@ SUMMARY_KEYS = (
 
 def summary_table(record: RunRecord) -> str:
     """A short dense-vs-pruned table of the headline metrics (for the log), the pruned model's
-    95% intervals beside its values; dense-relative metrics have no dense value."""
+    intervals beside its values (95% over prompts; the seconds per image's over its timed
+    repeats); dense-relative metrics have no dense value. The speed-up (timed back to back)
+    with its interval, flagged `within noise` where that contains 1."""
     pruned = {} if record.eval is None else evaluation_numbers(record.eval)
     dense = {} if record.dense is None else evaluation_numbers(record.dense)
     keys = [k for k in SUMMARY_KEYS if k in pruned or k in dense]
     names = record.identity
     title = f"{names.method} {names.granularity} {names.sparsity}"
     lines = [f"{'metric':<20} {'dense':>12} {title:>28}"]
-    intervals = {} if record.eval is None else record.eval.intervals
+    intervals = {} if record.eval is None else dict(record.eval.intervals)
+    efficiency = None if record.eval is None else record.eval.efficiency
+    latency = None if record.speed is None else record.speed.pruned_seconds_interval
+    if latency is None and efficiency is not None:
+        latency = efficiency.seconds_per_image_interval
+    if latency is not None:
+        intervals["seconds_per_image"] = latency
     for key in keys:
         value = _cell(pruned.get(key))
         if key in intervals:
             value += " [{}, {}]".format(*map(_cell, intervals[key]))
         lines.append(f"{key:<20} {_cell(dense.get(key)):>12} {value:>28}")
     if record.speed is not None:
-        speedup = f"{record.speed.speedup:.3f}x"
-        lines.append(f"{'speed-up':<20} {'':>12} {speedup:>28}  (timed back to back)")
+        speed = record.speed
+        speedup = f"{speed.speedup:.3f}x"
+        if speed.speedup_interval is not None:
+            speedup += " [{:.3f}, {:.3f}]".format(*speed.speedup_interval)
+        notes = [*speed.flags, f"dense / pruned, {speed.repeats} repeats timed back to back"]
+        lines.append(f"{'speed-up':<20} {'':>12} {speedup:>28}  ({'; '.join(notes)})")
     return "\n".join(lines)
 
 

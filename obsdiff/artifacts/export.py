@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -34,8 +35,15 @@ from typing import Any
 import yaml
 from diffusers import DiffusionPipeline
 
-from obsdiff.artifacts.pruned import MANIFEST, WEIGHTS, load_pruned, read_manifest
+from obsdiff.artifacts.pruned import (
+    MANIFEST,
+    WEIGHTS,
+    PrunedRunError,
+    check_pruned_run,
+    load_pruned,
+)
 from obsdiff.artifacts.record import RESULTS, RecordError, RunRecord
+from obsdiff.utils.file_checks import unwritable_folder_problem
 
 
 log = logging.getLogger(__name__)
@@ -75,31 +83,29 @@ def check_export(
     repo_id: str | None = None,
 ) -> ExportRequest:
     """Every check of an export, before any work: a run directory of a finished prune with its
-    weights, an OUT_DIR that is new or empty (or `overwrite`), a known `components` mode, a
-    well-formed `repo_id`. `in_memory`: the base pipeline will be passed in."""
+    weights intact (`check_pruned_run`), an OUT_DIR that is new or empty (or `overwrite`) and can
+    be written, with its parent, a known `components` mode, a well-formed `repo_id`.
+    `in_memory`: the base pipeline will be passed in."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if not run_dir.is_dir():
-        raise ExportError(f"{run_dir} is not a directory: give the run directory of a prune")
     try:
-        manifest = read_manifest(run_dir)
-    except FileNotFoundError as err:
+        manifest = check_pruned_run(run_dir)
+    except PrunedRunError as err:
         raise ExportError(str(err)) from err
-    if not (run_dir / WEIGHTS).is_file():
-        raise ExportError(
-            f"{run_dir} holds no {WEIGHTS}: the run did not save its pruned weights; prune again "
-            "with save=true"
-        )
     if components not in COMPONENT_CHOICES:
         raise ExportError(f"components={components!r}; use one of {COMPONENT_CHOICES}")
     if out_dir.resolve() == run_dir.resolve() or run_dir.resolve() in out_dir.resolve().parents:
         raise ExportError(f"OUT_DIR {out_dir} lies in the run directory; export elsewhere")
     if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"OUT_DIR {out_dir} exists and is not a directory")
+        raise ExportError(f"OUT_DIR {out_dir} exists and is not a directory; choose another")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(
             f"OUT_DIR {out_dir} exists and is not empty; choose another, or pass --overwrite "
             "(overwrite=True) to replace it"
         )
+    # the export is built beside OUT_DIR, then moved into place (replacing an old one)
+    for folder in (out_dir.parent, *([out_dir] if out_dir.is_dir() else [])):
+        if (problem := unwritable_folder_problem(folder)) is not None:
+            raise ExportError(f"OUT_DIR {out_dir} cannot be written: {problem}; choose another")
     if repo_id is not None and not HUB_ID.match(repo_id):
         raise ExportError(f"repo id {repo_id!r} is not of the form <owner>/<name>")
     config = manifest.get("model_config", {})
@@ -305,7 +311,7 @@ def model_card(request: ExportRequest, load_code: str, export_command: str | Non
             "Unstructured and N:M zeros keep the tensors' shapes: the files and the dense "
             "speed stay as they were; structured pruning removes heads and neurons.",
         ]
-    lines += ["", "## Evaluation", ""] + _evaluation_lines(record)
+    lines += ["", "## Evaluation", ""] + _evaluation_lines(record, request)
     lines += ["", "## How it was made", "", "```bash", _command(record), "```"]
     if export_command:
         lines += ["", f"Exported with `{export_command}`."]
@@ -348,11 +354,29 @@ def _blocks(blocks: Any) -> str:
     return f"{len(blocks)} ({blocks[0]}..{blocks[-1]})"
 
 
-def _evaluation_lines(record: RunRecord | None) -> list[str]:
+def evaluation_set(manifest: dict[str, Any]) -> str:
+    """The evaluation set (conf/eval) that fits the pruned model: the toy's, the tiny zoo's,
+    else the paper's."""
+    config = manifest.get("model_config", {})
+    if config.get("name") == "toy":
+        return "toy"
+    return "tiny" if config.get("tiny") else "coco2014_5k"
+
+
+def evaluate_command(request: ExportRequest) -> str:
+    """The evaluate app's command that measures the exported run against its dense model."""
+    eval_set = evaluation_set(request.manifest)
+    return shlex.join(
+        ["python", "-m", "obsdiff.evaluate", f"pruned={request.run_dir}", f"eval={eval_set}"]
+    )
+
+
+def _evaluation_lines(record: RunRecord | None, request: ExportRequest) -> list[str]:
     if record is None or record.eval is None:
         return [
-            "Not evaluated in this run: `python -m obsdiff.evaluate pruned_run=<run dir>` "
-            "measures it (FID, CLIP score, ImageReward, dense-relative metrics)."
+            f"Not evaluated in this run: `{evaluate_command(request)}` measures it against the "
+            f"dense model (the metrics of `conf/eval/{evaluation_set(request.manifest)}.yaml`; "
+            "another set: `eval=<name>`)."
         ]
     evaluation, dense = record.eval, record.dense
     sampling = evaluation.sampling or {}
@@ -379,11 +403,13 @@ def _evaluation_lines(record: RunRecord | None) -> list[str]:
         lines += ["", "Measured with: " + ", ".join(f"{k} {v}" for k, v in settings.items())]
     if record.speed is not None:
         speed = record.speed
+        dense_s = _with_interval(speed.dense_seconds_per_image, speed.dense_seconds_interval)
+        pruned_s = _with_interval(speed.pruned_seconds_per_image, speed.pruned_seconds_interval)
         lines += [
             "",
-            f"Seconds per image on {speed.device}: dense {speed.dense_seconds_per_image:.4g}, "
-            f"pruned {speed.pruned_seconds_per_image:.4g} ({speed.speedup:.3f}x, median of "
-            f"{speed.repeats}).",
+            f"Seconds per image on {speed.device}, timed back to back (medians of "
+            f"{speed.repeats} repeats, with their intervals): dense {dense_s}, pruned "
+            f"{pruned_s}; speed-up dense / pruned {speed.describe()}.",
         ]
     return lines
 
@@ -400,9 +426,9 @@ def _with_interval(value: Any, interval: list[float] | None) -> str:
 def _command(record: RunRecord | None) -> str:
     if record is None:
         return "# the run directory holds no results.json: see its config.yaml"
-    overrides = " ".join(f"{k}={v}" for k, v in record.overrides.items())
     app = "obsdiff.run" if record.eval is not None else "obsdiff.prune"
-    return f"python -m {app} {overrides}".rstrip()
+    overrides = [f"{key}={value}" for key, value in record.overrides.items()]
+    return shlex.join(["python", "-m", app, *overrides])
 
 
 # ----------------------------------------------------------------------------- the Hub

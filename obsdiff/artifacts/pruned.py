@@ -25,6 +25,7 @@ from obsdiff.models import adapter_for
 from obsdiff.models.base import ModelAdapter, adapter_from_config
 from obsdiff.models.sparse import check_sparse_kernels, use_sparse_kernels
 from obsdiff.models.surgery import restore_shapes
+from obsdiff.utils.file_checks import safetensors_problem
 from obsdiff.utils.io import save_tensors, write_json
 
 
@@ -56,19 +57,65 @@ def save_pruned(pruned: PrunedModel, run_dir: str | Path) -> Path:
     return run_dir
 
 
+class PrunedRunError(ValueError):
+    """A directory whose pruned model cannot be loaded; found before anything is loaded."""
+
+
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """The manifest of the pruned model in `run_dir` (`PrunedRunError` when there is none or it
+    cannot be read). `check_pruned_run` also checks the weights."""
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
         config = Path(run_dir) / "config.yaml"
-        if config.is_file() and (yaml.safe_load(config.read_text()) or {}).get("save") is False:
-            raise FileNotFoundError(
+        if config.is_file() and _saved_nothing(config):
+            raise PrunedRunError(
                 f"{run_dir} was run with save=false: no pruned model was written there; prune "
                 "again with save=true to evaluate or load it"
             )
-        raise FileNotFoundError(
+        raise PrunedRunError(
             f"{path} does not exist: {run_dir} is not the run directory of a finished prune"
         )
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PrunedRunError(
+            f"{path} cannot be read ({err}): the run's pruned model cannot be loaded; prune "
+            "again into a new run directory"
+        ) from None
+    if not isinstance(manifest, dict) or "model_config" not in manifest:
+        raise PrunedRunError(f"{path} is not an obsdiff manifest (no model_config)")
+    return manifest
+
+
+def _saved_nothing(config: Path) -> bool:
+    try:
+        settings = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError:
+        return False
+    return isinstance(settings, dict) and settings.get("save") is False
+
+
+def check_pruned_run(run_dir: str | Path) -> dict[str, Any]:
+    """The manifest of `run_dir` once its pruned model is known to load: the manifest reads and
+    `denoiser.safetensors` is there with an intact header that matches its size (no tensor is
+    read). One `PrunedRunError` naming the file and the fix otherwise."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PrunedRunError(f"{run_dir} is not a directory: give the run directory of a prune")
+    manifest = read_manifest(run_dir)
+    weights = run_dir / WEIGHTS
+    if not weights.is_file():
+        raise PrunedRunError(
+            f"{run_dir} holds no {WEIGHTS}: the run did not save its pruned weights; prune again "
+            "with save=true"
+        )
+    problem = safetensors_problem(weights)
+    if problem is not None:
+        raise PrunedRunError(
+            f"{weights} is damaged ({problem}), e.g. cut short by a full disk or an interrupted "
+            "copy: copy it again from where it came from, or prune again into a new run directory"
+        )
+    return manifest
 
 
 def load_pruned(
@@ -86,9 +133,10 @@ def load_pruned(
     `pipeline` is the base pipeline itself, in memory (needed for a run of `obsdiff.api.prune`
     on a pipeline in memory, whose manifest names no source): its denoiser is replaced.
     `sparse_kernels` (a 2:4 model, `device` CUDA, fp16/bf16): the pruned linears as 2:4
-    semi-structured sparse weights (`obsdiff.models.sparse`); checked before anything loads.
+    semi-structured sparse weights (`obsdiff.models.sparse`). The run directory
+    (`check_pruned_run`) and the kernels are checked before anything loads.
     """
-    manifest = read_manifest(run_dir)
+    manifest = check_pruned_run(run_dir)
     model_config = dict(manifest["model_config"])
     if sparse_kernels:
         dtype = getattr(torch, str(model_config.get("dtype", "float32")))

@@ -6,16 +6,20 @@ summary, the W&B logging, the sweep status and the report (which needs nothing e
      "overrides": {"method.cycles": "10"},      # the job's command-line settings (sweep axes)
      "prune": {"achieved_sparsity": 0.5, "params_before": ..., ...},
      "eval": {...Evaluation...}, "dense": {...Evaluation...}, "images": null,
-     "speed": {"dense_seconds_per_image": ..., "speedup": ...}}  # dense and pruned timed together
+     "speed": {"dense_seconds_per_image": ..., "speedup": ..., "speedup_interval": [low, high],
+               "dense_seconds": [...], "pruned_seconds": [...], ...}}  # timed back to back
 
 Records of the previous version (format 1: identity and prune figures at the top level) are
-read as well; anything else is one `RecordError` saying what the file is and what to do.
+read as well, and so are records written before the timings kept their per-repeat times and
+intervals (they read without them); anything else is one `RecordError` saying what the file is
+and what to do.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -152,21 +156,25 @@ class RunRecord:
             raise RecordError(f"{path}: unreadable run record: {err}") from None
 
     def flat_metrics(self) -> dict[str, float]:
-        """Every number of the record as `prune/<key>`, `eval/<key>`, `dense/<key>` (W&B), the
-        intervals as `<section>/<metric>_ci_low` and `_ci_high`."""
+        """Every number of the record as `prune/<key>`, `eval/<key>`, `dense/<key>`, `speed/<key>`
+        (W&B), the intervals as `<section>/<name>_ci_low` and `_ci_high`."""
         flat: dict[str, float] = {}
         if self.prune is not None:
             flat.update({f"prune/{k}": v for k, v in asdict(self.prune).items() if _number(v)})
         if self.speed is not None:
             flat.update({f"speed/{k}": v for k, v in asdict(self.speed).items() if _number(v)})
+            speed_intervals = {
+                "speedup": self.speed.speedup_interval,
+                "dense_seconds_per_image": self.speed.dense_seconds_interval,
+                "pruned_seconds_per_image": self.speed.pruned_seconds_interval,
+            }
+            flat.update(_interval_keys("speed", speed_intervals))
         for section, evaluation in (("eval", self.eval), ("dense", self.dense)):
             if evaluation is not None:
                 flat.update(
                     {f"{section}/{k}": v for k, v in evaluation_numbers(evaluation).items()}
                 )
-                for name, (low, high) in evaluation.intervals.items():
-                    flat[f"{section}/{name}_ci_low"] = low
-                    flat[f"{section}/{name}_ci_high"] = high
+                flat.update(_interval_keys(section, evaluation_intervals(evaluation)))
         return flat
 
 
@@ -179,8 +187,32 @@ def evaluation_numbers(evaluation: Evaluation) -> dict[str, float]:
         **evaluation.metrics,
     }
     if evaluation.efficiency is not None:
-        values.update(asdict(evaluation.efficiency))
+        figures = asdict(evaluation.efficiency)
+        figures.pop("interval_confidence")  # a property of an interval, not a figure
+        values.update(figures)
     return {k: v for k, v in values.items() if _number(v) and math.isfinite(v)}
+
+
+def evaluation_intervals(evaluation: Evaluation) -> dict[str, list[float]]:
+    """The intervals of an evaluation's figures: the metrics' over prompts, and the seconds per
+    image's over its timed repeats."""
+    intervals = dict(evaluation.intervals)
+    efficiency = evaluation.efficiency
+    if efficiency is not None and efficiency.seconds_per_image_interval is not None:
+        intervals["seconds_per_image"] = efficiency.seconds_per_image_interval
+    return intervals
+
+
+def _interval_keys(
+    section: str, intervals: Mapping[str, Sequence[float] | None]
+) -> dict[str, float]:
+    """`<section>/<name>_ci_low` and `_ci_high` of every interval that is set."""
+    flat = {}
+    for name, interval in intervals.items():
+        if interval is not None:
+            flat[f"{section}/{name}_ci_low"] = interval[0]
+            flat[f"{section}/{name}_ci_high"] = interval[1]
+    return flat
 
 
 def _number(value: Any) -> bool:

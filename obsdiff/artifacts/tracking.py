@@ -7,6 +7,8 @@ can run the real offline code path. Every run also writes `results.json` itself,
 from __future__ import annotations
 
 import os
+import secrets
+import string
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from PIL import Image
 
 
 MODES = ("auto", "online", "offline", "disabled")
+RUN_ID_FILE = "run-id.txt"
 
 
 def resolve_mode(mode: str) -> str:
@@ -49,7 +52,10 @@ class WandbLogger:
 
         self.mode = resolve_mode(mode)
         directory.mkdir(parents=True, exist_ok=True)
+        run_id = self.run_id(directory)
         self.run = wandb.init(
+            id=run_id,
+            resume="allow",  # a resumed run directory continues its W&B run
             project=project,
             entity=entity,
             dir=str(directory),
@@ -60,6 +66,19 @@ class WandbLogger:
             config=config or {},
             reinit="finish_previous",
         )
+
+    @staticmethod
+    def run_id(directory: Path) -> str:
+        """The W&B run id of the run directory: made on its first start and kept in
+        `wandb/run-id.txt`, so that a run interrupted and resumed is one W&B run."""
+        stored = directory / "wandb" / RUN_ID_FILE
+        if stored.is_file() and stored.read_text().strip():
+            return stored.read_text().strip()
+        alphabet = string.ascii_lowercase + string.digits  # W&B's own ids: 8 of these
+        run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        stored.write_text(run_id + "\n")
+        return run_id
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         self.run.log(metrics, step=step)

@@ -18,10 +18,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DiffusionPipeline
 from torch import nn
 
 from obsdiff.calibration.cache import StatisticsCache
@@ -43,6 +42,10 @@ from obsdiff.pruning.statistics import InputStatistics
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.progress import progress
 from obsdiff.utils.seeds import image_generators
+
+
+if TYPE_CHECKING:  # diffusers is imported where a pipeline is loaded: the settings stay light
+    from diffusers import DiffusionPipeline
 
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
 
 
 @dataclass(frozen=True)
@@ -72,6 +71,8 @@ def mean_interval(
         return None
     if np.ptp(means) == 0:
         return float(means[0]), float(means[0])
+    from scipy import stats  # here: the settings above are read before scipy need load
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)
         result = stats.bootstrap(
@@ -120,6 +121,8 @@ def set_statistic_interval(
     2.5% quantile was above the estimate itself); their spread still measures its error."""
     if resamples == 0 or n_groups < 2:
         return None
+    from scipy import stats
+
     result = stats.bootstrap(
         (np.arange(n_groups),),
         lambda drawn: statistic(np.asarray(drawn, dtype=np.int64)),

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +39,7 @@ from obsdiff.eval.efficiency import (
     SpeedComparison,
     compare_latency,
     measure_efficiency,
+    median_interval,
 )
 from obsdiff.eval.fid import FID, FIDFeatures
 from obsdiff.eval.generation import IMAGES, generate_images, image_file, latents_file
@@ -101,11 +102,16 @@ class Evaluation:
             return cls(**{**data, "efficiency": Efficiency(**efficiency) if efficiency else None})
         own = {f.name for f in fields(cls)} - {"metrics", "efficiency"}
         measured = {f.name for f in fields(Efficiency)}
+        required = {
+            f.name
+            for f in fields(Efficiency)
+            if f.default is MISSING and f.default_factory is MISSING
+        }
         efficiency = {k: v for k, v in data.items() if k in measured}
         return cls(
             **{k: v for k, v in data.items() if k in own},
             metrics={k: v for k, v in data.items() if k not in own | measured},
-            efficiency=Efficiency(**efficiency) if len(efficiency) == len(measured) else None,
+            efficiency=Efficiency(**efficiency) if required <= set(efficiency) else None,
         )
 
 
@@ -147,7 +153,9 @@ class EvalSettings:
     batch_size: int = 4
     fid: FIDSettings | None = None
     text_image: list[TextImageMetric] = field(default_factory=list)
-    efficiency_repeats: int = 3  # one-image generations timed; 0 skips latency and FLOPs
+    # one-image generations timed (the fewest whose latency and speed-up intervals reach 95%);
+    # 0 skips latency and FLOPs
+    efficiency_repeats: int = 6
     grid_size: int = 8  # the first prompts' images tiled into grid.png (the W&B grid)
     evaluate_dense: bool = True
     dense_relative: DenseRelative | None = None  # PSNR, SSIM, LPIPS, ... against the dense model
@@ -501,15 +509,24 @@ def latency_against_dense(
             torch.cuda.empty_cache()
 
 
-def with_latency(evaluation: Evaluation, seconds_per_image: float) -> Evaluation:
-    """The evaluation with its latency replaced by one measured back to back (a copy)."""
+def with_latency(
+    evaluation: Evaluation, seconds_per_image: float, image_seconds: Sequence[float] = ()
+) -> Evaluation:
+    """The evaluation with its latency replaced by one measured back to back (a copy):
+    `image_seconds`, that measurement's per-repeat times, give the record's times and interval;
+    without them the evaluation's own times and interval, of another measurement, are dropped."""
     efficiency = evaluation.efficiency
     if efficiency is None:
         return evaluation
-    per_forward = seconds_per_image / efficiency.forwards_per_image
+    interval = median_interval(image_seconds)
     return replace(
         evaluation,
         efficiency=replace(
-            efficiency, seconds_per_image=seconds_per_image, seconds_per_forward=per_forward
+            efficiency,
+            seconds_per_image=seconds_per_image,
+            seconds_per_forward=seconds_per_image / efficiency.forwards_per_image,
+            image_seconds=list(image_seconds),
+            seconds_per_image_interval=None if interval is None else [interval.low, interval.high],
+            interval_confidence=None if interval is None else interval.confidence,
         ),
     )

@@ -16,10 +16,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers import DiffusionPipeline
 from torch import nn
 
 from obsdiff.models.loading import (
@@ -33,6 +32,10 @@ from obsdiff.models.loading import (
 from obsdiff.models.sampling import CFG_DOUBLED_BATCH, CFG_NONE, SamplingDefaults
 from obsdiff.models.structure import HeadGroup, NeuronGroup, Unit
 from obsdiff.utils.memory import own_memory
+
+
+if TYPE_CHECKING:  # diffusers is imported where a pipeline is loaded: the settings stay light
+    from diffusers import DiffusionPipeline
 
 
 log = logging.getLogger(__name__)
@@ -289,6 +292,8 @@ class ModelAdapter(ABC):
         kwargs.update(self.load_kwargs)
         log.info("loading %s pipeline %r (%s)", self.family, source, self.dtype)
         try:
+            from diffusers import DiffusionPipeline
+
             pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as err:
             raise ModelLoadError(self._load_failure_message(source, err)) from err

@@ -8,13 +8,11 @@ embedding and is sampled in 4 steps.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DiffusionPipeline
 from torch import nn
 
-from obsdiff.models import tiny
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.sampling import CFG_NONE, CFG_SEPARATE_CALLS, SamplingDefaults, embedding_kwargs
 from obsdiff.models.structure import (
@@ -28,6 +26,10 @@ from obsdiff.models.structure import (
     mmdit_groups,
     units_of,
 )
+
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 # single-stream blocks: q/k/v and the MLP read one normalised input; proj_out reads [attn, mlp]
@@ -47,6 +49,8 @@ class FluxAdapter(ModelAdapter):
     takes_max_sequence_length = True
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
+        from obsdiff.models import tiny  # diffusers and transformers, for the zoo only
+
         return tiny.tiny_flux_pipeline(seed=seed, guidance_embeds=variant == "dev")
 
     def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:

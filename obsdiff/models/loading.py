@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DiffusionPipeline
 from torch import nn
+
+
+if TYPE_CHECKING:  # diffusers is imported where a pipeline is loaded: the settings stay light
+    from diffusers import DiffusionPipeline
 
 
 DTYPES: dict[str, torch.dtype] = {

@@ -12,15 +12,17 @@ one doubled batch `[uncond, cond]` per step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DiffusionPipeline
 from torch import nn
 
-from obsdiff.models import tiny
 from obsdiff.models.basic_block import BasicBlockAdapter
 from obsdiff.models.sampling import SamplingDefaults
+
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 class PixArtAdapter(BasicBlockAdapter):
@@ -32,6 +34,8 @@ class PixArtAdapter(BasicBlockAdapter):
     takes_max_sequence_length = True
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
+        from obsdiff.models import tiny  # diffusers and transformers, for the zoo only
+
         return tiny.tiny_pixart_pipeline(seed=seed)
 
     def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -3,7 +3,9 @@ denoiser, and the keyword arguments of precomputed prompt embeddings."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -66,6 +68,32 @@ class SamplingDefaults:
             problems.append(f"max_sequence_length={self.max_sequence_length} must be >= 1")
         if problems:
             raise ModelConfigError("invalid model.sampling: " + "; ".join(problems))
+
+
+SAMPLING_KEYS = tuple(f.name for f in fields(SamplingDefaults))
+CALL_DEFAULTS = ("num_inference_steps", "guidance_scale", "max_sequence_length")
+
+
+def pipeline_sampling(pipe: Any, denoiser: Any) -> dict[str, Any]:
+    """How `pipe(prompt)` samples when given nothing else: its `__call__`'s default steps,
+    guidance and T5 prompt length, and its default resolution (the pipeline's
+    `default_sample_size`, else the denoiser's `sample_size`, times the VAE's scale factor).
+    The keys it cannot tell are left out."""
+    try:
+        parameters = inspect.signature(type(pipe).__call__).parameters
+    except (TypeError, ValueError):
+        parameters = {}  # type: ignore[assignment]
+    found: dict[str, Any] = {}
+    for key in CALL_DEFAULTS:
+        default = parameters[key].default if key in parameters else None
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            found[key] = default
+    config = getattr(denoiser, "config", None)
+    size = getattr(pipe, "default_sample_size", None) or getattr(config, "sample_size", None)
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if isinstance(size, int) and isinstance(scale, int):
+        found["height"] = found["width"] = size * scale
+    return found
 
 
 def embedding_kwargs(

@@ -6,13 +6,11 @@ Covers SD3-Medium, SD3.5-Medium (qk-norm and dual-attention `attn2` blocks) and 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DiffusionPipeline
 from torch import nn
 
-from obsdiff.models import tiny
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.sampling import embedding_kwargs
 from obsdiff.models.structure import (
@@ -25,6 +23,10 @@ from obsdiff.models.structure import (
     mmdit_groups,
     units_of,
 )
+
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 # The 12 target linears of a JointTransformerBlock (paper Sec. 1.5) as basic units, plus the
@@ -55,6 +57,8 @@ class SD3Adapter(ModelAdapter):
         return {} if self.with_t5 else {"text_encoder_3": None, "tokenizer_3": None}
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
+        from obsdiff.models import tiny  # diffusers and transformers, for the zoo only
+
         return tiny.tiny_sd3_pipeline(seed=seed, with_t5=self.with_t5, sd35=variant == "sd35")
 
     def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:

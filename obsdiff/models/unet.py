@@ -9,16 +9,17 @@ doubled batch `[uncond, cond]`."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DiffusionPipeline
-from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
-from obsdiff.models import tiny
 from obsdiff.models.basic_block import BasicBlockAdapter
 from obsdiff.models.sampling import embedding_kwargs
+
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 class UNetAdapter(BasicBlockAdapter):
@@ -29,6 +30,8 @@ class UNetAdapter(BasicBlockAdapter):
     tiny_variants = ("sdxl", "sd21", "sd15")
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
+        from obsdiff.models import tiny  # diffusers and transformers, for the zoo only
+
         if variant == "sdxl":
             return tiny.tiny_sdxl_pipeline(seed=seed)
         return tiny.tiny_sd_pipeline(seed=seed, linear_projection=variant == "sd21")
@@ -50,6 +53,8 @@ class UNetAdapter(BasicBlockAdapter):
 
     def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
         """Every BasicTransformerBlock in forward order: down blocks, mid block, up blocks."""
+        from diffusers.models.attention import BasicTransformerBlock  # a denoiser is loaded
+
         found = []
         for part in ("down_blocks", "mid_block", "up_blocks"):
             module = getattr(denoiser, part, None)

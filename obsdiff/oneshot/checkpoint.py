@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 from torch import nn
@@ -18,25 +19,86 @@ from obsdiff.calibration.sequential import (
 from obsdiff.methods.package import record_from_dict
 from obsdiff.models.surgery import restore_shapes, shapes
 from obsdiff.oneshot.job import JobError
+from obsdiff.utils.file_checks import safetensors_problem
 from obsdiff.utils.io import save_tensors, write_json
 
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
+PROGRESS = "progress.json"
+LEGACY_WEIGHTS = "denoiser.safetensors"  # older checkpoints: one weights file of this name
+PROGRESS_FIELDS: dict[str, type | tuple[type, ...]] = {  # what a resume reads, and its type
+    "run_key": str,
+    "packages_done": int,
+    "calibration_seconds": (int, float),
+    "solve_seconds": (int, float),
+    "records": list,
+    "structure": dict,
+}
 
 
 def check_previous_run(run_dir: Path, run_key: str) -> None:
-    """Refuse a directory whose saved model or checkpoint belongs to another run (before
-    anything is loaded; the apps also compare the whole config: `app.shell.check_run_dir`)."""
-    for record in (run_dir / CHECKPOINT_DIR / "progress.json", run_dir / MANIFEST):
-        if record.is_file():
-            previous = json.loads(record.read_text()).get("run_key")
-            if previous not in (None, run_key):
-                raise JobError(
-                    f"{run_dir} holds {record.name} of a different run (run key {previous} vs "
-                    f"{run_key}); use a new run directory"
-                )
+    """Refuse a directory whose saved model or checkpoint belongs to another run, and a
+    checkpoint a resume cannot read (`check_checkpoint`): before anything is loaded (the apps
+    also compare the whole config: `app.shell.check_run_dir`)."""
+    manifest = run_dir / MANIFEST
+    if manifest.is_file():
+        previous = _json_object(manifest)
+        if previous is None:
+            raise JobError(
+                f"{manifest} cannot be read (not JSON): {run_dir} holds a damaged pruned model; "
+                "start a new run (a new run directory)"
+            )
+        _check_run_key(run_dir, manifest, previous.get("run_key"), run_key)
+    check_checkpoint(run_dir, run_key)
+
+
+def check_checkpoint(run_dir: Path, run_key: str) -> None:
+    """Refuse the resume checkpoint of `run_dir` (when there is one) if it belongs to another
+    run, or if a resume could not read it: `progress.json` parses and has every field, and the
+    weights file it names is there with an intact safetensors header that matches its size (no
+    tensor is read). One `JobError` naming the file and the fix."""
+    folder = run_dir / CHECKPOINT_DIR
+    progress_file = folder / PROGRESS
+    if not progress_file.is_file():
+        return
+    fix = f"delete {folder}/ to start the pruning again, or start a new run (a new run directory)"
+    progress = _json_object(progress_file)
+    if progress is None:
+        raise JobError(f"{progress_file} is damaged (not a JSON object): {fix}")
+    _check_run_key(run_dir, progress_file, progress.get("run_key"), run_key)
+    wrong = [
+        key
+        for key, kind in PROGRESS_FIELDS.items()
+        if not isinstance(progress.get(key), kind) or isinstance(progress.get(key), bool)
+    ]
+    if wrong:
+        raise JobError(f"{progress_file} is damaged (missing or wrong: {', '.join(wrong)}): {fix}")
+    name = progress.get("weights", LEGACY_WEIGHTS)
+    if not isinstance(name, str) or Path(name).name != name:
+        raise JobError(f"{progress_file} is damaged (weights={name!r}): {fix}")
+    weights = folder / name
+    problem = safetensors_problem(weights)
+    if problem is not None:
+        raise JobError(f"{weights}, named by {progress_file}, is damaged ({problem}): {fix}")
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when it is not one (cut short, not JSON)."""
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _check_run_key(run_dir: Path, record: Path, previous: Any, run_key: str) -> None:
+    if previous not in (None, run_key):
+        raise JobError(
+            f"{run_dir} holds {record.name} of a different run (run key {previous} vs "
+            f"{run_key}); use a new run directory"
+        )
 
 
 class Checkpointer:
@@ -59,7 +121,7 @@ class Checkpointer:
         weights = f"denoiser-{index + 1}.safetensors"
         save_tensors(self.dir / weights, self.denoiser.state_dict())
         write_json(
-            self.dir / "progress.json",
+            self.dir / PROGRESS,
             {
                 "run_key": self.run_key,
                 "weights": weights,
@@ -76,17 +138,13 @@ class Checkpointer:
 
     def restore(self) -> LoopReport:
         """Weights, shapes and records of the finished packages (nothing when starting fresh)."""
-        progress_file = self.dir / "progress.json"
+        progress_file = self.dir / PROGRESS
         if not progress_file.is_file():
             return LoopReport()
+        check_checkpoint(self.dir.parent, self.run_key)
         progress = json.loads(progress_file.read_text())
-        if progress["run_key"] != self.run_key:
-            raise JobError(
-                f"{self.dir.parent} holds a checkpoint of a different run (run key "
-                f"{progress['run_key']} vs {self.run_key}); use a new run directory"
-            )
         restore_shapes(self.denoiser, progress["structure"])
-        weights = progress.get("weights", "denoiser.safetensors")  # older checkpoints: one name
+        weights = progress.get("weights", LEGACY_WEIGHTS)
         state = safetensors.torch.load_file(str(self.dir / weights))
         self.denoiser.load_state_dict(state, strict=True)
         log.info("resuming after package %d of %d", progress["packages_done"], self.num_packages)

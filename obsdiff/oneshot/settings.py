@@ -22,6 +22,7 @@ from obsdiff.oneshot.plan import GB, choose_packages, memory_plan
 from obsdiff.prompts.files import BUNDLED_PROMPTS, PromptSet, load_prompts
 from obsdiff.pruning.schedules import TimestepWeighting
 from obsdiff.utils.devices import resolve_device
+from obsdiff.utils.file_checks import unwritable_folder_problem
 
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class PruneSettings:
             raise JobError(f"packages={self.packages!r} is not an integer or auto; e.g. 4")
         if auto and self.memory_budget is None:
             raise JobError("packages=auto needs memory_budget=<GB of the device>, e.g. 24")
+        statistics_cache = self._statistics_cache()
         job = PruneJob(
             model=model,
             model_config=model_config,
@@ -114,7 +116,7 @@ class PruneSettings:
             blocks=self.blocks,
             save=self.save,
             keep_checkpoint=self.keep_checkpoint,
-            statistics_cache=None if self.statistics_cache is None else Path(self.statistics_cache),
+            statistics_cache=statistics_cache,
             placement=Placement(self.offload, shard_solve),
         )
         budget = None if self.memory_budget is None else self.memory_budget * GB
@@ -134,6 +136,21 @@ class PruneSettings:
                 job.packages,
             )
         return job
+
+    def _statistics_cache(self) -> Path | None:
+        """The statistics cache folder, checked: a folder, or a path one can be created at,
+        that can be written (it is written after the first package's calibration)."""
+        if self.statistics_cache is None:
+            return None
+        folder = Path(self.statistics_cache).expanduser()
+        problem = unwritable_folder_problem(folder)
+        if problem is not None:
+            raise JobError(
+                f"statistics_cache={self.statistics_cache} cannot be a folder of cached "
+                f"statistics: {problem}; give a folder that can be written (created if missing), "
+                "e.g. statistics_cache=outputs/statistics, or leave it null"
+            )
+        return folder
 
 
 def calibration_prompts(settings: CalibrationSettings) -> PromptSet:

@@ -10,7 +10,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from obsdiff.artifacts.record import RESULTS, RecordError, RunRecord, evaluation_numbers
+from obsdiff.artifacts.record import (
+    RESULTS,
+    RecordError,
+    RunRecord,
+    evaluation_intervals,
+    evaluation_numbers,
+)
 from obsdiff.eval.harness import Evaluation
 
 
@@ -35,6 +41,10 @@ EFFICIENCY = (
     "params", "tflops_per_forward", "seconds_per_image", "seconds_per_forward",
     "generation_seconds",
 )  # fmt: skip
+# timed by each job in its own process, under its own load: never plotted against each other
+# (the speed-up, timed back to back within a job, is)
+OWN_PROCESS_TIMINGS = ("seconds_per_image", "seconds_per_forward", "generation_seconds")
+SPEEDUP = "speedup"
 BREAKDOWNS = ("prompt_fidelity_",)  # per-attribute parts of a metric: CSV only
 EVAL_INFO = ("num_images", "seed", "num_inference_steps", "forwards_per_image")  # not metrics
 SETTINGS = ("model", "method", "granularity", "sparsity", "weighting", "packages")
@@ -42,6 +52,7 @@ RUN = (
     "achieved_sparsity", "params_before", "params_after", "tflops_before", "tflops_after",
     "target_parameters", "target_nonzero", "layer_loss", "calibration_seconds",
     "solve_seconds", "wall_seconds", "peak_memory_bytes", "statistics_bytes",
+    "speedup", "speedup_low", "speedup_high", "speedup_confidence",
 )  # fmt: skip
 LABELS = {
     "fid": "FID",
@@ -85,7 +96,8 @@ class JobResult:
     info: dict[str, Any] = field(default_factory=dict)  # eval set, number of images
     images_dir: Path | None = None
     dense: JobResult | None = None  # the dense model as evaluated by this job
-    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # 95% of metrics
+    # 95% of metrics (over prompts) and of the seconds per image (over its timed repeats)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     per_image: Path | None = None  # the per-image scores (CSV)
     fid_features: Path | None = None  # what paired FID differences are recomputed from
 
@@ -181,7 +193,7 @@ def _evaluated(result: JobResult, evaluation: Evaluation | None) -> JobResult:
     numbers = evaluation_numbers(evaluation)
     result.metrics = {k: v for k, v in numbers.items() if k not in EVAL_INFO}
     result.info = {"eval_set": evaluation.set, **{k: numbers.get(k) for k in EVAL_INFO}}
-    result.intervals = {k: (v[0], v[1]) for k, v in evaluation.intervals.items()}
+    result.intervals = {k: (v[0], v[1]) for k, v in evaluation_intervals(evaluation).items()}
     result.images_dir = _path(result, evaluation.images_dir)
     result.per_image = _path(result, evaluation.per_image)
     result.fid_features = _path(result, evaluation.fid_features)
@@ -211,7 +223,11 @@ def read_job(path: Path, name: str) -> JobResult:
             k: v for k, v in asdict(record.prune).items() if _number(v) and k not in SETTINGS
         }
     if record.speed is not None:
-        job.run["speedup"] = record.speed.speedup
+        job.run[SPEEDUP] = record.speed.speedup
+        if record.speed.speedup_interval is not None:
+            job.run["speedup_low"], job.run["speedup_high"] = record.speed.speedup_interval
+        if record.speed.interval_confidence is not None:
+            job.run["speedup_confidence"] = record.speed.interval_confidence
     _evaluated(job, record.eval)
     if record.dense is not None:
         dense = {"model": settings["model"], "method": DENSE, "granularity": None, "sparsity": 0.0}
@@ -225,15 +241,24 @@ def _number(value: Any) -> bool:
 
 
 def read_jobs(sweep_dir: str | Path) -> list[JobResult]:
-    """Every job of the sweep, in job order; failures are logged as warnings."""
+    """Every job of the sweep, in job order: one log line each, failures as warnings."""
     root = Path(sweep_dir)
     dirs = find_job_dirs(root)
-    jobs = [read_job(p, p.name if p == root else p.relative_to(root).as_posix()) for p in dirs]
-    for job in jobs:
-        if not job.completed:
+    log.info("%s: %d job directories", root, len(dirs))
+    jobs = []
+    for number, path in enumerate(dirs, start=1):
+        job = read_job(path, path.name if path == root else path.relative_to(root).as_posix())
+        jobs.append(job)
+        if job.completed:
+            log.info(
+                "read job %d/%d %s: %s, sparsity %s", number, len(dirs), job.job, job.method,
+                job.sparsity,
+            )  # fmt: skip
+        else:
             log.warning(
-                "job %s (%s, sparsity %s) failed: %s", job.job, job.method, job.sparsity, job.error
-            )
+                "read job %d/%d %s (%s, sparsity %s): failed: %s", number, len(dirs), job.job,
+                job.method, job.sparsity, job.error,
+            )  # fmt: skip
     return jobs
 
 

@@ -53,11 +53,15 @@ class Difference:
 
 @dataclass
 class PairedScores:
-    """Reads and keeps the per-image scores and FID features of the jobs it is asked about."""
+    """Reads and keeps the per-image scores and FID features of the jobs it is asked about,
+    and the differences it computed (the tables ask for some twice)."""
 
     settings: BootstrapSettings = field(default_factory=BootstrapSettings)
     _tables: dict[Path, pd.DataFrame | None] = field(default_factory=dict)
     _features: dict[Path, FIDFeatures | None] = field(default_factory=dict)
+    _differences: dict[tuple[Path, str, Path, str, str], Difference | None] = field(
+        default_factory=dict
+    )
 
     def table(self, job: JobResult) -> pd.DataFrame | None:
         path = job.per_image
@@ -80,6 +84,12 @@ class PairedScores:
     def difference(self, job: JobResult, reference: JobResult, metric: str) -> Difference | None:
         """`job - reference` in `metric`, paired image by image; None where either lacks the
         per-image data or they share no image."""
+        key = (job.path, job.job, reference.path, reference.job, metric)
+        if key not in self._differences:
+            self._differences[key] = self._difference(job, reference, metric)
+        return self._differences[key]
+
+    def _difference(self, job: JobResult, reference: JobResult, metric: str) -> Difference | None:
         if metric == FID:
             return self._fid_difference(job, reference)
         mine, theirs = self.table(job), self.table(reference)

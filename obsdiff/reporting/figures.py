@@ -1,4 +1,9 @@
-"""The report's figures: metric-vs-sparsity plots and image grids."""
+"""The report's figures: metric-vs-sparsity plots, the back-to-back speed-ups and image grids.
+
+Timings that each job took in its own process (seconds per image, per forward, generation
+seconds) are not plotted: jobs run under other loads, so their differences are mostly noise;
+the speed-up, dense and pruned timed back to back within one job, is plotted with its interval.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from obsdiff.reporting.collect import (
     DENSE,
     HIGHER_IS_BETTER,
     LABELS,
+    OWN_PROCESS_TIMINGS,
+    SPEEDUP,
     JobResult,
     groups,
     metric_columns,
@@ -26,12 +33,17 @@ from obsdiff.reporting.collect import (
     varying_keys,
 )
 from obsdiff.utils.images import image_id, image_name
+from obsdiff.utils.progress import progress
 
 
 log = logging.getLogger(__name__)
 
 # Image grid geometry in pixels: label margins on the left and on top, square cells, gaps.
-CELL, GAP, LEFT, TOP = 128, 4, 120, 20
+# The top margin holds the caption (the prompt, at most CAPTION_LINES lines of LINE pixels)
+# and, below it, the column headers.
+CELL, GAP, LEFT, LINE, CAPTION_LINES = 128, 4, 120, 12, 2
+HEADER_Y = 4 + CAPTION_LINES * LINE + 6
+TOP = HEADER_Y + LINE + 6
 PLACEHOLDER = (160, 160, 160)
 
 
@@ -45,16 +57,32 @@ def _slug(text: str) -> str:
     return re.sub(r"[^\w.-]+", "_", text)
 
 
+def _point(job: JobResult, metric: str) -> tuple[float, float, float] | None:
+    """The job's value of `metric` (a metric, or the speed-up) and its interval (the value
+    itself where it has none)."""
+    if metric == SPEEDUP:
+        if SPEEDUP not in job.run:
+            return None
+        value = job.run[SPEEDUP]
+        return value, job.run.get("speedup_low", value), job.run.get("speedup_high", value)
+    if metric not in job.metrics:
+        return None
+    value = job.metrics[metric]
+    low, high = job.intervals.get(metric, (value, value))
+    return value, low, high
+
+
 def _panel(
     ax: Any, metric: str, jobs: Sequence[JobResult], keys: Sequence[str], colours: dict[str, str]
 ) -> None:
     """One line per method (colours shared by every panel), in row order."""
     lines: dict[str, list[tuple[float, float, float, float]]] = {label: [] for label in colours}
     for job in jobs:
-        if job.completed and job.sparsity is not None and metric in job.metrics:
-            value = job.metrics[metric]
-            low, high = job.intervals.get(metric, (value, value))
-            lines[series_label(job, keys)].append((job.sparsity, value, low, high))
+        if not job.completed or job.sparsity is None:
+            continue
+        point = _point(job, metric)
+        if point is not None:
+            lines[series_label(job, keys)].append((job.sparsity, *point))
     for label, points in lines.items():
         if points:
             xs, ys, lows, highs = (np.array(c) for c in zip(*sorted(points), strict=True))
@@ -65,36 +93,57 @@ def _panel(
 
 
 def plot_metrics(jobs: Sequence[JobResult], out_dir: Path) -> list[Path]:
-    """`<out_dir>/<metric>.png` for every metric with a value: metric against sparsity with its
-    95% intervals, a line per method, the dense value dashed; a panel per model and
-    granularity."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """`<out_dir>/<metric>.png` for every metric with a value but the timings each job took in
+    its own process: metric against sparsity with its 95% intervals, a line per method, the
+    dense value dashed; a panel per model and granularity. `<out_dir>/speedup.png` where jobs
+    timed dense and pruned back to back: the speed-up with its interval, 1 (dense) dashed."""
     keys, refs, sections = varying_keys(jobs), references(jobs), groups(jobs)
     series = sorted((j for j in jobs if j.method != DENSE), key=lambda j: row_order(j, keys))
     labels = dict.fromkeys(series_label(j, keys) for j in series)  # ordered, unique
     colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    metrics = [m for m in metric_columns([*jobs, *refs.values()]) if m not in OWN_PROCESS_TIMINGS]
+    if any(SPEEDUP in j.run for j in jobs):
+        metrics.append(SPEEDUP)
     out_dir.mkdir(parents=True, exist_ok=True)
+    log.info("plots: %d (%s)", len(metrics), ", ".join(metrics))
     written = []
-    for metric in metric_columns([*jobs, *refs.values()]):
-        fig = Figure(figsize=(5.0 * max(len(sections), 1), 3.8), layout="constrained")
-        FigureCanvasAgg(fig)  # rendered by Agg, no pyplot state: nothing to close
-        axes = fig.subplots(1, max(len(sections), 1), squeeze=False)[0]
-        for ax, ((model, granularity), members) in zip(axes, sections.items(), strict=False):
-            _panel(ax, metric, members, keys, colours)
-            ax.set_xticks(sorted({j.sparsity for j in members if j.sparsity is not None}))
-            reference = refs.get(model)
-            if reference is not None and metric in reference.metrics:
-                ax.axhline(reference.metrics[metric], linestyle="--", color="black", label=DENSE)
-            ax.set(title=f"{model} · {granularity}", xlabel="sparsity", ylabel=axis_label(metric))
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize="small")
+    for metric in progress(metrics, "plots", "plots"):
+        fig = _figure(metric, sections, refs, keys, colours)
         path = out_dir / f"{_slug(metric)}.png"
         fig.savefig(path, dpi=100)
         written.append(path)
     return written
+
+
+def _figure(
+    metric: str,
+    sections: dict[tuple[str, str], list[JobResult]],
+    refs: dict[str, JobResult],
+    keys: Sequence[str],
+    colours: dict[str, str],
+) -> Any:
+    """One metric's figure: a panel per model and granularity."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.0 * max(len(sections), 1), 3.8), layout="constrained")
+    FigureCanvasAgg(fig)  # rendered by Agg, no pyplot state: nothing to close
+    axes = fig.subplots(1, max(len(sections), 1), squeeze=False)[0]
+    for ax, ((model, granularity), members) in zip(axes, sections.items(), strict=False):
+        _panel(ax, metric, members, keys, colours)
+        ax.set_xticks(sorted({j.sparsity for j in members if j.sparsity is not None}))
+        reference = refs.get(model)
+        title = f"{model} · {granularity}"
+        if metric == SPEEDUP:
+            ax.axhline(1.0, linestyle="--", color="black", label=f"{DENSE} (1x)")
+            title += "\ndense / pruned, timed back to back in each job"
+        elif reference is not None and metric in reference.metrics:
+            ax.axhline(reference.metrics[metric], linestyle="--", color="black", label=DENSE)
+        ax.set(title=title, xlabel="sparsity", ylabel=axis_label(metric))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    return fig
 
 
 # ---------------------------------------------------------------------------- image grid
@@ -139,6 +188,28 @@ def cell_origin(row: int, col: int) -> tuple[int, int]:
     return LEFT + col * (CELL + GAP), TOP + row * (CELL + GAP)
 
 
+def wrap_caption(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
+    """`text` in at most CAPTION_LINES lines of at most `width` pixels, broken between words;
+    what does not fit is cut, with "..."."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    kept = lines[: CAPTION_LINES - 1] + [" ".join(lines[CAPTION_LINES - 1 :])]
+    return [_fit(draw, line, width) for line in kept if line]
+
+
+def _fit(draw: ImageDraw.ImageDraw, line: str, width: int) -> str:
+    """`line`, or as much of it as fits in `width` pixels with "..." after it."""
+    if draw.textlength(line) <= width:
+        return line
+    while len(line) > 1 and draw.textlength(line + "...") > width:
+        line = line[:-1]
+    return line.rstrip() + "..."
+
+
 def comparison_grid(
     jobs: Sequence[JobResult],
     reference: JobResult | None = None,
@@ -166,11 +237,11 @@ def comparison_grid(
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     prompt = prompt_text([dense_dir, *(j.images_dir for j in done)], prompt_id)
-    draw.text(
-        (4, 4), f"prompt {prompt_id}: {prompt}" if prompt else f"prompt {prompt_id}", fill=(0, 0, 0)
-    )
+    caption = f"prompt {prompt_id}: {prompt}" if prompt else f"prompt {prompt_id}"
+    for line, text in enumerate(wrap_caption(draw, caption, width - 8)):
+        draw.text((4, 4 + line * LINE), text, fill=(0, 0, 0))
     for col, title in enumerate([DENSE, *(f"sparsity {s:g}" for s in sparsities)]):
-        draw.text((cell_origin(0, col)[0] + 2, 4), title, fill=(0, 0, 0))
+        draw.text((cell_origin(0, col)[0] + 2, HEADER_Y), title, fill=(0, 0, 0))
     for row, (label, _) in enumerate(labels):
         draw.multiline_text((4, cell_origin(row, 0)[1] + 4), label, fill=(0, 0, 0))
         canvas.paste(_cell(dense_dir, prompt_id), cell_origin(row, 0))
@@ -194,5 +265,6 @@ def write_grids(jobs: Sequence[JobResult], out_dir: Path, prompt_id: int | None)
             continue
         name = "grid.png" if len(sections) == 1 else f"grid_{_slug(model)}_{_slug(granularity)}.png"
         grid.save(out_dir / name)
+        log.info("wrote %s (%s · %s)", out_dir / name, model, granularity)
         written.append(out_dir / name)
     return written

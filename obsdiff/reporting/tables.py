@@ -10,14 +10,17 @@ from typing import Any
 
 import pandas as pd
 
+from obsdiff.eval.efficiency import format_speedup
 from obsdiff.reporting.collect import (
     DENSE,
     EVAL_INFO,
     HIGHER_IS_BETTER,
     INCOMPLETE,
     LABELS,
+    OWN_PROCESS_TIMINGS,
     RUN,
     SETTINGS,
+    SPEEDUP,
     JobResult,
     groups,
     metric_columns,
@@ -34,6 +37,7 @@ from obsdiff.reporting.compare import (
     headline,
     tested_best,
 )
+from obsdiff.utils.progress import progress
 
 
 PRUNE_COLUMNS = (
@@ -73,6 +77,30 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric_from
     return "\n".join([_md_row(header), _md_row(align), *map(_md_row, rows)])
 
 
+def speedup_interval(job: JobResult) -> tuple[float, float] | None:
+    """The job's back-to-back speed-up interval, where its record has one."""
+    if "speedup_low" not in job.run or "speedup_high" not in job.run:
+        return None
+    return job.run["speedup_low"], job.run["speedup_high"]
+
+
+def speedup_within_noise(job: JobResult) -> bool | None:
+    """Whether the job's speed-up is not established: its interval contains 1, or it has none
+    (None: no speed-up timed)."""
+    if SPEEDUP not in job.run:
+        return None
+    interval = speedup_interval(job)
+    return interval is None or interval[0] <= 1.0 <= interval[1]
+
+
+def speedup_cell(job: JobResult) -> str:
+    """`2.013x [1.950, 2.080]`, `1.283x [0.951, 1.612] (75% interval, within noise)`, `–`."""
+    if SPEEDUP not in job.run:
+        return "–"
+    confidence = job.run.get("speedup_confidence")
+    return format_speedup(job.run[SPEEDUP], speedup_interval(job), confidence)
+
+
 def _sparsity_text(job: JobResult) -> str:
     return "?" if job.sparsity is None else f"{job.sparsity:g}"
 
@@ -94,7 +122,9 @@ def csv_rows(jobs: Sequence[JobResult]) -> list[JobResult]:
 def results_frame(jobs: Sequence[JobResult]) -> pd.DataFrame:
     """One row per job (the dense reference of each model first): status, settings, achieved
     sparsity (and whether it falls short of the target), every metric with its 95% interval
-    (`<metric>_low`, `<metric>_high`), evaluation details, the run's figures."""
+    (`<metric>_low`, `<metric>_high`), evaluation details, the run's figures (the back-to-back
+    speed-up with `speedup_low`, `speedup_high`, their coverage `speedup_confidence` and
+    `speedup_within_noise`: the interval contains 1, or there is none)."""
     rows = csv_rows(jobs)
     extra = sorted({k for r in rows for k in r.settings if k not in SETTINGS})
     metrics = metric_columns(rows) + sorted(
@@ -114,6 +144,7 @@ def results_frame(jobs: Sequence[JobResult]) -> pd.DataFrame:
             record[f"{metric}_low"], record[f"{metric}_high"] = low, high
         record.update({k: r.info.get(k) for k in info})
         record.update({k: r.run.get(k) for k in run})
+        record["speedup_within_noise"] = speedup_within_noise(r)
         record["images_dir"] = "" if r.images_dir is None else str(r.images_dir)
         records.append(record)
     frame = pd.DataFrame.from_records(records)
@@ -126,21 +157,22 @@ def comparisons(
 ) -> list[Difference]:
     """Every completed job minus its cell's reference (`choose_reference`), in every metric
     with a known direction, per model and granularity."""
-    found = []
+    pairs = []
     for members in groups(jobs).values():
         metric = headline(members)
         for cell in cells(members).values():
             reference = choose_reference(cell, metric, selector)
             if reference is None:
                 continue
-            for job in cell:
-                if job is reference:
-                    continue
-                for name in metric_columns(cell):
-                    if name in HIGHER_IS_BETTER:
-                        difference = scores.difference(job, reference, name)
-                        if difference is not None:
-                            found.append(difference)
+            names = [m for m in metric_columns(cell) if m in HIGHER_IS_BETTER]
+            pairs += [
+                (job, reference, name) for job in cell if job is not reference for name in names
+            ]
+    found = []
+    for job, reference, name in progress(pairs, "paired differences", "differences"):
+        difference = scores.difference(job, reference, name)
+        if difference is not None:
+            found.append(difference)
     return found
 
 
@@ -231,17 +263,16 @@ def markdown_table(
         for best, difference in [tested_best(cell, metric, scores)]
         if best is not None and difference is not None and difference.significant
     }
-    speed = any("speedup" in j.run for j in rows)
+    speed = any(SPEEDUP in j.run for j in rows)
     header = ["method", "sparsity", *keys, "achieved", *map(_header, metrics)]
-    header += ["speed-up"] if speed else []
+    header += [LABELS[SPEEDUP]] if speed else []
     body = []
     for row in table:
         cells_ = [row.method, _sparsity_text(row), *(row.settings.get(k) for k in keys)]
         cells_.append("–" if row in denses else _achieved_cell(row))
         cells_ += [_value_cell(row, m, (id(row), m) in bold) for m in metrics]
         if speed:
-            value = row.run.get("speedup")
-            cells_.append("–" if value is None else f"{value:.3f}x")
+            cells_.append(speedup_cell(row))
         body.append(cells_)
     return _md_table(header, body, 2 + len(keys) + 1)
 
@@ -303,6 +334,20 @@ def markdown_report(
             "scores. ⚠: achieved sparsity of the target layers more than 0.5 points below the "
             "target."
         )
+        if any(k in j.metrics for j in jobs for k in OWN_PROCESS_TIMINGS):
+            lines[-1] += (
+                " s / image (its interval over the job's timed repeats), s / forward and "
+                "generation s were timed by each job in its own process, under its own load: "
+                "they do not compare across jobs."
+            )
+        if any(SPEEDUP in j.run for j in jobs):
+            lines[-1] += (
+                " The speed-up (dense / pruned) was timed back to back within each job: the "
+                "median of its repeats' ratios, with the distribution-free interval of that "
+                "median from its order statistics (its coverage said where too few repeats "
+                "keep it below 95%); within noise: the interval contains 1, the timings show "
+                "no speed-up (nor slow-down)."
+            )
     else:
         lines[-1] += " Prune runs without evaluation: what each achieved and cost."
     differences = comparisons(jobs, scores, selector) if evaluated else []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ from obsdiff.reporting.tables import (
     results_frame,
 )
 from obsdiff.utils.io import write_text
+from obsdiff.utils.progress import heartbeat
+
+
+log = logging.getLogger(__name__)
 
 
 def write_report(
@@ -27,16 +32,23 @@ def write_report(
     scores: PairedScores | None = None,
     selector: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Write every output into `out_dir`; return what `report.json` records."""
+    """Write every output into `out_dir`, logging each stage; return what `report.json`
+    records."""
     scores = scores or PairedScores()
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "results.csv", results_frame(jobs).to_csv(index=False))
+    log.info("wrote %s", out_dir / "results.csv")
+    log.info("paired differences: reading per-image scores and FID features, resampling")
     differences = differences_frame(comparisons(jobs, scores, selector))
     write_text(out_dir / "differences.csv", differences.to_csv(index=False))
-    report = markdown_report(jobs, f"Sweep report: `{sweep_dir}`", scores, selector)
+    log.info("wrote %s (%d differences)", out_dir / "differences.csv", len(differences))
+    with heartbeat("results.md: tables and the significance of each best value"):
+        report = markdown_report(jobs, f"Sweep report: `{sweep_dir}`", scores, selector)
     write_text(out_dir / "results.md", report)
+    log.info("wrote %s", out_dir / "results.md")
     files = [out_dir / "results.csv", out_dir / "differences.csv", out_dir / "results.md"]
     files += plot_metrics(jobs, out_dir / "plots")
+    log.info("wrote the plots into %s", out_dir / "plots")
     files += write_grids(jobs, out_dir, prompt_id)
     failed = [j.job for j in jobs if not j.completed]
     summary = {

@@ -160,7 +160,7 @@ def test_defaults_come_from_the_settings_dataclasses() -> None:
     keyword defaults are the same objects' (each default said once)."""
     import inspect
 
-    import obsdiff
+    from obsdiff import api
     from obsdiff.app.config import settings
     from obsdiff.calibration.sequential import CalibrationSettings
     from obsdiff.methods import ObsDiff
@@ -176,7 +176,7 @@ def test_defaults_come_from_the_settings_dataclasses() -> None:
     }
     method = {k: v for k, v in cfg.method.items() if k != "_target_"}
     assert from_mapping(ObsDiff, method) == ObsDiff() and method == plain_defaults(ObsDiff)
-    signature = inspect.signature(obsdiff.api.prune).parameters
+    signature = inspect.signature(api.prune).parameters
     assert signature["sparsity"].default == PruneSettings().sparsity
     assert signature["batch_size"].default == CalibrationSettings().batch_size
 

@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from app_runner import run_app, run_python
+from app_runner import TINY_PRUNE, run_app, run_python
 
 from obsdiff.artifacts.record import RunRecord
 from obsdiff.report import main as report_main
@@ -19,13 +19,7 @@ from obsdiff.report import main as report_main
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model=tiny_sd3",
-    "calibration=tiny",
-    "model.sampling.num_inference_steps=2",
-    "calibration.num_prompts=2",
-    "packages=2",
-]
+TINY = TINY_PRUNE
 EVAL = ["eval=tiny", "eval.prompts.num_prompts=2"]
 LOADED = "loaded model"  # the log line of ModelAdapter.load
 

@@ -193,6 +193,9 @@ def test_efficiency_of_dense_and_pruned_models(tiny_model) -> None:  # type: ign
     dense = measure_efficiency(pipe, tiny_model, repeats=2)
     assert dense.forwards_per_image == 2  # 2 steps, CFG in one doubled batch
     assert dense.seconds_per_image > dense.seconds_per_forward > 0
+    # every timed generation kept; the median's interval from 2 repeats is their range, 50%
+    assert len(dense.image_seconds) == 2 and dense.interval_confidence == pytest.approx(0.5)
+    assert dense.seconds_per_image_interval == sorted(dense.image_seconds)
     block = pipe.transformer.transformer_blocks[1]
     heads, neurons = tiny_model.structured_groups(block)
     surgery = Surgery()
@@ -248,3 +251,5 @@ def test_a_model_against_itself_sampling_overrides_and_latency(
     own = pipe.transformer
     speed = compare_latency(pipe, tiny_model, tiny_model.load().transformer, repeats=1)
     assert pipe.transformer is own and speed.speedup > 0 and speed.repeats == 1
+    assert len(speed.dense_seconds) == len(speed.pruned_seconds) == 1
+    assert speed.flags == ["no interval"]  # one repeat: no interval, the speed-up not shown

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +31,7 @@ TINY += ["calibration.num_prompts=2", "packages=1"]
 TOY = ["model=toy", "calibration=toy", "model.sampling.num_inference_steps=2"]
 TOY += ["calibration.num_prompts=4", "packages=1"]
 PROMPT = "a red circle in the top left"
+UNWRITABLE = Path("/proc/obsdiff-cannot-be-written")  # no one may create files there, not root
 
 # plain diffusers in a process where obsdiff cannot be imported: the card's code, then a call
 PLAIN = """
@@ -187,6 +190,19 @@ def test_bad_inputs_are_refused_before_anything_is_written(
         (weightless / name).write_bytes((run_dir / name).read_bytes())
     with pytest.raises(ExportError, match="holds no denoiser.safetensors"):
         check_export(weightless, out)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(run_dir, truncated)
+    weights = truncated / "denoiser.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # a copy cut short
+    with pytest.raises(ExportError, match=f"{weights} is damaged .*prune again"):
+        check_export(truncated, out)
+    (tmp_path / "a file").write_text("keep me")
+    with pytest.raises(ExportError, match="exists and is not a directory"):
+        check_export(run_dir, tmp_path / "a file")
+    with pytest.raises(ExportError, match="is a file, not a folder"):
+        check_export(run_dir, tmp_path / "a file" / "exported")
+    with pytest.raises(ExportError, match=f"OUT_DIR {UNWRITABLE} cannot be written: /proc"):
+        check_export(run_dir, UNWRITABLE)
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
     with pytest.raises(ExportError, match="not empty; choose another, or pass --overwrite"):
@@ -201,6 +217,9 @@ def test_bad_inputs_are_refused_before_anything_is_written(
     result = run_app("obsdiff.export", str(run_dir), str(out))
     assert result.returncode == 2
     assert "not empty; choose another, or pass --overwrite" in result.stderr
+    result = run_app("obsdiff.export", str(run_dir), str(UNWRITABLE / "exported"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"OUT_DIR {UNWRITABLE / 'exported'} cannot be written" in result.stderr
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     assert not list(tmp_path.glob(".*partial*"))
 
@@ -209,6 +228,35 @@ def test_bad_inputs_are_refused_before_anything_is_written(
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (out / "mine.txt").exists() and (out / "model_index.json").is_file()
     assert "Exported with `python -m obsdiff.export" in (out / "README.md").read_text()
+
+
+@pytest.mark.xdist_group("export_runs")  # the module's runs are made once, on one worker
+def test_the_cards_commands_run(tmp_path: Path, runs: dict[str, Path]) -> None:
+    """The card of a run that was not evaluated: its evaluate command evaluates the pruned
+    model (not the dense one); its prune command makes the same weights again."""
+    run_dir = runs["toy 2:4"]
+    card = (obsdiff.export(run_dir, tmp_path / "exported") / "README.md").read_text()
+
+    (evaluate,) = re.findall(r"`(python -m obsdiff\.evaluate [^`]*)`", card)
+    _, _, app, *overrides = shlex.split(evaluate)
+    fast = ["eval.prompts.num_prompts=2", "eval.images_per_prompt=1", "eval.efficiency.repeats=0"]
+    result = run_app(
+        app, *overrides, *fast, f"paths.output_root={tmp_path}", f"hydra.run.dir={tmp_path / 'ev'}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = RunRecord.read(tmp_path / "ev")
+    assert evaluated.identity.pruned_run == str(run_dir)
+    assert (evaluated.identity.method, evaluated.identity.granularity) == ("obsdiff", "semi_2_4")
+    assert evaluated.eval is not None and evaluated.eval.num_images == 2
+
+    made = card[card.index("## How it was made") :]
+    prune = re.search(r"```bash\n(python -m obsdiff\.prune .*)\n```", made).group(1)  # type: ignore[union-attr]
+    _, _, app, *overrides = shlex.split(prune)
+    result = run_app(app, *overrides, f"hydra.run.dir={tmp_path / 'again'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = safetensors.torch.load_file(str(tmp_path / "again" / "denoiser.safetensors"))
+    first = safetensors.torch.load_file(str(run_dir / "denoiser.safetensors"))
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
 
 
 class FakeHub:

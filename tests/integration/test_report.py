@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from obsdiff import report
 from obsdiff.artifacts.record import PruneResult, RunIdentity, RunRecord
+from obsdiff.eval.efficiency import speed_comparison
 from obsdiff.eval.harness import Evaluation
 from obsdiff.reporting import collect as collected
 from obsdiff.reporting import figures, tables
@@ -35,6 +36,15 @@ JOBS: list[tuple[str, float, tuple[int, int, int], tuple[int, ...], dict[str, An
     ("magnitude", 0.3, (0, 0, 0), (), "RuntimeError('CUDA out of memory')"),
     ("magnitude", 0.5, (0, 0, 0), (), "killed"),
 ]
+
+
+# back-to-back timings of the jobs that have them: six repeats, a few percent of load noise;
+# OBS-Diff at 0.3 computes what the dense model does (within noise), at 0.5 twice as fast
+JITTER = [1.00, 1.03, 0.98, 1.05, 0.97, 1.02]
+SPEEDS = {
+    ("obsdiff", 0.3): speed_comparison(JITTER, JITTER[::-1], "cpu"),
+    ("obsdiff", 0.5): speed_comparison(JITTER, [t / 2 for t in JITTER[::-1]], "cpu"),
+}
 
 
 def write_images(folder: Path, colour: tuple[int, int, int], ids: tuple[int, ...]) -> None:
@@ -97,6 +107,7 @@ def make_sweep(root: Path) -> Path:
                 prune=PruneResult(sparsity, 4, 10, 10, 1.0, 1.0, 1.0, 1.0, 3.0, 1, "cpu"),
                 eval=evaluation("eval/pruned/images", pruned, scores),
                 dense=evaluation(str(dense_images), DENSE_EVAL, dense_scores),
+                speed=SPEEDS.get((method, sparsity)),
             )  # fmt: skip
             record.eval.intervals = {
                 "clip_score": [outcome["clip_score"] - 0.01, outcome["clip_score"] + 0.01]
@@ -168,7 +179,7 @@ def test_markdown_bold_only_where_the_paired_difference_excludes_zero(sweep: Pat
     (header, rows), (diff_header, diff_rows) = all_tables(text)[:2]
     assert header == [
         "method", "sparsity", "achieved", "FID ↓", "CLIP score ↑", "sharpness", "params",
-        "s / image", "generation s",
+        "s / image", "generation s", "speed-up",
     ]  # fmt: skip
     assert rows[0]["method"] == "dense" and "**" not in "".join(rows[0].values())
     assert rows[0]["params"] == "2.03B" and rows[1]["params"] == "1M"
@@ -228,12 +239,16 @@ def test_app_writes_everything(sweep: Path) -> None:
     out = sweep / "report"
     summary = json.loads((out / "report.json").read_text())
     assert (summary["completed"], summary["failed"]) == (4, 2)
-    for metric in ("fid", "clip_score", "sharpness", "params", "seconds_per_image"):
+    for metric in ("fid", "clip_score", "sharpness", "params", "speedup"):
         path = out / "plots" / f"{metric}.png"
         assert f"plots/{metric}.png" in summary["files"]
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width > 100
     assert {"results.csv", "results.md", "grid.png"} <= set(summary["files"])
+    # timings each job took in its own process are not plotted against each other
+    for timing in ("seconds_per_image", "seconds_per_forward", "generation_seconds"):
+        assert f"plots/{timing}.png" not in summary["files"]
+        assert not (out / "plots" / f"{timing}.png").exists()
 
     with Image.open(out / "grid.png") as opened:
         grid = opened.convert("RGB")
@@ -337,3 +352,80 @@ def test_jobs_evaluated_at_other_settings_are_not_compared(tmp_path: Path) -> No
     denses = tables.dense_rows(jobs, None)  # one dense row per evaluation setting
     assert [d.settings["eval.sampling.guidance_scale"] for d in denses] == [3.0, 5.0]
     assert tables.dense_rows(jobs[:2], jobs[3]) == [jobs[3]]  # one setting: the reference
+
+
+def test_the_speedup_carries_its_interval_and_is_flagged_within_noise(sweep: Path) -> None:
+    """The back-to-back speed-up: its interval beside it, `within noise` where that contains 1
+    (OBS-Diff at 0.3), none for jobs that timed nothing (Wanda); the CSV has the same."""
+    text = tables.markdown_report(collected.read_jobs(sweep), "sweep")
+    rows = table_cells(text)[1]
+    cell = {(r["method"], r["sparsity"]): r["speed-up"] for r in rows[1:]}
+    noise, twice = SPEEDS["obsdiff", 0.3], SPEEDS["obsdiff", 0.5]
+    assert cell["obsdiff", "0.3"] == noise.describe() and cell["obsdiff", "0.3"].endswith(
+        "(within noise)"
+    )
+    low, high = twice.speedup_interval  # type: ignore[misc]
+    assert cell["obsdiff", "0.5"] == f"{twice.speedup:.3f}x [{low:.3f}, {high:.3f}]" and low > 1
+    assert cell["wanda", "0.3"] == "–" and rows[0]["speed-up"] == "–"  # dense: nothing timed
+    assert "timed back to back within each job" in text and "do not compare across jobs" in text
+    frame = report.collect(sweep).set_index("job")
+    assert bool(frame.loc["0", "speedup_within_noise"]) and frame.loc["0", "speedup_low"] < 1
+    assert not bool(frame.loc["2", "speedup_within_noise"])
+    assert frame.loc["2", "speedup_low"] == pytest.approx(low)
+    assert frame.loc["2", "speedup_confidence"] == pytest.approx(1 - 2 / 64)
+    assert pd.isna(frame.loc["1", "speedup_within_noise"])  # wanda: no speed-up timed
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_an_out_that_cannot_take_the_report_is_refused_before_any_work(
+    where: str, sweep: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    out = existing if where == "file" else existing / "report"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with caplog.at_level(logging.INFO):
+        assert report.main([str(sweep), "--out", str(out)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(f"--out {out} ")
+    assert ("is an existing file" if where == "file" else f"{existing} is a file") in errors[0]
+    assert "read job" not in caplog.text  # refused before reading the sweep
+    assert existing.read_text() == "mine"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_the_report_logs_each_job_and_each_stage(
+    sweep: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        assert report.main([str(sweep)]) == 0
+    text = caplog.text
+    for number in range(1, len(JOBS) + 1):
+        assert f"read job {number}/{len(JOBS)} " in text
+    for stage in ("results.csv", "paired differences", "differences.csv", "results.md", "plots:"):
+        assert stage in text, stage
+    assert "grid.png" in text
+    stages = [r.getMessage() for r in caplog.records if r.name.startswith("obsdiff.report")]
+    assert stages[0].endswith("6 job directories") and "completed jobs" in stages[-1]
+
+
+def test_the_grids_caption_sits_above_the_column_headers(sweep: Path) -> None:
+    """A long prompt wraps over at most two lines above the column headers, never through
+    them: the band between the caption and the headers stays white."""
+    jobs = collected.read_jobs(sweep)
+    reference = collected.references(jobs)["tiny_sd3"]
+    prompt = " ".join(["a very long prompt about a small red circle on a gray background"] * 4)
+    listing = {"images": [{"id": 1, "prompt": prompt}]}
+    images_dir = jobs[0].images_dir
+    assert images_dir is not None
+    (images_dir.parent / "images.json").write_text(json.dumps(listing))
+    grid = figures.comparison_grid(jobs, reference, prompt_id=1)
+    assert grid is not None
+    pixels = np.asarray(grid.convert("L"))  # (height, width)
+    caption_bottom = 4 + figures.CAPTION_LINES * figures.LINE
+    assert (pixels[4:caption_bottom] < 128).any(axis=1).sum() > figures.LINE  # two lines used
+    assert (pixels[caption_bottom + 1 : figures.HEADER_Y - 1] == 255).all()  # a white band
+    assert (pixels[figures.HEADER_Y : figures.TOP - 2] < 128).any()  # the headers below it
+    assert (pixels[figures.TOP - 4 : figures.TOP] == 255).all()  # clear of the images
+    text = figures.wrap_caption(ImageDraw.Draw(grid), f"prompt 1: {prompt}", grid.width - 8)
+    assert len(text) == 2 and text[-1].endswith("...")

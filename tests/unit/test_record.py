@@ -15,7 +15,7 @@ from obsdiff.artifacts.record import (
     RunRecord,
     evaluation_numbers,
 )
-from obsdiff.eval.efficiency import Efficiency
+from obsdiff.eval.efficiency import Efficiency, speed_comparison
 from obsdiff.eval.harness import Evaluation
 from obsdiff.methods.granularity import Granularity
 from obsdiff.methods.package import (
@@ -61,6 +61,39 @@ def test_a_record_reads_back_as_written(tmp_path: Path) -> None:
     numbers = evaluation_numbers(record.eval)  # type: ignore[arg-type]
     assert numbers["fid"] == 3.5 and numbers["params"] == 10 and "fid_mode" not in numbers
     assert "latency_device" not in numbers and numbers["generation_seconds"] == 1.25
+
+
+def test_timings_keep_their_repeats_and_intervals_and_older_records_read(
+    tmp_path: Path,
+) -> None:
+    """The speed section and the efficiency keep every per-repeat time and the intervals, and
+    read back as written; a record written before they had them reads without them."""
+    efficiency = Efficiency(
+        10, 0.5, 2.0, 0.25, 8.0, 8, "cpu", [2.1, 1.9, 2.0], [1.9, 2.1], 0.75
+    )  # fmt: skip
+    speed = speed_comparison([4.0, 4.2, 3.8], [2.1, 1.9, 2.0], "cpu")
+    record = RunRecord("completed", eval=evaluation(efficiency=efficiency), speed=speed)
+    record.write(tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["speed"]["dense_seconds"] == [4.0, 4.2, 3.8]
+    assert data["speed"]["speedup_interval"] == speed.speedup_interval
+    assert data["eval"]["efficiency"]["image_seconds"] == [2.1, 1.9, 2.0]
+    assert RunRecord.read(tmp_path) == record
+    flat = record.flat_metrics()
+    assert flat["speed/speedup_ci_low"] == speed.speedup_interval[0]  # type: ignore[index]
+    assert flat["eval/seconds_per_image_ci_high"] == 2.1 and "speed/dense_seconds" not in flat
+    assert "interval_confidence" not in evaluation_numbers(record.eval)  # type: ignore[arg-type]
+    for key in ("speedup_interval", "dense_seconds_interval", "pruned_seconds_interval",
+                "interval_confidence", "dense_seconds", "pruned_seconds"):  # fmt: skip
+        del data["speed"][key]
+    for key in ("image_seconds", "seconds_per_image_interval", "interval_confidence"):
+        del data["eval"]["efficiency"][key]
+    older = RunRecord.from_dict(data)
+    assert older.speed is not None and older.speed.speedup == speed.speedup
+    assert older.speed.speedup_interval is None and older.speed.flags == ["no interval"]
+    assert older.eval is not None and older.eval.efficiency is not None
+    assert older.eval.efficiency.image_seconds == []
+    assert older.eval.efficiency.seconds_per_image_interval is None
 
 
 def test_the_previous_versions_flat_record_reads() -> None:
