@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -35,6 +34,7 @@ from obsdiff.reporting.collect import SETTINGS, read_jobs, references
 from obsdiff.reporting.compare import PairedScores
 from obsdiff.reporting.tables import results_frame
 from obsdiff.reporting.write import write_report
+from obsdiff.utils.file_checks import unwritable_folder_problem
 
 
 log = logging.getLogger(__name__)
@@ -112,27 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def unwritable(out_dir: Path) -> str | None:
-    """Why the report cannot be written into `out_dir` (None: it can), found without writing
-    anything: an existing file, a path under a file, a folder without write permission."""
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            return "is an existing file, not a directory"
-        return (
-            None
-            if os.access(out_dir, os.W_OK | os.X_OK)
-            else "is a directory without write permission"
-        )
-    ancestor = out_dir.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        return f"cannot be created: {ancestor} is a file"
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"cannot be created: {ancestor} has no write permission"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
@@ -141,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s is not a directory: pass a Hydra sweep or run directory", sweep_dir)
         return 2
     out_dir: Path = args.out.expanduser() if args.out is not None else sweep_dir / "report"
-    why = unwritable(out_dir)
+    why = unwritable_folder_problem(out_dir)
     if why is not None:
         option = "--out" if args.out is not None else "the default --out"
-        log.error("%s %s %s: pass a directory the report can be written into", option, out_dir, why)
+        log.error(
+            "%s %s: %s; pass a directory the report can be written into", option, out_dir, why
+        )
         return 2
     try:
         settings = BootstrapSettings(args.resamples, args.fid_resamples, seed=args.seed)

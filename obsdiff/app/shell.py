@@ -4,15 +4,16 @@ record (written here and nowhere else), the log's summary and W&B.
 The shell (`execute`) runs every app in the same order: hold the run directory (`run.lock`: a
 second process there is refused at once, exit code 2, naming the holder), check every setting
 (typed values, the model's layout from its config, the runner, the run directory) before any
-weights are loaded; only then write the run directory (`config.yaml`, `.hydra/`, the log file, `results.json` with
-`status: running`), do the work, and record `status: completed`. A bad setting is one message
-naming the key: exit code 2 when run alone (and no run directory left behind), a `failed`
-results.json inside a multirun, whose other jobs go on and whose exit status is 1 when any job
-did not complete (`SweepStatus`). A run directory that holds a run of other settings is refused
-with nothing of it changed; one that holds the same run, completed, is left as it is (a re-run
-sweep skips its finished jobs). Ctrl-C and SIGTERM record `status: interrupted` and say how to
-resume (exit codes 130 and 143); a write the filesystem refuses mid-run (a full disk) is one
-message naming the file, what was kept and how to resume (exit code 1).
+weights are loaded; only then write the run directory (`config.yaml`, `.hydra/`, the log file,
+`results.json` with `status: running`), do the work, and record `status: completed`. A bad
+setting is one message naming the key: exit code 2 when run alone (and no run directory left
+behind), a `failed` results.json inside a multirun, whose other jobs go on and whose exit status
+is 1 when any job did not complete (`SweepStatus`). A run directory that holds a run of other
+settings is refused with nothing of it changed; one that holds the same run, completed, is left
+as it is (a re-run sweep skips its finished jobs). Ctrl-C and SIGTERM record `status:
+interrupted` and say how to resume (exit codes 130 and 143); a write the filesystem refuses
+mid-run (a full disk) is one message naming the file, what was kept and how to resume (exit
+code 1).
 """
 
 from __future__ import annotations

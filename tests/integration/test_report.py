@@ -387,8 +387,8 @@ def test_an_out_that_cannot_take_the_report_is_refused_before_any_work(
     with caplog.at_level(logging.INFO):
         assert report.main([str(sweep), "--out", str(out)]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and errors[0].startswith(f"--out {out} ")
-    assert ("is an existing file" if where == "file" else f"{existing} is a file") in errors[0]
+    assert len(errors) == 1 and errors[0].startswith(f"--out {out}: ")
+    assert f"{existing} is a file" in errors[0]
     assert "read job" not in caplog.text  # refused before reading the sweep
     assert existing.read_text() == "mine"
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -7,6 +7,7 @@ command line is refused before the heavy libraries load."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -71,19 +72,21 @@ WAIT_FOR_GO = textwrap.dedent(
 )
 
 
-def test_a_refusal_comes_before_the_heavy_libraries() -> None:
+def test_a_refusal_comes_before_the_heavy_libraries(tmp_path: Path) -> None:
     """`sparsity=half` from the real entry point: exit 2, one message, and diffusers,
-    transformers, Lightning and W&B never imported (the refusal takes seconds, not the
-    ML stack's import time)."""
+    transformers, Lightning and W&B never imported (the refusal takes seconds, not the ML
+    stack's import time). Every other refusal of the command line takes the same path:
+    tests/unit/test_preflight.py checks them in process."""
     report = (
         "import atexit, sys\n"
         f"atexit.register(lambda: print('imported:', [m for m in {HEAVY!r} if m in sys.modules]))"
     )
-    result = run_python(report, "obsdiff.prune", "sparsity=half")
+    result = run_python(report, "obsdiff.prune", "sparsity=half", f"paths.output_root={tmp_path}")
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert output.count("[ERROR]") == 1 and "sparsity='half' is not a number" in output
-    assert "imported: []" in output
+    assert "imported: []" in output and "Traceback" not in output
+    assert not any(tmp_path.iterdir())  # nothing left behind
 
 
 @pytest.mark.timeout(600)
@@ -103,49 +106,31 @@ def test_prunes_started_together_each_get_their_own_directory(tmp_path: Path) ->
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("second", ["sparsity=0.5", "sparsity=0.6"], ids=["same", "other"])
-def test_a_second_run_into_a_working_directory_is_refused(second: str, tmp_path: Path) -> None:
-    """The second process arrives while the first works (same settings, or other ones): it
-    exits 2 naming the holder, and the directory holds the first run, whole."""
-    run, go = tmp_path / "run", tmp_path / "go"
-    first = launch(*TINY, "sparsity=0.5", f"hydra.run.dir={run}", prelude=WAIT_FOR_GO, go=go)
-    deadline = time.monotonic() + 300
-    while not (run / LOCK_FILE).is_file():
-        assert first.poll() is None and time.monotonic() < deadline, finish(first)[1][-3000:]
-        time.sleep(0.2)
-    code, output = finish(launch(*TINY, second, f"hydra.run.dir={run}"))
-    go.touch()
-    assert code == 2, output[-3000:]
-    assert output.count("[ERROR]") == 1 and f"is in use by process {first.pid} on" in output
-    assert "Traceback" not in output
-    code, output = finish(first)
-    assert code == 0, output[-3000:]
-    record = RunRecord.read(run)
-    assert record.completed and record.prune is not None
-    assert read_manifest(run)["sparsity"] == record.identity.sparsity == 0.5
-    assert not (run / LOCK_FILE).exists()
-
-
-@pytest.mark.timeout(600)
 def test_runs_started_together_into_one_directory_one_works(tmp_path: Path) -> None:
+    """Three prunes into one directory at once, two of them with the same settings: the first
+    to hold it works (held until the other two have ended), the others exit 2 naming it, and
+    the directory holds that one run, whole."""
     run, go = tmp_path / "run", tmp_path / "go"
     jobs = [
         launch(*TINY, f"sparsity={s}", f"hydra.run.dir={run}", prelude=WAIT_FOR_GO, go=go)
-        for s in (0.4, 0.6)
+        for s in (0.4, 0.4, 0.6)
     ]
     deadline = time.monotonic() + 300
-    while all(job.poll() is None for job in jobs):  # the one that comes second is refused
+    while sum(job.poll() is None for job in jobs) > 1:  # the two that came later are refused
         assert time.monotonic() < deadline
         time.sleep(0.2)
     go.touch()
     outcomes = [finish(job) for job in jobs]
-    assert sorted(code for code, _ in outcomes) == [0, 2], [o[-2000:] for _, o in outcomes]
-    loser = next(output for code, output in outcomes if code == 2)
-    assert "is in use by process" in loser
-    winner = 0.4 if outcomes[0][0] == 0 else 0.6
+    assert sorted(code for code, _ in outcomes) == [0, 2, 2], [o[-2000:] for _, o in outcomes]
+    winner = next(i for i, (code, _) in enumerate(outcomes) if code == 0)
+    for code, output in outcomes:
+        if code == 2:
+            assert output.count("[ERROR]") == 1 and "Traceback" not in output
+            assert f"is in use by process {jobs[winner].pid} on" in output
     record = RunRecord.read(run)
-    assert record.completed and record.identity.sparsity == winner
-    assert read_manifest(run)["sparsity"] == winner
+    assert record.completed and record.identity.sparsity == (0.4, 0.4, 0.6)[winner]
+    assert read_manifest(run)["sparsity"] == record.identity.sparsity
+    assert not (run / LOCK_FILE).exists()
 
 
 SIGTERM_DURING_THE_SECOND_PACKAGE = textwrap.dedent(
@@ -169,6 +154,9 @@ SIGTERM_DURING_THE_SECOND_PACKAGE = textwrap.dedent(
 def test_sigterm_reads_as_interrupted_and_resumes_into_the_same_wandb_run(
     tmp_path: Path,
 ) -> None:
+    """SIGTERM after the first package, then the resume; copies of the run along the way, one
+    with its checkpoint cut short, one with its pruned weights cut short, are refused before any
+    model loads (exit 2, one message naming the file and the fix, nothing changed)."""
     run = tmp_path / "run"
     args = [*TINY, f"hydra.run.dir={run}", "+tracking=wandb", "tracking.mode=offline"]
     env = {"WANDB_MODE": None, "WANDB_DIR": None}
@@ -183,6 +171,18 @@ def test_sigterm_reads_as_interrupted_and_resumes_into_the_same_wandb_run(
     assert record.status == "interrupted" and "SIGTERM" in str(record.error)
     assert not (run / LOCK_FILE).exists()
 
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    progress = damaged / "checkpoint" / "progress.json"
+    progress.write_text(progress.read_text()[:40])
+    before = snapshot(damaged)
+    refused = run_app("obsdiff.prune", *TINY, f"hydra.run.dir={damaged}")
+    output = refused.stdout + refused.stderr
+    assert refused.returncode == 2, output[-3000:]
+    assert output.count("[ERROR]") == 1 and f"{progress} is damaged" in output
+    assert f"delete {damaged / 'checkpoint'}/" in output and "loaded model" not in output
+    assert snapshot(damaged) == before
+
     resumed = run_app("obsdiff.prune", *args, env=env)
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-3000:]
@@ -191,6 +191,23 @@ def test_sigterm_reads_as_interrupted_and_resumes_into_the_same_wandb_run(
     offline_runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2  # the killed start and the resumed one...
     assert len({d.name.rsplit("-", 1)[1] for d in offline_runs}) == 1  # ...are one W&B run
+
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut, ignore=shutil.ignore_patterns("wandb"))
+    weights = cut / "denoiser.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    evaluation = run_app("obsdiff.evaluate", f"pruned={cut}", "eval=tiny", f"hydra.run.dir={cut}-e")
+    output = evaluation.stdout + evaluation.stderr
+    assert evaluation.returncode == 2, output[-3000:]
+    assert output.count("[ERROR]") == 1 and str(weights) in output
+    assert "loaded model" not in output and "Traceback" not in output
+    assert not Path(f"{cut}-e").exists()
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {
+        str(f.relative_to(directory)): f.read_bytes() for f in directory.rglob("*") if f.is_file()
+    }
 
 
 DISK_FULL_AT_THE_SECOND_PACKAGE = textwrap.dedent(
@@ -246,42 +263,3 @@ def test_an_unwritable_run_directory_is_refused_before_any_work() -> None:
     assert result.returncode == 2, output[-3000:]
     assert output.count("[ERROR]") == 1 and "hydra.run.dir=/proc/obsdiff-run" in output
     assert "cannot be written" in output and "Traceback" not in output
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {
-        str(f.relative_to(directory)): f.read_bytes() for f in directory.rglob("*") if f.is_file()
-    }
-
-
-@pytest.mark.timeout(600)
-def test_runs_that_cannot_be_used_are_refused_before_loading(tmp_path: Path) -> None:
-    """A resume whose checkpoint was cut short, an evaluation of a run whose weights were: exit
-    2, one message naming the file and the fix, before any model loads, nothing changed."""
-    run = tmp_path / "run"
-    args = [*TINY, f"hydra.run.dir={run}"]
-    killed = run_python(SIGTERM_DURING_THE_SECOND_PACKAGE, "obsdiff.prune", *args)
-    assert killed.returncode == 143, (killed.stdout + killed.stderr)[-3000:]
-    progress = run / "checkpoint" / "progress.json"
-    progress.write_text(progress.read_text()[:40])
-    before = snapshot(run)
-    resumed = run_app("obsdiff.prune", *args)
-    output = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 2, output[-3000:]
-    assert output.count("[ERROR]") == 1 and f"{progress} is damaged" in output
-    assert f"delete {run / 'checkpoint'}/" in output and "loaded model" not in output
-    assert snapshot(run) == before
-
-    pruned = tmp_path / "pruned"
-    done = run_app("obsdiff.prune", *TINY, f"hydra.run.dir={pruned}")
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    weights = pruned / "denoiser.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])  # cut short
-    evaluation = run_app(
-        "obsdiff.evaluate", f"pruned={pruned}", "eval=tiny", f"hydra.run.dir={tmp_path / 'e'}"
-    )
-    output = evaluation.stdout + evaluation.stderr
-    assert evaluation.returncode == 2, output[-3000:]
-    assert output.count("[ERROR]") == 1 and str(weights) in output
-    assert "loaded model" not in output and "Traceback" not in output
-    assert not (tmp_path / "e").exists()
