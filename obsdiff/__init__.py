@@ -2,7 +2,8 @@
 
     import obsdiff
     pruned = obsdiff.prune(pipe, method="obsdiff", sparsity=0.5, prompts=prompts)
-    obsdiff.save_pruned(pruned, "my_run")
+    recovered = obsdiff.recover(pruned, prompts, steps=100)  # distilled towards the dense
+    obsdiff.save_pruned(recovered, "my_run")
     pruned = obsdiff.load_pruned("my_run")
     scores = obsdiff.evaluate(pruned, prompts=eval_prompts, out_dir="my_eval")
     obsdiff.export("my_run", "exported")   # a diffusers folder with a model card
@@ -18,7 +19,15 @@ from __future__ import annotations
 from typing import Any
 
 
-__all__ = ["evaluate", "export", "load_pruned", "memory_plan", "prune", "save_pruned"]
+__all__ = [
+    "evaluate",
+    "export",
+    "load_pruned",
+    "memory_plan",
+    "prune",
+    "recover",
+    "save_pruned",
+]
 
 
 def __getattr__(name: str) -> Any:

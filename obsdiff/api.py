@@ -60,6 +60,8 @@ from obsdiff.oneshot.settings import PruneSettings
 from obsdiff.prompts.eval_sets import EvalPrompts
 from obsdiff.prompts.files import PromptSet
 from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.recovery.run import recover_pruned
+from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.runners.fabric import RunnerSettings
 from obsdiff.toy.classifier import AttributeClassifier, ClassifierFeatures, load_classifier
 from obsdiff.toy.data import render_folder
@@ -69,6 +71,7 @@ from obsdiff.utils.settings import from_mapping
 
 
 __all__ = [
+    "recover",
     "evaluate",
     "evaluation_options",
     "evaluation_settings",
@@ -308,6 +311,41 @@ def _job(
         adapter, adapter.describe(), method, granularity, weighting, prompts, calibration,
         shard_solve=RunnerSettings().shard_solve, reach_model=reach_model, components=components,
     )  # fmt: skip
+
+
+def recover(
+    pruned: PrunedModel,
+    prompts: Sequence[str],
+    *,
+    teacher: DiffusionPipeline | None = None,
+    batch_size: int = 1,
+    device: str = "cpu",
+    **settings: Any,
+) -> PrunedModel:
+    """`pruned` distilled back towards its dense model (data-free): the dense pipeline samples
+    `prompts` (`batch_size` a call), and the pruned denoiser learns to predict what the dense
+    one predicts on those calls, its outputs and every block's (`RecoverySettings`, whose keys
+    `settings` takes: `steps`, `lr`, `precision`, `feature_weight`, ...). The zeros of an
+    unstructured or N:M prune stay exact zeros; a structured one trains every remaining weight.
+    `teacher`: the dense pipeline, by default loaded again from the model `pruned` names (give
+    it for a model pruned in memory, whose base pipeline the prune changed). Returns the
+    recovered model (`pruned` is left as it was); `.recovery` says what it did."""
+    chosen = from_mapping(RecoverySettings, settings)
+    listed = _prompt_list(prompts, "recovery")
+    if teacher is None:
+        if pruned.adapter.pipeline is not None:
+            raise ValueError(
+                "this model was pruned in memory, which changed its base pipeline: pass the "
+                "dense pipeline as teacher=<a fresh copy of the base model>"
+            )
+        teacher = pruned.adapter.load()
+    dense_names = set(pruned.adapter.denoiser(teacher).state_dict())
+    if dense_names != set(pruned.denoiser.state_dict()):
+        raise ValueError(
+            f"teacher={type(teacher).__name__} is not the pruned model's base: its denoiser's "
+            "weights have other names; pass the dense pipeline of the model that was pruned"
+        )
+    return recover_pruned(pruned, teacher, listed, chosen, resolve_device(device), batch_size)
 
 
 def evaluate(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -61,3 +65,31 @@ def _run(
         timeout=timeout,
         env=environment,
     )
+
+
+def run_in_process(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> <args>` inside this process (no interpreter to start, no imports to
+    repeat): for apps that are expected to stop before any work, e.g. a refused setting. The
+    app's console output is captured; Hydra's global state and the logging setup it installs
+    are put back afterwards."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    entry = importlib.import_module(module)
+    output = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    argv = sys.argv
+    sys.argv = [module, *args]
+    code: int | str | None = 0
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            entry.main()
+    except SystemExit as stop:
+        code = stop.code
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    returncode = code if isinstance(code, int) else (0 if code is None else 1)
+    return subprocess.CompletedProcess([module, *args], returncode, output.getvalue(), "")

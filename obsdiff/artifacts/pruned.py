@@ -20,7 +20,7 @@ import yaml
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from obsdiff.artifacts.record import PruneResult
+from obsdiff.artifacts.record import PruneResult, RecoveryResult
 from obsdiff.models import adapter_for
 from obsdiff.models.base import ModelAdapter, adapter_from_config
 from obsdiff.models.sparse import check_sparse_kernels, use_sparse_kernels
@@ -42,6 +42,7 @@ class PrunedModel:
     adapter: ModelAdapter
     manifest: dict[str, Any]
     result: PruneResult | None = None
+    recovery: RecoveryResult | None = None  # what `obsdiff.recover` did (None when loaded)
 
     @property
     def denoiser(self) -> nn.Module:

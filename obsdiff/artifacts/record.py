@@ -7,7 +7,8 @@ summary, the W&B logging, the sweep status and the report (which needs nothing e
      "prune": {"achieved_sparsity": 0.5, "params_before": ..., ...},
      "eval": {...Evaluation...}, "dense": {...Evaluation...}, "images": null,
      "speed": {"dense_seconds_per_image": ..., "speedup": ..., "speedup_interval": [low, high],
-               "dense_seconds": [...], "pruned_seconds": [...], ...}}  # timed back to back
+               "dense_seconds": [...], "pruned_seconds": [...], ...},  # timed back to back
+     "recover": {"steps": 100, "first_loss": ..., "last_loss": ..., ...}}  # after pruning
 
 Records of the previous version (format 1: identity and prune figures at the top level) are
 read as well, and so are records written before the timings kept their per-repeat times and
@@ -81,6 +82,18 @@ class PruneResult:
 
 
 @dataclass
+class RecoveryResult:
+    """What a recovery (distillation after pruning) did and cost."""
+
+    steps: int  # optimizer steps
+    seconds: float  # wall time, the teacher's trajectories included
+    first_loss: float  # the loss of the first and of the last optimizer step
+    last_loss: float
+    peak_memory_bytes: int  # the process (CPU) or the device (CUDA)
+    calls_recorded: int  # teacher denoiser calls the training inputs were drawn from
+
+
+@dataclass
 class RunRecord:
     status: str
     identity: RunIdentity = field(default_factory=RunIdentity)
@@ -91,6 +104,7 @@ class RunRecord:
     dense: Evaluation | None = None  # the dense reference of a pruned model
     images: int | None = None  # sample app: images written (listed in samples.json)
     speed: SpeedComparison | None = None  # dense and pruned timed back to back (both latencies)
+    recover: RecoveryResult | None = None  # the recovery after pruning, when there was one
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -112,6 +126,7 @@ class RunRecord:
             "dense": None if self.dense is None else self.dense.as_dict(),
             "images": self.images,
             "speed": None if self.speed is None else asdict(self.speed),
+            "recover": None if self.recover is None else asdict(self.recover),
         }
 
     def write(self, run_dir: Path) -> None:
@@ -140,6 +155,7 @@ class RunRecord:
                 dense=_evaluation(data.get("dense")),
                 images=data.get("images"),
                 speed=None if data.get("speed") is None else SpeedComparison(**data["speed"]),
+                recover=None if data.get("recover") is None else RecoveryResult(**data["recover"]),
             )
         except (KeyError, TypeError) as err:
             raise RecordError(f"not a run record ({type(err).__name__}: {err})") from None
@@ -161,6 +177,8 @@ class RunRecord:
         flat: dict[str, float] = {}
         if self.prune is not None:
             flat.update({f"prune/{k}": v for k, v in asdict(self.prune).items() if _number(v)})
+        if self.recover is not None:
+            flat.update({f"recover/{k}": v for k, v in asdict(self.recover).items() if _number(v)})
         if self.speed is not None:
             flat.update({f"speed/{k}": v for k, v in asdict(self.speed).items() if _number(v)})
             speed_intervals = {

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
-import resource
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -36,38 +34,10 @@ from obsdiff.oneshot.checkpoint import Checkpointer, check_previous_run
 from obsdiff.oneshot.job import PruneJob, plan_packages
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.flops import pipeline_flops
+from obsdiff.utils.memory import peak_memory_bytes, reset_peak_memory
 
 
 log = logging.getLogger(__name__)
-
-
-PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    """Start this job's peak-memory count: a sweep runs its jobs in one process, whose peak
-    would otherwise be the largest of every job so far."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        PROC_CLEAR_REFS.write_text("5")  # Linux: resets VmHWM, the peak resident set size
-    except OSError:
-        pass  # elsewhere the process's peak (ru_maxrss) is all there is
-
-
-def _peak_memory_bytes(device: torch.device) -> int:
-    """CUDA: the peak allocated on the device; CPU: the peak resident set size (VmHWM) since
-    `_reset_peak_memory`, or the process's where Linux's counter is not there."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        found = re.search(r"VmHWM:\s+(\d+) kB", PROC_STATUS.read_text())
-    except OSError:
-        found = None
-    if found is not None:
-        return int(found.group(1)) * 1024
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
 def weights_hash(pipe: DiffusionPipeline) -> str:
@@ -97,7 +67,7 @@ def prune_pipeline(
     check_previous_run(run_dir, job.run_key)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    _reset_peak_memory(job.device)
+    reset_peak_memory(job.device)
     pipe = job.model.load().to(job.device)
     pipe.set_progress_bar_config(disable=True)  # the package and batch bars say where we are
     denoiser = job.model.denoiser(pipe)
@@ -163,7 +133,7 @@ def prune_pipeline(
         calibration_seconds=round(report.calibration_seconds, 4),
         solve_seconds=round(report.solve_seconds, 4),
         wall_seconds=round(time.perf_counter() - started, 4),
-        peak_memory_bytes=_peak_memory_bytes(job.device),
+        peak_memory_bytes=peak_memory_bytes(job.device),
         device=str(job.device),
         world_size=parallel.world_size,
         target_modules=None if untouched else len(targets),

@@ -9,9 +9,16 @@ much depending on the CPU (seen: max |diff| 1e-4 in a tiny Flux's latents on an 
 AVX-512, none on an Intel Xeon). Copying every loaded CPU tensor into allocator memory removes the
 difference on every CPU: a pipeline loaded from disk then computes bit for bit what the pipeline
 that was saved computes (tests/integration/test_tiny_zoo.py checks it on every family).
+
+Also a job's peak memory (`reset_peak_memory`, `peak_memory_bytes`): on the device for CUDA,
+the resident set size on the CPU.
 """
 
 from __future__ import annotations
+
+import re
+import resource
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,3 +46,32 @@ def is_allocator_aligned(module: nn.Module) -> bool:
         for t in [*module.parameters(), *module.buffers()]
         if t.device.type == "cpu" and t.numel() > 0
     )
+
+
+PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a job's peak-memory count: a sweep runs its jobs in one process, whose peak would
+    otherwise be the largest of every job so far."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        PROC_CLEAR_REFS.write_text("5")  # Linux: resets VmHWM, the peak resident set size
+    except OSError:
+        pass  # elsewhere the process's peak (ru_maxrss) is all there is
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the peak allocated on the device; CPU: the peak resident set size (VmHWM) since
+    `reset_peak_memory`, or the process's where Linux's counter is not there."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        found = re.search(r"VmHWM:\s+(\d+) kB", PROC_STATUS.read_text())
+    except OSError:
+        found = None
+    if found is not None:
+        return int(found.group(1)) * 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB

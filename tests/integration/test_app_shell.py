@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from app_runner import TINY_PRUNE, run_app, run_python
+from app_runner import TINY_PRUNE, run_app, run_in_process, run_python
 
 from obsdiff.artifacts.record import RunRecord
 from obsdiff.report import main as report_main
@@ -58,11 +58,12 @@ def test_bad_setting_exits_2_naming_its_key_before_loading(
     app: str, overrides: list[str], key: str, tmp_path: Path
 ) -> None:
     """As a user sees it, for every app (each input of the prune app's list is checked in
-    process by tests/integration/test_prune.py)."""
+    process by tests/integration/test_prune.py); the app runs in this process, from its entry
+    point, since it stops before any work."""
     common = TINY if app in ("obsdiff.prune", "obsdiff.run") else ["model=tiny_sd3"]
     if app == "obsdiff.run":
         common = [*common, *EVAL]
-    result = run_app(app, *common, *overrides, f"paths.output_root={tmp_path}")
+    result = run_in_process(app, *common, *overrides, f"paths.output_root={tmp_path}")
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert output.count("[ERROR]") == 1, output[-3000:]

@@ -4,10 +4,7 @@ plan_only."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from app_runner import run_in_process
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from registry import REAL_MODELS
@@ -149,18 +147,19 @@ def test_packages_auto_picks_the_fewest_that_fit(compose_prune) -> None:  # type
 
 @pytest.mark.slow
 def test_plan_only_prints_the_plan_and_leaves_nothing(tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    command = [sys.executable, "-m", "obsdiff.prune", "model=flux_dev", "plan_only=true"]
-    command += [f"paths.output_root={tmp_path}/out", "packages=4"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_in_process(  # the app from its entry point, here: it loads no weights
+        "obsdiff.prune", "model=flux_dev", "plan_only=true", f"paths.output_root={tmp_path}/out",
+        "packages=4",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:]
     assert "memory plan: flux_dev (bfloat16), ObsDiff, 4 packages" in result.stdout
     assert obsdiff.memory_plan("flux_dev", packages=4).table() in result.stdout
     assert not any(p.is_file() for p in (tmp_path / "out").rglob("*"))  # no run written
-    command = [sys.executable, "-m", "obsdiff.run", "model=sdxl_base", "plan_only=true"]
-    command += [f"paths.output_root={tmp_path}/run", "packages=2"]  # the run app: the same
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_in_process(  # the run app: the same
+        "obsdiff.run", "model=sdxl_base", "plan_only=true", f"paths.output_root={tmp_path}/run",
+        "packages=2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:]
     assert obsdiff.memory_plan("sdxl_base", packages=2).table() in result.stdout
     assert not any(p.is_file() for p in (tmp_path / "run").rglob("*"))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from app_runner import run_app
+from app_runner import run_app, run_in_process
 
 import obsdiff
 from obsdiff.models.base import ModelAdapter
@@ -58,7 +58,7 @@ def test_refused_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(SparseKernelError, match="run on CUDA only"):
         obsdiff.load_pruned(two_four, sparse_kernels=True, device="cpu")
 
-    result = run_app(
+    result = run_in_process(
         "obsdiff.evaluate", f"pruned={two_four}", "sparse_kernels=true", "eval=tiny",
         f"paths.output_root={tmp_path / 'eval'}", "device=cpu",
     )  # fmt: skip

@@ -7,7 +7,7 @@ import mmap
 import pytest
 import torch
 
-from obsdiff.oneshot.run import PROC_CLEAR_REFS, _peak_memory_bytes, _reset_peak_memory
+from obsdiff.utils.memory import PROC_CLEAR_REFS, peak_memory_bytes, reset_peak_memory
 
 
 pytestmark = pytest.mark.unit
@@ -16,13 +16,13 @@ pytestmark = pytest.mark.unit
 @pytest.mark.skipif(not PROC_CLEAR_REFS.exists(), reason="Linux's peak-RSS counter only")
 def test_the_peak_resets_between_jobs() -> None:
     cpu = torch.device("cpu")
-    _reset_peak_memory(cpu)
+    reset_peak_memory(cpu)
     # 64 MiB mapped and touched, unmapped on close: what malloc's arenas hold after earlier
     # tests (freed memory it keeps, reused without growing the resident set) plays no part
     big = mmap.mmap(-1, 64 * 2**20)
     big.write(b"\1" * len(big))
-    during = _peak_memory_bytes(cpu)
+    during = peak_memory_bytes(cpu)
     big.close()
-    _reset_peak_memory(cpu)
-    after = _peak_memory_bytes(cpu)
+    reset_peak_memory(cpu)
+    after = peak_memory_bytes(cpu)
     assert during - after > 48 * 2**20  # the next job does not inherit the first one's peak

@@ -1,0 +1,126 @@
+"""Data-free training inputs: the dense pipeline's own trajectories, recorded call by call.
+
+Every call of the dense denoiser while it samples the prompts (its latents, timestep, prompt
+embeddings, guidance, both classifier-free-guidance branches as the pipeline passes them) is
+kept on the CPU, with its step. Training draws calls with the model's training density over
+the steps' noise levels: logit-normal in sigma for the flow-matching families (as diffusers'
+`compute_density_for_timestep_sampling` with `logit_normal`), uniform over the steps
+otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from obsdiff.calibration.hooks import StepTracker
+from obsdiff.calibration.sequential import embed_batches
+from obsdiff.models.base import ModelAdapter
+from obsdiff.utils.progress import progress
+from obsdiff.utils.seeds import image_generators
+
+
+@dataclass
+class DenoiserCall:
+    """One call of the denoiser: its positional and keyword arguments (on the CPU) and step."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    step: int
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> DenoiserCall:
+        return DenoiserCall(
+            _moved(self.args, device, dtype), _moved(self.kwargs, device, dtype), self.step
+        )
+
+
+def _moved(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """`value` with every tensor on `device` (floating ones in `dtype`, when given)."""
+    if isinstance(value, torch.Tensor):
+        cast = dtype if dtype is not None and value.is_floating_point() else None
+        return value.to(device=device, dtype=cast)
+    if isinstance(value, dict):
+        return {k: _moved(v, device, dtype) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_moved(v, device, dtype) for v in value)
+    return value
+
+
+def record_calls(
+    pipe: Any,
+    adapter: ModelAdapter,
+    prompts: list[str],
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> list[DenoiserCall]:
+    """Every denoiser call of the dense pipeline sampling `prompts` (image i from the noise of
+    seed + i, `batch_size` prompts a call), on the CPU."""
+    denoiser: nn.Module = adapter.denoiser(pipe)
+    tracker = StepTracker()
+    calls: list[DenoiserCall] = []
+
+    def keep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append(
+            DenoiserCall(
+                _moved(args, torch.device("cpu")), _moved(kwargs, torch.device("cpu")), tracker.step
+            )
+        )
+
+    embeddings = embed_batches(adapter, pipe, prompts, batch_size, device)
+    handle = denoiser.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for index, batch in enumerate(progress(embeddings, "teacher trajectories", "batch")):
+                tracker.reset()
+                first = index * batch_size
+                count = len(prompts[first : first + batch_size])
+                generators = image_generators(seed, first, count)
+                adapter.calibration_call(pipe, batch, generators, tracker.on_step_end)
+    finally:
+        handle.remove()
+    return [_cloned(call) for call in calls]
+
+
+def _cloned(call: DenoiserCall) -> DenoiserCall:
+    """A call whose tensors are its own (not views of the pipeline's buffers)."""
+
+    def clone(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, dict):
+            return {k: clone(v) for k, v in value.items()}
+        if isinstance(value, tuple | list):
+            return type(value)(clone(v) for v in value)
+        return value
+
+    return DenoiserCall(clone(call.args), clone(call.kwargs), call.step)
+
+
+def step_density(pipe: Any, num_steps: int) -> torch.Tensor:
+    """The probability of drawing each step (T,), float64: logit-normal (mean 0, std 1) density
+    at the step's sigma for flow-matching schedulers, uniform otherwise."""
+    sigmas = getattr(pipe.scheduler, "sigmas", None)
+    flow = type(pipe.scheduler).__name__.startswith("FlowMatch")
+    if not flow or sigmas is None or len(sigmas) < num_steps:
+        return torch.full((num_steps,), 1.0 / num_steps, dtype=torch.float64)
+    sigma = torch.as_tensor(sigmas[:num_steps], dtype=torch.float64).clamp(1e-4, 1 - 1e-4)
+    logit = torch.log(sigma / (1 - sigma))
+    density = torch.exp(-0.5 * logit**2) / (math.sqrt(2 * math.pi) * sigma * (1 - sigma))
+    return density / density.sum()
+
+
+def draw_calls(
+    calls: list[DenoiserCall], density: torch.Tensor, count: int, seed: int
+) -> list[int]:
+    """`count` call indices, each call drawn with its step's probability (shared among the
+    step's calls), with replacement, seeded."""
+    steps = torch.tensor([min(c.step, len(density) - 1) for c in calls])
+    per_step = torch.bincount(steps, minlength=len(density)).clamp(min=1).to(torch.float64)
+    weights = density[steps] / per_step[steps]
+    generator = torch.Generator().manual_seed(seed)
+    return torch.multinomial(weights, count, replacement=True, generator=generator).tolist()

@@ -1,0 +1,62 @@
+"""The recovery's settings, said once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+
+
+@dataclass
+class RecoverySettings:
+    """How a pruned denoiser is distilled towards the dense one.
+
+    Attributes:
+        steps: Optimizer steps.
+        lr: AdamW's peak learning rate (BK-SDM's 5e-5 by default).
+        warmup_steps: Steps of linear warm-up to `lr`, then constant.
+        weight_decay: AdamW's weight decay.
+        accumulate: Batches of gradients accumulated per optimizer step.
+        gradient_clip: Gradients clipped to this norm (0: not clipped).
+        precision: Lightning's precision: `32`, `bf16-mixed` or `16-mixed`.
+        output_weight: Weight of the output distillation (MSE of the student's prediction
+            against the teacher's).
+        feature_weight: Weight of the feature distillation (MSE of every block's outputs, each
+            token L2-normalised, both streams of an MMDiT block); 0 turns it off.
+        massive_sigma: Tokens whose teacher feature lies more than this many standard deviations
+            from its block's mean are left out of the feature term (TinyFusion's rule); None
+            keeps every token.
+        seed: Seed of the noise of the teacher's trajectories and of the order of the training
+            inputs.
+        log_every: A log line every this many steps off a terminal.
+    """
+
+    steps: int = field(default=100, metadata={"minimum": 1})
+    lr: float = field(default=5e-5, metadata={"example": 5e-5})
+    warmup_steps: int = field(default=0, metadata={"minimum": 0})
+    weight_decay: float = field(default=0.0, metadata={"minimum": 0.0})
+    accumulate: int = field(default=1, metadata={"minimum": 1})
+    gradient_clip: float = field(default=1.0, metadata={"minimum": 0.0})
+    precision: str = "32"
+    output_weight: float = field(default=1.0, metadata={"minimum": 0.0})
+    feature_weight: float = field(default=1.0, metadata={"minimum": 0.0})
+    massive_sigma: float | None = None
+    seed: int = 0
+    log_every: int = field(default=50, metadata={"minimum": 1})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"recover.steps={self.steps} must be >= 1; e.g. recover.steps=100")
+        if not self.lr > 0:
+            raise ValueError(f"recover.lr={self.lr} must be > 0; e.g. recover.lr=5e-5")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"recover.precision={self.precision!r}; use one of {', '.join(PRECISIONS)}"
+            )
+        if self.output_weight == 0 and self.feature_weight == 0:
+            raise ValueError(
+                "recover.output_weight and recover.feature_weight are both 0: nothing to learn"
+            )
+        if self.massive_sigma is not None and not self.massive_sigma > 0:
+            raise ValueError(f"recover.massive_sigma={self.massive_sigma} must be > 0 or null")

@@ -1,0 +1,123 @@
+"""Recovery after pruning (`obsdiff.recover`) on the tiny SD3, data-free: the student moves
+towards the dense teacher, an unstructured student keeps every zero exactly, a structured one
+trains every remaining weight, and the pruned model itself is left as it was."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from torch import nn
+
+import obsdiff
+from obsdiff.artifacts.pruned import PrunedModel
+from obsdiff.models.tiny import tiny_sd3_pipeline
+from obsdiff.recovery.data import DenoiserCall, draw_calls, record_calls, step_density
+from obsdiff.recovery.losses import feature_loss, prediction
+from obsdiff.recovery.run import kept_weights
+
+
+pytestmark = pytest.mark.integration
+
+SAMPLING = {"num_inference_steps": 4, "guidance_scale": 4.0, "height": 32, "width": 32}
+PROMPTS = ["a red circle", "a blue square on green", "two yellow triangles", "a white star"]
+
+
+def pruned(granularity: str, sparsity: float) -> PrunedModel:
+    method = "l1" if granularity == "structured" else "magnitude"
+    return obsdiff.prune(
+        tiny_sd3_pipeline(), method, granularity, sparsity, prompts=PROMPTS, sampling=SAMPLING
+    )
+
+
+def prediction_error(model: PrunedModel, teacher: DiffusionPipeline) -> float:
+    """Mean MSE of the model's denoiser against the teacher's on the teacher's own calls (its
+    trajectories for PROMPTS, where recovery trains)."""
+    calls = record_calls(teacher, model.adapter, PROMPTS, 2, 0, torch.device("cpu"))
+    errors = []
+    with torch.no_grad():
+        for call in calls:
+            student = prediction(model.denoiser(*call.args, **call.kwargs))
+            target = prediction(teacher.transformer(*call.args, **call.kwargs))
+            errors.append(float(nn.functional.mse_loss(student, target)))
+    return sum(errors) / len(errors)
+
+
+def test_an_unstructured_student_keeps_its_zeros_and_moves_towards_the_teacher() -> None:
+    model = pruned("unstructured", 0.5)
+    teacher = tiny_sd3_pipeline()
+    masks = kept_weights(model)
+    assert masks and all(0 < m.float().mean() < 1 for m in masks.values())
+    before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    error_before = prediction_error(model, teacher)
+
+    recovered = obsdiff.recover(model, PROMPTS, teacher=teacher, steps=30, lr=1e-3)
+
+    weights = dict(recovered.denoiser.named_parameters())
+    for name, kept in masks.items():  # every pruned weight an exact zero, every count the same
+        assert torch.equal(weights[name] != 0, kept), name
+    assert any(not torch.equal(before[k], v) for k, v in recovered.denoiser.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in model.denoiser.state_dict().items())
+    assert prediction_error(recovered, teacher) < error_before / 2
+    result = recovered.recovery
+    assert result is not None and result.steps == 30
+    assert result.calls_recorded == 4 * 4  # prompts x steps (CFG: both branches in one call)
+    assert result.last_loss < result.first_loss and math.isfinite(result.last_loss)
+    assert recovered.manifest["recovery"]["steps"] == 30
+
+
+def test_a_structured_student_trains_every_remaining_weight(tmp_path: object) -> None:
+    model = pruned("structured", 0.25)
+    assert kept_weights(model) == {}
+    recovered = obsdiff.recover(
+        model, PROMPTS[:2], teacher=tiny_sd3_pipeline(), steps=5, lr=1e-3, feature_weight=0
+    )
+    before, after = model.denoiser.state_dict(), recovered.denoiser.state_dict()
+    assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
+    changed = [k for k in before if k.endswith(".weight") and not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 4
+
+
+def test_bad_settings_are_refused_before_any_work() -> None:
+    model = pruned("unstructured", 0.5)
+    with pytest.raises(ValueError, match="steps=0 must be >= 1"):
+        obsdiff.recover(model, PROMPTS, teacher=tiny_sd3_pipeline(), steps=0)
+    with pytest.raises(ValueError, match="pruned in memory"):
+        obsdiff.recover(model, PROMPTS)
+    with pytest.raises(ValueError, match="one string"):
+        obsdiff.recover(model, "a cat", teacher=tiny_sd3_pipeline())
+
+
+def test_steps_are_drawn_with_the_training_density() -> None:
+    """Flow matching: logit-normal in sigma, so the step whose sigma is nearest 1/2 is drawn
+    most, and the ends (sigma near 1 and 0) almost never."""
+    pipe = tiny_sd3_pipeline()
+    pipe.scheduler.set_timesteps(8)
+    density = step_density(pipe, 8)
+    sigmas = pipe.scheduler.sigmas[:8]
+    assert density.sum().item() == pytest.approx(1.0)
+    assert density.argmax().item() == (sigmas - 0.5).abs().argmin().item()
+    assert density[0] < 1e-3 and density[-1] < 1e-3
+
+
+def test_draws_follow_the_density_and_the_seed() -> None:
+    calls = [DenoiserCall((), {}, step) for step in (0, 1, 1, 2)]
+    density = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64)
+    drawn = draw_calls(calls, density, 400, seed=3)
+    assert drawn == draw_calls(calls, density, 400, seed=3)
+    counts = torch.bincount(torch.tensor(drawn), minlength=4)
+    assert counts[0] == 0 and abs(counts[1] - counts[2]) < 60 and counts[3] > 150
+
+
+def test_the_feature_loss_is_per_token_normalised_and_masks_massive_tokens() -> None:
+    teacher = torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(0))
+    assert feature_loss([teacher * 3.0], [teacher], None).item() == pytest.approx(0.0, abs=1e-6)
+    student = teacher.clone()
+    student[0, 2] = -student[0, 2]  # one token points the other way
+    plain = feature_loss([student], [teacher], None).item()
+    assert plain == pytest.approx(4 / 8 / 5, rel=1e-4)  # |2u|^2 / C, averaged over 5 tokens
+    massive = teacher.clone()
+    massive[0, 2] *= 100.0  # the same token, a massive activation in the teacher
+    assert feature_loss([student * 1.0], [massive], 2.0).item() < 1e-6
