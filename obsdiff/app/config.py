@@ -35,6 +35,7 @@ from obsdiff.models.base import DATA_DIR, ModelAdapter, adapter_from_config
 from obsdiff.models.loading import ModelConfigError
 from obsdiff.oneshot.settings import PruneSettings
 from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.runners.fabric import RunnerSettings
 from obsdiff.utils.settings import from_mapping, plain_defaults
 
@@ -81,6 +82,7 @@ def register_schemas() -> None:
     store.store(group="schema", name="calibration", node=plain_defaults(CalibrationSettings))
     store.store(group="schema", name="runner", node=plain_defaults(RunnerSettings))
     store.store(group="schema", name="eval", node=plain_defaults(EvalOptions))
+    store.store(group="schema", name="recover", node=plain_defaults(RecoverySettings))
     prune = plain_defaults(PruneSettings)
     choices = [{f"/{group}": prune.pop(group)} for group in PruneSettings.GROUPS]
     store.store(group="schema", name="prune", node={"defaults": [*choices, "_self_"], **prune})

@@ -11,10 +11,10 @@ import torch
 from omegaconf import DictConfig
 
 from obsdiff.app.config import ConfigError, to_plain
-from obsdiff.app.settings import build_eval, identity
+from obsdiff.app.settings import build_eval, identity, pruned_identity
 from obsdiff.app.shell import RunContext, execute, timed_together
 from obsdiff.artifacts.pruned import check_pruned_run, load_pruned
-from obsdiff.artifacts.record import RecordError, RunIdentity, RunRecord
+from obsdiff.artifacts.record import RunIdentity, RunRecord
 from obsdiff.eval.harness import EvalSettings, evaluate_dense, evaluate_pipeline
 from obsdiff.models.base import ModelAdapter, adapter_from_config
 from obsdiff.models.sparse import check_sparse_kernels
@@ -22,26 +22,11 @@ from obsdiff.utils.devices import resolve_device
 
 
 def pruned_run(pruned_dir: Path, manifest: dict[str, Any], names: RunIdentity) -> RunRecord:
-    """What the evaluated prune run was: its record's identity and figures when it is a
-    completed run of the apps, else what its manifest says (`names`: this evaluation's)."""
-    try:
-        previous: RunRecord | None = RunRecord.read(pruned_dir)
-    except RecordError:
-        previous = None
-    if previous is not None and previous.completed:
-        identity = replace(previous.identity, eval_set=names.eval_set, pruned_run=str(pruned_dir))
-        return RunRecord("completed", identity, prune=previous.prune)
-    identity = RunIdentity(
-        model=manifest["model"]["name"],
-        method=manifest["method"]["name"],
-        granularity=manifest["granularity"],
-        sparsity=manifest["sparsity"],
-        weighting=manifest["weighting"].get("scheme"),
-        packages=manifest["packages"],
-        eval_set=names.eval_set,
-        pruned_run=str(pruned_dir),
-    )
-    return RunRecord("completed", identity)
+    """What the evaluated prune run was: its identity (`pruned_identity`) under this
+    evaluation's set, and its prune figures when it is a completed run of the apps."""
+    identity, previous = pruned_identity(pruned_dir, manifest)
+    identity = replace(identity, eval_set=names.eval_set)
+    return RunRecord("completed", identity, prune=None if previous is None else previous.prune)
 
 
 @dataclass

@@ -40,7 +40,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from obsdiff.app.config import CONF_DIR, ConfigError, build, settings
 from obsdiff.calibration.sequential import CalibrationSettings
@@ -49,6 +49,7 @@ from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.oneshot.settings import PruneSettings
 from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.runners.fabric import RunnerSettings
 from obsdiff.utils.file_checks import unwritable_folder_problem
 
@@ -158,7 +159,11 @@ def _check_known_key(override: Override, base: DictConfig, app: str) -> None:
     key = override.key_or_group
     if override.is_delete() or key.startswith(("hydra.", *FREE_FORM)):
         return
-    if OmegaConf.select(base, key, default=_ABSENT) is _ABSENT:
+    try:
+        absent = OmegaConf.select(base, key, default=_ABSENT, throw_on_missing=True) is _ABSENT
+    except MissingMandatoryValue:  # a key that must be given (`???`): it exists
+        absent = False
+    if absent:
         raise CommandLineError(_unknown_key(key, base, app))
 
 
@@ -219,6 +224,7 @@ def check_values(cfg: DictConfig) -> None:
         ("calibration", lambda: settings(cfg.calibration, CalibrationSettings, "calibration.")),
         ("runner", lambda: settings(cfg.runner, RunnerSettings, "runner.")),
         ("eval", lambda: settings(cfg.eval, EvalOptions, "eval.")),
+        ("recover", lambda: settings(cfg.recover, RecoverySettings, "recover.")),
         ("sparsity", lambda: settings(cfg, PruneSettings, only=PruneSettings.values())),
     ]
     for key, check in checks:

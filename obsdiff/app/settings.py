@@ -6,7 +6,9 @@ module only composes them.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -15,7 +17,7 @@ from omegaconf import DictConfig
 
 from obsdiff.api import evaluation_settings
 from obsdiff.app.config import ConfigError, build, instantiate_model, settings, to_plain
-from obsdiff.artifacts.record import RunIdentity
+from obsdiff.artifacts.record import RecordError, RunIdentity, RunRecord
 from obsdiff.calibration.sequential import CalibrationSettings
 from obsdiff.eval.harness import EvalSettings
 from obsdiff.eval.options import EvalOptions, EvalPromptOptions
@@ -132,3 +134,27 @@ def plan_only(cfg: DictConfig) -> bool:
         return settings(cfg, PruneSettings, only=("plan_only",)).plan_only
     except ConfigError:
         return False
+
+
+def pruned_identity(
+    pruned_dir: Path, manifest: dict[str, Any]
+) -> tuple[RunIdentity, RunRecord | None]:
+    """Who a run of a pruned model (evaluated, recovered) is: the pruned run's identity (its
+    record's when it is a completed run of the apps, else what its manifest says), naming the
+    pruned run, and that record."""
+    try:
+        previous: RunRecord | None = RunRecord.read(pruned_dir)
+    except RecordError:
+        previous = None
+    if previous is not None and previous.completed:
+        return replace(previous.identity, pruned_run=str(pruned_dir)), previous
+    names = RunIdentity(
+        model=manifest["model"]["name"],
+        method=manifest["method"]["name"],
+        granularity=manifest["granularity"],
+        sparsity=manifest["sparsity"],
+        weighting=manifest["weighting"].get("scheme"),
+        packages=manifest["packages"],
+        pruned_run=str(pruned_dir),
+    )
+    return names, None

@@ -5,14 +5,17 @@ trains every remaining weight, and the pruned model itself is left as it was."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from app_runner import TINY_PRUNE, run_app, run_in_process
 from diffusers import DiffusionPipeline
 from torch import nn
 
 import obsdiff
 from obsdiff.artifacts.pruned import PrunedModel
+from obsdiff.artifacts.record import RunRecord
 from obsdiff.models.tiny import tiny_sd3_pipeline
 from obsdiff.recovery.data import DenoiserCall, draw_calls, record_calls, step_density
 from obsdiff.recovery.losses import feature_loss, prediction
@@ -68,7 +71,7 @@ def test_an_unstructured_student_keeps_its_zeros_and_moves_towards_the_teacher()
     assert recovered.manifest["recovery"]["steps"] == 30
 
 
-def test_a_structured_student_trains_every_remaining_weight(tmp_path: object) -> None:
+def test_a_structured_student_trains_every_remaining_weight() -> None:
     model = pruned("structured", 0.25)
     assert kept_weights(model) == {}
     recovered = obsdiff.recover(
@@ -121,3 +124,42 @@ def test_the_feature_loss_is_per_token_normalised_and_masks_massive_tokens() -> 
     massive = teacher.clone()
     massive[0, 2] *= 100.0  # the same token, a massive activation in the teacher
     assert feature_loss([student * 1.0], [massive], 2.0).item() < 1e-6
+
+
+@pytest.mark.timeout(600)
+def test_the_recover_app_writes_a_run_that_loads(tmp_path: Path) -> None:
+    """`python -m obsdiff.recover pruned=<a tiny run>`: results.json completed with a `recover`
+    section, the manifest with the recovery's settings, weights that load and differ from the
+    pruned run's, its zeros kept; a run without weights is refused before any work."""
+    source = tmp_path / "pruned"
+    prune = run_in_process(
+        "obsdiff.prune", *TINY_PRUNE, "method=magnitude", f"hydra.run.dir={source}"
+    )
+    assert prune.returncode == 0, prune.stdout[-3000:]
+    out = tmp_path / "recovered"
+    result = run_app(
+        "obsdiff.recover", f"pruned={source}", "calibration=tiny", "recover.steps=3",
+        "recover.lr=1e-3", f"hydra.run.dir={out}",
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    record = RunRecord.read(out)
+    assert record.completed and record.recover is not None and record.recover.steps == 3
+    assert record.identity.method == "magnitude" and record.identity.pruned_run == str(source)
+    assert record.prune is not None and record.prune.achieved_sparsity == pytest.approx(0.5)
+    before, after = obsdiff.load_pruned(source), obsdiff.load_pruned(out)
+    assert after.manifest["recovery"]["steps"] == 3
+    for name, kept in kept_weights(before).items():
+        weight = dict(after.denoiser.named_parameters())[name]
+        assert torch.equal(weight != 0, kept), name
+    assert any(
+        not torch.equal(v, after.denoiser.state_dict()[k])
+        for k, v in before.denoiser.state_dict().items()
+    )
+
+    (source / "denoiser.safetensors").unlink()
+    refused = run_in_process(
+        "obsdiff.recover", f"pruned={source}", f"hydra.run.dir={tmp_path / 'x'}"
+    )
+    assert refused.returncode == 2 and "denoiser.safetensors" in refused.stdout
+    assert not (tmp_path / "x").exists()

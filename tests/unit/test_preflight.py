@@ -41,6 +41,8 @@ def refusal(config: str, argv: list[str], capsys: pytest.CaptureFixture[str]) ->
         ("evaluate", ["pruned_run=outputs/x"], ["pruned_run:", "did you mean pruned?"]),
         ("prune", ["-m", "sparsity=0.2,0.4", "method=wanda,nosuch"], ["method=nosuch"]),
         ("prune", ["calibration.batch_size=0"], ["calibration.batch_size=0 must be >= 1"]),
+        ("recover", ["pruned=x", "recover.steps=0"], ["recover.steps=0 must be >= 1"]),
+        ("recover", ["pruned=x", "recover.precision=fp8"], ["recover.precision='fp8'"]),
         ("run", ["eval.bootstrap.samples=many"], ["eval.bootstrap.samples"]),
         ("prune", ["plan_only=maybe"], ["plan_only"]),
         ("prune", ["sparsity=[1"], ["'sparsity=[1' cannot be read"]),
@@ -62,6 +64,7 @@ def test_refused_with_one_message_naming_the_key(
         ("run", ["+experiment=toy_1_unstructured"]),  # a config group added with `+`
         ("run", ["eval=tiny", "eval.prompts.num_prompts=2", "hydra.job.name=x"]),
         ("evaluate", ["pruned=outputs/somewhere"]),
+        ("recover", ["pruned=outputs/somewhere", "recover.steps=3"]),  # a key that must be given
         ("prune", ["--cfg", "job", "+anything=1"]),  # not a run: Hydra prints the config
         ("prune", ["-m", "sparsity=0.3,half"]),  # a bad job of a sweep: recorded by the app
         ("prune", ["-m", "sparsity=0.3,0.5", "plan_only=maybe"]),  # likewise

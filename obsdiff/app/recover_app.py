@@ -1,0 +1,78 @@
+"""The recover app's task (`python -m obsdiff.recover`, conf/recover.yaml): a pruned run
+distilled towards its dense model, written as a run directory of its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from obsdiff.app.config import ConfigError, settings
+from obsdiff.app.settings import pruned_identity
+from obsdiff.app.shell import RunContext, execute
+from obsdiff.artifacts.pruned import check_pruned_run, load_pruned, save_pruned
+from obsdiff.artifacts.record import RunIdentity, RunRecord
+from obsdiff.calibration.sequential import CalibrationSettings
+from obsdiff.models.base import adapter_from_config
+from obsdiff.oneshot.settings import calibration_prompts
+from obsdiff.recovery.run import recover_pruned
+from obsdiff.recovery.settings import RecoverySettings
+from obsdiff.utils.devices import resolve_device
+
+
+@dataclass
+class RecoverJob:
+    pruned_dir: Path
+    pretrained: str | None
+    prompts: list[str]
+    batch_size: int
+    settings: RecoverySettings
+    previous: RunRecord | None  # the pruned run's record, when it is a completed run
+
+
+def recover(job: RecoverJob, context: RunContext) -> RunRecord:
+    pruned = load_pruned(job.pruned_dir, job.pretrained, device=context.device)
+    teacher = pruned.adapter.load()
+    recovered = recover_pruned(
+        pruned, teacher, job.prompts, job.settings, context.device, job.batch_size
+    )
+    if context.parallel.is_main:
+        save_pruned(recovered, context.out)
+    prune = None if job.previous is None else job.previous.prune
+    return RunRecord("completed", prune=prune, recover=recovered.recovery)
+
+
+def task(cfg: DictConfig) -> None:
+    """One recovery of a pruned run."""
+    pruned_dir = Path(str(cfg.pruned)).expanduser()
+    pretrained = None if cfg.pretrained is None else str(cfg.pretrained)
+    manifest = None
+    names = RunIdentity()
+
+    def validate() -> tuple[RecoverJob, torch.device]:
+        nonlocal manifest
+        device = resolve_device(str(cfg.device))
+        recovery = settings(cfg.recover, RecoverySettings, "recover.")
+        calibration = settings(cfg.calibration, CalibrationSettings, "calibration.")
+        manifest = check_pruned_run(pruned_dir)  # its weights are there, intact
+        model_config = dict(manifest["model_config"])
+        if "_target_" not in model_config:
+            raise ConfigError(
+                f"pruned={pruned_dir} pruned a pipeline in memory (obsdiff.prune): its manifest "
+                "names no model to load; recover it from Python: obsdiff.recover(obsdiff."
+                "load_pruned(run_dir, pipeline=<base>), prompts, teacher=<a fresh base>)"
+            )
+        if pretrained is not None:
+            model_config["pretrained"] = pretrained
+        adapter_from_config(model_config).check_source()  # the teacher can be loaded
+        identity, previous = pruned_identity(pruned_dir, manifest)
+        vars(names).update(vars(identity))  # in place: the shell records under it
+        prompts = calibration_prompts(calibration).prompts
+        job = RecoverJob(
+            pruned_dir, pretrained, prompts, calibration.batch_size, recovery, previous
+        )
+        return job, device
+
+    execute(cfg, validate, recover, names)
