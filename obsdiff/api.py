@@ -60,6 +60,7 @@ from obsdiff.oneshot.settings import PruneSettings
 from obsdiff.prompts.eval_sets import EvalPrompts
 from obsdiff.prompts.files import PromptSet
 from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.recovery.checkpoint import RecoveryCheckpoint
 from obsdiff.recovery.run import recover_pruned
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.runners.fabric import RunnerSettings
@@ -320,6 +321,7 @@ def recover(
     teacher: DiffusionPipeline | None = None,
     batch_size: int = 1,
     device: str = "cpu",
+    run_dir: str | Path | None = None,
     **settings: Any,
 ) -> PrunedModel:
     """`pruned` distilled back towards its dense model (data-free): the dense pipeline samples
@@ -328,8 +330,10 @@ def recover(
     `settings` takes: `steps`, `lr`, `precision`, `feature_weight`, ...). The zeros of an
     unstructured or N:M prune stay exact zeros; a structured one trains every remaining weight.
     `teacher`: the dense pipeline, by default loaded again from the model `pruned` names (give
-    it for a model pruned in memory, whose base pipeline the prune changed). Returns the
-    recovered model (`pruned` is left as it was); `.recovery` says what it did."""
+    it for a model pruned in memory, whose base pipeline the prune changed). `run_dir`: a
+    resume checkpoint there while it works (the same call continues an interrupted recovery
+    to the same weights), the recovered model saved there at the end. Returns the recovered
+    model (`pruned` is left as it was); `.recovery` says what it did."""
     chosen = from_mapping(RecoverySettings, settings)
     listed = _prompt_list(prompts, "recovery")
     if teacher is None:
@@ -345,7 +349,14 @@ def recover(
             f"teacher={type(teacher).__name__} is not the pruned model's base: its denoiser's "
             "weights have other names; pass the dense pipeline of the model that was pruned"
         )
-    return recover_pruned(pruned, teacher, listed, chosen, resolve_device(device), batch_size)
+    out = None if run_dir is None else Path(run_dir)
+    recovered = recover_pruned(
+        pruned, teacher, listed, chosen, resolve_device(device), batch_size, out
+    )
+    if out is not None:
+        save_pruned(recovered, out)
+        RecoveryCheckpoint(out, "").remove()
+    return recovered
 
 
 def evaluate(

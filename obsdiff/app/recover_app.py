@@ -11,13 +11,14 @@ from omegaconf import DictConfig
 
 from obsdiff.app.config import ConfigError, settings
 from obsdiff.app.settings import pruned_identity
-from obsdiff.app.shell import RunContext, execute
+from obsdiff.app.shell import RunContext, execute, run_dir
 from obsdiff.artifacts.pruned import check_pruned_run, load_pruned, save_pruned
 from obsdiff.artifacts.record import RunIdentity, RunRecord
 from obsdiff.calibration.sequential import CalibrationSettings
 from obsdiff.models.base import adapter_from_config
 from obsdiff.oneshot.settings import calibration_prompts
-from obsdiff.recovery.run import recover_pruned
+from obsdiff.recovery.checkpoint import RecoveryCheckpoint, RecoveryCheckpointError
+from obsdiff.recovery.run import recover_pruned, recovery_key
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.utils.devices import resolve_device
 
@@ -36,7 +37,7 @@ def recover(job: RecoverJob, context: RunContext) -> RunRecord:
     pruned = load_pruned(job.pruned_dir, job.pretrained, device=context.device)
     teacher = pruned.adapter.load()
     recovered = recover_pruned(
-        pruned, teacher, job.prompts, job.settings, context.device, job.batch_size
+        pruned, teacher, job.prompts, job.settings, context.device, job.batch_size, context.out
     )
     if context.parallel.is_main:
         save_pruned(recovered, context.out)
@@ -70,6 +71,11 @@ def task(cfg: DictConfig) -> None:
         identity, previous = pruned_identity(pruned_dir, manifest)
         vars(names).update(vars(identity))  # in place: the shell records under it
         prompts = calibration_prompts(calibration).prompts
+        key = recovery_key(manifest, prompts, recovery)
+        try:  # a resume's checkpoint, readable, before anything loads
+            RecoveryCheckpoint(run_dir(), key).check()
+        except RecoveryCheckpointError as err:
+            raise ConfigError(str(err)) from None
         job = RecoverJob(
             pruned_dir, pretrained, prompts, calibration.batch_size, recovery, previous
         )

@@ -55,6 +55,7 @@ from obsdiff.models.loading import ModelLoadError
 from obsdiff.oneshot.checkpoint import CHECKPOINT_DIR, remove_checkpoint
 from obsdiff.oneshot.job import JobError
 from obsdiff.prompts.files import PromptFileError
+from obsdiff.recovery.checkpoint import RECOVERY_CHECKPOINT
 from obsdiff.runners.fabric import RunnerSettings, launch
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.io import WriteError, is_write_failure, write_text
@@ -268,7 +269,8 @@ def _execute(
         if main:
             record_run(out, results, context.logger)
             if not cfg.get("keep_checkpoint", False):
-                remove_checkpoint(out)
+                remove_checkpoint(out)  # the prune's
+                shutil.rmtree(out / RECOVERY_CHECKPOINT, ignore_errors=True)
         status = "completed"
     except KeyboardInterrupt as stop:
         status = "interrupted"

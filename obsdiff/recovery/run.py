@@ -1,31 +1,32 @@
 """A pruned model recovered: its denoiser distilled towards the dense one on the dense model's
-own trajectories (data-free), by the Lightning Trainer."""
+own trajectories (data-free), on Lightning Fabric (`obsdiff.recovery.loop`)."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
-import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from obsdiff.artifacts.pruned import PrunedModel
 from obsdiff.artifacts.record import RecoveryResult
+from obsdiff.recovery.checkpoint import RecoveryCheckpoint
 from obsdiff.recovery.data import draw_calls, record_calls, step_density
-from obsdiff.recovery.module import Distillation
+from obsdiff.recovery.loop import distil
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.utils.memory import peak_memory_bytes, reset_peak_memory
 
 
 log = logging.getLogger(__name__)
 
-SPARSE_GRANULARITIES = ("unstructured", "nm")  # kinds whose zeros a recovery must keep
+NEUTRAL_SETTINGS = ("log_every", "checkpoint_every")  # a resume may change these
 
 
 def kept_weights(pruned: PrunedModel) -> dict[str, torch.Tensor]:
@@ -43,6 +44,14 @@ def kept_weights(pruned: PrunedModel) -> dict[str, torch.Tensor]:
     return {name: parameters[name].detach() != 0 for name in names if name in parameters}
 
 
+def recovery_key(manifest: dict[str, Any], prompts: list[str], settings: RecoverySettings) -> str:
+    """What a recovery computes from: the pruned model (its manifest), the prompts, the
+    settings that change the weights."""
+    chosen = {k: v for k, v in asdict(settings).items() if k not in NEUTRAL_SETTINGS}
+    text = json.dumps([manifest.get("run_key"), prompts, chosen], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def recover_pruned(
     pruned: PrunedModel,
     teacher: Any,
@@ -50,11 +59,18 @@ def recover_pruned(
     settings: RecoverySettings,
     device: torch.device,
     batch_size: int = 1,
+    run_dir: Path | None = None,
 ) -> PrunedModel:
     """`pruned` with its denoiser distilled towards `teacher` (the dense pipeline of the same
     base model), on the teacher's trajectories for `prompts`; the pruned model itself is left
-    as it was. Returns the recovered model: its manifest with a `recovery` section (the
-    settings), `recovery` what it did."""
+    as it was. With `run_dir`, a resume checkpoint lives there while it works (an interrupted
+    recovery continues from it to the same weights; the caller removes it once done). Returns
+    the recovered model: its manifest with a `recovery` section (the settings), `recovery`
+    what it did."""
+    checkpoint = None
+    if run_dir is not None:
+        checkpoint = RecoveryCheckpoint(run_dir, recovery_key(pruned.manifest, prompts, settings))
+        checkpoint.check()  # before the work: a damaged checkpoint named at once
     started = time.perf_counter()
     reset_peak_memory(device)
     adapter = pruned.adapter
@@ -70,41 +86,27 @@ def recover_pruned(
     components = dict(pruned.pipeline.components)  # shared: only the denoiser trains
     components[adapter.denoiser_attr] = copy.deepcopy(pruned.denoiser)
     recovered = type(pruned.pipeline)(**components)
-    student: nn.Module = adapter.denoiser(recovered).to(device).train()
+    student: nn.Module = adapter.denoiser(recovered).to(device)
     teacher_denoiser: nn.Module = adapter.denoiser(teacher)
-    masks = kept_weights(PrunedModel(recovered, adapter, pruned.manifest))
-    module = Distillation(
+    torch.manual_seed(settings.seed)
+    losses = distil(
         student,
         teacher_denoiser,
         [b for _, b in adapter.blocks(student)],
         [b for _, b in adapter.blocks(teacher_denoiser)],
         calls,
+        order,
         settings,
-        masks,
+        kept_weights(PrunedModel(recovered, adapter, pruned.manifest)),
+        device,
+        checkpoint,
     )
-    torch.manual_seed(settings.seed)
-    trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=[device.index or 0] if device.type == "cuda" else 1,
-        max_steps=settings.steps,
-        precision=settings.precision,  # type: ignore[arg-type]
-        accumulate_grad_batches=settings.accumulate,
-        gradient_clip_val=settings.gradient_clip or None,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=sys.stderr.isatty(),
-        num_sanity_val_steps=0,
-    )
-    loader: DataLoader[int] = DataLoader(order, batch_size=None)  # type: ignore[arg-type]
-    trainer.fit(module, loader)
-    student.eval()
     manifest = {**pruned.manifest, "recovery": asdict(settings) | {"prompts": len(prompts)}}
     result = RecoveryResult(
-        steps=len(module.losses),
+        steps=len(losses),
         seconds=time.perf_counter() - started,
-        first_loss=module.losses[0],
-        last_loss=module.losses[-1],
+        first_loss=losses[0],
+        last_loss=losses[-1],
         peak_memory_bytes=peak_memory_bytes(device),
         calls_recorded=len(calls),
     )

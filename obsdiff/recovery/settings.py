@@ -30,6 +30,8 @@ class RecoverySettings:
         seed: Seed of the noise of the teacher's trajectories and of the order of the training
             inputs.
         log_every: A log line every this many steps off a terminal.
+        checkpoint_every: A resume checkpoint every this many steps (and after the last), in
+            the run directory.
     """
 
     steps: int = field(default=100, metadata={"minimum": 1})
@@ -44,6 +46,7 @@ class RecoverySettings:
     massive_sigma: float | None = None
     seed: int = 0
     log_every: int = field(default=50, metadata={"minimum": 1})
+    checkpoint_every: int = field(default=50, metadata={"minimum": 1})
 
     def __post_init__(self) -> None:
         if self.steps < 1:

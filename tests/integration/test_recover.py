@@ -17,6 +17,7 @@ import obsdiff
 from obsdiff.artifacts.pruned import PrunedModel
 from obsdiff.artifacts.record import RunRecord
 from obsdiff.models.tiny import tiny_sd3_pipeline
+from obsdiff.recovery.checkpoint import RECOVERY_CHECKPOINT, RecoveryCheckpoint
 from obsdiff.recovery.data import DenoiserCall, draw_calls, record_calls, step_density
 from obsdiff.recovery.losses import feature_loss, prediction
 from obsdiff.recovery.run import kept_weights
@@ -163,3 +164,38 @@ def test_the_recover_app_writes_a_run_that_loads(tmp_path: Path) -> None:
     )
     assert refused.returncode == 2 and "denoiser.safetensors" in refused.stdout
     assert not (tmp_path / "x").exists()
+
+
+def test_an_interrupted_recovery_resumes_to_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted after the checkpoint of step 4 of 6, then the same call: bit-identical to a
+    run that was never interrupted (weights and every step's loss); the checkpoint is gone
+    once the recovered model is saved."""
+    settings = {"steps": 6, "lr": 1e-3, "checkpoint_every": 2}
+    model = pruned("unstructured", 0.5)
+    whole = obsdiff.recover(model, PROMPTS[:2], teacher=tiny_sd3_pipeline(), **settings)
+
+    original = RecoveryCheckpoint.save
+
+    def interrupted(self: RecoveryCheckpoint, step: int, *args: object) -> None:
+        original(self, step, *args)  # type: ignore[arg-type]
+        if step == 4:
+            raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(RecoveryCheckpoint, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        obsdiff.recover(model, PROMPTS[:2], teacher=tiny_sd3_pipeline(), run_dir=run, **settings)
+    assert (run / RECOVERY_CHECKPOINT / "progress.json").is_file()
+    monkeypatch.setattr(RecoveryCheckpoint, "save", original)
+    resumed = obsdiff.recover(
+        model, PROMPTS[:2], teacher=tiny_sd3_pipeline(), run_dir=run, **settings
+    )
+    assert resumed.recovery is not None and whole.recovery is not None
+    assert resumed.recovery.steps == 6 and resumed.recovery.last_loss == whole.recovery.last_loss
+    after, expected = resumed.denoiser.state_dict(), whole.denoiser.state_dict()
+    assert all(torch.equal(after[k], expected[k]) for k in expected)
+    assert not (run / RECOVERY_CHECKPOINT).exists()
+    loaded = obsdiff.load_pruned(run, pipeline=tiny_sd3_pipeline())
+    assert all(torch.equal(loaded.denoiser.state_dict()[k], expected[k]) for k in expected)

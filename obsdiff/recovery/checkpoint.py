@@ -1,0 +1,123 @@
+"""The recovery's resume checkpoint: the student's weights and the optimizer's tensors in
+safetensors files, every other piece of state (the step, the losses, the optimizer's and the
+schedule's scalars) in `progress.json`, never a pickle. As the prune's checkpoint:
+`progress.json` is the commit point (the weights of step k go to files of their own, then
+progress.json names them, then the previous files go), so an interruption at any moment leaves
+a checkpoint that loads; `key` ties it to the settings that wrote it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from obsdiff.utils.file_checks import safetensors_problem
+from obsdiff.utils.io import save_tensors, write_json
+
+
+log = logging.getLogger(__name__)
+
+RECOVERY_CHECKPOINT = "recovery-checkpoint"
+PROGRESS = "progress.json"
+
+
+class RecoveryCheckpointError(ValueError):
+    """A checkpoint that a resume cannot use: its file and the fix."""
+
+
+class RecoveryCheckpoint:
+    """The checkpoint folder of one recovery (`run_dir/recovery-checkpoint`)."""
+
+    def __init__(self, run_dir: Path, key: str) -> None:
+        self.dir = run_dir / RECOVERY_CHECKPOINT
+        self.key = key
+
+    def save(
+        self,
+        step: int,
+        student: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        losses: list[float],
+    ) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        weights, state = f"student-{step}.safetensors", f"optimizer-{step}.safetensors"
+        optimizer_state = optimizer.state_dict()
+        tensors = {
+            f"{index}.{name}": value
+            for index, values in optimizer_state["state"].items()
+            for name, value in values.items()
+        }
+        save_tensors(self.dir / weights, student.state_dict())
+        save_tensors(self.dir / state, tensors)
+        write_json(
+            self.dir / PROGRESS,
+            {
+                "key": self.key,
+                "step": step,
+                "losses": losses,
+                "weights": weights,
+                "optimizer": state,
+                "param_groups": optimizer_state["param_groups"],
+                "scheduler": scheduler.state_dict(),
+            },
+        )
+        for old in self.dir.glob("*.safetensors"):
+            if old.name not in (weights, state):
+                old.unlink()
+
+    def check(self) -> dict[str, Any] | None:
+        """The progress of a checkpoint a resume can use (None: no checkpoint), or one
+        RecoveryCheckpointError naming the file and the fix; no tensor is read."""
+        progress_file = self.dir / PROGRESS
+        if not progress_file.is_file():
+            return None
+        fix = f"delete {self.dir}/ to start the recovery again, or start a new run"
+        try:
+            progress = json.loads(progress_file.read_text())
+            files = [self.dir / progress["weights"], self.dir / progress["optimizer"]]
+            step, key = int(progress["step"]), progress["key"]
+        except (ValueError, KeyError, TypeError):
+            raise RecoveryCheckpointError(f"{progress_file} is damaged: {fix}") from None
+        if key != self.key:
+            raise RecoveryCheckpointError(
+                f"{self.dir} holds the checkpoint of a recovery with other settings: {fix}"
+            )
+        for path in files:
+            problem = safetensors_problem(path)
+            if problem is not None:
+                raise RecoveryCheckpointError(f"{path} is damaged ({problem}): {fix}")
+        if not 0 < step:
+            raise RecoveryCheckpointError(f"{progress_file} is damaged (step {step}): {fix}")
+        return dict(progress)
+
+    def restore(
+        self,
+        student: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> tuple[int, list[float]]:
+        """The student, optimizer and schedule as the checkpoint left them; the steps done and
+        their losses ((0, []) when there is no checkpoint)."""
+        progress = self.check()
+        if progress is None:
+            return 0, []
+        student.load_state_dict(safetensors.torch.load_file(str(self.dir / progress["weights"])))
+        tensors = safetensors.torch.load_file(str(self.dir / progress["optimizer"]))
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            index, key = name.split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+        optimizer.load_state_dict({"state": state, "param_groups": progress["param_groups"]})
+        scheduler.load_state_dict(progress["scheduler"])
+        log.info("recovery: resuming after step %d of the checkpoint", progress["step"])
+        return int(progress["step"]), [float(x) for x in progress["losses"]]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

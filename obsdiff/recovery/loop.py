@@ -1,0 +1,138 @@
+"""The distillation loop, on Lightning Fabric: the frozen teacher, the student, the recorded
+calls in a seeded order; a sparse student's mask kept exactly; a checkpoint (safetensors plus
+JSON) every few steps, from which a resumed run continues to the same weights.
+
+Fabric rather than the Trainer: the loop is a few lines of its own (one draw of a recorded call
+per micro-batch, in an order fixed by the seed), its checkpoints are safetensors files and JSON
+(the Trainer's are pickles), and Ctrl-C or SIGTERM must reach the app's shell, which records the
+run as interrupted (the Trainer turns Ctrl-C into exit code 1 and ignores a second one). Fabric
+still brings the precision (`32`, `bf16-mixed`, `16-mixed` with its scaler), gradient clipping
+and the device placement, and its strategies are where DDP and FSDP plug in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+from obsdiff.recovery.checkpoint import RecoveryCheckpoint
+from obsdiff.recovery.data import DenoiserCall
+from obsdiff.recovery.losses import block_outputs, feature_loss, prediction
+from obsdiff.recovery.settings import RecoverySettings
+from obsdiff.utils.progress import progress
+
+
+log = logging.getLogger(__name__)
+
+
+class Divergence(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+def distillation_loss(
+    student: Callable[..., object],
+    teacher: nn.Module,
+    student_blocks: list[nn.Module],
+    teacher_blocks: list[nn.Module],
+    call: DenoiserCall,
+    settings: RecoverySettings,
+) -> torch.Tensor:
+    """`output_weight` x MSE(student's prediction, teacher's) + `feature_weight` x the mean over
+    the blocks of the per-token normalised feature loss, on one recorded call."""
+    with torch.no_grad(), block_outputs(teacher_blocks) as teacher_features:
+        target = prediction(teacher(*call.args, **call.kwargs))
+    with block_outputs(student_blocks) as student_features:
+        output = prediction(student(*call.args, **call.kwargs))
+    loss = settings.output_weight * nn.functional.mse_loss(output.float(), target.float())
+    if settings.feature_weight > 0:
+        features = [
+            feature_loss(s, t, settings.massive_sigma)
+            for s, t in zip(student_features, teacher_features, strict=True)
+            if s
+        ]
+        if features:
+            loss = loss + settings.feature_weight * torch.stack(features).mean()
+    return loss
+
+
+def distil(
+    student: nn.Module,
+    teacher: nn.Module,
+    student_blocks: list[nn.Module],
+    teacher_blocks: list[nn.Module],
+    calls: list[DenoiserCall],
+    order: list[int],
+    settings: RecoverySettings,
+    masks: dict[str, torch.Tensor],
+    device: torch.device,
+    checkpoint: RecoveryCheckpoint | None = None,
+) -> list[float]:
+    """Train `student` towards `teacher` for `settings.steps` optimizer steps, step i on the
+    calls `order[i * accumulate : (i + 1) * accumulate]`; returns every step's loss.
+
+    `masks` (parameter name -> True where a weight is kept: an unstructured or N:M student):
+    their gradients are zeroed before each optimizer step and the weights multiplied by the
+    mask after it, so pruned weights stay exact zeros. With `checkpoint`, the run continues
+    from its last complete step, and a checkpoint is written every `checkpoint_every` steps."""
+    fabric = L.Fabric(
+        accelerator="cuda" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        precision=settings.precision,  # type: ignore[arg-type]
+    )
+    teacher.eval().requires_grad_(False)
+    student.train()
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+
+    def warmup(step: int) -> float:
+        return min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+    losses: list[float] = []
+    done = 0
+    if checkpoint is not None:
+        done, losses = checkpoint.restore(student, optimizer, scheduler)
+    model, optimizer = fabric.setup(student, optimizer)
+    parameters = dict(student.named_parameters())
+    masked = {name: (parameters[name], mask.to(device)) for name, mask in masks.items()}
+    for step in progress(range(done, settings.steps), "recovery", "step"):
+        total = 0.0
+        for micro in range(settings.accumulate):
+            call = calls[order[step * settings.accumulate + micro]].to(device)
+            with fabric.autocast():
+                loss = distillation_loss(
+                    model, teacher, student_blocks, teacher_blocks, call, settings
+                )
+            fabric.backward(loss / settings.accumulate)
+            total += float(loss.detach()) / settings.accumulate
+        if not torch.isfinite(torch.tensor(total)):
+            where = "the last checkpoint is kept" if checkpoint is not None else "nothing kept"
+            raise Divergence(
+                f"the recovery diverged: loss {total} at step {step + 1}; {where}; lower "
+                "recover.lr or clip the gradients (recover.gradient_clip)"
+            )
+        for weight, mask in masked.values():
+            if weight.grad is not None:
+                weight.grad.mul_(mask)
+        if settings.gradient_clip > 0:
+            fabric.clip_gradients(model, optimizer, max_norm=settings.gradient_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        with torch.no_grad():
+            for weight, mask in masked.values():
+                weight.mul_(mask)
+        losses.append(total)
+        finished = step + 1
+        if finished == 1 or finished % settings.log_every == 0 or finished == settings.steps:
+            log.info("recovery step %d/%d: loss %.6g", finished, settings.steps, total)
+        if checkpoint is not None and (
+            finished % settings.checkpoint_every == 0 or finished == settings.steps
+        ):
+            checkpoint.save(finished, student, optimizer, scheduler, losses)
+    student.eval()
+    return losses
