@@ -248,6 +248,6 @@ def test_sample_takes_one_prompt_as_text_and_refuses_batch_size_0(tmp_path: Path
     result = run_app("obsdiff.sample", "prompts=a red circle", f"hydra.run.dir={run}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert [i["prompt"] for i in load(run / "samples.json")["images"]] == ["a red circle"]
-    bad = run_app("obsdiff.sample", "batch_size=0", f"paths.output_root={tmp_path / 'bad'}")
+    bad = run_in_process("obsdiff.sample", "batch_size=0", f"paths.output_root={tmp_path / 'bad'}")
     assert bad.returncode == 2 and "batch_size=0 must be >= 1" in bad.stdout + bad.stderr
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from app_runner import run_app
+from app_runner import run_app, run_in_process
 
 import obsdiff
 from obsdiff.artifacts.export import ExportError, check_export, upload
@@ -240,7 +240,7 @@ def test_the_cards_commands_run(tmp_path: Path, runs: dict[str, Path]) -> None:
     (evaluate,) = re.findall(r"`(python -m obsdiff\.evaluate [^`]*)`", card)
     _, _, app, *overrides = shlex.split(evaluate)
     fast = ["eval.prompts.num_prompts=2", "eval.images_per_prompt=1", "eval.efficiency.repeats=0"]
-    result = run_app(
+    result = run_in_process(  # the command as typed, run from its entry point in this process
         app, *overrides, *fast, f"paths.output_root={tmp_path}", f"hydra.run.dir={tmp_path / 'ev'}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -252,7 +252,7 @@ def test_the_cards_commands_run(tmp_path: Path, runs: dict[str, Path]) -> None:
     made = card[card.index("## How it was made") :]
     prune = re.search(r"```bash\n(python -m obsdiff\.prune .*)\n```", made).group(1)  # type: ignore[union-attr]
     _, _, app, *overrides = shlex.split(prune)
-    result = run_app(app, *overrides, f"hydra.run.dir={tmp_path / 'again'}")
+    result = run_in_process(app, *overrides, f"hydra.run.dir={tmp_path / 'again'}")
     assert result.returncode == 0, result.stderr[-3000:]
     again = safetensors.torch.load_file(str(tmp_path / "again" / "denoiser.safetensors"))
     first = safetensors.torch.load_file(str(run_dir / "denoiser.safetensors"))

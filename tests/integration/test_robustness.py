@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from app_runner import REPO_ROOT, TINY_PRUNE, run_app, run_python
+from app_runner import REPO_ROOT, TINY_PRUNE, run_app, run_in_process, run_python
 
 from obsdiff.artifacts.lock import LOCK_FILE
 from obsdiff.artifacts.pruned import read_manifest
@@ -176,7 +176,7 @@ def test_sigterm_reads_as_interrupted_and_resumes_into_the_same_wandb_run(
     progress = damaged / "checkpoint" / "progress.json"
     progress.write_text(progress.read_text()[:40])
     before = snapshot(damaged)
-    refused = run_app("obsdiff.prune", *TINY, f"hydra.run.dir={damaged}")
+    refused = run_in_process("obsdiff.prune", *TINY, f"hydra.run.dir={damaged}")
     output = refused.stdout + refused.stderr
     assert refused.returncode == 2, output[-3000:]
     assert output.count("[ERROR]") == 1 and f"{progress} is damaged" in output
@@ -196,7 +196,9 @@ def test_sigterm_reads_as_interrupted_and_resumes_into_the_same_wandb_run(
     shutil.copytree(run, cut, ignore=shutil.ignore_patterns("wandb"))
     weights = cut / "denoiser.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    evaluation = run_app("obsdiff.evaluate", f"pruned={cut}", "eval=tiny", f"hydra.run.dir={cut}-e")
+    evaluation = run_in_process(
+        "obsdiff.evaluate", f"pruned={cut}", "eval=tiny", f"hydra.run.dir={cut}-e"
+    )
     output = evaluation.stdout + evaluation.stderr
     assert evaluation.returncode == 2, output[-3000:]
     assert output.count("[ERROR]") == 1 and str(weights) in output
@@ -249,7 +251,7 @@ def test_a_full_disk_mid_run_keeps_the_checkpoint_and_says_how_to_resume(
     leftovers = sorted(f.name for f in (run / "checkpoint").iterdir())
     assert leftovers == ["denoiser-1.safetensors", "progress.json"]
 
-    resumed = run_app("obsdiff.prune", *args)
+    resumed = run_in_process("obsdiff.prune", *args)  # the same command, here in this process
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-3000:]
     assert "resuming after package 1 of 2" in output and RunRecord.read(run).completed

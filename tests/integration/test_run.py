@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from app_runner import REPO_ROOT, run_app
+from app_runner import REPO_ROOT, run_app, run_in_process
 from PIL import Image
 
 from obsdiff.artifacts.record import RunRecord
@@ -167,7 +167,7 @@ def test_wandb_offline_run_and_evaluate_app(sweep, tmp_path: Path) -> None:  # t
 
 
 def test_bad_eval_settings_fail_before_any_work(tmp_path: Path) -> None:
-    result = run_app(
+    result = run_in_process(  # stops before any work: the app in this process
         "obsdiff.run",
         *TINY[:2],
         "eval=coco2014_5k",
