@@ -56,6 +56,7 @@ from obsdiff.oneshot.checkpoint import CHECKPOINT_DIR, remove_checkpoint
 from obsdiff.oneshot.job import JobError
 from obsdiff.prompts.files import PromptFileError
 from obsdiff.recovery.checkpoint import RECOVERY_CHECKPOINT
+from obsdiff.recovery.loop import Divergence
 from obsdiff.runners.fabric import RunnerSettings, launch
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.io import WriteError, is_write_failure, write_text
@@ -281,6 +282,13 @@ def _execute(
             mark(out, "failed", names, str(err))
         if not is_multirun():
             sys.exit(EXIT_SETTING)
+        return None
+    except Divergence as err:  # a recovery's loss became NaN or infinite: no bug, no setting
+        log.error("%s", err)
+        if main:
+            mark(out, "failed", names, str(err))
+        if not is_multirun():
+            sys.exit(1)
         return None
     except Exception as err:
         if is_write_failure(err):  # the disk is full, a quota, permissions changed: no bug

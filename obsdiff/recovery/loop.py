@@ -59,6 +59,12 @@ def distillation_loss(
     return loss
 
 
+def done_at(checkpoint: RecoveryCheckpoint) -> int:
+    """The step of the checkpoint's last commit (0: none yet)."""
+    progress = checkpoint.check()
+    return 0 if progress is None else int(progress["step"])
+
+
 def distil(
     student: nn.Module,
     teacher: nn.Module,
@@ -110,10 +116,10 @@ def distil(
             fabric.backward(loss / settings.accumulate)
             total += float(loss.detach()) / settings.accumulate
         if not torch.isfinite(torch.tensor(total)):
-            where = "the last checkpoint is kept" if checkpoint is not None else "nothing kept"
+            kept = f"; the checkpoint of step {done_at(checkpoint)} is kept" if checkpoint else ""
             raise Divergence(
-                f"the recovery diverged: loss {total} at step {step + 1}; {where}; lower "
-                "recover.lr or clip the gradients (recover.gradient_clip)"
+                f"the recovery diverged: loss {total} at step {step + 1}{kept}; lower recover.lr "
+                "or clip the gradients (recover.gradient_clip), and start it again"
             )
         for weight, mask in masked.values():
             if weight.grad is not None:

@@ -199,3 +199,13 @@ def test_an_interrupted_recovery_resumes_to_the_same_weights(
     assert not (run / RECOVERY_CHECKPOINT).exists()
     loaded = obsdiff.load_pruned(run, pipeline=tiny_sd3_pipeline())
     assert all(torch.equal(loaded.denoiser.state_dict()[k], expected[k]) for k in expected)
+
+
+def test_a_diverging_recovery_stops_naming_the_step(tmp_path: Path) -> None:
+    model = pruned("unstructured", 0.5)
+    with pytest.raises(FloatingPointError, match=r"diverged: loss (nan|inf) at step \d+"):
+        obsdiff.recover(
+            model, PROMPTS[:1], teacher=tiny_sd3_pipeline(), steps=50, lr=1e12,
+            gradient_clip=0, run_dir=tmp_path / "run", checkpoint_every=1,
+        )  # fmt: skip
+    assert (tmp_path / "run" / RECOVERY_CHECKPOINT / "progress.json").is_file()
