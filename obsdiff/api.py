@@ -60,7 +60,7 @@ from obsdiff.oneshot.settings import PruneSettings
 from obsdiff.prompts.eval_sets import EvalPrompts
 from obsdiff.prompts.files import PromptSet
 from obsdiff.pruning.schedules import TimestepWeighting
-from obsdiff.recovery.checkpoint import RecoveryCheckpoint
+from obsdiff.recovery.checkpoint import remove_recovery_checkpoint
 from obsdiff.recovery.run import recover_pruned
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.runners.fabric import RunnerSettings
@@ -355,7 +355,7 @@ def recover(
     )
     if out is not None:
         save_pruned(recovered, out)
-        RecoveryCheckpoint(out, "").remove()
+        remove_recovery_checkpoint(out)
     return recovered
 
 

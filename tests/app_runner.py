@@ -69,9 +69,9 @@ def _run(
 
 def run_in_process(module: str, *args: str) -> subprocess.CompletedProcess[str]:
     """`python -m <module> <args>` inside this process (no interpreter to start, no imports to
-    repeat): for apps that are expected to stop before any work, e.g. a refused setting. The
-    app's console output is captured; Hydra's global state and the logging setup it installs
-    are put back afterwards."""
+    repeat): for an app whose own process is not the point (a refused setting, a command
+    taken from a model card, a resume). The app's console output is captured; Hydra's global
+    state and the logging setup it installs are put back afterwards."""
     from hydra.core.global_hydra import GlobalHydra
 
     entry = importlib.import_module(module)

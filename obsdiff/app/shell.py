@@ -55,7 +55,7 @@ from obsdiff.models.loading import ModelLoadError
 from obsdiff.oneshot.checkpoint import CHECKPOINT_DIR, remove_checkpoint
 from obsdiff.oneshot.job import JobError
 from obsdiff.prompts.files import PromptFileError
-from obsdiff.recovery.checkpoint import RECOVERY_CHECKPOINT
+from obsdiff.recovery.checkpoint import remove_recovery_checkpoint
 from obsdiff.recovery.loop import Divergence
 from obsdiff.runners.fabric import RunnerSettings, launch
 from obsdiff.runners.parallel import DataParallel
@@ -271,7 +271,7 @@ def _execute(
             record_run(out, results, context.logger)
             if not cfg.get("keep_checkpoint", False):
                 remove_checkpoint(out)  # the prune's
-                shutil.rmtree(out / RECOVERY_CHECKPOINT, ignore_errors=True)
+                remove_recovery_checkpoint(out)
         status = "completed"
     except KeyboardInterrupt as stop:
         status = "interrupted"

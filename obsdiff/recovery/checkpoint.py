@@ -119,5 +119,7 @@ class RecoveryCheckpoint:
         log.info("recovery: resuming after step %d of the checkpoint", progress["step"])
         return int(progress["step"]), [float(x) for x in progress["losses"]]
 
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+
+def remove_recovery_checkpoint(run_dir: Path) -> None:
+    """The recovery's checkpoint of `run_dir` removed (once the recovered model is saved)."""
+    shutil.rmtree(run_dir / RECOVERY_CHECKPOINT, ignore_errors=True)

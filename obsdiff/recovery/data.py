@@ -38,15 +38,18 @@ class DenoiserCall:
         )
 
 
-def _moved(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
-    """`value` with every tensor on `device` (floating ones in `dtype`, when given)."""
+def _moved(
+    value: Any, device: torch.device, dtype: torch.dtype | None = None, copy: bool = False
+) -> Any:
+    """`value` with every tensor on `device` (floating ones in `dtype`, when given; `copy`:
+    tensors of their own, never the originals)."""
     if isinstance(value, torch.Tensor):
         cast = dtype if dtype is not None and value.is_floating_point() else None
-        return value.to(device=device, dtype=cast)
+        return value.to(device=device, dtype=cast, copy=copy)
     if isinstance(value, dict):
-        return {k: _moved(v, device, dtype) for k, v in value.items()}
+        return {k: _moved(v, device, dtype, copy) for k, v in value.items()}
     if isinstance(value, tuple | list):
-        return type(value)(_moved(v, device, dtype) for v in value)
+        return type(value)(_moved(v, device, dtype, copy) for v in value)
     return value
 
 
@@ -65,16 +68,16 @@ def record_calls(
     calls: list[DenoiserCall] = []
 
     def keep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # copies: the pipeline reuses its buffers from step to step
+        cpu = torch.device("cpu")
         calls.append(
-            DenoiserCall(
-                _moved(args, torch.device("cpu")), _moved(kwargs, torch.device("cpu")), tracker.step
-            )
+            DenoiserCall(_moved(args, cpu, copy=True), _moved(kwargs, cpu, copy=True), tracker.step)
         )
 
     embeddings = embed_batches(adapter, pipe, prompts, batch_size, device)
     handle = denoiser.register_forward_pre_hook(keep, with_kwargs=True)
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference mode: the copies are the training's inputs
             for index, batch in enumerate(progress(embeddings, "teacher trajectories", "batch")):
                 tracker.reset()
                 first = index * batch_size
@@ -83,22 +86,7 @@ def record_calls(
                 adapter.calibration_call(pipe, batch, generators, tracker.on_step_end)
     finally:
         handle.remove()
-    return [_cloned(call) for call in calls]
-
-
-def _cloned(call: DenoiserCall) -> DenoiserCall:
-    """A call whose tensors are its own (not views of the pipeline's buffers)."""
-
-    def clone(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.clone()
-        if isinstance(value, dict):
-            return {k: clone(v) for k, v in value.items()}
-        if isinstance(value, tuple | list):
-            return type(value)(clone(v) for v in value)
-        return value
-
-    return DenoiserCall(clone(call.args), clone(call.kwargs), call.step)
+    return calls
 
 
 def step_density(pipe: Any, num_steps: int) -> torch.Tensor:
