@@ -170,6 +170,11 @@ def _check_known_key(override: Override, base: DictConfig, app: str) -> None:
 def _unknown_key(key: str, base: DictConfig, app: str) -> str:
     parent_key, _, name = key.rpartition(".")
     parent = OmegaConf.select(base, parent_key) if parent_key else base
+    if parent_key and parent is None and parent_key in base:  # a group set to none
+        return (
+            f"{key}: {parent_key}=none has no keys; choose an option first "
+            f"({parent_key}=<option>, see conf/{parent_key}/)"
+        )
     known = [str(k) for k in parent if k != "hydra"] if isinstance(parent, DictConfig) else []
     where = f"'{parent_key}'" if parent_key else f"`{app}`"
     return (
@@ -228,7 +233,7 @@ def check_values(cfg: DictConfig) -> None:
         ("sparsity", lambda: settings(cfg, PruneSettings, only=PruneSettings.values())),
     ]
     for key, check in checks:
-        if key in cfg:
+        if cfg.get(key) is not None:  # an option of `none` (recover=none) has nothing to check
             try:
                 check()
             except (ConfigError, ValueError) as err:

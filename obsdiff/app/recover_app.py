@@ -10,15 +10,14 @@ import torch
 from omegaconf import DictConfig
 
 from obsdiff.app.config import ConfigError, settings
-from obsdiff.app.settings import pruned_identity
-from obsdiff.app.shell import RunContext, execute, run_dir
+from obsdiff.app.settings import check_recovery_resume, identity, pruned_identity
+from obsdiff.app.shell import RunContext, execute
 from obsdiff.artifacts.pruned import check_pruned_run, load_pruned, save_pruned
 from obsdiff.artifacts.record import RunIdentity, RunRecord
 from obsdiff.calibration.sequential import CalibrationSettings
 from obsdiff.models.base import adapter_from_config
 from obsdiff.oneshot.settings import calibration_prompts
-from obsdiff.recovery.checkpoint import RecoveryCheckpoint, RecoveryCheckpointError
-from obsdiff.recovery.run import recover_pruned, recovery_key
+from obsdiff.recovery.run import recover_pruned
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.utils.devices import resolve_device
 
@@ -55,6 +54,11 @@ def task(cfg: DictConfig) -> None:
     def validate() -> tuple[RecoverJob, torch.device]:
         nonlocal manifest
         device = resolve_device(str(cfg.device))
+        if cfg.recover is None:
+            raise ConfigError(
+                "recover=none: this app recovers a pruned model; choose a recovery, e.g. "
+                "recover=distill (conf/recover/)"
+            )
         recovery = settings(cfg.recover, RecoverySettings, "recover.")
         calibration = settings(cfg.calibration, CalibrationSettings, "calibration.")
         manifest = check_pruned_run(pruned_dir)  # its weights are there, intact
@@ -68,14 +72,11 @@ def task(cfg: DictConfig) -> None:
         if pretrained is not None:
             model_config["pretrained"] = pretrained
         adapter_from_config(model_config).check_source()  # the teacher can be loaded
-        identity, previous = pruned_identity(pruned_dir, manifest)
-        vars(names).update(vars(identity))  # in place: the shell records under it
+        pruned, previous = pruned_identity(pruned_dir, manifest)
+        vars(names).update(vars(pruned))  # in place: the shell records under it
+        names.recover = identity(cfg).recover
         prompts = calibration_prompts(calibration).prompts
-        key = recovery_key(manifest, prompts, recovery)
-        try:  # a resume's checkpoint, readable, before anything loads
-            RecoveryCheckpoint(run_dir(), key).check()
-        except RecoveryCheckpointError as err:
-            raise ConfigError(str(err)) from None
+        check_recovery_resume(manifest.get("run_key"), prompts, recovery)
         job = RecoverJob(
             pruned_dir, pretrained, prompts, calibration.batch_size, recovery, previous
         )

@@ -1,5 +1,5 @@
-"""The run app's task (`python -m obsdiff.run`, conf/run.yaml): prune, then evaluate the pruned
-and the dense model."""
+"""The run app's task (`python -m obsdiff.run`, conf/run.yaml): prune, optionally recover
+(`recover=distill`), then evaluate the pruned and the dense model."""
 
 from __future__ import annotations
 
@@ -8,19 +8,30 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from obsdiff.app.settings import build_eval, build_prune_job, plan_only
+from obsdiff.app.config import settings as typed
+from obsdiff.app.settings import build_eval, build_prune_job, check_recovery_resume, plan_only
 from obsdiff.app.shell import RunContext, execute, run_dir, show_only, timed_together
+from obsdiff.artifacts.pruned import save_pruned
 from obsdiff.artifacts.record import RunRecord
 from obsdiff.eval.harness import EvalSettings, evaluate_dense, evaluate_pipeline
 from obsdiff.oneshot.checkpoint import check_previous_run
 from obsdiff.oneshot.job import PruneJob
 from obsdiff.oneshot.plan import memory_plan
 from obsdiff.oneshot.run import prune_pipeline
+from obsdiff.recovery.run import recover_pruned
+from obsdiff.recovery.settings import RecoverySettings
 
 
 def prune_and_evaluate(
-    job: PruneJob, settings: EvalSettings, dense_cache: Path, context: RunContext
+    job: PruneJob,
+    recovery: RecoverySettings | None,
+    settings: EvalSettings,
+    dense_cache: Path,
+    context: RunContext,
 ) -> RunRecord:
+    """Prune; with `recovery`, distil the pruned model towards a fresh copy of the dense one on
+    the calibration prompts (the run directory's weights are then the recovered ones); then
+    evaluate."""
     job.device = context.device
     dense = None
     if settings.evaluate_dense:
@@ -28,10 +39,19 @@ def prune_and_evaluate(
             job.model, job.model_config, settings, dense_cache, job.device, context.parallel
         )
     pruned = prune_pipeline(job, context.out, context.parallel)
+    if recovery is not None:
+        pruned = recover_pruned(
+            pruned, job.model.load(), job.prompts.prompts, recovery, context.device,
+            job.calibration.batch_size, context.out,
+        )  # fmt: skip
+        if context.parallel.is_main and job.save:
+            save_pruned(pruned, context.out)
     evaluation = evaluate_pipeline(
         pruned.pipeline, job.model, settings, context.out / "eval", context.parallel, dense
     )
-    record = RunRecord("completed", prune=pruned.result, eval=evaluation, dense=dense)
+    record = RunRecord(
+        "completed", prune=pruned.result, recover=pruned.recovery, eval=evaluation, dense=dense
+    )
     return timed_together(record, pruned.pipeline, job.model, settings, context)
 
 
@@ -42,14 +62,20 @@ def task(cfg: DictConfig) -> float | None:
         return None
     dense_cache = Path(cfg.paths.dense_cache)
 
-    def validate() -> tuple[tuple[PruneJob, EvalSettings], torch.device]:
+    Built = tuple[PruneJob, RecoverySettings | None, EvalSettings]
+
+    def validate() -> tuple[Built, torch.device]:
         job = build_prune_job(cfg)
         check_previous_run(run_dir(), job.run_key)  # a resume's checkpoint, readable
+        recovery = None
+        if cfg.recover is not None:
+            recovery = typed(cfg.recover, RecoverySettings, "recover.")
+            check_recovery_resume(job.run_key, job.prompts.prompts, recovery)
         settings = build_eval(cfg.eval, str(job.device), dense_cache)
         settings.prompts.check_disjoint(job.prompts.prompts)
-        return (job, settings), job.device
+        return (job, recovery, settings), job.device
 
-    def work(built: tuple[PruneJob, EvalSettings], context: RunContext) -> RunRecord:
+    def work(built: Built, context: RunContext) -> RunRecord:
         return prune_and_evaluate(*built, dense_cache, context)
 
     record = execute(cfg, validate, work)

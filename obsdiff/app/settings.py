@@ -28,6 +28,8 @@ from obsdiff.oneshot.settings import PruneSettings, calibration_prompts
 from obsdiff.prompts.eval_sets import EvalPrompts, coco_captions, prompt_file
 from obsdiff.prompts.files import BUNDLED_PROMPTS
 from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.recovery.checkpoint import RecoveryCheckpoint, RecoveryCheckpointError, recovery_key
+from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.runners.fabric import RunnerSettings
 
 
@@ -70,6 +72,8 @@ def identity(cfg: DictConfig) -> RunIdentity:
         names.packages = cfg.get("packages")
     if "eval" in cfg:
         names.eval_set = choices.get("eval")
+    if cfg.get("recover") is not None:
+        names.recover = choices.get("recover")
     return names
 
 
@@ -134,6 +138,19 @@ def plan_only(cfg: DictConfig) -> bool:
         return settings(cfg, PruneSettings, only=("plan_only",)).plan_only
     except ConfigError:
         return False
+
+
+def check_recovery_resume(
+    run_key: str | None, prompts: list[str], recovery: RecoverySettings
+) -> None:
+    """The job's run directory holds no recovery checkpoint, or one that this recovery can
+    resume from (readable, of the same prune, prompts and settings): checked before anything
+    loads."""
+    out = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        RecoveryCheckpoint(out, recovery_key(run_key, prompts, recovery)).check()
+    except RecoveryCheckpointError as err:
+        raise ConfigError(str(err)) from None
 
 
 def pruned_identity(

@@ -51,6 +51,7 @@ class RunIdentity:
     packages: int | None = None
     eval_set: str | None = None
     pruned_run: str | None = None  # evaluate app: the prune run it evaluated
+    recover: str | None = None  # the recovery's option (run and recover apps), None: none
 
     def tags(self) -> dict[str, Any]:
         """The set fields (W&B tags, summary titles)."""

@@ -7,9 +7,11 @@ a checkpoint that loads; `key` ties it to the settings that wrote it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.utils.file_checks import safetensors_problem
 from obsdiff.utils.io import save_tensors, write_json
 
@@ -25,6 +28,15 @@ log = logging.getLogger(__name__)
 
 RECOVERY_CHECKPOINT = "recovery-checkpoint"
 PROGRESS = "progress.json"
+NEUTRAL_SETTINGS = ("log_every", "checkpoint_every")  # a resume may change these
+
+
+def recovery_key(run_key: str | None, prompts: list[str], settings: RecoverySettings) -> str:
+    """What a recovery computes from: the pruned model (its prune's `run_key`), the prompts,
+    the settings that change the weights."""
+    chosen = {k: v for k, v in asdict(settings).items() if k not in NEUTRAL_SETTINGS}
+    text = json.dumps([run_key, prompts, chosen], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class RecoveryCheckpointError(ValueError):

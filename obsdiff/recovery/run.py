@@ -4,8 +4,6 @@ own trajectories (data-free), on Lightning Fabric (`obsdiff.recovery.loop`)."""
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -17,7 +15,7 @@ from torch import nn
 
 from obsdiff.artifacts.pruned import PrunedModel
 from obsdiff.artifacts.record import RecoveryResult
-from obsdiff.recovery.checkpoint import RecoveryCheckpoint
+from obsdiff.recovery.checkpoint import RecoveryCheckpoint, recovery_key
 from obsdiff.recovery.data import draw_calls, record_calls, step_density
 from obsdiff.recovery.loop import distil
 from obsdiff.recovery.settings import RecoverySettings
@@ -25,8 +23,6 @@ from obsdiff.utils.memory import peak_memory_bytes, reset_peak_memory
 
 
 log = logging.getLogger(__name__)
-
-NEUTRAL_SETTINGS = ("log_every", "checkpoint_every")  # a resume may change these
 
 
 def kept_weights(pruned: PrunedModel) -> dict[str, torch.Tensor]:
@@ -42,14 +38,6 @@ def kept_weights(pruned: PrunedModel) -> dict[str, torch.Tensor]:
         if r.get("type", "layer") == "layer"
     ]
     return {name: parameters[name].detach() != 0 for name in names if name in parameters}
-
-
-def recovery_key(manifest: dict[str, Any], prompts: list[str], settings: RecoverySettings) -> str:
-    """What a recovery computes from: the pruned model (its manifest), the prompts, the
-    settings that change the weights."""
-    chosen = {k: v for k, v in asdict(settings).items() if k not in NEUTRAL_SETTINGS}
-    text = json.dumps([manifest.get("run_key"), prompts, chosen], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def recover_pruned(
@@ -69,7 +57,9 @@ def recover_pruned(
     what it did."""
     checkpoint = None
     if run_dir is not None:
-        checkpoint = RecoveryCheckpoint(run_dir, recovery_key(pruned.manifest, prompts, settings))
+        checkpoint = RecoveryCheckpoint(
+            run_dir, recovery_key(pruned.manifest.get("run_key"), prompts, settings)
+        )
         checkpoint.check()  # before the work: a damaged checkpoint named at once
     started = time.perf_counter()
     reset_peak_memory(device)

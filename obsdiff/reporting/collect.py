@@ -163,6 +163,8 @@ def _settings(record: RunRecord) -> dict[str, Any]:
     """The run's identity (SETTINGS), then its other command-line settings (a sweep's axes)."""
     names = asdict(record.identity)
     settings = {key: names.get(key) for key in SETTINGS}
+    if names.get("recover") is not None:  # a recovered run: the recovery is one more axis
+        settings["recover"] = names["recover"]
     settings.update((k, _as_number(v)) for k, v in record.overrides.items() if k not in SETTINGS)
     return settings
 

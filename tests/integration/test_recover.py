@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from app_runner import TINY_PRUNE, run_app, run_in_process
+from app_runner import TINY_PRUNE, run_in_process
 from diffusers import DiffusionPipeline
 from torch import nn
 
@@ -17,6 +17,7 @@ import obsdiff
 from obsdiff.artifacts.pruned import PrunedModel
 from obsdiff.artifacts.record import RunRecord
 from obsdiff.models.tiny import tiny_sd3_pipeline
+from obsdiff.prompts.files import BUNDLED_PROMPTS as CALIBRATION_PROMPTS
 from obsdiff.recovery.checkpoint import RECOVERY_CHECKPOINT, RecoveryCheckpoint
 from obsdiff.recovery.data import DenoiserCall, draw_calls, record_calls, step_density
 from obsdiff.recovery.losses import feature_loss, prediction
@@ -128,35 +129,51 @@ def test_the_feature_loss_is_per_token_normalised_and_masks_massive_tokens() -> 
 
 
 @pytest.mark.timeout(600)
-def test_the_recover_app_writes_a_run_that_loads(tmp_path: Path) -> None:
+def test_the_recover_app_the_run_stage_and_the_api_agree(tmp_path: Path) -> None:
     """`python -m obsdiff.recover pruned=<a tiny run>`: results.json completed with a `recover`
     section, the manifest with the recovery's settings, weights that load and differ from the
-    pruned run's, its zeros kept; a run without weights is refused before any work."""
+    pruned run's, its zeros kept. The recover stage of `python -m obsdiff.run` and
+    `obsdiff.recover(...)` with the same settings give the same weights, bit for bit. A run
+    without weights is refused before any work."""
+    recovery = ["recover.steps=3", "recover.lr=1e-3"]
     source = tmp_path / "pruned"
     prune = run_in_process(
         "obsdiff.prune", *TINY_PRUNE, "method=magnitude", f"hydra.run.dir={source}"
     )
     assert prune.returncode == 0, prune.stdout[-3000:]
     out = tmp_path / "recovered"
-    result = run_app(
-        "obsdiff.recover", f"pruned={source}", "calibration=tiny", "recover.steps=3",
-        "recover.lr=1e-3", f"hydra.run.dir={out}",
+    result = run_in_process(
+        "obsdiff.recover", f"pruned={source}", "calibration=tiny", "calibration.num_prompts=2",
+        *recovery, f"hydra.run.dir={out}",
     )  # fmt: skip
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:]
     record = RunRecord.read(out)
     assert record.completed and record.recover is not None and record.recover.steps == 3
     assert record.identity.method == "magnitude" and record.identity.pruned_run == str(source)
+    assert record.identity.recover == "distill"
     assert record.prune is not None and record.prune.achieved_sparsity == pytest.approx(0.5)
     before, after = obsdiff.load_pruned(source), obsdiff.load_pruned(out)
     assert after.manifest["recovery"]["steps"] == 3
     for name, kept in kept_weights(before).items():
         weight = dict(after.denoiser.named_parameters())[name]
         assert torch.equal(weight != 0, kept), name
-    assert any(
-        not torch.equal(v, after.denoiser.state_dict()[k])
-        for k, v in before.denoiser.state_dict().items()
-    )
+    expected = after.denoiser.state_dict()
+    assert any(not torch.equal(v, expected[k]) for k, v in before.denoiser.state_dict().items())
+
+    staged = tmp_path / "run"
+    run = run_in_process(
+        "obsdiff.run", *TINY_PRUNE, "method=magnitude", "eval=tiny", "recover=distill",
+        *recovery, f"hydra.run.dir={staged}",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:]
+    record = RunRecord.read(staged)
+    assert record.recover is not None and record.recover.steps == 3 and record.eval is not None
+    from_run = obsdiff.load_pruned(staged).denoiser.state_dict()
+    prompts = CALIBRATION_PROMPTS.read_text().splitlines()[:2]
+    from_api = obsdiff.recover(before, prompts, batch_size=2, steps=3, lr=1e-3).denoiser
+    for name, weight in expected.items():
+        assert torch.equal(from_run[name], weight), name
+        assert torch.equal(from_api.state_dict()[name], weight), name
 
     (source / "denoiser.safetensors").unlink()
     refused = run_in_process(
