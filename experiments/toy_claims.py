@@ -1,9 +1,13 @@
-"""The paper's claims, tested on the toy benchmark's sweeps (`make bench-quality`).
+"""The paper's claims, tested on the toy benchmark's sweeps (`make bench-quality`), and the
+recovery's (`make bench-recover`).
 
     python experiments/toy_claims.py outputs/toy_quality [--out experiments/toy_quality/claims.md]
+    python experiments/toy_claims.py outputs/toy_recovery --update experiments/toy_quality/claims.md
 
-Reads the newest sweep of each `toy_*` recipe under the given folder and prints one Markdown
-table: each claim of the paper, the toy result with its 95% interval and a verdict. Comparisons
+Reads the newest sweep of each `toy_*` recipe under the given folder, and every job of each
+`recovery_toy_*` recipe folder (its one-shot and recovered sweeps), and prints one Markdown
+table: each claim, the toy result with its 95% interval and a verdict; `--update` replaces the
+rows of the claims it tested in an existing table (others are kept, new ones appended). Comparisons
 are paired (the same 72 held-out prompts and the same seeds, 576 images a model), with BCa
 intervals over prompts (`obsdiff.reporting.compare`). A claim that one setting is better than
 another is *reproduced* where the interval of the paired difference excludes zero in the
@@ -55,6 +59,8 @@ def load(root: Path) -> dict[str, list[JobResult]]:
         sweep = newest_sweep(root, recipe)
         if sweep is not None:
             found[recipe] = [j for j in read_jobs(sweep) if j.completed]
+    for folder in sorted(root.glob("recovery_toy_*")):  # bench_recover: oneshot/ + recovered/
+        found[folder.name] = [j for j in read_jobs(folder) if j.completed]
     return found
 
 
@@ -343,6 +349,111 @@ def dsnot(runs: dict[str, list[JobResult]]) -> Row:
     )
 
 
+RECOVERY_CELLS = (  # recipe, the granularity's label, OBS-Diff's baseline
+    ("recovery_toy_structured", "structured 30%", "l1"),
+    ("recovery_toy_unstructured", "unstructured 70%", "wanda"),
+    ("recovery_toy_2_4", "2:4", "magnitude"),
+)
+RECOVERY_METRICS = (PRIMARY, SECONDARY, "psnr", "ssim")
+
+
+def budgets(jobs: Sequence[JobResult]) -> list[int]:
+    """The recovery budgets (optimizer steps) of a recovery recipe's jobs, shortest first."""
+    return sorted({int(j.settings["recover.steps"]) for j in jobs if "recover.steps" in j.settings})
+
+
+def oneshot(jobs: Sequence[JobResult], method: str) -> JobResult:
+    return pick(jobs, method=method, recover="none")
+
+
+def recovered(jobs: Sequence[JobResult], method: str, steps: int) -> JobResult:
+    return pick(jobs, method=method, recover="distill", **{"recover.steps": steps})
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric != SECONDARY
+
+
+def recovery_gap(runs: dict[str, list[JobResult]]) -> Row:
+    """How much of the gap to the dense model the first budget closes, per method and cell."""
+    parts, verdicts = [], []
+    for recipe, label, baseline in RECOVERY_CELLS:
+        jobs = runs[recipe]
+        steps = budgets(jobs)[0]
+        for method in ("obsdiff", baseline):
+            before, after = oneshot(jobs, method), recovered(jobs, method, steps)
+            cells = []
+            for metric in RECOVERY_METRICS:
+                d = paired(after, before, metric)
+                verdicts.append(verdict(d, higher_is_better(metric)))
+                cells.append(f"{metric} {text(d)}")
+            dense = before.dense.metrics.get(PRIMARY) if before.dense is not None else None
+            gap = ""
+            if dense is not None and dense != before.metrics[PRIMARY]:
+                closed = (after.metrics[PRIMARY] - before.metrics[PRIMARY]) / (
+                    dense - before.metrics[PRIMARY]
+                )
+                gap = f" (fidelity gap to dense {dense:.4f} closed {closed:.0%})"
+            parts.append(f"{method} {label}: " + ", ".join(cells) + gap)
+    done = sum(v == "reproduced" for v in verdicts)
+    return Row(
+        "Recovery (distillation towards the dense model, data-free) closes part of the gap a "
+        "one-shot prune leaves",
+        f"recovered ({budgets(runs[RECOVERY_CELLS[0][0]])[0]} steps) minus one-shot, same "
+        "method and sparsity; fidelity, feature distance (lower is better), PSNR and SSIM "
+        "against the dense model's image",
+        "; ".join(parts),
+        f"{done} of {len(verdicts)} differences reproduced in the claimed direction; "
+        + combine(verdicts),
+    )
+
+
+def recovery_lead(runs: dict[str, list[JobResult]]) -> Row:
+    """OBS-Diff minus its baseline, one-shot and after each budget."""
+    parts, verdicts = [], []
+    for recipe, label, baseline in RECOVERY_CELLS:
+        jobs = runs[recipe]
+        stages = [("one-shot", oneshot(jobs, "obsdiff"), oneshot(jobs, baseline))]
+        stages += [
+            (f"{steps} steps", recovered(jobs, "obsdiff", steps), recovered(jobs, baseline, steps))
+            for steps in budgets(jobs)
+        ]
+        for stage, ours, theirs in stages:
+            line, found = comparison(ours, theirs, f"{label} vs {baseline}, {stage}")
+            parts.append(line)
+            if stage != "one-shot":
+                verdicts.append(found)
+    return Row(
+        "OBS-Diff's lead over the baselines survives recovery",
+        "OBS-Diff minus L1 (structured 30%), Wanda (70%), Magnitude (2:4), one-shot and after "
+        "the same recovery",
+        "; ".join(parts),
+        both(verdicts),
+    )
+
+
+def recovery_budget(runs: dict[str, list[JobResult]]) -> Row:
+    """The longer budget minus the shorter, per method and cell."""
+    parts, verdicts = [], []
+    for recipe, label, baseline in RECOVERY_CELLS:
+        jobs = runs[recipe]
+        short, long = budgets(jobs)[0], budgets(jobs)[-1]
+        for method in ("obsdiff", baseline):
+            line, found = comparison(
+                recovered(jobs, method, long), recovered(jobs, method, short),
+                f"{method} {label}",
+            )  # fmt: skip
+            parts.append(line)
+            verdicts.append(found)
+    steps = budgets(runs[RECOVERY_CELLS[0][0]])
+    return Row(
+        "A longer recovery helps",
+        f"recovered {steps[-1]} steps minus {steps[0]} steps, same method and sparsity",
+        "; ".join(parts),
+        both(verdicts),
+    )
+
+
 CLAIMS: list[Callable[[dict[str, list[JobResult]]], Row | list[Row]]] = [
     table1,
     table2,
@@ -353,6 +464,9 @@ CLAIMS: list[Callable[[dict[str, list[JobResult]]], Row | list[Row]]] = [
     robustness,
     table8,
     dsnot,
+    recovery_gap,
+    recovery_lead,
+    recovery_budget,
 ]
 
 
@@ -367,12 +481,30 @@ def markdown(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def updated(existing: str, rows: Sequence[Row]) -> str:
+    """The table `existing` with the rows of the same claims replaced by `rows`, and the rows
+    of claims it did not have appended."""
+    new = {row.claim.replace("|", "\\|"): row for row in rows}
+    kept: list[str] = []
+    for line in existing.splitlines():
+        claim = line[2:].split(" | ", 1)[0] if line.startswith("| ") else None
+        if claim in new:
+            kept.append(markdown([new.pop(claim)]).splitlines()[-1])
+        else:
+            kept.append(line)
+    kept += [markdown([row]).splitlines()[-1] for row in new.values()]
+    return "\n".join(kept) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "root", type=Path, help="the folder of the toy sweeps (outputs/toy_quality)"
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--update", type=Path, default=None, help="replace or add these claims' rows in this table"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(levelname)s] %(message)s")
     runs = load(args.root)
@@ -388,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(table)
     if args.out is not None:
         args.out.write_text(table)
+    if args.update is not None:
+        args.update.write_text(updated(args.update.read_text(), rows))
     return 0
 
 
