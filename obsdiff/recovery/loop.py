@@ -40,11 +40,16 @@ def distillation_loss(
     teacher_blocks: list[nn.Module],
     call: DenoiserCall,
     settings: RecoverySettings,
+    student_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`output_weight` x MSE(student's prediction, teacher's) + `feature_weight` x the mean over
-    the blocks of the per-token normalised feature loss, on one recorded call."""
+    the blocks of the per-token normalised feature loss, on one recorded call (the teacher
+    called as the pipeline called it; the student with its floating inputs in `student_dtype`,
+    its float32 master weights' where the model's dtype is half: an exact upcast)."""
     with torch.no_grad(), block_outputs(teacher_blocks) as teacher_features:
         target = prediction(teacher(*call.args, **call.kwargs))
+    if student_dtype is not None:
+        call = call.to(target.device, student_dtype)
     with block_outputs(student_blocks) as student_features:
         output = prediction(student(*call.args, **call.kwargs))
     loss = settings.output_weight * nn.functional.mse_loss(output.float(), target.float())
@@ -103,6 +108,8 @@ def distil(
     if checkpoint is not None:
         done, losses = checkpoint.restore(student, optimizer, scheduler)
     model, optimizer = fabric.setup(student, optimizer)
+    dtype = next(student.parameters()).dtype
+    upcast = None if dtype == next(teacher.parameters()).dtype else dtype
     parameters = dict(student.named_parameters())
     masked = {name: (parameters[name], mask.to(device)) for name, mask in masks.items()}
     for step in progress(range(done, settings.steps), "recovery", "step"):
@@ -111,7 +118,7 @@ def distil(
             call = calls[order[step * settings.accumulate + micro]].to(device)
             with fabric.autocast():
                 loss = distillation_loss(
-                    model, teacher, student_blocks, teacher_blocks, call, settings
+                    model, teacher, student_blocks, teacher_blocks, call, settings, upcast
                 )
             fabric.backward(loss / settings.accumulate)
             total += float(loss.detach()) / settings.accumulate

@@ -76,7 +76,10 @@ def recover_pruned(
     components = dict(pruned.pipeline.components)  # shared: only the denoiser trains
     components[adapter.denoiser_attr] = copy.deepcopy(pruned.denoiser)
     recovered = type(pruned.pipeline)(**components)
-    student: nn.Module = adapter.denoiser(recovered).to(device)
+    dtype = next(pruned.denoiser.parameters()).dtype
+    # float32 master weights whatever the model's dtype: AdamW's small steps would vanish in
+    # bfloat16 weights; `precision` decides the arithmetic, the weights are saved back in `dtype`
+    student: nn.Module = adapter.denoiser(recovered).to(device, torch.float32)
     teacher_denoiser: nn.Module = adapter.denoiser(teacher)
     torch.manual_seed(settings.seed)
     losses = distil(
@@ -91,6 +94,7 @@ def recover_pruned(
         device,
         checkpoint,
     )
+    student.to(dtype)  # a cast keeps the zeros of a sparse student exact
     manifest = {**pruned.manifest, "recovery": asdict(settings) | {"prompts": len(prompts)}}
     result = RecoveryResult(
         steps=len(losses),
