@@ -26,6 +26,7 @@ __all__ = [
     "memory_plan",
     "prune",
     "recover",
+    "recovery_memory_plan",
     "save_pruned",
 ]
 

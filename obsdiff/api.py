@@ -61,6 +61,8 @@ from obsdiff.prompts.eval_sets import EvalPrompts
 from obsdiff.prompts.files import PromptSet
 from obsdiff.pruning.schedules import TimestepWeighting
 from obsdiff.recovery.checkpoint import remove_recovery_checkpoint
+from obsdiff.recovery.plan import RecoveryPlan
+from obsdiff.recovery.plan import recovery_plan as plan_recovery
 from obsdiff.recovery.run import recover_pruned
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.runners.fabric import RunnerSettings
@@ -73,6 +75,7 @@ from obsdiff.utils.settings import from_mapping
 
 __all__ = [
     "recover",
+    "recovery_memory_plan",
     "evaluate",
     "evaluation_options",
     "evaluation_settings",
@@ -201,6 +204,24 @@ def memory_plan(
                PromptSet([""], "python", "", "given", None), method_options,
                reach_model=False, components=components)  # fmt: skip
     return plan_memory(job, components)
+
+
+def recovery_memory_plan(
+    model: DiffusionPipeline | ModelAdapter | str,
+    *,
+    batch_size: int = CALIBRATION.batch_size,
+    **settings: Any,
+) -> RecoveryPlan:
+    """What recovering a prune of `model` will hold on its device (`RecoveryPlan`: teacher,
+    student, gradients, AdamW state, activations with and without per-block checkpointing, the
+    fewest 24/48/80 GB devices with FSDP; `.table()` prints it), from its architecture alone.
+    `model` as for `memory_plan`; `batch_size`: prompts a sampling batch; `settings`: the
+    recovery's (`RecoverySettings`: `precision`, `feature_weight`, ...)."""
+    if isinstance(model, str):
+        model = model_from_config(model)
+    elif not isinstance(model, ModelAdapter):
+        model = in_memory_adapter(model, None)
+    return plan_recovery(model, from_mapping(RecoverySettings, settings), batch_size)
 
 
 def model_from_config(name: str) -> ModelAdapter:

@@ -11,15 +11,26 @@ from omegaconf import DictConfig
 
 from obsdiff.app.config import ConfigError, settings
 from obsdiff.app.settings import check_recovery_resume, identity, pruned_identity
-from obsdiff.app.shell import RunContext, execute
+from obsdiff.app.shell import RunContext, execute, show_only
 from obsdiff.artifacts.pruned import check_pruned_run, load_pruned, save_pruned
 from obsdiff.artifacts.record import RunIdentity, RunRecord
 from obsdiff.calibration.sequential import CalibrationSettings
 from obsdiff.models.base import adapter_from_config
 from obsdiff.oneshot.settings import calibration_prompts
+from obsdiff.recovery.plan import recovery_plan
 from obsdiff.recovery.run import recover_pruned
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.utils.devices import resolve_device
+
+
+NO_RECOVERY = (
+    "recover=none: this app recovers a pruned model; choose a recovery, e.g. recover=distill "
+    "(conf/recover/)"
+)
+IN_MEMORY = (
+    "its manifest names no model to load; recover it from Python: obsdiff.recover(obsdiff."
+    "load_pruned(run_dir, pipeline=<base>), prompts, teacher=<a fresh base>)"
+)
 
 
 @dataclass
@@ -33,7 +44,8 @@ class RecoverJob:
 
 
 def recover(job: RecoverJob, context: RunContext) -> RunRecord:
-    pruned = load_pruned(job.pruned_dir, job.pretrained, device=context.device)
+    # on the CPU: only its denoiser (the student) goes to the device
+    pruned = load_pruned(job.pruned_dir, job.pretrained, device=torch.device("cpu"))
     teacher = pruned.adapter.load()
     recovered = recover_pruned(
         pruned, teacher, job.prompts, job.settings, context.device, job.batch_size, context.out
@@ -44,9 +56,26 @@ def recover(job: RecoverJob, context: RunContext) -> RunRecord:
     return RunRecord("completed", prune=prune, recover=recovered.recovery)
 
 
+def plan(cfg: DictConfig, pruned_dir: Path) -> str:
+    """The recovery's memory plan for the pruned run's model (counted at the dense size)."""
+    if cfg.recover is None:
+        raise ConfigError(NO_RECOVERY)
+    recovery = settings(cfg.recover, RecoverySettings, "recover.")
+    calibration = settings(cfg.calibration, CalibrationSettings, "calibration.")
+    model_config = dict(check_pruned_run(pruned_dir)["model_config"])
+    if "_target_" not in model_config:
+        raise ConfigError(f"pruned={pruned_dir} pruned a pipeline in memory: {IN_MEMORY}")
+    return recovery_plan(
+        adapter_from_config(model_config), recovery, calibration.batch_size
+    ).table()
+
+
 def task(cfg: DictConfig) -> None:
     """One recovery of a pruned run."""
     pruned_dir = Path(str(cfg.pruned)).expanduser()
+    if cfg.plan_only is True:
+        show_only(cfg, lambda: plan(cfg, pruned_dir))
+        return
     pretrained = None if cfg.pretrained is None else str(cfg.pretrained)
     manifest = None
     names = RunIdentity()
@@ -55,20 +84,13 @@ def task(cfg: DictConfig) -> None:
         nonlocal manifest
         device = resolve_device(str(cfg.device))
         if cfg.recover is None:
-            raise ConfigError(
-                "recover=none: this app recovers a pruned model; choose a recovery, e.g. "
-                "recover=distill (conf/recover/)"
-            )
+            raise ConfigError(NO_RECOVERY)
         recovery = settings(cfg.recover, RecoverySettings, "recover.")
         calibration = settings(cfg.calibration, CalibrationSettings, "calibration.")
         manifest = check_pruned_run(pruned_dir)  # its weights are there, intact
         model_config = dict(manifest["model_config"])
         if "_target_" not in model_config:
-            raise ConfigError(
-                f"pruned={pruned_dir} pruned a pipeline in memory (obsdiff.prune): its manifest "
-                "names no model to load; recover it from Python: obsdiff.recover(obsdiff."
-                "load_pruned(run_dir, pipeline=<base>), prompts, teacher=<a fresh base>)"
-            )
+            raise ConfigError(f"pruned={pruned_dir} pruned a pipeline in memory: {IN_MEMORY}")
         if pretrained is not None:
             model_config["pretrained"] = pretrained
         adapter_from_config(model_config).check_source()  # the teacher can be loaded

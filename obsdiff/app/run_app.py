@@ -18,6 +18,7 @@ from obsdiff.oneshot.checkpoint import check_previous_run
 from obsdiff.oneshot.job import PruneJob
 from obsdiff.oneshot.plan import memory_plan
 from obsdiff.oneshot.run import prune_pipeline
+from obsdiff.recovery.plan import recovery_plan
 from obsdiff.recovery.run import recover_pruned
 from obsdiff.recovery.settings import RecoverySettings
 
@@ -55,10 +56,22 @@ def prune_and_evaluate(
     return timed_together(record, pruned.pipeline, job.model, settings, context)
 
 
+def plans(cfg: DictConfig) -> str:
+    """The prune's memory plan, and the recovery's with `recover=<option>`."""
+    job = build_prune_job(cfg, reach_model=False)
+    components = job.model.component_skeletons()
+    text = memory_plan(job, components).table()
+    if cfg.recover is not None:
+        recovery = typed(cfg.recover, RecoverySettings, "recover.")
+        plan = recovery_plan(job.model, recovery, job.calibration.batch_size, components)
+        text += "\n" + plan.table()
+    return text
+
+
 def task(cfg: DictConfig) -> float | None:
     """One run: prune, then evaluate; returns the achieved sparsity (None: refused or planned)."""
-    if plan_only(cfg):  # the prune's memory plan, as the prune app prints it
-        show_only(cfg, lambda: memory_plan(build_prune_job(cfg, reach_model=False)).table())
+    if plan_only(cfg):  # the prune's memory plan, as the prune app prints it; the recovery's
+        show_only(cfg, lambda: plans(cfg))
         return None
     dense_cache = Path(cfg.paths.dense_cache)
 

@@ -352,6 +352,26 @@ class ModelAdapter(ABC):
             kwargs["max_sequence_length"] = s.max_sequence_length
         return kwargs
 
+    def samples_per_call(self, prompts: int) -> int:
+        """The batch of one denoiser call for `prompts` prompts: doubled by classifier-free
+        guidance where the pipeline batches [uncond, cond] together."""
+        return 2 * prompts if self.cfg_mode() == CFG_DOUBLED_BATCH else prompts
+
+    def example_call(
+        self, prompts: int, components: dict[str, nn.Module], device: str | torch.device = "meta"
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The positional and keyword arguments of one denoiser call of a sampling batch of
+        `prompts` prompts at the model's sampling resolution, as its pipeline makes them (empty
+        tensors: on the meta device by default, for the recovery's memory plan). `components`:
+        the pipeline's modules (`component_skeletons`), whose configs give the latent and text
+        sizes."""
+        raise NotImplementedError(f"{type(self).__name__} has no example call")
+
+    def latent_size(self, components: dict[str, nn.Module]) -> tuple[int, int]:
+        """The latent's height and width at the sampling resolution (the VAE's downsampling)."""
+        factor = 2 ** (len(component_config(components, "vae").block_out_channels) - 1)
+        return self.sampling.height // factor, self.sampling.width // factor
+
     def uses_cfg(self, sampling: SamplingDefaults | None = None) -> bool:
         """Whether a call runs classifier-free guidance (an unconditional branch)."""
         s = sampling or self.sampling
@@ -452,6 +472,11 @@ class ModelAdapter(ABC):
         source = f"tiny={self.tiny!r}" if self.tiny else f"pretrained={self.pretrained!r}"
         source = "in memory" if self.pipeline is not None else source
         return f"{type(self).__name__}(name={self.name!r}, {source}, dtype={self.dtype!r})"
+
+
+def component_config(components: dict[str, nn.Module], name: str) -> Any:
+    """The config of a pipeline component (a diffusers or transformers model's `config`)."""
+    return getattr(components[name], "config")  # noqa: B009 - nn.Module types it as a Module
 
 
 def _architecture_dir(model: str, architecture: str) -> Path:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from obsdiff.models.base import ModelAdapter
+from obsdiff.models.base import ModelAdapter, component_config
 from obsdiff.models.sampling import CFG_NONE, CFG_SEPARATE_CALLS, SamplingDefaults, embedding_kwargs
 from obsdiff.models.structure import (
     MMDIT_UNITS,
@@ -76,6 +76,34 @@ class FluxAdapter(ModelAdapter):
 
     def cfg_mode(self, sampling: SamplingDefaults | None = None) -> str:
         return CFG_SEPARATE_CALLS if self.uses_cfg(sampling) else CFG_NONE
+
+    def example_call(
+        self, prompts: int, components: dict[str, nn.Module], device: str | torch.device = "meta"
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Latents packed 2 x 2 into tokens, T5 tokens, pooled CLIP, the guidance (dev); one
+        call per branch."""
+        config = component_config(components, self.denoiser_attr)
+        tokens = self.sampling.max_sequence_length or 512
+        height, width = self.latent_size(components)
+        patches = (height // 2) * (width // 2)
+        dtype = self.torch_dtype
+        kwargs: dict[str, Any] = {
+            "hidden_states": torch.empty(prompts, patches, config.in_channels, dtype=dtype,
+                                         device=device),
+            "timestep": torch.empty(prompts, dtype=dtype, device=device),
+        }  # fmt: skip
+        if config.guidance_embeds:
+            kwargs["guidance"] = torch.empty(prompts, device=device)
+        return (), kwargs | {
+            "pooled_projections": torch.empty(prompts, config.pooled_projection_dim, dtype=dtype,
+                                              device=device),
+            "encoder_hidden_states": torch.empty(prompts, tokens, config.joint_attention_dim,
+                                                 dtype=dtype, device=device),
+            "txt_ids": torch.empty(tokens, 3, dtype=dtype, device=device),
+            "img_ids": torch.empty(patches, 3, dtype=dtype, device=device),
+            "joint_attention_kwargs": {},
+            "return_dict": False,
+        }  # fmt: skip
 
     def encode_prompts(
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device

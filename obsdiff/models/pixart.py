@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from obsdiff.models.base import component_config
 from obsdiff.models.basic_block import BasicBlockAdapter
 from obsdiff.models.sampling import SamplingDefaults
 
@@ -41,6 +42,24 @@ class PixArtAdapter(BasicBlockAdapter):
     def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
         blocks: nn.ModuleList = denoiser.transformer_blocks  # type: ignore[assignment]
         return [(f"transformer_blocks.{i}", b) for i, b in enumerate(blocks)]
+
+    def example_call(
+        self, prompts: int, components: dict[str, nn.Module], device: str | torch.device = "meta"
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """[uncond, cond] latents, T5 tokens with their mask, an integer timestep."""
+        config = component_config(components, self.denoiser_attr)
+        tokens = self.sampling.max_sequence_length or 300
+        batch, (height, width) = self.samples_per_call(prompts), self.latent_size(components)
+        dtype = self.torch_dtype
+        latents = torch.empty(batch, config.in_channels, height, width, dtype=dtype, device=device)
+        return (latents,), {
+            "encoder_hidden_states": torch.empty(batch, tokens, config.caption_channels,
+                                                 dtype=dtype, device=device),
+            "encoder_attention_mask": torch.empty(batch, tokens, dtype=torch.int64, device=device),
+            "timestep": torch.empty(batch, dtype=torch.int64, device=device),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+            "return_dict": False,
+        }  # fmt: skip
 
     def encode_prompts(
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device

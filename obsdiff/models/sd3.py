@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from obsdiff.models.base import ModelAdapter
+from obsdiff.models.base import ModelAdapter, component_config
 from obsdiff.models.sampling import embedding_kwargs
 from obsdiff.models.structure import (
     MMDIT_UNITS,
@@ -76,6 +76,27 @@ class SD3Adapter(ModelAdapter):
             block, "attn2", ["attn2.to_q", "attn2.to_k", "attn2.to_v"], ["attn2.to_out.0"]
         )
         return heads, neurons
+
+    def example_call(
+        self, prompts: int, components: dict[str, nn.Module], device: str | torch.device = "meta"
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """[uncond, cond] latents, CLIP + T5 (or its zero padding) tokens, pooled CLIP."""
+        config = component_config(components, self.denoiser_attr)
+        clip = component_config(components, "text_encoder").max_position_embeddings
+        tokens = clip + (self.sampling.max_sequence_length or 256)
+        batch, (height, width) = self.samples_per_call(prompts), self.latent_size(components)
+        dtype = self.torch_dtype
+        return (), {
+            "hidden_states": torch.empty(batch, config.in_channels, height, width, dtype=dtype,
+                                         device=device),
+            "timestep": torch.empty(batch, device=device),
+            "encoder_hidden_states": torch.empty(batch, tokens, config.joint_attention_dim,
+                                                 dtype=dtype, device=device),
+            "pooled_projections": torch.empty(batch, config.pooled_projection_dim, dtype=dtype,
+                                              device=device),
+            "joint_attention_kwargs": None,
+            "return_dict": False,
+        }  # fmt: skip
 
     def encode_prompts(
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from obsdiff.models.base import component_config
 from obsdiff.models.basic_block import BasicBlockAdapter
 from obsdiff.models.sampling import embedding_kwargs
 
@@ -64,6 +65,31 @@ class UNetAdapter(BasicBlockAdapter):
                 if isinstance(sub, BasicTransformerBlock):
                     found.append((f"{part}.{name}", sub))
         return found
+
+    def example_call(
+        self, prompts: int, components: dict[str, nn.Module], device: str | torch.device = "meta"
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """[uncond, cond] latents, one timestep, CLIP tokens; SDXL's pooled text and size ids."""
+        config = component_config(components, self.denoiser_attr)
+        clip = component_config(components, "text_encoder").max_position_embeddings
+        batch, (height, width) = self.samples_per_call(prompts), self.latent_size(components)
+        dtype = self.torch_dtype
+        latents = torch.empty(batch, config.in_channels, height, width, dtype=dtype, device=device)
+        added = None
+        if "text_encoder_2" in components:  # SDXL
+            pooled = component_config(components, "text_encoder_2").projection_dim
+            added = {
+                "text_embeds": torch.empty(batch, pooled, dtype=dtype, device=device),
+                "time_ids": torch.empty(batch, 6, dtype=dtype, device=device),
+            }
+        return (latents, torch.empty((), device=device)), {
+            "encoder_hidden_states": torch.empty(batch, clip, config.cross_attention_dim,
+                                                 dtype=dtype, device=device),
+            "timestep_cond": None,
+            "cross_attention_kwargs": None,
+            "added_cond_kwargs": added,
+            "return_dict": False,
+        }  # fmt: skip
 
     def encode_prompts(
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device

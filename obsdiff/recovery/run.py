@@ -51,8 +51,10 @@ def recover_pruned(
 ) -> PrunedModel:
     """`pruned` with its denoiser distilled towards `teacher` (the dense pipeline of the same
     base model), on the teacher's trajectories for `prompts`; the pruned model itself is left
-    as it was. With `run_dir`, a resume checkpoint lives there while it works (an interrupted
-    recovery continues from it to the same weights; the caller removes it once done). Returns
+    as it was. The teacher's text encoders and VAE go back to the CPU once the trajectories
+    are recorded (`obsdiff.recovery.plan`). With `run_dir`, a resume checkpoint lives there
+    while it works (an interrupted recovery continues from it to the same weights; the caller
+    removes it once done). Returns
     the recovered model: its manifest with a `recovery` section (the settings), `recovery`
     what it did."""
     checkpoint = None
@@ -67,6 +69,9 @@ def recover_pruned(
     teacher = teacher.to(device)
     teacher.set_progress_bar_config(disable=True)
     calls = record_calls(teacher, adapter, prompts, batch_size, settings.seed, device)
+    for name, component in teacher.components.items():  # used once: off the device to train
+        if isinstance(component, nn.Module) and name != adapter.denoiser_attr:
+            component.to("cpu")
     density = step_density(teacher, adapter.denoising_steps(teacher))
     order = draw_calls(calls, density, settings.steps * settings.accumulate, settings.seed)
     log.info(

@@ -155,12 +155,14 @@ def test_plan_only_prints_the_plan_and_leaves_nothing(tmp_path: Path) -> None:
     assert "memory plan: flux_dev (bfloat16), ObsDiff, 4 packages" in result.stdout
     assert obsdiff.memory_plan("flux_dev", packages=4).table() in result.stdout
     assert not any(p.is_file() for p in (tmp_path / "out").rglob("*"))  # no run written
-    result = run_in_process(  # the run app: the same
+    result = run_in_process(  # the run app: the same, and the recovery's with recover=
         "obsdiff.run", "model=sdxl_base", "plan_only=true", f"paths.output_root={tmp_path}/run",
-        "packages=2",
+        "packages=2", "recover=distill", "recover.precision=bf16-mixed",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:]
     assert obsdiff.memory_plan("sdxl_base", packages=2).table() in result.stdout
+    recovery = obsdiff.recovery_memory_plan("sdxl_base", batch_size=16, precision="bf16-mixed")
+    assert recovery.table() in result.stdout  # at the calibration's batch (calibration=toy)
     assert not any(p.is_file() for p in (tmp_path / "run").rglob("*"))
 
 

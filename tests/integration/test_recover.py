@@ -200,6 +200,12 @@ def test_the_recover_app_the_run_stage_and_the_api_agree(tmp_path: Path) -> None
         assert torch.equal(from_run[name], weight), name
         assert torch.equal(from_api.state_dict()[name], weight), name
 
+    planned = run_in_process(
+        "obsdiff.recover", f"pruned={source}", "plan_only=true", f"hydra.run.dir={tmp_path / 'p'}"
+    )
+    assert planned.returncode == 0 and "recovery memory plan: tiny_sd3" in planned.stdout
+    assert not (tmp_path / "p").exists()
+
     (source / "denoiser.safetensors").unlink()
     refused = run_in_process(
         "obsdiff.recover", f"pruned={source}", f"hydra.run.dir={tmp_path / 'x'}"
