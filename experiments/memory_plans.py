@@ -7,7 +7,9 @@ For SD3-Medium, SD3.5-Large, Flux.1-dev and SDXL (OBS-Diff, unstructured, every 
 weights, the largest package's statistics and the predicted peak at 1, 4 and 10 packages, and
 the fewest packages that fit 24, 48 and 80 GB, without and with offload (statistics and the
 components other than the denoiser in CPU memory); then SD3-Medium's predicted drops between
-1, 4, 10 and 20 packages beside the paper's Table 7 (RTX 4090, 30% unstructured).
+1, 4, 10 and 20 packages beside the paper's Table 7 (RTX 4090, 30% unstructured); then the
+recovery's plans of SD3-Medium, SD3.5-Large and Flux.1-dev (bf16-mixed, one prompt a batch, the
+feature loss on), with and without per-block gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from __future__ import annotations
 import logging
 import sys
 
-from obsdiff.api import memory_plan, model_from_config
+from obsdiff.api import memory_plan, model_from_config, recovery_memory_plan
 from obsdiff.oneshot.job import JobError
 from obsdiff.oneshot.plan import GB
 
 
 MODELS = ("sd3_medium", "sd35_large", "flux_dev", "sdxl_base")
+RECOVERED = ("sd3_medium", "sd35_large", "flux_dev")
 COUNTS = (1, 4, 10)
 BUDGETS = (24, 48, 80)
 PAPER_TABLE7 = {1: 30.67, 4: 24.05, 10: 22.75, 20: 22.08}  # peak GB, SD3-Medium
@@ -75,6 +78,26 @@ def main() -> int:
         )  # fmt: skip
         out.append(f"| {count} | {peak:.2f} | {drops[0]} | {paper:.2f} | {drops[1]} |")
         previous = (peak, paper)
+    out += [
+        "",
+        "| recovery (bf16-mixed) | samples a call | teacher GB | student + gradients + AdamW GB "
+        "| activations GB: none / per-block checkpointing | peak GB: none / checkpointing "
+        "| fewest GPUs of 24 / 48 / 80 GB (FSDP): none / checkpointing |",
+        "|---|--:|--:|--:|--:|--:|---|",
+    ]
+    for name in RECOVERED:
+        plan = recovery_memory_plan(name, batch_size=1, precision="bf16-mixed")
+        devices = [
+            " / ".join(str(plan.fewest_devices(size, c) or "none") for size in BUDGETS)
+            for c in (False, True)
+        ]
+        training = plan.student_bytes + plan.gradient_bytes + plan.optimizer_bytes
+        out.append(
+            f"| {name} ({plan.dtype}) | {plan.samples_per_call} | {plan.teacher_bytes / GB:.1f} "
+            f"| {training / GB:.1f} | {plan.activations(False) / GB:.1f} / "
+            f"{plan.activations(True) / GB:.1f} | {plan.peak_bytes(False) / GB:.1f} / "
+            f"{plan.peak_bytes(True) / GB:.1f} | {devices[0]}; {devices[1]} |"
+        )
     sys.stdout.write("\n".join(out) + "\n")
     return 0
 

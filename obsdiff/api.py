@@ -343,6 +343,7 @@ def recover(
     batch_size: int = 1,
     device: str = "cpu",
     run_dir: str | Path | None = None,
+    loggers: Sequence[Any] = (),
     **settings: Any,
 ) -> PrunedModel:
     """`pruned` distilled back towards its dense model (data-free): the dense pipeline samples
@@ -353,8 +354,10 @@ def recover(
     `teacher`: the dense pipeline, by default loaded again from the model `pruned` names (give
     it for a model pruned in memory, whose base pipeline the prune changed). `run_dir`: a
     resume checkpoint there while it works (the same call continues an interrupted recovery
-    to the same weights), the recovered model saved there at the end. Returns the recovered
-    model (`pruned` is left as it was); `.recovery` says what it did."""
+    to the same weights), the recovered model saved there at the end. `loggers`: Lightning
+    loggers (e.g. `lightning.pytorch.loggers.WandbLogger`) for every step's `recover/loss` and
+    `recover/lr`. Returns the recovered model (`pruned` is left as it was); `.recovery` says
+    what it did."""
     chosen = from_mapping(RecoverySettings, settings)
     listed = _prompt_list(prompts, "recovery")
     if teacher is None:
@@ -372,7 +375,7 @@ def recover(
         )
     out = None if run_dir is None else Path(run_dir)
     recovered = recover_pruned(
-        pruned, teacher, listed, chosen, resolve_device(device), batch_size, out
+        pruned, teacher, listed, chosen, resolve_device(device), batch_size, out, list(loggers)
     )
     if out is not None:
         save_pruned(recovered, out)

@@ -47,9 +47,11 @@ def recover(job: RecoverJob, context: RunContext) -> RunRecord:
     # on the CPU: only its denoiser (the student) goes to the device
     pruned = load_pruned(job.pruned_dir, job.pretrained, device=torch.device("cpu"))
     teacher = pruned.adapter.load()
+    loggers = None if context.logger is None else [context.logger.lightning()]
     recovered = recover_pruned(
-        pruned, teacher, job.prompts, job.settings, context.device, job.batch_size, context.out
-    )
+        pruned, teacher, job.prompts, job.settings, context.device, job.batch_size, context.out,
+        loggers,
+    )  # fmt: skip
     if context.parallel.is_main:
         save_pruned(recovered, context.out)
     prune = None if job.previous is None else job.previous.prune

@@ -67,6 +67,13 @@ class WandbLogger:
             reinit="finish_previous",
         )
 
+    def lightning(self) -> Any:
+        """This run as Lightning's WandbLogger, for the Lightning loops (Fabric's `loggers`):
+        they log into the same W&B run."""
+        from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+
+        return LightningWandbLogger(experiment=self.run)
+
     @staticmethod
     def run_id(directory: Path) -> str:
         """The W&B run id of the run directory: made on its first start and kept in

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from lightning.fabric.loggers import Logger
 from torch import nn
 
 from obsdiff.recovery.checkpoint import RecoveryCheckpoint
@@ -81,6 +82,7 @@ def distil(
     masks: dict[str, torch.Tensor],
     device: torch.device,
     checkpoint: RecoveryCheckpoint | None = None,
+    loggers: list[Logger] | None = None,
 ) -> list[float]:
     """Train `student` towards `teacher` for `settings.steps` optimizer steps, step i on the
     calls `order[i * accumulate : (i + 1) * accumulate]`; returns every step's loss.
@@ -88,13 +90,18 @@ def distil(
     `masks` (parameter name -> True where a weight is kept: an unstructured or N:M student):
     their gradients are zeroed before each optimizer step and the weights multiplied by the
     mask after it, so pruned weights stay exact zeros. With `checkpoint`, the run continues
-    from its last complete step, and a checkpoint is written every `checkpoint_every` steps."""
+    from its last complete step, and a checkpoint is written every `checkpoint_every` steps.
+    `loggers` (Lightning's, e.g. its WandbLogger) receive every step's loss and learning rate
+    as `recover/loss` and `recover/lr`."""
     fabric = L.Fabric(
         accelerator="cuda" if device.type == "cuda" else "cpu",
         devices=[device.index or 0] if device.type == "cuda" else 1,
         precision=settings.precision,  # type: ignore[arg-type]
+        loggers=loggers,
     )
     teacher.eval().requires_grad_(False)
+    if settings.gradient_checkpointing:
+        enable_checkpointing(student)
     student.train()
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -133,6 +140,7 @@ def distil(
                 weight.grad.mul_(mask)
         if settings.gradient_clip > 0:
             fabric.clip_gradients(model, optimizer, max_norm=settings.gradient_clip)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -141,6 +149,7 @@ def distil(
                 weight.mul_(mask)
         losses.append(total)
         finished = step + 1
+        fabric.log_dict({"recover/loss": total, "recover/lr": lr}, step=finished)
         if finished == 1 or finished % settings.log_every == 0 or finished == settings.steps:
             log.info("recovery step %d/%d: loss %.6g", finished, settings.steps, total)
         if checkpoint is not None and (
@@ -148,4 +157,17 @@ def distil(
         ):
             checkpoint.save(finished, student, optimizer, scheduler, losses)
     student.eval()
+    if settings.gradient_checkpointing:
+        student.disable_gradient_checkpointing()  # type: ignore[operator]
     return losses
+
+
+def enable_checkpointing(student: nn.Module) -> None:
+    """diffusers' gradient checkpointing of the denoiser's blocks (every family obsdiff knows
+    has it); a model without it is refused, naming the setting."""
+    if not getattr(student, "_supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"recover.gradient_checkpointing: {type(student).__name__} has no gradient "
+            "checkpointing; set recover.gradient_checkpointing=false"
+        )
+    student.enable_gradient_checkpointing()  # type: ignore[operator]

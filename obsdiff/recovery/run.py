@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.loggers import Logger
 from torch import nn
 
 from obsdiff.artifacts.pruned import PrunedModel
@@ -48,13 +49,14 @@ def recover_pruned(
     device: torch.device,
     batch_size: int = 1,
     run_dir: Path | None = None,
+    loggers: list[Logger] | None = None,
 ) -> PrunedModel:
     """`pruned` with its denoiser distilled towards `teacher` (the dense pipeline of the same
     base model), on the teacher's trajectories for `prompts`; the pruned model itself is left
     as it was. The teacher's text encoders and VAE go back to the CPU once the trajectories
     are recorded (`obsdiff.recovery.plan`). With `run_dir`, a resume checkpoint lives there
     while it works (an interrupted recovery continues from it to the same weights; the caller
-    removes it once done). Returns
+    removes it once done). `loggers` (Lightning's) receive every step's loss. Returns
     the recovered model: its manifest with a `recovery` section (the settings), `recovery`
     what it did."""
     checkpoint = None
@@ -98,6 +100,7 @@ def recover_pruned(
         kept_weights(PrunedModel(recovered, adapter, pruned.manifest)),
         device,
         checkpoint,
+        loggers,
     )
     student.to(dtype)  # a cast keeps the zeros of a sparse student exact
     manifest = {**pruned.manifest, "recovery": asdict(settings) | {"prompts": len(prompts)}}

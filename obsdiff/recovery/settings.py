@@ -19,7 +19,11 @@ class RecoverySettings:
         weight_decay: AdamW's weight decay.
         accumulate: Batches of gradients accumulated per optimizer step.
         gradient_clip: Gradients clipped to this norm (0: not clipped).
-        precision: Lightning's precision: `32`, `bf16-mixed` or `16-mixed`.
+        precision: Lightning's precision: `32`, `bf16-mixed` or `16-mixed` (the arithmetic;
+            the student's weights are float32 in every case).
+        gradient_checkpointing: Recompute each block's activations in the backward instead of
+            keeping them (the student's blocks, diffusers' own checkpointing): the same
+            gradients for about a third more compute (the memory plan says how much it saves).
         output_weight: Weight of the output distillation (MSE of the student's prediction
             against the teacher's).
         feature_weight: Weight of the feature distillation (MSE of every block's outputs, each
@@ -41,6 +45,7 @@ class RecoverySettings:
     accumulate: int = field(default=1, metadata={"minimum": 1})
     gradient_clip: float = field(default=1.0, metadata={"minimum": 0.0})
     precision: str = "32"
+    gradient_checkpointing: bool = False
     output_weight: float = field(default=1.0, metadata={"minimum": 0.0})
     feature_weight: float = field(default=1.0, metadata={"minimum": 0.0})
     massive_sigma: float | None = None

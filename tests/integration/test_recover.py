@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from app_runner import TINY_PRUNE, run_in_process
 from diffusers import DiffusionPipeline
+from lightning.fabric.loggers import Logger
 from torch import nn
 
 import obsdiff
@@ -108,6 +110,57 @@ def test_a_structured_student_trains_every_remaining_weight() -> None:
     assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
     changed = [k for k in before if k.endswith(".weight") and not torch.equal(before[k], after[k])]
     assert len(changed) > len(before) // 4
+
+
+class Collected(Logger):
+    """A Lightning logger that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "collected"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: object, *args: object, **kwargs: object) -> None:
+        pass
+
+
+def test_gradient_checkpointing_gives_the_same_weights_and_every_step_is_logged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = pruned("structured", 0.25)
+    settings = {"steps": 3, "lr": 1e-3, "massive_sigma": 3.0}
+    plain = obsdiff.recover(model, PROMPTS[:2], teacher=tiny_sd3_pipeline(), **settings)
+    original, recomputed = torch.utils.checkpoint.checkpoint, []
+
+    def counted(function: Any, *args: Any, **kwargs: Any) -> Any:
+        recomputed.append(function)
+        return original(function, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
+    logger = Collected()
+    checkpointed = obsdiff.recover(
+        model, PROMPTS[:2], teacher=tiny_sd3_pipeline(), gradient_checkpointing=True,
+        loggers=[logger], **settings,
+    )  # fmt: skip
+    expected = plain.denoiser.state_dict()
+    for name, weight in checkpointed.denoiser.state_dict().items():
+        torch.testing.assert_close(weight, expected[name], rtol=1e-5, atol=1e-6)
+    blocks = len(model.adapter.blocks(model.denoiser))
+    assert len(recomputed) == 3 * blocks  # every block of every step's student forward
+    assert not checkpointed.denoiser.is_gradient_checkpointing
+    assert checkpointed.recovery is not None
+    assert [step for step, _ in logger.metrics] == [1, 2, 3]
+    assert logger.metrics[-1][1]["recover/loss"] == checkpointed.recovery.last_loss
+    assert logger.metrics[0][1]["recover/lr"] == 1e-3
 
 
 def test_bad_settings_are_refused_before_any_work() -> None:
