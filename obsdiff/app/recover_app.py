@@ -12,7 +12,13 @@ from omegaconf import DictConfig
 from obsdiff.app.config import ConfigError, settings
 from obsdiff.app.settings import check_recovery_resume, identity, pruned_identity
 from obsdiff.app.shell import RunContext, execute, show_only
-from obsdiff.artifacts.pruned import check_pruned_run, load_pruned, save_pruned
+from obsdiff.artifacts.pruned import (
+    base_config,
+    check_pruned_run,
+    check_same_base,
+    load_pruned,
+    save_pruned,
+)
 from obsdiff.artifacts.record import RunIdentity, RunRecord
 from obsdiff.calibration.sequential import CalibrationSettings
 from obsdiff.models.base import adapter_from_config
@@ -93,9 +99,13 @@ def task(cfg: DictConfig) -> None:
         model_config = dict(manifest["model_config"])
         if "_target_" not in model_config:
             raise ConfigError(f"pruned={pruned_dir} pruned a pipeline in memory: {IN_MEMORY}")
-        if pretrained is not None:
-            model_config["pretrained"] = pretrained
-        adapter_from_config(model_config).check_source()  # the teacher can be loaded
+        teacher = adapter_from_config(base_config(model_config, pretrained))
+        teacher.check_source()  # the teacher can be loaded
+        if pretrained is not None:  # and is the base model (its architecture, from its configs)
+            try:
+                check_same_base(adapter_from_config(model_config), teacher, "pretrained")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         pruned, previous = pruned_identity(pruned_dir, manifest)
         vars(names).update(vars(pruned))  # in place: the shell records under it
         names.recover = identity(cfg).recover

@@ -119,6 +119,33 @@ def check_pruned_run(run_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def base_config(model_config: dict[str, Any], pretrained: str | None) -> dict[str, Any]:
+    """The model config of a pruned run's base model, loaded from `pretrained` (another copy of
+    it: a hub id or a local path) where given, in place of the checkpoint or tiny recipe the
+    run named."""
+    if pretrained is None:
+        return dict(model_config)
+    return {**model_config, "pretrained": pretrained, "tiny": None}
+
+
+def check_same_base(base: ModelAdapter, other: ModelAdapter, key: str) -> None:
+    """`other` has the denoiser architecture of `base` (every weight's name and shape, from
+    their config files: nothing is loaded); else ValueError naming `key` and the fix. Weights
+    of the same shapes from another training are not detected."""
+    mine = {n: tuple(p.shape) for n, p in base.denoiser_skeleton().named_parameters()}
+    theirs = {n: tuple(p.shape) for n, p in other.denoiser_skeleton().named_parameters()}
+    if mine == theirs:
+        return
+    differing = sorted(set(mine) ^ set(theirs)) or sorted(n for n in mine if mine[n] != theirs[n])
+    first = differing[0]
+    raise ValueError(
+        f"{key}={other.pretrained} is not the pruned model's base ({base.name}): its "
+        f"{base.denoiser_attr} has {len(theirs)} weights against {len(mine)}, {len(differing)} "
+        f"differing, e.g. {first} {theirs.get(first, 'absent')} against {mine.get(first, 'absent')}"
+        f"; give a copy of {base.pretrained or base.name}"
+    )
+
+
 def load_pruned(
     run_dir: str | Path,
     pretrained: str | None = None,
@@ -151,9 +178,7 @@ def load_pruned(
             "model to load; pass the base pipeline: load_pruned(run_dir, pipeline=<it>)"
         )
     else:
-        if pretrained is not None:
-            model_config["pretrained"] = pretrained
-        adapter = adapter_from_config(model_config)
+        adapter = adapter_from_config(base_config(model_config, pretrained))
     pipe = adapter.load()
     denoiser = adapter.denoiser(pipe)
     if "structure" in manifest:  # structured: resize linears and head counts first

@@ -259,6 +259,15 @@ def test_the_recover_app_the_run_stage_and_the_api_agree(tmp_path: Path) -> None
     assert planned.returncode == 0 and "recovery memory plan: tiny_sd3" in planned.stdout
     assert not (tmp_path / "p").exists()
 
+    other = tmp_path / "tiny_sd35"  # another architecture: not the pruned model's base
+    tiny_sd3_pipeline(sd35=True).save_pretrained(other)
+    refused = run_in_process(
+        "obsdiff.recover", f"pruned={source}", f"pretrained={other}",
+        f"hydra.run.dir={tmp_path / 'x'}",
+    )  # fmt: skip
+    assert refused.returncode == 2 and f"pretrained={other} is not the pruned" in refused.stdout
+    assert not (tmp_path / "x").exists()
+
     (source / "denoiser.safetensors").unlink()
     refused = run_in_process(
         "obsdiff.recover", f"pruned={source}", f"hydra.run.dir={tmp_path / 'x'}"
