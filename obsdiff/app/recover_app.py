@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -21,8 +22,10 @@ from obsdiff.artifacts.pruned import (
 )
 from obsdiff.artifacts.record import RunIdentity, RunRecord
 from obsdiff.calibration.sequential import CalibrationSettings
-from obsdiff.models.base import adapter_from_config
+from obsdiff.models.base import ModelAdapter, adapter_from_config
+from obsdiff.models.surgery import restore_shapes
 from obsdiff.oneshot.settings import calibration_prompts
+from obsdiff.recovery.lora import check_lora_rank, lora_targets
 from obsdiff.recovery.plan import recovery_plan
 from obsdiff.recovery.run import recover_pruned
 from obsdiff.recovery.settings import RecoverySettings
@@ -62,6 +65,18 @@ def recover(job: RecoverJob, context: RunContext) -> RunRecord:
         save_pruned(recovered, context.out)
     prune = None if job.previous is None else job.previous.prune
     return RunRecord("completed", prune=prune, recover=recovered.recovery)
+
+
+def check_lora_width(base: ModelAdapter, manifest: dict[str, Any], rank: int) -> None:
+    """`recover.lora_rank` fits every linear LoRA adapts, at the pruned run's widths (its
+    recorded structure over the base architecture): ConfigError naming the narrowest."""
+    skeleton = base.denoiser_skeleton()
+    if "structure" in manifest:
+        restore_shapes(skeleton, manifest["structure"])
+    try:
+        check_lora_rank(skeleton, lora_targets(base, skeleton), rank)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def plan(cfg: DictConfig, pruned_dir: Path) -> str:
@@ -106,6 +121,8 @@ def task(cfg: DictConfig) -> None:
                 check_same_base(adapter_from_config(model_config), teacher, "pretrained")
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+        if recovery.lora_rank:  # every adapted linear wide enough, from the architecture
+            check_lora_width(adapter_from_config(model_config), manifest, recovery.lora_rank)
         pruned, previous = pruned_identity(pruned_dir, manifest)
         vars(names).update(vars(pruned))  # in place: the shell records under it
         names.recover = identity(cfg).recover

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.loggers import Logger
+from peft import PeftModel
 from torch import nn
 
 from obsdiff.artifacts.pruned import PrunedModel
@@ -19,6 +20,7 @@ from obsdiff.artifacts.record import RecoveryResult
 from obsdiff.recovery.checkpoint import RecoveryCheckpoint, recovery_key
 from obsdiff.recovery.data import draw_calls, record_calls, step_density
 from obsdiff.recovery.loop import distil
+from obsdiff.recovery.lora import check_lora_rank, lora_targets, merged, with_lora
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.utils.memory import peak_memory_bytes, reset_peak_memory
 
@@ -59,6 +61,10 @@ def recover_pruned(
     removes it once done). `loggers` (Lightning's) receive every step's loss. Returns
     the recovered model: its manifest with a `recovery` section (the settings), `recovery`
     what it did."""
+    adapter = pruned.adapter
+    targets = lora_targets(adapter, pruned.denoiser) if settings.lora_rank else []
+    if targets:  # before the work: a rank wider than a layer named at once
+        check_lora_rank(pruned.denoiser, targets, settings.lora_rank)
     checkpoint = None
     if run_dir is not None:
         checkpoint = RecoveryCheckpoint(
@@ -67,7 +73,6 @@ def recover_pruned(
         checkpoint.check()  # before the work: a damaged checkpoint named at once
     started = time.perf_counter()
     reset_peak_memory(device)
-    adapter = pruned.adapter
     teacher = teacher.to(device)
     teacher.set_progress_bar_config(disable=True)
     calls = record_calls(teacher, adapter, prompts, batch_size, settings.seed, device)
@@ -88,20 +93,30 @@ def recover_pruned(
     # bfloat16 weights; `precision` decides the arithmetic, the weights are saved back in `dtype`
     student: nn.Module = adapter.denoiser(recovered).to(device, torch.float32)
     teacher_denoiser: nn.Module = adapter.denoiser(teacher)
+    blocks = [b for _, b in adapter.blocks(student)]
+    masks = kept_weights(PrunedModel(recovered, adapter, pruned.manifest))
     torch.manual_seed(settings.seed)
+    trained: nn.Module = student
+    if targets:  # only the adapters train; a sparse student's keep its mask
+        trained = with_lora(
+            student, targets, settings.lora_rank, settings.lora_alpha, masked=bool(masks)
+        )
     losses = distil(
-        student,
+        trained,
         teacher_denoiser,
-        [b for _, b in adapter.blocks(student)],
+        blocks,
         [b for _, b in adapter.blocks(teacher_denoiser)],
         calls,
         order,
         settings,
-        kept_weights(PrunedModel(recovered, adapter, pruned.manifest)),
+        {} if targets else masks,  # frozen under LoRA: only their adapters' deltas are masked
         device,
         checkpoint,
         loggers,
     )
+    if isinstance(trained, PeftModel):
+        student = merged(trained)
+        recovered.register_modules(**{adapter.denoiser_attr: student})
     student.to(dtype)  # a cast keeps the zeros of a sparse student exact
     manifest = {**pruned.manifest, "recovery": asdict(settings) | {"prompts": len(prompts)}}
     result = RecoveryResult(

@@ -24,6 +24,10 @@ class RecoverySettings:
         gradient_checkpointing: Recompute each block's activations in the backward instead of
             keeping them (the student's blocks, diffusers' own checkpointing): the same
             gradients for about a third more compute (the memory plan says how much it saves).
+        lora_rank: 0: every weight of the student trains (a sparse student's zeros kept);
+            r > 0: LoRA adapters of rank r on its blocks' linears train instead (peft), merged
+            into the weights at the end, a sparse student's masked (`obsdiff.recovery.lora`).
+        lora_alpha: LoRA's alpha (its scale is alpha / rank); None: the rank (scale 1).
         output_weight: Weight of the output distillation (MSE of the student's prediction
             against the teacher's).
         feature_weight: Weight of the feature distillation (MSE of every block's outputs, each
@@ -46,6 +50,8 @@ class RecoverySettings:
     gradient_clip: float = field(default=1.0, metadata={"minimum": 0.0})
     precision: str = "32"
     gradient_checkpointing: bool = False
+    lora_rank: int = field(default=0, metadata={"minimum": 0})
+    lora_alpha: int | None = None
     output_weight: float = field(default=1.0, metadata={"minimum": 0.0})
     feature_weight: float = field(default=1.0, metadata={"minimum": 0.0})
     massive_sigma: float | None = None
@@ -66,5 +72,11 @@ class RecoverySettings:
             raise ValueError(
                 "recover.output_weight and recover.feature_weight are both 0: nothing to learn"
             )
+        if self.lora_rank < 0:
+            raise ValueError(
+                f"recover.lora_rank={self.lora_rank} must be >= 0 (0: no LoRA); e.g. 16"
+            )
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"recover.lora_alpha={self.lora_alpha} must be > 0 or null")
         if self.massive_sigma is not None and not self.massive_sigma > 0:
             raise ValueError(f"recover.massive_sigma={self.massive_sigma} must be > 0 or null")

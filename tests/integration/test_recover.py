@@ -13,6 +13,7 @@ import torch
 from app_runner import TINY_PRUNE, run_in_process
 from diffusers import DiffusionPipeline
 from lightning.fabric.loggers import Logger
+from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 import obsdiff
@@ -163,6 +164,30 @@ def test_gradient_checkpointing_gives_the_same_weights_and_every_step_is_logged(
     assert logger.metrics[0][1]["recover/lr"] == 1e-3
 
 
+@pytest.mark.parametrize("granularity", ["unstructured", "structured"])
+def test_lora_trains_adapters_and_merges_them_keeping_the_mask(granularity: str) -> None:
+    """LoRA (peft): a plain denoiser of the pruned shapes comes back, its weights moved; a
+    sparse student's merge adds only the masked product, so every pruned weight is still an
+    exact zero. A rank wider than a layer is refused before any work."""
+    model = pruned(granularity, 0.5 if granularity == "unstructured" else 0.25)
+    masks = kept_weights(model)
+    before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    recovered = obsdiff.recover(
+        model, PROMPTS[:2], teacher=tiny_sd3_pipeline(), steps=3, lr=1e-2, lora_rank=2
+    )
+    after = recovered.denoiser.state_dict()
+    assert set(after) == set(before) and all(after[k].shape == before[k].shape for k in before)
+    assert not any(isinstance(m, LoraLayer) for m in recovered.denoiser.modules())
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(k.endswith(".weight") for k in changed)  # only merged adapters
+    assert recovered.manifest["recovery"]["lora_rank"] == 2
+    weights = dict(recovered.denoiser.named_parameters())
+    for name, kept in masks.items():
+        assert torch.equal(weights[name] != 0, kept), name
+    with pytest.raises(ValueError, match=r"recover.lora_rank=4096 is larger than .*; use"):
+        obsdiff.recover(model, PROMPTS[:1], teacher=tiny_sd3_pipeline(), lora_rank=4096)
+
+
 def test_bad_settings_are_refused_before_any_work() -> None:
     model = pruned("unstructured", 0.5)
     with pytest.raises(ValueError, match="steps=0 must be >= 1"):
@@ -259,6 +284,12 @@ def test_the_recover_app_the_run_stage_and_the_api_agree(tmp_path: Path) -> None
     assert planned.returncode == 0 and "recovery memory plan: tiny_sd3" in planned.stdout
     assert not (tmp_path / "p").exists()
 
+    refused = run_in_process(
+        "obsdiff.recover", f"pruned={source}", "recover.lora_rank=4096",
+        f"hydra.run.dir={tmp_path / 'x'}",
+    )  # fmt: skip
+    assert refused.returncode == 2 and "recover.lora_rank=4096 is larger than" in refused.stdout
+    assert not (tmp_path / "x").exists()
     other = tmp_path / "tiny_sd35"  # another architecture: not the pruned model's base
     tiny_sd3_pipeline(sd35=True).save_pretrained(other)
     refused = run_in_process(
