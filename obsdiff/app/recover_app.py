@@ -59,7 +59,7 @@ def recover(job: RecoverJob, context: RunContext) -> RunRecord:
     loggers = None if context.logger is None else [context.logger.lightning()]
     recovered = recover_pruned(
         pruned, teacher, job.prompts, job.settings, context.device, job.batch_size, context.out,
-        loggers,
+        loggers, context.parallel,
     )  # fmt: skip
     if context.parallel.is_main:
         save_pruned(recovered, context.out)

@@ -44,7 +44,7 @@ def prune_and_evaluate(
         pruned = recover_pruned(
             pruned, job.model.load(), job.prompts.prompts, recovery, context.device,
             job.calibration.batch_size, context.out,
-            None if context.logger is None else [context.logger.lightning()],
+            None if context.logger is None else [context.logger.lightning()], context.parallel,
         )  # fmt: skip
         if context.parallel.is_main and job.save:
             save_pruned(pruned, context.out)

@@ -24,6 +24,7 @@ from obsdiff.recovery.checkpoint import RecoveryCheckpoint
 from obsdiff.recovery.data import DenoiserCall
 from obsdiff.recovery.losses import block_outputs, feature_loss, prediction
 from obsdiff.recovery.settings import RecoverySettings
+from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.progress import progress
 
 
@@ -83,6 +84,7 @@ def distil(
     device: torch.device,
     checkpoint: RecoveryCheckpoint | None = None,
     loggers: list[Logger] | None = None,
+    parallel: DataParallel | None = None,
 ) -> list[float]:
     """Train `student` towards `teacher` for `settings.steps` optimizer steps, step i on the
     calls `order[i * accumulate : (i + 1) * accumulate]`; returns every step's loss.
@@ -92,7 +94,15 @@ def distil(
     mask after it, so pruned weights stay exact zeros. With `checkpoint`, the run continues
     from its last complete step, and a checkpoint is written every `checkpoint_every` steps.
     `loggers` (Lightning's, e.g. its WandbLogger) receive every step's loss and learning rate
-    as `recover/loss` and `recover/lr`."""
+    as `recover/loss` and `recover/lr`.
+
+    Data parallel (`parallel`: the processes the runner launched, `runner=ddp`): rank r's
+    micro-batch m of step i is the call `order[(i * accumulate + m) * world_size + r]`, and the
+    gradients are averaged over the ranks before clipping (DDP's arithmetic, one all-reduce a
+    step), so every rank takes the same step: the same weights as one process accumulating
+    `world_size` times more, to float round-off. Rank 0 writes the checkpoints."""
+    parallel = parallel or DataParallel()
+    world = parallel.world_size
     fabric = L.Fabric(
         accelerator="cuda" if device.type == "cuda" else "cpu",
         devices=[device.index or 0] if device.type == "cuda" else 1,
@@ -122,13 +132,21 @@ def distil(
     for step in progress(range(done, settings.steps), "recovery", "step"):
         total = 0.0
         for micro in range(settings.accumulate):
-            call = calls[order[step * settings.accumulate + micro]].to(device)
+            index = (step * settings.accumulate + micro) * world + parallel.rank
+            call = calls[order[index]].to(device)
             with fabric.autocast():
                 loss = distillation_loss(
                     model, teacher, student_blocks, teacher_blocks, call, settings, upcast
                 )
             fabric.backward(loss / settings.accumulate)
             total += float(loss.detach()) / settings.accumulate
+        if world > 1:  # every rank's gradients and loss, averaged
+            reduced = [p.grad for p in trainable if p.grad is not None]
+            reduced.append(torch.tensor([total], dtype=torch.float64, device=device))
+            parallel.all_reduce_(reduced)
+            for tensor in reduced:
+                tensor.div_(world)
+            total = float(reduced[-1])
         if not torch.isfinite(torch.tensor(total)):
             kept = f"; the checkpoint of step {done_at(checkpoint)} is kept" if checkpoint else ""
             raise Divergence(
@@ -152,8 +170,10 @@ def distil(
         fabric.log_dict({"recover/loss": total, "recover/lr": lr}, step=finished)
         if finished == 1 or finished % settings.log_every == 0 or finished == settings.steps:
             log.info("recovery step %d/%d: loss %.6g", finished, settings.steps, total)
-        if checkpoint is not None and (
-            finished % settings.checkpoint_every == 0 or finished == settings.steps
+        if (
+            checkpoint is not None
+            and parallel.is_main
+            and (finished % settings.checkpoint_every == 0 or finished == settings.steps)
         ):
             checkpoint.save(finished, student, optimizer, scheduler, losses)
     student.eval()

@@ -22,6 +22,7 @@ from obsdiff.recovery.data import draw_calls, record_calls, step_density
 from obsdiff.recovery.loop import distil
 from obsdiff.recovery.lora import check_lora_rank, lora_targets, merged, with_lora
 from obsdiff.recovery.settings import RecoverySettings
+from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.memory import peak_memory_bytes, reset_peak_memory
 
 
@@ -52,13 +53,16 @@ def recover_pruned(
     batch_size: int = 1,
     run_dir: Path | None = None,
     loggers: list[Logger] | None = None,
+    parallel: DataParallel | None = None,
 ) -> PrunedModel:
     """`pruned` with its denoiser distilled towards `teacher` (the dense pipeline of the same
     base model), on the teacher's trajectories for `prompts`; the pruned model itself is left
     as it was. The teacher's text encoders and VAE go back to the CPU once the trajectories
     are recorded (`obsdiff.recovery.plan`). With `run_dir`, a resume checkpoint lives there
     while it works (an interrupted recovery continues from it to the same weights; the caller
-    removes it once done). `loggers` (Lightning's) receive every step's loss. Returns
+    removes it once done). `loggers` (Lightning's) receive every step's loss. With `parallel`
+    (the runner's processes), every rank records the same trajectories and trains on its own
+    share of each step's calls (`distil`). Returns
     the recovered model: its manifest with a `recovery` section (the settings), `recovery`
     what it did."""
     adapter = pruned.adapter
@@ -80,7 +84,9 @@ def recover_pruned(
         if isinstance(component, nn.Module) and name != adapter.denoiser_attr:
             component.to("cpu")
     density = step_density(teacher, adapter.denoising_steps(teacher))
-    order = draw_calls(calls, density, settings.steps * settings.accumulate, settings.seed)
+    parallel = parallel or DataParallel()
+    draws = settings.steps * settings.accumulate * parallel.world_size
+    order = draw_calls(calls, density, draws, settings.seed)
     log.info(
         "recovery: %d teacher calls recorded from %d prompts; %d steps", len(calls), len(prompts),
         settings.steps,
@@ -113,6 +119,7 @@ def recover_pruned(
         device,
         checkpoint,
         loggers,
+        parallel,
     )
     if isinstance(trained, PeftModel):
         student = merged(trained)

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from app_runner import TINY_PRUNE, run_in_process
 from diffusers import DiffusionPipeline
 from lightning.fabric.loggers import Logger
@@ -24,7 +27,9 @@ from obsdiff.prompts.files import BUNDLED_PROMPTS as CALIBRATION_PROMPTS
 from obsdiff.recovery.checkpoint import RECOVERY_CHECKPOINT, RecoveryCheckpoint
 from obsdiff.recovery.data import DenoiserCall, draw_calls, record_calls, step_density
 from obsdiff.recovery.losses import feature_loss, prediction
-from obsdiff.recovery.run import kept_weights
+from obsdiff.recovery.run import kept_weights, recover_pruned
+from obsdiff.recovery.settings import RecoverySettings
+from obsdiff.runners.parallel import DataParallel
 
 
 pytestmark = pytest.mark.integration
@@ -185,6 +190,42 @@ def test_lora_trains_adapters_and_merges_them_keeping_the_mask() -> None:
         assert torch.equal(weights[name] != 0, kept), name
     with pytest.raises(ValueError, match=r"recover.lora_rank=4096 is larger than .*; use"):
         obsdiff.recover(model, PROMPTS[:1], teacher=tiny_sd3_pipeline(), lora_rank=4096)
+
+
+DATA_PARALLEL: dict[str, Any] = {"steps": 3, "lr": 1e-3, "feature_weight": 0.5}
+
+
+def _recover_on_rank(rank: int, init: str, out: str) -> None:
+    """One of two gloo ranks: the same recovery, each rank on its share of every step."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        recovered = recover_pruned(
+            pruned("unstructured", 0.5), tiny_sd3_pipeline(), PROMPTS[:2],
+            RecoverySettings(**DATA_PARALLEL), torch.device("cpu"),
+            parallel=DataParallel(rank, 2),
+        )  # fmt: skip
+        state = {k: v.contiguous() for k, v in recovered.denoiser.state_dict().items()}
+        safetensors.torch.save_file(state, f"{out}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_recover_as_one_process_accumulating_twice(tmp_path: Path) -> None:
+    """Data parallel: each rank trains on its share of a step's calls and the gradients are
+    averaged, so both ranks hold the weights of one process accumulating both shares, to float
+    round-off (the all-reduce adds in another order); the zeros stay exact."""
+    mp.spawn(_recover_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    model = pruned("unstructured", 0.5)
+    single = obsdiff.recover(
+        model, PROMPTS[:2], teacher=tiny_sd3_pipeline(), accumulate=2, **DATA_PARALLEL
+    ).denoiser.state_dict()
+    ranks = [safetensors.torch.load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    for name, weight in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # the same step everywhere
+        torch.testing.assert_close(ranks[0][name], weight, rtol=1e-4, atol=1e-6)
+        assert torch.equal(ranks[0][name] == 0, weight == 0), name
 
 
 def test_bad_settings_are_refused_before_any_work() -> None:
