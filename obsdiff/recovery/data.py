@@ -11,6 +11,7 @@ otherwise.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,18 +39,24 @@ class DenoiserCall:
         )
 
 
-def _moved(
-    value: Any, device: torch.device, dtype: torch.dtype | None = None, copy: bool = False
-) -> Any:
-    """`value` with every tensor on `device` (floating ones in `dtype`, when given; `copy`:
-    tensors of their own, never the originals)."""
+def _moved(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """`value` with every tensor on `device` (floating ones in `dtype`, when given)."""
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        cast = dtype if dtype is not None and tensor.is_floating_point() else None
+        return tensor.to(device=device, dtype=cast)
+
+    return _copied(value, move)
+
+
+def _copied(value: Any, copy: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`value` with every tensor replaced by `copy(tensor)`."""
     if isinstance(value, torch.Tensor):
-        cast = dtype if dtype is not None and value.is_floating_point() else None
-        return value.to(device=device, dtype=cast, copy=copy)
+        return copy(value)
     if isinstance(value, dict):
-        return {k: _moved(v, device, dtype, copy) for k, v in value.items()}
+        return {k: _copied(v, copy) for k, v in value.items()}
     if isinstance(value, tuple | list):
-        return type(value)(_moved(v, device, dtype, copy) for v in value)
+        return type(value)(_copied(v, copy) for v in value)
     return value
 
 
@@ -62,17 +69,26 @@ def record_calls(
     device: torch.device,
 ) -> list[DenoiserCall]:
     """Every denoiser call of the dense pipeline sampling `prompts` (image i from the noise of
-    seed + i, `batch_size` prompts a call), on the CPU."""
+    seed + i, `batch_size` prompts a call), on the CPU; a tensor passed unchanged at every step
+    of a batch (its prompt embeddings) is kept once and shared by its calls."""
     denoiser: nn.Module = adapter.denoiser(pipe)
     tracker = StepTracker()
     calls: list[DenoiserCall] = []
+    kept: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # this batch's copies
+
+    def copied(tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU copy of `tensor`, made once for a tensor the pipeline passes at every step
+        unchanged (the prompt embeddings: one copy a batch, not one a step); a tensor changed
+        in place since (its version counter moved) is copied again."""
+        found = kept.get(id(tensor))
+        if found is not None and found[0] is tensor and found[1] == tensor._version:
+            return found[2]
+        copy = tensor.to("cpu", copy=True)
+        kept[id(tensor)] = (tensor, tensor._version, copy)  # holds it: its id stays its own
+        return copy
 
     def keep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        # copies: the pipeline reuses its buffers from step to step
-        cpu = torch.device("cpu")
-        calls.append(
-            DenoiserCall(_moved(args, cpu, copy=True), _moved(kwargs, cpu, copy=True), tracker.step)
-        )
+        calls.append(DenoiserCall(_copied(args, copied), _copied(kwargs, copied), tracker.step))
 
     embeddings = embed_batches(adapter, pipe, prompts, batch_size, device)
     handle = denoiser.register_forward_pre_hook(keep, with_kwargs=True)
@@ -80,6 +96,7 @@ def record_calls(
         with torch.no_grad():  # not inference mode: the copies are the training's inputs
             for index, batch in enumerate(progress(embeddings, "teacher trajectories", "batch")):
                 tracker.reset()
+                kept.clear()
                 first = index * batch_size
                 count = len(prompts[first : first + batch_size])
                 generators = image_generators(seed, first, count)

@@ -20,6 +20,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 import obsdiff
+from obsdiff.api import in_memory_adapter
 from obsdiff.artifacts.pruned import PrunedModel
 from obsdiff.artifacts.record import RunRecord
 from obsdiff.models.tiny import tiny_sd3_pipeline
@@ -248,6 +249,20 @@ def test_steps_are_drawn_with_the_training_density() -> None:
     assert density.sum().item() == pytest.approx(1.0)
     assert density.argmax().item() == (sigmas - 0.5).abs().argmin().item()
     assert density[0] < 1e-3 and density[-1] < 1e-3
+
+
+def test_a_batch_keeps_its_prompt_embeddings_once() -> None:
+    """The pipeline passes a batch's embeddings unchanged at every step: one CPU copy, shared
+    by the batch's calls (not one a step); the latents are each step's own."""
+    pipe = tiny_sd3_pipeline()
+    adapter = in_memory_adapter(pipe, SAMPLING)
+    calls = record_calls(pipe, adapter, PROMPTS[:3], 2, 0, torch.device("cpu"))
+    assert [c.step for c in calls] == [0, 1, 2, 3] * 2
+    embeddings = [id(c.kwargs["encoder_hidden_states"]) for c in calls]
+    assert len(set(embeddings[:4])) == len(set(embeddings[4:])) == 1
+    assert embeddings[0] != embeddings[4]
+    latents = {c.kwargs["hidden_states"].data_ptr() for c in calls}
+    assert len(latents) == len(calls)
 
 
 def test_draws_follow_the_density_and_the_seed() -> None:
