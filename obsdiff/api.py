@@ -352,7 +352,8 @@ def recover(
     `settings` takes: `steps`, `lr`, `precision`, `feature_weight`, ...). The zeros of an
     unstructured or N:M prune stay exact zeros; a structured one trains every remaining weight.
     `teacher`: the dense pipeline, by default loaded again from the model `pruned` names (give
-    it for a model pruned in memory, whose base pipeline the prune changed). `run_dir`: a
+    it for a model pruned in memory, whose base pipeline the prune changed; its text encoders
+    and VAE are left on the CPU once its trajectories are recorded). `run_dir`: a
     resume checkpoint there while it works (the same call continues an interrupted recovery
     to the same weights), the recovered model saved there at the end. `loggers`: Lightning
     loggers (e.g. `lightning.pytorch.loggers.WandbLogger`) for every step's `recover/loss` and

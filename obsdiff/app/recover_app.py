@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
 from obsdiff.app.config import ConfigError, settings
-from obsdiff.app.settings import check_recovery_resume, identity, pruned_identity
+from obsdiff.app.settings import (
+    check_lora_width,
+    check_recovery_resume,
+    identity,
+    pruned_identity,
+)
 from obsdiff.app.shell import RunContext, execute, show_only
 from obsdiff.artifacts.pruned import (
     base_config,
@@ -22,10 +26,8 @@ from obsdiff.artifacts.pruned import (
 )
 from obsdiff.artifacts.record import RunIdentity, RunRecord
 from obsdiff.calibration.sequential import CalibrationSettings
-from obsdiff.models.base import ModelAdapter, adapter_from_config
-from obsdiff.models.surgery import restore_shapes
+from obsdiff.models.base import adapter_from_config
 from obsdiff.oneshot.settings import calibration_prompts
-from obsdiff.recovery.lora import check_lora_rank, lora_targets
 from obsdiff.recovery.plan import recovery_plan
 from obsdiff.recovery.run import recover_pruned
 from obsdiff.recovery.settings import RecoverySettings
@@ -65,18 +67,6 @@ def recover(job: RecoverJob, context: RunContext) -> RunRecord:
         save_pruned(recovered, context.out)
     prune = None if job.previous is None else job.previous.prune
     return RunRecord("completed", prune=prune, recover=recovered.recovery)
-
-
-def check_lora_width(base: ModelAdapter, manifest: dict[str, Any], rank: int) -> None:
-    """`recover.lora_rank` fits every linear LoRA adapts, at the pruned run's widths (its
-    recorded structure over the base architecture): ConfigError naming the narrowest."""
-    skeleton = base.denoiser_skeleton()
-    if "structure" in manifest:
-        restore_shapes(skeleton, manifest["structure"])
-    try:
-        check_lora_rank(skeleton, lora_targets(base, skeleton), rank)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 def plan(cfg: DictConfig, pruned_dir: Path) -> str:

@@ -9,7 +9,13 @@ import torch
 from omegaconf import DictConfig
 
 from obsdiff.app.config import settings as typed
-from obsdiff.app.settings import build_eval, build_prune_job, check_recovery_resume, plan_only
+from obsdiff.app.settings import (
+    build_eval,
+    build_prune_job,
+    check_lora_width,
+    check_recovery_resume,
+    plan_only,
+)
 from obsdiff.app.shell import RunContext, execute, run_dir, show_only, timed_together
 from obsdiff.artifacts.pruned import save_pruned
 from obsdiff.artifacts.record import RunRecord
@@ -85,6 +91,8 @@ def task(cfg: DictConfig) -> float | None:
         if cfg.recover is not None:
             recovery = typed(cfg.recover, RecoverySettings, "recover.")
             check_recovery_resume(job.run_key, job.prompts.prompts, recovery)
+            if recovery.lora_rank:  # at the dense widths (a structured prune checks again)
+                check_lora_width(job.model, {}, recovery.lora_rank)
         settings = build_eval(cfg.eval, str(job.device), dense_cache)
         settings.prompts.check_disjoint(job.prompts.prompts)
         return (job, recovery, settings), job.device

@@ -23,12 +23,15 @@ from obsdiff.eval.harness import EvalSettings
 from obsdiff.eval.options import EvalOptions, EvalPromptOptions
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
+from obsdiff.models.base import ModelAdapter
+from obsdiff.models.surgery import restore_shapes
 from obsdiff.oneshot.job import PruneJob
 from obsdiff.oneshot.settings import PruneSettings, calibration_prompts
 from obsdiff.prompts.eval_sets import EvalPrompts, coco_captions, prompt_file
 from obsdiff.prompts.files import BUNDLED_PROMPTS
 from obsdiff.pruning.schedules import TimestepWeighting
 from obsdiff.recovery.checkpoint import RecoveryCheckpoint, RecoveryCheckpointError, recovery_key
+from obsdiff.recovery.lora import check_lora_rank, lora_targets
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.runners.fabric import RunnerSettings
 
@@ -150,6 +153,18 @@ def check_recovery_resume(
     try:
         RecoveryCheckpoint(out, recovery_key(run_key, prompts, recovery)).check()
     except RecoveryCheckpointError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_lora_width(base: ModelAdapter, manifest: dict[str, Any], rank: int) -> None:
+    """`recover.lora_rank` fits every linear LoRA adapts, at the pruned run's widths (its
+    recorded structure over the base architecture): ConfigError naming the narrowest."""
+    skeleton = base.denoiser_skeleton()
+    if "structure" in manifest:
+        restore_shapes(skeleton, manifest["structure"])
+    try:
+        check_lora_rank(skeleton, lora_targets(base, skeleton), rank)
+    except ValueError as err:
         raise ConfigError(str(err)) from None
 
 

@@ -62,9 +62,8 @@ def recover_pruned(
     while it works (an interrupted recovery continues from it to the same weights; the caller
     removes it once done). `loggers` (Lightning's) receive every step's loss. With `parallel`
     (the runner's processes), every rank records the same trajectories and trains on its own
-    share of each step's calls (`distil`). Returns
-    the recovered model: its manifest with a `recovery` section (the settings), `recovery`
-    what it did."""
+    share of each step's calls (`distil`). Returns the recovered model: its manifest with a
+    `recovery` section (the settings), `recovery` what it did."""
     adapter = pruned.adapter
     targets = lora_targets(adapter, pruned.denoiser) if settings.lora_rank else []
     if targets:  # before the work: a rank wider than a layer named at once
