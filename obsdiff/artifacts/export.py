@@ -261,13 +261,22 @@ def model_card(request: ExportRequest, load_code: str, export_command: str | Non
     front["license"] = licence or "other"
     if licence_name:
         front["license_name"] = licence_name
+    recovery = manifest.get("recovery")
     front["tags"] = ["pruning", "obs-diff", "sparsity", method, granularity, "text-to-image"]
+    if recovery is not None:
+        front["tags"].append("distillation")
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
+    how = (
+        "without training"
+        if recovery is None
+        else f"then recovered by {recovery.get('steps')} steps of distillation towards the dense "
+        "model on its own trajectories (no training data)"
+    )
     lines += [
         f"# {model}: {method}, {granularity}, sparsity {sparsity}",
         "",
-        f"`{request.base or model}` pruned one-shot, without training, by "
-        f"[obsdiff](https://arxiv.org/abs/2510.06751) ({_method_name(method)}).",
+        f"`{request.base or model}` pruned one-shot by "
+        f"[obsdiff](https://arxiv.org/abs/2510.06751) ({_method_name(method)}), {how}.",
         "",
         "## What was pruned",
         "",
@@ -311,6 +320,8 @@ def model_card(request: ExportRequest, load_code: str, export_command: str | Non
             "Unstructured and N:M zeros keep the tensors' shapes: the files and the dense "
             "speed stay as they were; structured pruning removes heads and neurons.",
         ]
+    if recovery is not None:
+        lines += ["", "## Recovery", ""] + _recovery_lines(recovery, record)
     lines += ["", "## Evaluation", ""] + _evaluation_lines(record, request)
     lines += ["", "## How it was made", "", "```bash", _command(record), "```"]
     if export_command:
@@ -338,6 +349,24 @@ CITATION = """@inproceedings{zhu2026obsdiff,
   year      = {2026},
   note      = {arXiv:2510.06751}
 }"""
+
+
+def _recovery_lines(recovery: dict[str, Any], record: RunRecord | None) -> list[str]:
+    """The recovery's recipe (the manifest) and what it did (the run record)."""
+    rows = {
+        "steps": recovery.get("steps"),
+        "prompts (the teacher's trajectories)": recovery.get("prompts"),
+        "learning rate (AdamW), warm-up": f"{recovery.get('lr')}, {recovery.get('warmup_steps')}",
+        "losses": f"output x {recovery.get('output_weight')}, block features x "
+        f"{recovery.get('feature_weight')}",
+        "LoRA rank": recovery.get("lora_rank") or "none (every weight trained)",
+        "precision": recovery.get("precision"),
+    }
+    done = None if record is None else record.recover
+    if done is not None:
+        rows["loss, first and last step"] = f"{done.first_loss:.4g}, {done.last_loss:.4g}"
+        rows["seconds"] = f"{done.seconds:.0f}"
+    return ["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows.items())]
 
 
 def _method_name(method: str) -> str:

@@ -318,6 +318,10 @@ def test_the_recover_app_the_run_stage_and_the_api_agree(tmp_path: Path) -> None
     expected = after.denoiser.state_dict()
     assert any(not torch.equal(v, expected[k]) for k, v in before.denoiser.state_dict().items())
 
+    card = obsdiff.export(out, tmp_path / "exported") / "README.md"
+    assert "then recovered by 3 steps of distillation" in card.read_text()
+    assert "## Recovery" in card.read_text() and "distillation" in card.read_text()
+
     staged = tmp_path / "run"
     run = run_in_process(
         "obsdiff.run", *TINY_PRUNE, "method=magnitude", "eval=tiny", "recover=distill",
