@@ -367,6 +367,23 @@ class ModelAdapter(ABC):
         sizes."""
         raise NotImplementedError(f"{type(self).__name__} has no example call")
 
+    def with_latents(
+        self,
+        call: tuple[tuple[Any, ...], dict[str, Any]],
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A denoiser call (`obsdiff.models.training.text_call`) with its latent replaced by
+        `latents` (B, C, h, w) and its timestep by `timestep` (B,) on the scheduler's scale
+        (0..1000), as the family's pipeline passes them: `hidden_states=` and `timestep=` by
+        default."""
+        args, kwargs = call
+        return args, {**kwargs, "hidden_states": latents, "timestep": timestep}
+
+    def as_prediction(self, target: torch.Tensor) -> torch.Tensor:
+        """A training target (B, C, h, w) in the layout of the denoiser's prediction."""
+        return target
+
     def latent_size(self, components: dict[str, nn.Module]) -> tuple[int, int]:
         """The latent's height and width at the sampling resolution (the VAE's downsampling)."""
         factor = 2 ** (len(component_config(components, "vae").block_out_channels) - 1)

@@ -105,6 +105,27 @@ class FluxAdapter(ModelAdapter):
             "return_dict": False,
         }  # fmt: skip
 
+    def with_latents(
+        self,
+        call: tuple[tuple[Any, ...], dict[str, Any]],
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Packed 2 x 2 into tokens, the timestep divided by 1000, as `FluxPipeline` does."""
+        args, kwargs = call
+        packed = self.as_prediction(latents)
+        return args, {
+            **kwargs,
+            "hidden_states": packed,
+            "timestep": (timestep / 1000).to(packed.dtype),
+        }
+
+    def as_prediction(self, target: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, h/2 * w/2, 4C): FluxPipeline's `_pack_latents`."""
+        b, c, h, w = target.shape
+        patches = target.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
     def encode_prompts(
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device
     ) -> dict[str, torch.Tensor]:

@@ -61,6 +61,16 @@ class PixArtAdapter(BasicBlockAdapter):
             "return_dict": False,
         }  # fmt: skip
 
+    def with_latents(
+        self,
+        call: tuple[tuple[Any, ...], dict[str, Any]],
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The latent first and positional, the timestep a keyword, as `PixArtSigmaPipeline`."""
+        args, kwargs = call
+        return (latents, *args[1:]), {**kwargs, "timestep": timestep}
+
     def encode_prompts(
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device
     ) -> dict[str, torch.Tensor]:

@@ -91,6 +91,16 @@ class UNetAdapter(BasicBlockAdapter):
             "return_dict": False,
         }  # fmt: skip
 
+    def with_latents(
+        self,
+        call: tuple[tuple[Any, ...], dict[str, Any]],
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The latent and the timestep positional, as the Stable Diffusion pipelines pass them."""
+        args, kwargs = call
+        return (latents, timestep, *args[2:]), kwargs
+
     def encode_prompts(
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device
     ) -> dict[str, torch.Tensor]:

@@ -1,0 +1,112 @@
+"""The denoiser's training inputs: a clean latent noised at a training noise level, in the call
+layout its pipeline uses, and the target of the model's own training loss.
+
+    template = text_call(adapter, pipe, captions, device)     # the pipeline's own call, CFG off
+    call, target = noised_call(adapter, pipe, template, latents, noise, u)
+
+The text side of a call (embeddings, pooled embeddings, masks, Flux's ids and guidance, SDXL's
+size ids) is taken from the pipeline itself: `text_call` captures the first denoiser call of a
+one-step sampling of the captions, classifier-free guidance off, so every family's conditioning
+is exactly what its pipeline passes. `noised_call` then puts the noised latent and its timestep
+where the family's call carries them (`ModelAdapter.with_latents`), as diffusers' training
+scripts noise them:
+- flow matching (SD3, Flux; a `FlowMatch*` scheduler): the training schedule of
+  `FlowMatchEulerDiscreteScheduler.from_config` (its 1000 timesteps and sigmas, SD3's shift
+  included), the level at `u` in [0, 1) (logit-normal u: diffusers'
+  `compute_density_for_timestep_sampling`), x_t = (1 - sigma) x0 + sigma noise, target
+  noise - x0 (the velocity);
+- the others: `DDPMScheduler.from_config` (the pipeline's own sampler is Euler or PNDM, whose
+  `add_noise` is not the training one), t = floor(u * 1000), x_t by its `add_noise`, target the
+  noise (or the velocity for `v_prediction` models).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from obsdiff.models.base import ModelAdapter
+
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+
+class _Captured(Exception):
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__("captured")
+        self.args, self.kwargs = args, kwargs
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_copy(v) for v in value)
+    return value
+
+
+def text_call(
+    adapter: ModelAdapter, pipe: DiffusionPipeline, captions: list[str], device: torch.device
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The first denoiser call of `pipe` sampling `captions` with classifier-free guidance off
+    (one sample a caption), on the CPU: the conditioning as the pipeline passes it. Its latent
+    and timestep are the sampler's, for `noised_call` to replace."""
+    denoiser: nn.Module = adapter.denoiser(pipe)
+
+    def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise _Captured(_copy(args), _copy(kwargs))
+
+    kwargs = adapter.call_kwargs()
+    for key in ("negative_prompt", "true_cfg_scale"):
+        kwargs.pop(key, None)
+    if adapter.cfg_mode() != "none" and adapter.family != "flux":
+        kwargs["guidance_scale"] = 1.0  # a conditional batch only (Flux's guidance: embedded)
+    kwargs["num_inference_steps"] = 1
+    handle = denoiser.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(prompt=captions, output_type="latent", **kwargs)
+    except _Captured as captured:
+        return captured.args, captured.kwargs
+    finally:
+        handle.remove()
+    raise RuntimeError(f"{type(pipe).__name__} never called its denoiser")
+
+
+def is_flow_matching(pipe: DiffusionPipeline) -> bool:
+    return type(pipe.scheduler).__name__.startswith("FlowMatch")
+
+
+def noised_call(
+    adapter: ModelAdapter,
+    pipe: DiffusionPipeline,
+    template: tuple[tuple[Any, ...], dict[str, Any]],
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    u: torch.Tensor,
+) -> tuple[tuple[tuple[Any, ...], dict[str, Any]], torch.Tensor]:
+    """`template` (a `text_call` of the same batch) with `latents` (B, C, h, w, the VAE's
+    normalised latents) noised by `noise` at the training levels `u` (B,) in [0, 1); and the
+    target of the model's training loss, in the layout of the denoiser's prediction."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if is_flow_matching(pipe):
+        schedule = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        index = (u * len(schedule.timesteps)).long().clamp(0, len(schedule.timesteps) - 1)
+        sigma = schedule.sigmas[index].to(latents.dtype).view(-1, 1, 1, 1)
+        timestep = schedule.timesteps[index]  # (B,) in [0, 1000]
+        noised = (1 - sigma) * latents + sigma * noise
+        target = noise - latents
+    else:
+        schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+        steps = schedule.config.num_train_timesteps
+        timestep = (u * steps).long().clamp(0, steps - 1)
+        noised = schedule.add_noise(latents, noise, timestep)
+        velocity = schedule.config.prediction_type == "v_prediction"
+        target = schedule.get_velocity(latents, noise, timestep) if velocity else noise
+    return adapter.with_latents(template, noised, timestep), adapter.as_prediction(target)
