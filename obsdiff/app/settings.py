@@ -31,6 +31,7 @@ from obsdiff.prompts.eval_sets import EvalPrompts, coco_captions, prompt_file
 from obsdiff.prompts.files import BUNDLED_PROMPTS
 from obsdiff.pruning.schedules import TimestepWeighting
 from obsdiff.recovery.checkpoint import RecoveryCheckpoint, RecoveryCheckpointError, recovery_key
+from obsdiff.recovery.images import read_image_folder
 from obsdiff.recovery.lora import check_lora_rank, lora_targets
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.runners.fabric import RunnerSettings
@@ -146,13 +147,15 @@ def plan_only(cfg: DictConfig) -> bool:
 def check_recovery_resume(
     run_key: str | None, prompts: list[str], recovery: RecoverySettings
 ) -> None:
-    """The job's run directory holds no recovery checkpoint, or one that this recovery can
-    resume from (readable, of the same prune, prompts and settings): checked before anything
-    loads."""
+    """The recovery's image folder, when it has one, is readable (`read_image_folder`); the
+    job's run directory holds no recovery checkpoint, or one that this recovery can resume
+    from (readable, of the same prune, prompts and settings): checked before anything loads."""
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
+        if recovery.images is not None:
+            read_image_folder(recovery.images)
         RecoveryCheckpoint(out, recovery_key(run_key, prompts, recovery)).check()
-    except RecoveryCheckpointError as err:
+    except (RecoveryCheckpointError, ValueError) as err:
         raise ConfigError(str(err)) from None
 
 

@@ -92,6 +92,7 @@ class RecoveryResult:
     last_loss: float
     peak_memory_bytes: int  # the process (CPU) or the device (CUDA)
     calls_recorded: int  # teacher denoiser calls the training inputs were drawn from
+    images: int = 0  # with recover.images: the images they were drawn from instead
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from obsdiff.models.base import ModelAdapter
+from obsdiff.utils.nested import map_tensors
 
 
 if TYPE_CHECKING:
@@ -40,16 +41,6 @@ class _Captured(Exception):
         self.args, self.kwargs = args, kwargs
 
 
-def _copy(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(_copy(v) for v in value)
-    return value
-
-
 def text_call(
     adapter: ModelAdapter, pipe: DiffusionPipeline, captions: list[str], device: torch.device
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -59,7 +50,7 @@ def text_call(
     denoiser: nn.Module = adapter.denoiser(pipe)
 
     def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        raise _Captured(_copy(args), _copy(kwargs))
+        raise _Captured(map_tensors(args, _on_cpu), map_tensors(kwargs, _on_cpu))
 
     kwargs = adapter.call_kwargs()
     for key in ("negative_prompt", "true_cfg_scale"):
@@ -76,6 +67,10 @@ def text_call(
     finally:
         handle.remove()
     raise RuntimeError(f"{type(pipe).__name__} never called its denoiser")
+
+
+def _on_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True)
 
 
 def is_flow_matching(pipe: DiffusionPipeline) -> bool:

@@ -11,7 +11,6 @@ otherwise.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,21 +20,28 @@ from torch import nn
 from obsdiff.calibration.hooks import StepTracker
 from obsdiff.calibration.sequential import embed_batches
 from obsdiff.models.base import ModelAdapter
+from obsdiff.utils.nested import map_tensors
 from obsdiff.utils.progress import progress
 from obsdiff.utils.seeds import image_generators
 
 
 @dataclass
 class DenoiserCall:
-    """One call of the denoiser: its positional and keyword arguments (on the CPU) and step."""
+    """One call of the denoiser: its positional and keyword arguments (on the CPU), its step
+    (-1: not from a trajectory) and, for a call made from a clean image, the target of the
+    model's own training loss."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     step: int
+    target: torch.Tensor | None = None
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> DenoiserCall:
         return DenoiserCall(
-            _moved(self.args, device, dtype), _moved(self.kwargs, device, dtype), self.step
+            _moved(self.args, device, dtype),
+            _moved(self.kwargs, device, dtype),
+            self.step,
+            None if self.target is None else self.target.to(device),
         )
 
 
@@ -46,18 +52,7 @@ def _moved(value: Any, device: torch.device, dtype: torch.dtype | None = None) -
         cast = dtype if dtype is not None and tensor.is_floating_point() else None
         return tensor.to(device=device, dtype=cast)
 
-    return _copied(value, move)
-
-
-def _copied(value: Any, copy: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """`value` with every tensor replaced by `copy(tensor)`."""
-    if isinstance(value, torch.Tensor):
-        return copy(value)
-    if isinstance(value, dict):
-        return {k: _copied(v, copy) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(_copied(v, copy) for v in value)
-    return value
+    return map_tensors(value, move)
 
 
 def record_calls(
@@ -79,7 +74,10 @@ def record_calls(
     def copied(tensor: torch.Tensor) -> torch.Tensor:
         """A CPU copy of `tensor`, made once for a tensor the pipeline passes at every step
         unchanged (the prompt embeddings: one copy a batch, not one a step); a tensor changed
-        in place since (its version counter moved) is copied again."""
+        in place since (its version counter moved), or made in inference mode (it has none),
+        is copied again."""
+        if tensor.is_inference():  # no version counter to tell a change by: copied each time
+            return tensor.to("cpu", copy=True)
         found = kept.get(id(tensor))
         if found is not None and found[0] is tensor and found[1] == tensor._version:
             return found[2]
@@ -88,7 +86,9 @@ def record_calls(
         return copy
 
     def keep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        calls.append(DenoiserCall(_copied(args, copied), _copied(kwargs, copied), tracker.step))
+        calls.append(
+            DenoiserCall(map_tensors(args, copied), map_tensors(kwargs, copied), tracker.step)
+        )
 
     embeddings = embed_batches(adapter, pipe, prompts, batch_size, device)
     handle = denoiser.register_forward_pre_hook(keep, with_kwargs=True)

@@ -45,9 +45,11 @@ def distillation_loss(
     student_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """`output_weight` x MSE(student's prediction, teacher's) + `feature_weight` x the mean over
-    the blocks of the per-token normalised feature loss, on one recorded call (the teacher
-    called as the pipeline called it; the student with its floating inputs in `student_dtype`,
-    its float32 master weights' where the model's dtype is half: an exact upcast)."""
+    the blocks of the per-token normalised feature loss (+ `task_weight` x MSE(student's
+    prediction, the call's training target), for a call made from an image), on one call: the
+    teacher called as the pipeline called it; the student with its floating inputs in
+    `student_dtype`, its float32 master weights' where the model's dtype is half (an exact
+    upcast)."""
     with torch.no_grad(), block_outputs(teacher_blocks) as teacher_features:
         target = prediction(teacher(*call.args, **call.kwargs))
     if student_dtype is not None:
@@ -55,6 +57,11 @@ def distillation_loss(
     with block_outputs(student_blocks) as student_features:
         output = prediction(student(*call.args, **call.kwargs))
     loss = settings.output_weight * nn.functional.mse_loss(output.float(), target.float())
+    if settings.task_weight > 0 and call.target is not None:
+        truth = call.target.float()
+        if output.shape[1] == 2 * truth.shape[1]:  # a learned variance (PixArt): the mean half
+            output = output[:, : truth.shape[1]]
+        loss = loss + settings.task_weight * nn.functional.mse_loss(output.float(), truth)
     if settings.feature_weight > 0:
         features = [
             feature_loss(s, t, settings.massive_sigma)
@@ -77,8 +84,7 @@ def distil(
     teacher: nn.Module,
     student_blocks: list[nn.Module],
     teacher_blocks: list[nn.Module],
-    calls: list[DenoiserCall],
-    order: list[int],
+    draw: Callable[[int], DenoiserCall],
     settings: RecoverySettings,
     masks: dict[str, torch.Tensor],
     device: torch.device,
@@ -87,7 +93,7 @@ def distil(
     parallel: DataParallel | None = None,
 ) -> list[float]:
     """Train `student` towards `teacher` for `settings.steps` optimizer steps, step i on the
-    calls `order[i * accumulate : (i + 1) * accumulate]`; returns every step's loss.
+    calls `draw(i * accumulate + m)` for m < accumulate; returns every step's loss.
 
     `masks` (parameter name -> True where a weight is kept: an unstructured or N:M student):
     their gradients are zeroed before each optimizer step and the weights multiplied by the
@@ -97,7 +103,7 @@ def distil(
     as `recover/loss` and `recover/lr`.
 
     Data parallel (`parallel`: the processes the runner launched, `runner=ddp`): rank r's
-    micro-batch m of step i is the call `order[(i * accumulate + m) * world_size + r]`, and the
+    micro-batch m of step i is the call `draw((i * accumulate + m) * world_size + r)`, and the
     gradients are averaged over the ranks before clipping (DDP's arithmetic, one all-reduce a
     step), so every rank takes the same step: the same weights as one process accumulating
     `world_size` times more, to float round-off. Rank 0 writes the checkpoints."""
@@ -133,7 +139,7 @@ def distil(
         total = 0.0
         for micro in range(settings.accumulate):
             index = (step * settings.accumulate + micro) * world + parallel.rank
-            call = calls[order[index]].to(device)
+            call = draw(index).to(device)
             with fabric.autocast():
                 loss = distillation_loss(
                     model, teacher, student_blocks, teacher_blocks, call, settings, upcast

@@ -46,6 +46,7 @@ from torch.nn import functional
 from obsdiff.models.base import ModelAdapter
 from obsdiff.recovery.data import DenoiserCall
 from obsdiff.recovery.settings import RecoverySettings
+from obsdiff.utils.nested import tensors_in
 
 
 GB = 1e9
@@ -228,7 +229,7 @@ def saved_activations(
     def enter(index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             current[0] = index
-            for tensor in _tensors((args, kwargs)):
+            for tensor in tensors_in((args, kwargs)):
                 if tensor.is_floating_point():
                     key, size = _storage(tensor)
                     inputs[key] = max(inputs.get(key, 0), size)
@@ -238,7 +239,7 @@ def saved_activations(
     def leave(index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             current[0] = -1
-            outputs[index] = sum(_storage(t)[1] for t in _tensors(output))
+            outputs[index] = sum(_storage(t)[1] for t in tensors_in(output))
 
         return hook
 
@@ -308,17 +309,6 @@ def _storage(tensor: torch.Tensor) -> tuple[int, int]:
         return id(base), base.numel() * base.element_size()
     storage = tensor.untyped_storage()
     return storage.data_ptr(), storage.nbytes()
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, tuple | list):
-        for item in value:
-            yield from _tensors(item)
 
 
 def _bytes(module: nn.Module) -> int:

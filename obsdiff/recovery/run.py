@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,10 @@ from torch import nn
 
 from obsdiff.artifacts.pruned import PrunedModel
 from obsdiff.artifacts.record import RecoveryResult
+from obsdiff.models.base import ModelAdapter
 from obsdiff.recovery.checkpoint import RecoveryCheckpoint, recovery_key
-from obsdiff.recovery.data import draw_calls, record_calls, step_density
+from obsdiff.recovery.data import DenoiserCall, draw_calls, record_calls, step_density
+from obsdiff.recovery.images import encode_images, read_image_folder
 from obsdiff.recovery.loop import distil
 from obsdiff.recovery.lora import check_lora_rank, lora_targets, merged, with_lora
 from obsdiff.recovery.settings import RecoverySettings
@@ -42,6 +45,39 @@ def kept_weights(pruned: PrunedModel) -> dict[str, torch.Tensor]:
         if r.get("type", "layer") == "layer"
     ]
     return {name: parameters[name].detach() != 0 for name in names if name in parameters}
+
+
+def _training_inputs(
+    adapter: ModelAdapter,
+    teacher: Any,
+    prompts: list[str],
+    pairs: list[tuple[Path, str]],
+    settings: RecoverySettings,
+    batch_size: int,
+    device: torch.device,
+    parallel: DataParallel,
+) -> tuple[Callable[[int], DenoiserCall], int]:
+    """The training draw (its index -> a denoiser call) and the count of recorded calls: the
+    teacher's trajectories for `prompts` (data-free), or the images of `pairs` (encoded once)."""
+    if pairs:
+        images = encode_images(adapter, teacher, pairs, batch_size, device)
+        log.info("recovery: %d images encoded; %d steps", len(pairs), settings.steps)
+
+        def from_images(index: int) -> DenoiserCall:
+            return images.draw(
+                adapter, teacher, index, batch_size, settings.seed, settings.caption_dropout
+            )
+
+        return from_images, 0
+    calls = record_calls(teacher, adapter, prompts, batch_size, settings.seed, device)
+    density = step_density(teacher, adapter.denoising_steps(teacher))
+    draws = settings.steps * settings.accumulate * parallel.world_size
+    order = draw_calls(calls, density, draws, settings.seed)
+    log.info(
+        "recovery: %d teacher calls recorded from %d prompts; %d steps", len(calls), len(prompts),
+        settings.steps,
+    )  # fmt: skip
+    return (lambda index: calls[order[index]]), len(calls)
 
 
 def recover_pruned(
@@ -68,6 +104,7 @@ def recover_pruned(
     targets = lora_targets(adapter, pruned.denoiser) if settings.lora_rank else []
     if targets:  # before the work: a rank wider than a layer named at once
         check_lora_rank(pruned.denoiser, targets, settings.lora_rank)
+    pairs = [] if settings.images is None else read_image_folder(settings.images)
     checkpoint = None
     if run_dir is not None:
         checkpoint = RecoveryCheckpoint(
@@ -78,18 +115,13 @@ def recover_pruned(
     reset_peak_memory(device)
     teacher = teacher.to(device)
     teacher.set_progress_bar_config(disable=True)
-    calls = record_calls(teacher, adapter, prompts, batch_size, settings.seed, device)
+    parallel = parallel or DataParallel()
+    draw, calls = _training_inputs(
+        adapter, teacher, prompts, pairs, settings, batch_size, device, parallel
+    )
     for name, component in teacher.components.items():  # used once: off the device to train
         if isinstance(component, nn.Module) and name != adapter.denoiser_attr:
             component.to("cpu")
-    density = step_density(teacher, adapter.denoising_steps(teacher))
-    parallel = parallel or DataParallel()
-    draws = settings.steps * settings.accumulate * parallel.world_size
-    order = draw_calls(calls, density, draws, settings.seed)
-    log.info(
-        "recovery: %d teacher calls recorded from %d prompts; %d steps", len(calls), len(prompts),
-        settings.steps,
-    )  # fmt: skip
     components = dict(pruned.pipeline.components)  # shared: only the denoiser trains
     components[adapter.denoiser_attr] = copy.deepcopy(pruned.denoiser)
     recovered = type(pruned.pipeline)(**components)
@@ -111,8 +143,7 @@ def recover_pruned(
         teacher_denoiser,
         blocks,
         [b for _, b in adapter.blocks(teacher_denoiser)],
-        calls,
-        order,
+        draw,
         settings,
         {} if targets else masks,  # frozen under LoRA: only their adapters' deltas are masked
         device,
@@ -131,7 +162,8 @@ def recover_pruned(
         first_loss=losses[0],
         last_loss=losses[-1],
         peak_memory_bytes=peak_memory_bytes(device),
-        calls_recorded=len(calls),
+        calls_recorded=calls,
+        images=len(pairs),
     )
     log.info(
         "recovery: %d steps in %.1f s, loss %.4g -> %.4g", result.steps, result.seconds,

@@ -28,6 +28,13 @@ class RecoverySettings:
             r > 0: LoRA adapters of rank r on its blocks' linears train instead (peft), merged
             into the weights at the end, a sparse student's masked (`obsdiff.recovery.lora`).
         lora_alpha: LoRA's alpha (its scale is alpha / rank); None: the rank (scale 1).
+        images: An image-text folder (`obsdiff.recovery.images`): train on its images, noised
+            at the model's training levels, instead of the dense model's trajectories; None:
+            data-free.
+        caption_dropout: With `images`, the probability that a caption is replaced by the
+            empty one, so that the unconditional branch of classifier-free guidance learns too.
+        task_weight: With `images`, the weight of the model's own training loss (MSE of the
+            student's prediction against the velocity or noise target); 0 turns it off.
         output_weight: Weight of the output distillation (MSE of the student's prediction
             against the teacher's).
         feature_weight: Weight of the feature distillation (MSE of every block's outputs, each
@@ -52,6 +59,9 @@ class RecoverySettings:
     gradient_checkpointing: bool = False
     lora_rank: int = field(default=0, metadata={"minimum": 0})
     lora_alpha: int | None = None
+    images: str | None = None
+    caption_dropout: float = field(default=0.1, metadata={"minimum": 0.0, "maximum": 1.0})
+    task_weight: float = field(default=0.0, metadata={"minimum": 0.0})
     output_weight: float = field(default=1.0, metadata={"minimum": 0.0})
     feature_weight: float = field(default=1.0, metadata={"minimum": 0.0})
     massive_sigma: float | None = None
@@ -68,10 +78,18 @@ class RecoverySettings:
             raise ValueError(
                 f"recover.precision={self.precision!r}; use one of {', '.join(PRECISIONS)}"
             )
-        if self.output_weight == 0 and self.feature_weight == 0:
+        if self.output_weight == 0 and self.feature_weight == 0 and self.task_weight == 0:
             raise ValueError(
-                "recover.output_weight and recover.feature_weight are both 0: nothing to learn"
+                "recover.output_weight, recover.feature_weight and recover.task_weight are all "
+                "0: nothing to learn"
             )
+        if self.task_weight > 0 and self.images is None:
+            raise ValueError(
+                f"recover.task_weight={self.task_weight} needs clean images for its target: "
+                "give recover.images=<an image-text folder>, or set recover.task_weight=0"
+            )
+        if not 0 <= self.caption_dropout <= 1:
+            raise ValueError(f"recover.caption_dropout={self.caption_dropout} must be in [0, 1]")
         if self.lora_rank < 0:
             raise ValueError(
                 f"recover.lora_rank={self.lora_rank} must be >= 0 (0: no LoRA); e.g. 16"

@@ -4,6 +4,7 @@ trains every remaining weight, and the pruned model itself is left as it was."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from app_runner import TINY_PRUNE, run_in_process
 from diffusers import DiffusionPipeline
 from lightning.fabric.loggers import Logger
 from peft.tuners.lora.layer import LoraLayer
+from PIL import Image, ImageDraw
 from torch import nn
 
 import obsdiff
@@ -27,6 +29,7 @@ from obsdiff.models.tiny import tiny_sd3_pipeline
 from obsdiff.prompts.files import BUNDLED_PROMPTS as CALIBRATION_PROMPTS
 from obsdiff.recovery.checkpoint import RECOVERY_CHECKPOINT, RecoveryCheckpoint
 from obsdiff.recovery.data import DenoiserCall, draw_calls, record_calls, step_density
+from obsdiff.recovery.images import read_image_folder
 from obsdiff.recovery.losses import feature_loss, prediction
 from obsdiff.recovery.run import kept_weights, recover_pruned
 from obsdiff.recovery.settings import RecoverySettings
@@ -227,6 +230,59 @@ def test_two_gloo_ranks_recover_as_one_process_accumulating_twice(tmp_path: Path
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # the same step everywhere
         torch.testing.assert_close(ranks[0][name], weight, rtol=1e-4, atol=1e-6)
         assert torch.equal(ranks[0][name] == 0, weight == 0), name
+
+
+def image_folder(folder: Path, count: int, metadata: bool = False) -> Path:
+    """`count` small images of coloured shapes, their captions beside them (or in
+    metadata.jsonl)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = ["red", "green", "blue", "yellow"]
+    lines = []
+    for index in range(count):
+        colour = colours[index % len(colours)]
+        image = Image.new("RGB", (48, 40), "white")
+        ImageDraw.Draw(image).ellipse((8, 6, 36, 34), fill=colour)
+        image.save(folder / f"{index}.png")
+        caption = f"a {colour} circle"
+        if metadata:
+            lines.append(json.dumps({"file_name": f"{index}.png", "text": caption}))
+        else:
+            (folder / f"{index}.txt").write_text(caption)
+    if metadata:
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_an_image_folder_trains_with_the_models_own_loss_keeping_the_zeros(
+    tmp_path: Path,
+) -> None:
+    """recover.images: images noised at the training levels, the task loss alone (the
+    velocity target of SD3's flow matching) moves the student; its zeros stay zeros. The
+    folder's layouts and mistakes: captions beside the images or in metadata.jsonl."""
+    folder = image_folder(tmp_path / "images", 3)
+    model = pruned("unstructured", 0.5)
+    masks = kept_weights(model)
+    before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    recovered = obsdiff.recover(
+        model, PROMPTS[:1], teacher=tiny_sd3_pipeline(), images=str(folder), steps=3, lr=1e-3,
+        output_weight=0, feature_weight=0, task_weight=1, caption_dropout=0.5, batch_size=2,
+    )  # fmt: skip
+    assert recovered.recovery is not None and recovered.recovery.images == 3
+    assert recovered.recovery.calls_recorded == 0 and math.isfinite(recovered.recovery.last_loss)
+    weights = dict(recovered.denoiser.named_parameters())
+    for name, kept in masks.items():
+        assert torch.equal(weights[name] != 0, kept), name
+    assert any(not torch.equal(before[k], v) for k, v in recovered.denoiser.state_dict().items())
+
+    assert read_image_folder(image_folder(tmp_path / "listed", 2, metadata=True)) == [
+        (tmp_path / "listed" / "0.png", "a red circle"),
+        (tmp_path / "listed" / "1.png", "a green circle"),
+    ]
+    (folder / "1.txt").unlink()
+    with pytest.raises(ValueError, match=r"recover.images: 1.png has no caption"):
+        read_image_folder(folder)
+    with pytest.raises(ValueError, match=r"recover.task_weight=1.0 needs clean images"):
+        RecoverySettings(task_weight=1.0)
 
 
 def test_bad_settings_are_refused_before_any_work() -> None:
