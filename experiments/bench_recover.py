@@ -24,16 +24,22 @@ obsdiff's loop on Lightning Fabric and once with a plain PyTorch loop, alternate
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from obsdiff.recovery.data import DenoiserCall, draw_calls, record_calls, step_density
+from obsdiff.recovery.loop import distil, distillation_loss
+from obsdiff.recovery.settings import RecoverySettings
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -75,38 +81,29 @@ def plain_loop(
     student: nn.Module,
     teacher: nn.Module,
     blocks: tuple[list[nn.Module], list[nn.Module]],
-    calls: list,  # type: ignore[type-arg]
-    order: list[int],
-    settings: object,
+    draw: Callable[[int], DenoiserCall],
+    steps: int,
+    settings: RecoverySettings,
 ) -> None:
     """The same training steps as `obsdiff.recovery.loop.distil` (float32, no accumulation,
     no mask, no checkpoint), written in plain PyTorch."""
-    from obsdiff.recovery.loop import distillation_loss
-
     teacher.eval().requires_grad_(False)
     student.train()
     optimizer = torch.optim.AdamW(
-        student.parameters(),
-        lr=settings.lr,  # type: ignore[attr-defined]
-        weight_decay=settings.weight_decay,  # type: ignore[attr-defined]
+        student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
     )
-    for index in order:
-        loss = distillation_loss(student, teacher, *blocks, calls[index], settings)  # type: ignore[arg-type]
+    for index in range(steps):
+        loss = distillation_loss(student, teacher, *blocks, draw(index), settings)
         loss.backward()
-        nn.utils.clip_grad_norm_(student.parameters(), settings.gradient_clip)  # type: ignore[attr-defined]
+        nn.utils.clip_grad_norm_(student.parameters(), settings.gradient_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
 def throughput(steps: int, repeats: int) -> dict[str, object]:
     """Student steps per second on the toy: obsdiff's Fabric loop against a plain loop."""
-    import copy
-
     import obsdiff
     from obsdiff.api import model_from_config
-    from obsdiff.recovery.data import draw_calls, record_calls, step_density
-    from obsdiff.recovery.loop import distil
-    from obsdiff.recovery.settings import RecoverySettings
 
     adapter = model_from_config("toy")
     prompts = (REPO_ROOT / "obsdiff/data/toy/calibration_prompts.txt").read_text().splitlines()
@@ -116,6 +113,10 @@ def throughput(steps: int, repeats: int) -> dict[str, object]:
     cpu = torch.device("cpu")
     calls = record_calls(teacher, adapter, prompts, 16, 0, cpu)
     order = draw_calls(calls, step_density(teacher, adapter.denoising_steps(teacher)), steps, 0)
+
+    def draw(index: int) -> DenoiserCall:
+        return calls[order[index]]
+
     settings = RecoverySettings(steps=steps, lr=5e-5)
     teacher_denoiser = adapter.denoiser(teacher)
     timings: dict[str, list[float]] = {"fabric": [], "plain": []}
@@ -129,9 +130,9 @@ def throughput(steps: int, repeats: int) -> dict[str, object]:
             torch.manual_seed(0)
             started = time.perf_counter()
             if kind == "fabric":
-                distil(student, teacher_denoiser, *blocks, calls, order, settings, {}, cpu)
+                distil(student, teacher_denoiser, *blocks, draw, settings, {}, cpu)
             else:
-                plain_loop(student, teacher_denoiser, blocks, calls, order, settings)
+                plain_loop(student, teacher_denoiser, blocks, draw, steps, settings)
             timings[kind].append(steps / (time.perf_counter() - started))
     # the plain loop's speed over Fabric's, minus 1: Lightning's overhead, run by run
     overheads = [p / f - 1 for f, p in zip(timings["fabric"], timings["plain"], strict=True)]
