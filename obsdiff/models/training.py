@@ -1,7 +1,7 @@
 """The denoiser's training inputs: a clean latent noised at a training noise level, in the call
 layout its pipeline uses, and the target of the model's own training loss.
 
-    template = text_call(adapter, pipe, captions, device)     # the pipeline's own call, CFG off
+    template = text_call(adapter, pipe, captions)     # the pipeline's own call, CFG off
     call, target = noised_call(adapter, pipe, template, latents, noise, u)
 
 The text side of a call (embeddings, pooled embeddings, masks, Flux's ids and guidance, SDXL's
@@ -42,7 +42,7 @@ class _Captured(Exception):
 
 
 def text_call(
-    adapter: ModelAdapter, pipe: DiffusionPipeline, captions: list[str], device: torch.device
+    adapter: ModelAdapter, pipe: DiffusionPipeline, captions: list[str]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The first denoiser call of `pipe` sampling `captions` with classifier-free guidance off
     (one sample a caption), on the CPU: the conditioning as the pipeline passes it. Its latent

@@ -149,8 +149,8 @@ def encode_images(
             images = torch.stack([pixels(p, sampling.height, sampling.width) for p, _ in chunk])
             encoded = vae.encode(images.to(device, vae.dtype)).latent_dist.mode()
             latents.append(((encoded - shift) * vae.config.scaling_factor).float().cpu())
-            conditions += split(text_call(adapter, pipe, [c for _, c in chunk], device), len(chunk))
-        unconditional = text_call(adapter, pipe, [""], device)
+            conditions += split(text_call(adapter, pipe, [c for _, c in chunk]), len(chunk))
+        unconditional = text_call(adapter, pipe, [""])
     return ImageSet(torch.cat(latents), conditions, unconditional, is_flow_matching(pipe))
 
 

@@ -15,7 +15,6 @@ from obsdiff.recovery.losses import prediction
 
 pytestmark = pytest.mark.integration
 
-CPU = torch.device("cpu")
 CAPTIONS = ["a red circle", "a blue square"]
 
 
@@ -24,7 +23,7 @@ def test_a_noised_latent_is_a_call_of_the_pipelines_layout(model: str) -> None:
     adapter = model_from_config(model)
     pipe = adapter.load()
     pipe.set_progress_bar_config(disable=True)
-    template = text_call(adapter, pipe, CAPTIONS, CPU)
+    template = text_call(adapter, pipe, CAPTIONS)
     height, width = adapter.latent_size(dict(pipe.components))
     channels = pipe.vae.config.latent_channels
     generator = torch.Generator().manual_seed(0)
