@@ -23,7 +23,7 @@ class RecoverySettings:
             the student's weights are float32 in every case).
         gradient_checkpointing: Recompute each block's activations in the backward instead of
             keeping them (the student's blocks, diffusers' own checkpointing): the same
-            gradients for about a third more compute (the memory plan says how much it saves).
+            gradients for one more forward of each block (the memory plan says what it saves).
         lora_rank: 0: every weight of the student trains (a sparse student's zeros kept);
             r > 0: LoRA adapters of rank r on its blocks' linears train instead (peft), merged
             into the weights at the end, a sparse student's masked (`obsdiff.recovery.lora`).
