@@ -46,12 +46,14 @@ def prune_and_evaluate(
             job.model, job.model_config, settings, dense_cache, job.device, context.parallel
         )
     pruned = prune_pipeline(job, context.out, context.parallel)
-    if recovery is not None:
+    if recovery is not None:  # the pruned pipeline waits on the CPU: the device holds the plan
+        pruned.pipeline.to("cpu")
         pruned = recover_pruned(
             pruned, job.model.load(), job.prompts.prompts, recovery, context.device,
             job.calibration.batch_size, context.out,
             None if context.logger is None else [context.logger.lightning()], context.parallel,
         )  # fmt: skip
+        pruned.pipeline.to(context.device)
         if context.parallel.is_main and job.save:
             save_pruned(pruned, context.out)
     evaluation = evaluate_pipeline(

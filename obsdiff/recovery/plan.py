@@ -5,7 +5,8 @@
 
 What a recovery holds on its device:
 - while it records the teacher's trajectories, the dense pipeline's weights (every component,
-  at the model's dtype); the text encoders and the VAE go back to the CPU once it has;
+  at the model's dtype); the text encoders and the VAE go back to the CPU once it has (the
+  pruned pipeline waits on the CPU meanwhile: the recover app loads it there, the run moves it);
 - while it trains, the teacher denoiser's weights (the model's dtype), the student's float32
   master weights, their float32 gradients and AdamW's two float32 moments (the student is
   counted at the dense size: a structured prune trains fewer), the activations the student's
