@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from obsdiff.models.base import ModelAdapter
+from obsdiff.models.sampling import CFG_DOUBLED_BATCH
 from obsdiff.utils.nested import map_tensors
 
 
@@ -55,8 +56,8 @@ def text_call(
     kwargs = adapter.call_kwargs()
     for key in ("negative_prompt", "true_cfg_scale"):
         kwargs.pop(key, None)
-    if adapter.cfg_mode() != "none" and adapter.family != "flux":
-        kwargs["guidance_scale"] = 1.0  # a conditional batch only (Flux's guidance: embedded)
+    if adapter.cfg_mode() == CFG_DOUBLED_BATCH:  # guidance 1: a conditional batch only
+        kwargs["guidance_scale"] = 1.0  # (Flux's guidance is embedded; its true CFG dropped)
     kwargs["num_inference_steps"] = 1
     handle = denoiser.register_forward_pre_hook(capture, with_kwargs=True)
     try:
