@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -71,16 +72,24 @@ def recover(job: RecoverJob, context: RunContext) -> RunRecord:
 
 def plan(cfg: DictConfig, pruned_dir: Path) -> str:
     """The recovery's memory plan for the pruned run's model (counted at the dense size)."""
+    recovery, calibration, manifest = checked_settings(cfg, pruned_dir)
+    base = adapter_from_config(manifest["model_config"])
+    return recovery_plan(base, recovery, calibration.batch_size).table()
+
+
+def checked_settings(
+    cfg: DictConfig, pruned_dir: Path
+) -> tuple[RecoverySettings, CalibrationSettings, dict[str, Any]]:
+    """The recovery's and the calibration's settings, and the pruned run's manifest (its
+    weights checked, a model it names to load): ConfigError otherwise."""
     if cfg.recover is None:
         raise ConfigError(NO_RECOVERY)
     recovery = settings(cfg.recover, RecoverySettings, "recover.")
     calibration = settings(cfg.calibration, CalibrationSettings, "calibration.")
-    model_config = dict(check_pruned_run(pruned_dir)["model_config"])
-    if "_target_" not in model_config:
+    manifest = check_pruned_run(pruned_dir)  # its weights are there, intact
+    if "_target_" not in manifest["model_config"]:
         raise ConfigError(f"pruned={pruned_dir} pruned a pipeline in memory: {IN_MEMORY}")
-    return recovery_plan(
-        adapter_from_config(model_config), recovery, calibration.batch_size
-    ).table()
+    return recovery, calibration, manifest
 
 
 def task(cfg: DictConfig) -> None:
@@ -96,14 +105,8 @@ def task(cfg: DictConfig) -> None:
     def validate() -> tuple[RecoverJob, torch.device]:
         nonlocal manifest
         device = resolve_device(str(cfg.device))
-        if cfg.recover is None:
-            raise ConfigError(NO_RECOVERY)
-        recovery = settings(cfg.recover, RecoverySettings, "recover.")
-        calibration = settings(cfg.calibration, CalibrationSettings, "calibration.")
-        manifest = check_pruned_run(pruned_dir)  # its weights are there, intact
+        recovery, calibration, manifest = checked_settings(cfg, pruned_dir)
         model_config = dict(manifest["model_config"])
-        if "_target_" not in model_config:
-            raise ConfigError(f"pruned={pruned_dir} pruned a pipeline in memory: {IN_MEMORY}")
         teacher = adapter_from_config(base_config(model_config, pretrained))
         teacher.check_source()  # the teacher can be loaded
         if pretrained is not None:  # and is the base model (its architecture, from its configs)

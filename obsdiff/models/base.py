@@ -55,6 +55,11 @@ class ModelAdapter(ABC):
     tiny_variants: ClassVar[tuple[str, ...]]  # recipes of `obsdiff.models.tiny`
     takes_max_sequence_length: ClassVar[bool] = False  # its pipeline caps a T5 prompt
     ffn_modules: ClassVar[tuple[str, ...]] = ("ff", "ff_context")  # names of FFN submodules
+    # where its pipeline puts the latent and the timestep in a denoiser call (a position or a
+    # keyword), and what it divides the scheduler's timestep (0..1000) by (Flux: 1000)
+    latent_argument: ClassVar[int | str] = "hidden_states"
+    timestep_argument: ClassVar[int | str] = "timestep"
+    timestep_divisor: ClassVar[float] = 1.0
 
     def __init__(
         self,
@@ -375,10 +380,18 @@ class ModelAdapter(ABC):
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """A denoiser call (`obsdiff.models.training.text_call`) with its latent replaced by
         `latents` (B, C, h, w) and its timestep by `timestep` (B,) on the scheduler's scale
-        (0..1000), as the family's pipeline passes them: `hidden_states=` and `timestep=` by
-        default."""
-        args, kwargs = call
-        return args, {**kwargs, "hidden_states": latents, "timestep": timestep}
+        (0..1000), where and as the family's pipeline passes them (`latent_argument`,
+        `timestep_argument`, `timestep_divisor`; the latent in the prediction's layout)."""
+        args, kwargs = list(call[0]), dict(call[1])
+        latents = self.as_prediction(latents)
+        if self.timestep_divisor != 1.0:
+            timestep = (timestep / self.timestep_divisor).to(latents.dtype)
+        for slot, value in ((self.latent_argument, latents), (self.timestep_argument, timestep)):
+            if isinstance(slot, int):
+                args[slot] = value
+            else:
+                kwargs[slot] = value
+        return tuple(args), kwargs
 
     def as_prediction(self, target: torch.Tensor) -> torch.Tensor:
         """A training target (B, C, h, w) in the layout of the denoiser's prediction."""

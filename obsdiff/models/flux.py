@@ -45,6 +45,7 @@ class FluxAdapter(ModelAdapter):
     denoiser_attr = "transformer"
     # single blocks: proj_mlp is the MLP's up-projection, proj_out reads [attention, MLP]
     ffn_modules = ("ff", "ff_context", "proj_mlp", "proj_out")
+    timestep_divisor = 1000.0  # FluxPipeline passes t / 1000
     tiny_variants = ("dev", "schnell")
     takes_max_sequence_length = True
 
@@ -104,21 +105,6 @@ class FluxAdapter(ModelAdapter):
             "joint_attention_kwargs": {},
             "return_dict": False,
         }  # fmt: skip
-
-    def with_latents(
-        self,
-        call: tuple[tuple[Any, ...], dict[str, Any]],
-        latents: torch.Tensor,
-        timestep: torch.Tensor,
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Packed 2 x 2 into tokens, the timestep divided by 1000, as `FluxPipeline` does."""
-        args, kwargs = call
-        packed = self.as_prediction(latents)
-        return args, {
-            **kwargs,
-            "hidden_states": packed,
-            "timestep": (timestep / 1000).to(packed.dtype),
-        }
 
     def as_prediction(self, target: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, h/2 * w/2, 4C): FluxPipeline's `_pack_latents`."""

@@ -31,6 +31,7 @@ class PixArtAdapter(BasicBlockAdapter):
     pipeline_classes = ("PixArtSigmaPipeline",)
     gated_ffn = False  # GELU
     denoiser_attr = "transformer"
+    latent_argument = 0  # PixArtSigmaPipeline: the latent first and positional
     tiny_variants = ("sigma",)
     takes_max_sequence_length = True
 
@@ -60,16 +61,6 @@ class PixArtAdapter(BasicBlockAdapter):
             "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
             "return_dict": False,
         }  # fmt: skip
-
-    def with_latents(
-        self,
-        call: tuple[tuple[Any, ...], dict[str, Any]],
-        latents: torch.Tensor,
-        timestep: torch.Tensor,
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The latent first and positional, the timestep a keyword, as `PixArtSigmaPipeline`."""
-        args, kwargs = call
-        return (latents, *args[1:]), {**kwargs, "timestep": timestep}
 
     def encode_prompts(
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device

@@ -2,7 +2,7 @@
 layout its pipeline uses, and the target of the model's own training loss.
 
     template = text_call(adapter, pipe, captions)     # the pipeline's own call, CFG off
-    call, target = noised_call(adapter, pipe, template, latents, noise, u)
+    call, target = noised_call(adapter, training_schedule(pipe), template, latents, noise, u)
 
 The text side of a call (embeddings, pooled embeddings, masks, Flux's ids and guidance, SDXL's
 size ids) is taken from the pipeline itself: `text_call` captures the first denoiser call of a
@@ -74,32 +74,42 @@ def _on_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True)
 
 
-def is_flow_matching(pipe: DiffusionPipeline) -> bool:
-    return type(pipe.scheduler).__name__.startswith("FlowMatch")
+def is_flow_matching(scheduler: Any) -> bool:
+    """Whether a diffusers scheduler is one of the flow-matching family's."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
+def training_schedule(pipe: DiffusionPipeline) -> Any:
+    """The training scheduler of `pipe`'s model, from its scheduler's config: flow matching's
+    `FlowMatchEulerDiscreteScheduler` (1000 levels, SD3's shift included), else `DDPMScheduler`
+    (the pipeline's own sampler, Euler or PNDM, noises otherwise); built once, used by every
+    `noised_call`."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    flow = is_flow_matching(pipe.scheduler)
+    kind = FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler
+    return kind.from_config(pipe.scheduler.config)
 
 
 def noised_call(
     adapter: ModelAdapter,
-    pipe: DiffusionPipeline,
+    schedule: Any,
     template: tuple[tuple[Any, ...], dict[str, Any]],
     latents: torch.Tensor,
     noise: torch.Tensor,
     u: torch.Tensor,
 ) -> tuple[tuple[tuple[Any, ...], dict[str, Any]], torch.Tensor]:
     """`template` (a `text_call` of the same batch) with `latents` (B, C, h, w, the VAE's
-    normalised latents) noised by `noise` at the training levels `u` (B,) in [0, 1); and the
-    target of the model's training loss, in the layout of the denoiser's prediction."""
-    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
-
-    if is_flow_matching(pipe):
-        schedule = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    normalised latents) noised by `noise` at the training levels `u` (B,) in [0, 1) of
+    `schedule` (`training_schedule`); and the target of the model's training loss, in the
+    layout of the denoiser's prediction."""
+    if is_flow_matching(schedule):
         index = (u * len(schedule.timesteps)).long().clamp(0, len(schedule.timesteps) - 1)
         sigma = schedule.sigmas[index].to(latents.dtype).view(-1, 1, 1, 1)
         timestep = schedule.timesteps[index]  # (B,) in [0, 1000]
         noised = (1 - sigma) * latents + sigma * noise
         target = noise - latents
     else:
-        schedule = DDPMScheduler.from_config(pipe.scheduler.config)
         steps = schedule.config.num_train_timesteps
         timestep = (u * steps).long().clamp(0, steps - 1)
         noised = schedule.add_noise(latents, noise, timestep)

@@ -28,6 +28,7 @@ class UNetAdapter(BasicBlockAdapter):
     pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionPipeline")
     gated_ffn = True  # GEGLU
     denoiser_attr = "unet"
+    latent_argument, timestep_argument = 0, 1  # the SD pipelines: both positional
     tiny_variants = ("sdxl", "sd21", "sd15")
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
@@ -90,16 +91,6 @@ class UNetAdapter(BasicBlockAdapter):
             "added_cond_kwargs": added,
             "return_dict": False,
         }  # fmt: skip
-
-    def with_latents(
-        self,
-        call: tuple[tuple[Any, ...], dict[str, Any]],
-        latents: torch.Tensor,
-        timestep: torch.Tensor,
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The latent and the timestep positional, as the Stable Diffusion pipelines pass them."""
-        args, kwargs = call
-        return (latents, timestep, *args[2:]), kwargs
 
     def encode_prompts(
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device

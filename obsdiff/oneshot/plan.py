@@ -34,6 +34,7 @@ from obsdiff.methods.package import Structured
 from obsdiff.models.structure import linear_at
 from obsdiff.oneshot.job import JobError, PruneJob, plan_packages
 from obsdiff.pruning.statistics import InputStatistics
+from obsdiff.utils.memory import module_bytes
 
 
 log = logging.getLogger(__name__)
@@ -119,12 +120,6 @@ class MemoryPlan:
             "  (+ activations, CUDA context: not predicted)"
         )
         return "\n".join(lines)
-
-
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of the module's parameters and buffers at their dtypes (meta tensors too)."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -> MemoryPlan:

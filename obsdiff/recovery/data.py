@@ -20,6 +20,7 @@ from torch import nn
 from obsdiff.calibration.hooks import StepTracker
 from obsdiff.calibration.sequential import embed_batches
 from obsdiff.models.base import ModelAdapter
+from obsdiff.models.training import is_flow_matching
 from obsdiff.utils.nested import map_tensors
 from obsdiff.utils.progress import progress
 from obsdiff.utils.seeds import image_generators
@@ -110,7 +111,7 @@ def step_density(pipe: Any, num_steps: int) -> torch.Tensor:
     """The probability of drawing each step (T,), float64: logit-normal (mean 0, std 1) density
     at the step's sigma for flow-matching schedulers, uniform otherwise."""
     sigmas = getattr(pipe.scheduler, "sigmas", None)
-    flow = type(pipe.scheduler).__name__.startswith("FlowMatch")
+    flow = is_flow_matching(pipe.scheduler)
     if not flow or sigmas is None or len(sigmas) < num_steps:
         return torch.full((num_steps,), 1.0 / num_steps, dtype=torch.float64)
     sigma = torch.as_tensor(sigmas[:num_steps], dtype=torch.float64).clamp(1e-4, 1 - 1e-4)

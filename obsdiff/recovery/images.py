@@ -24,7 +24,12 @@ import torch
 from PIL import Image
 
 from obsdiff.models.base import ModelAdapter
-from obsdiff.models.training import is_flow_matching, noised_call, text_call
+from obsdiff.models.training import (
+    is_flow_matching,
+    noised_call,
+    text_call,
+    training_schedule,
+)
 from obsdiff.recovery.data import DenoiserCall
 from obsdiff.utils.nested import map_tensors, tensors_in
 from obsdiff.utils.progress import progress
@@ -98,12 +103,11 @@ class ImageSet:
     latents: torch.Tensor  # (N, C, h, w), float32, CPU
     conditions: list[Call]  # each image's text call (batch 1), CPU
     unconditional: Call  # the empty caption's
-    flow_matching: bool
+    schedule: Any  # the model's training scheduler (`training_schedule`)
 
     def draw(
         self,
         adapter: ModelAdapter,
-        pipe: DiffusionPipeline,
         index: int,
         batch: int,
         seed: int,
@@ -113,7 +117,9 @@ class ImageSet:
         generator seeded by (seed, index) alone; the call with its training target."""
         generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
         chosen = torch.randint(len(self.conditions), (batch,), generator=generator)
-        if self.flow_matching:  # logit-normal (mean 0, std 1), as diffusers' training scripts
+        if is_flow_matching(
+            self.schedule
+        ):  # logit-normal (mean 0, std 1), as diffusers' training scripts
             u = torch.sigmoid(torch.randn(batch, generator=generator))
         else:
             u = torch.rand(batch, generator=generator)
@@ -126,7 +132,7 @@ class ImageSet:
         ]
         dtype = adapter.torch_dtype
         (args, kwargs), target = noised_call(
-            adapter, pipe, stacked(texts), latents.to(dtype), noise.to(dtype), u
+            adapter, self.schedule, stacked(texts), latents.to(dtype), noise.to(dtype), u
         )
         return DenoiserCall(args, kwargs, step=-1, target=target)
 
@@ -151,7 +157,7 @@ def encode_images(
             latents.append(((encoded - shift) * vae.config.scaling_factor).float().cpu())
             conditions += split(text_call(adapter, pipe, [c for _, c in chunk]), len(chunk))
         unconditional = text_call(adapter, pipe, [""])
-    return ImageSet(torch.cat(latents), conditions, unconditional, is_flow_matching(pipe))
+    return ImageSet(torch.cat(latents), conditions, unconditional, training_schedule(pipe))
 
 
 def split(call: Call, count: int) -> list[Call]:

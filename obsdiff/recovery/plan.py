@@ -47,6 +47,7 @@ from torch.nn import functional
 from obsdiff.models.base import ModelAdapter
 from obsdiff.recovery.data import DenoiserCall
 from obsdiff.recovery.settings import RecoverySettings
+from obsdiff.utils.memory import module_bytes
 from obsdiff.utils.nested import tensors_in
 
 
@@ -175,7 +176,7 @@ def recovery_plan(
         dtype=str(adapter.torch_dtype).removeprefix("torch."),
         precision=settings.precision,
         samples_per_call=adapter.samples_per_call(prompts),
-        recording_bytes=sum(_bytes(m) for m in components.values()),
+        recording_bytes=sum(module_bytes(m) for m in components.values()),
         parameters=parameters,
         teacher_bytes=parameters * model_bytes,
         student_bytes=parameters * FLOAT32,
@@ -310,9 +311,3 @@ def _storage(tensor: torch.Tensor) -> tuple[int, int]:
         return id(base), base.numel() * base.element_size()
     storage = tensor.untyped_storage()
     return storage.data_ptr(), storage.nbytes()
-
-
-def _bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
-        b.numel() * b.element_size() for b in module.buffers()
-    )

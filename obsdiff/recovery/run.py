@@ -64,9 +64,7 @@ def _training_inputs(
         log.info("recovery: %d images encoded; %d steps", len(pairs), settings.steps)
 
         def from_images(index: int) -> DenoiserCall:
-            return images.draw(
-                adapter, teacher, index, batch_size, settings.seed, settings.caption_dropout
-            )
+            return images.draw(adapter, index, batch_size, settings.seed, settings.caption_dropout)
 
         return from_images, 0
     calls = record_calls(teacher, adapter, prompts, batch_size, settings.seed, device)

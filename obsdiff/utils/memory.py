@@ -27,6 +27,12 @@ from torch import nn
 ALLOCATOR_ALIGNMENT = 64  # bytes: c10's CPU allocator (gAlignment)
 
 
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of the module's parameters and buffers at their dtypes (meta tensors too)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def own_memory(module: nn.Module) -> int:
     """Copy every CPU parameter and buffer of `module` into fresh allocator memory, in place
     (one tensor at a time, so the peak is one tensor more; tied parameters stay tied, since the

@@ -24,8 +24,9 @@ from obsdiff.calibration import sequential
 from obsdiff.models import ModelLoadError
 from obsdiff.models.base import adapter_from_config
 from obsdiff.oneshot.job import JobError
-from obsdiff.oneshot.plan import choose_packages, memory_plan, module_bytes
+from obsdiff.oneshot.plan import choose_packages, memory_plan
 from obsdiff.oneshot.run import prune_pipeline
+from obsdiff.utils.memory import module_bytes
 
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import torch
 from registry import SHIPPED_MODELS, TINY_MODELS
 
 from obsdiff.api import model_from_config
-from obsdiff.models.training import is_flow_matching, noised_call, text_call
+from obsdiff.models.training import is_flow_matching, noised_call, text_call, training_schedule
 from obsdiff.recovery.losses import prediction
 
 
@@ -24,13 +24,14 @@ def test_a_noised_latent_is_a_call_of_the_pipelines_layout(model: str) -> None:
     pipe = adapter.load()
     pipe.set_progress_bar_config(disable=True)
     template = text_call(adapter, pipe, CAPTIONS)
+    schedule = training_schedule(pipe)
     height, width = adapter.latent_size(dict(pipe.components))
     channels = pipe.vae.config.latent_channels
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, channels, height, width, generator=generator)
     noise = torch.randn(2, channels, height, width, generator=generator)
     (args, kwargs), target = noised_call(
-        adapter, pipe, template, latents, noise, torch.tensor([0.25, 0.75])
+        adapter, schedule, template, latents, noise, torch.tensor([0.25, 0.75])
     )
     with torch.no_grad():
         output = prediction(adapter.denoiser(pipe)(*args, **kwargs))
@@ -39,12 +40,14 @@ def test_a_noised_latent_is_a_call_of_the_pipelines_layout(model: str) -> None:
     assert output.shape == target.shape
     assert torch.isfinite(output).all()
 
-    if is_flow_matching(pipe):  # u = 0: sigma 1, the pipeline's first call on its own noise
+    if is_flow_matching(
+        pipe.scheduler
+    ):  # u = 0: sigma 1, the pipeline's first call on its own noise
         first = template[1]["hidden_states"]
         if first.dim() == 3:  # Flux: unpack its tokens
             b, _, c4 = first.shape
             first = first.view(b, height // 2, width // 2, c4 // 4, 2, 2)
             first = first.permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, height, width)
-        (_, again), _ = noised_call(adapter, pipe, template, latents, first, torch.zeros(2))
+        (_, again), _ = noised_call(adapter, schedule, template, latents, first, torch.zeros(2))
         assert torch.equal(again["hidden_states"], template[1]["hidden_states"])
         torch.testing.assert_close(again["timestep"], template[1]["timestep"])
