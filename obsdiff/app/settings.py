@@ -44,9 +44,32 @@ def is_multirun() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def runner_settings(node: DictConfig) -> RunnerSettings:
-    """The `runner` group, checked against the machine: CUDA runners need visible GPUs."""
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+def runner_settings(node: DictConfig, trains: bool = False) -> RunnerSettings:
+    """The `runner` group, checked against the machine (CUDA runners need visible GPUs) and
+    the job: FSDP shards a recovery's training (`trains`) over several devices."""
     runner = settings(node, RunnerSettings, "runner.")
+    if runner.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"runner.strategy={runner.strategy!r}; use one of {', '.join(STRATEGIES)}"
+        )
+    if runner.strategy == "fsdp":
+        if not trains:
+            raise ConfigError(
+                "runner.strategy=fsdp shards a recovery's training state, and this job trains "
+                "nothing; use runner=ddp for data-parallel calibration (or recover=distill in "
+                "the run app)"
+            )
+        every_gpu = runner.devices in (-1, "-1") and torch.cuda.device_count() == 1
+        if runner.devices in (1, "1") or every_gpu:
+            raise ConfigError(
+                f"runner.strategy=fsdp on one device (runner.devices={runner.devices}"
+                f"{': one GPU visible' if every_gpu else ''}): FSDP shards the recovery over "
+                "several; use runner.devices=N (N >= 2), or on one device runner=single "
+                "(recover.gradient_checkpointing=true and recover.lora_rank save memory there)"
+            )
     multi = runner.devices not in (1, "1") or runner.strategy != "auto"
     if multi and is_multirun():
         raise ConfigError(

@@ -236,7 +236,8 @@ def _execute(
     fresh: bool,
 ) -> RunRecord | None:
     try:  # the cheap checks first: a refused directory is refused before anything is built
-        runner = runner_settings(cfg.runner) if "runner" in cfg else RunnerSettings()
+        trains = cfg.get("recover") is not None
+        runner = runner_settings(cfg.runner, trains) if "runner" in cfg else RunnerSettings()
         if "tracking" in cfg:
             resolve_mode(str(cfg.tracking.mode))
         check_run_dir(out, to_plain(cfg))

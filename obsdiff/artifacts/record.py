@@ -93,6 +93,8 @@ class RecoveryResult:
     peak_memory_bytes: int  # the process (CPU) or the device (CUDA)
     calls_recorded: int  # teacher denoiser calls the training inputs were drawn from
     images: int = 0  # with recover.images: the images they were drawn from instead
+    world_size: int = 1  # processes that trained it (runner=ddp or fsdp)
+    sharded: bool = False  # its training state sharded over them (runner=fsdp)
 
 
 @dataclass

@@ -13,11 +13,17 @@ import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import safetensors.torch
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.utils.file_checks import safetensors_problem
@@ -57,16 +63,24 @@ class RecoveryCheckpoint:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         losses: list[float],
+        write: bool = True,
     ) -> None:
+        """The state after `step`, written when `write` (rank 0). Every rank of a sharded
+        student calls it: the full tensors are gathered (a collective), to rank 0's CPU."""
+        model_state, optimizer_state = cast(
+            "tuple[dict[str, torch.Tensor], dict[str, Any]]",
+            get_state_dict(student, optimizer, options=_options(student)),
+        )
+        if not write:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         weights, state = f"student-{step}.safetensors", f"optimizer-{step}.safetensors"
-        optimizer_state = optimizer.state_dict()
         tensors = {
-            f"{index}.{name}": value
-            for index, values in optimizer_state["state"].items()
+            f"{parameter}.{name}": value
+            for parameter, values in optimizer_state["state"].items()
             for name, value in values.items()
         }
-        save_tensors(self.dir / weights, student.state_dict())
+        save_tensors(self.dir / weights, model_state)
         save_tensors(self.dir / state, tensors)
         write_json(
             self.dir / PROGRESS,
@@ -116,20 +130,40 @@ class RecoveryCheckpoint:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
     ) -> tuple[int, list[float]]:
         """The student, optimizer and schedule as the checkpoint left them; the steps done and
-        their losses ((0, []) when there is no checkpoint)."""
+        their losses ((0, []) when there is no checkpoint). Every rank of a sharded student
+        reads the full tensors and keeps its shards."""
         progress = self.check()
         if progress is None:
             return 0, []
-        student.load_state_dict(safetensors.torch.load_file(str(self.dir / progress["weights"])))
+        weights: dict[str, Any] = safetensors.torch.load_file(str(self.dir / progress["weights"]))
         tensors = safetensors.torch.load_file(str(self.dir / progress["optimizer"]))
-        state: dict[int, dict[str, torch.Tensor]] = {}
+        state: dict[str, Any] = {}
         for name, value in tensors.items():
-            index, key = name.split(".", 1)
-            state.setdefault(int(index), {})[key] = value
-        optimizer.load_state_dict({"state": state, "param_groups": progress["param_groups"]})
+            parameter, key = name.rsplit(".", 1)
+            state.setdefault(parameter, {})[key] = value
+        set_state_dict(
+            student,
+            optimizer,
+            model_state_dict=weights,
+            optim_state_dict={"state": state, "param_groups": progress["param_groups"]},
+            options=_options(student),
+        )
         scheduler.load_state_dict(progress["scheduler"])
         log.info("recovery: resuming after step %d of the checkpoint", progress["step"])
         return int(progress["step"]), [float(x) for x in progress["losses"]]
+
+
+def _options(student: nn.Module) -> StateDictOptions:
+    """Full tensors, keyed by parameter name (the optimizer's too); only what trains (LoRA's
+    adapters, not the frozen weights a resume rebuilds from the pruned model: then a restore
+    expects them missing); a sharded student's gathered to rank 0's CPU."""
+    parameters = list(student.parameters())
+    return StateDictOptions(
+        full_state_dict=True,
+        cpu_offload=any(isinstance(p, DTensor) for p in parameters),
+        ignore_frozen_params=True,
+        strict=all(p.requires_grad for p in parameters),
+    )
 
 
 def remove_recovery_checkpoint(run_dir: Path) -> None:

@@ -7,7 +7,10 @@ per micro-batch, in an order fixed by the seed), its checkpoints are safetensors
 (the Trainer's are pickles), and Ctrl-C or SIGTERM must reach the app's shell, which records the
 run as interrupted (the Trainer turns Ctrl-C into exit code 1 and ignores a second one). Fabric
 still brings the precision (`32`, `bf16-mixed`, `16-mixed` with its scaler), gradient clipping
-and the device placement, and its strategies are where DDP and FSDP plug in.
+and the device placement. Several processes (the runner's) are this loop's own: DDP's arithmetic
+as one all-reduce a step, FSDP as PyTorch's FSDP2 `fully_shard` (`obsdiff.recovery.sharding`):
+Fabric's FSDP strategy wraps the model in the older `FullyShardedDataParallel` on a CUDA mesh
+only, where FSDP2's DTensor shards let a mask follow its weight and run on gloo in the tests.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from obsdiff.recovery.checkpoint import RecoveryCheckpoint
 from obsdiff.recovery.data import DenoiserCall
 from obsdiff.recovery.losses import block_outputs, feature_loss, prediction
 from obsdiff.recovery.settings import RecoverySettings
+from obsdiff.recovery.sharding import device_mesh, shard, sharded_like
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.progress import progress
 
@@ -106,7 +110,10 @@ def distil(
     micro-batch m of step i is the call `draw((i * accumulate + m) * world_size + r)`, and the
     gradients are averaged over the ranks before clipping (DDP's arithmetic, one all-reduce a
     step), so every rank takes the same step: the same weights as one process accumulating
-    `world_size` times more, to float round-off. Rank 0 writes the checkpoints."""
+    `world_size` times more, to float round-off. Rank 0 writes the checkpoints. With
+    `parallel.fsdp` the student is sharded over the ranks first (`obsdiff.recovery.sharding`;
+    the teacher the caller has sharded), and FSDP averages the gradients: the same step, and
+    `student` is left sharded."""
     parallel = parallel or DataParallel()
     world = parallel.world_size
     fabric = L.Fabric(
@@ -118,6 +125,8 @@ def distil(
     teacher.eval().requires_grad_(False)
     if settings.gradient_checkpointing:
         enable_checkpointing(student)
+    if parallel.fsdp:  # before the optimizer: it steps the shards
+        shard(student, student_blocks, device_mesh(device, world))
     student.train()
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -134,7 +143,10 @@ def distil(
     dtype = next(student.parameters()).dtype
     upcast = None if dtype == next(teacher.parameters()).dtype else dtype
     parameters = dict(student.named_parameters())
-    masked = {name: (parameters[name], mask.to(device)) for name, mask in masks.items()}
+    masked = {
+        name: (parameters[name], sharded_like(mask, parameters[name]))
+        for name, mask in masks.items()
+    }
     for step in progress(range(done, settings.steps), "recovery", "step"):
         total = 0.0
         for micro in range(settings.accumulate):
@@ -146,8 +158,8 @@ def distil(
                 )
             fabric.backward(loss / settings.accumulate)
             total += float(loss.detach()) / settings.accumulate
-        if world > 1:  # every rank's gradients and loss, averaged
-            reduced = [p.grad for p in trainable if p.grad is not None]
+        if world > 1:  # every rank's gradients (FSDP's own averaged them) and loss, averaged
+            reduced = [] if parallel.fsdp else [p.grad for p in trainable if p.grad is not None]
             reduced.append(torch.tensor([total], dtype=torch.float64, device=device))
             parallel.all_reduce_(reduced)
             for tensor in reduced:
@@ -176,12 +188,10 @@ def distil(
         fabric.log_dict({"recover/loss": total, "recover/lr": lr}, step=finished)
         if finished == 1 or finished % settings.log_every == 0 or finished == settings.steps:
             log.info("recovery step %d/%d: loss %.6g", finished, settings.steps, total)
-        if (
-            checkpoint is not None
-            and parallel.is_main
-            and (finished % settings.checkpoint_every == 0 or finished == settings.steps)
-        ):
-            checkpoint.save(finished, student, optimizer, scheduler, losses)
+        if checkpoint is not None and (
+            finished % settings.checkpoint_every == 0 or finished == settings.steps
+        ):  # every rank: a sharded student is gathered; rank 0 writes
+            checkpoint.save(finished, student, optimizer, scheduler, losses, parallel.is_main)
     student.eval()
     if settings.gradient_checkpointing:
         student.disable_gradient_checkpointing()  # type: ignore[operator]

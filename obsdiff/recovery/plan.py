@@ -138,7 +138,7 @@ class RecoveryPlan:
                 devices = self.fewest_devices(size, checkpointing)
                 found.append(f"{size} GB: {devices if devices is not None else 'none'}")
             label = "checkpointing" if checkpointing else "no checkpointing"
-            lines.append(f"  fewest devices with FSDP, {label}: " + ", ".join(found))
+            lines.append(f"  fewest devices with FSDP (runner=fsdp), {label}: " + ", ".join(found))
         return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ from obsdiff.recovery.images import encode_images, read_image_folder
 from obsdiff.recovery.loop import distil
 from obsdiff.recovery.lora import check_lora_rank, lora_targets, merged, with_lora
 from obsdiff.recovery.settings import RecoverySettings
+from obsdiff.recovery.sharding import device_mesh, gather_into, shard
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.memory import peak_memory_bytes, reset_peak_memory
 
@@ -111,9 +112,17 @@ def recover_pruned(
         checkpoint.check()  # before the work: a damaged checkpoint named at once
     started = time.perf_counter()
     reset_peak_memory(device)
-    teacher = teacher.to(device)
-    teacher.set_progress_bar_config(disable=True)
     parallel = parallel or DataParallel()
+    teacher_denoiser: nn.Module = adapter.denoiser(teacher)
+    teacher_blocks = [b for _, b in adapter.blocks(teacher_denoiser)]
+    if parallel.fsdp:  # the teacher denoiser sharded (block by block to the device), the rest whole
+        for name, component in teacher.components.items():
+            if isinstance(component, nn.Module) and name != adapter.denoiser_attr:
+                component.to(device)
+        shard(teacher_denoiser, teacher_blocks, device_mesh(device, parallel.world_size))
+    else:
+        teacher = teacher.to(device)
+    teacher.set_progress_bar_config(disable=True)
     draw, calls = _training_inputs(
         adapter, teacher, prompts, pairs, settings, batch_size, device, parallel
     )
@@ -126,8 +135,10 @@ def recover_pruned(
     dtype = next(pruned.denoiser.parameters()).dtype
     # float32 master weights whatever the model's dtype: AdamW's small steps would vanish in
     # bfloat16 weights; `precision` decides the arithmetic, the weights are saved back in `dtype`
-    student: nn.Module = adapter.denoiser(recovered).to(device, torch.float32)
-    teacher_denoiser: nn.Module = adapter.denoiser(teacher)
+    # (a sharded student goes to the device block by block as it is sharded)
+    student: nn.Module = adapter.denoiser(recovered).to(
+        torch.device("cpu") if parallel.fsdp else device, torch.float32
+    )
     blocks = [b for _, b in adapter.blocks(student)]
     masks = kept_weights(PrunedModel(recovered, adapter, pruned.manifest))
     torch.manual_seed(settings.seed)
@@ -140,7 +151,7 @@ def recover_pruned(
         trained,
         teacher_denoiser,
         blocks,
-        [b for _, b in adapter.blocks(teacher_denoiser)],
+        teacher_blocks,
         draw,
         settings,
         {} if targets else masks,  # frozen under LoRA: only their adapters' deltas are masked
@@ -149,9 +160,15 @@ def recover_pruned(
         loggers,
         parallel,
     )
+    if parallel.fsdp:  # every rank's full weights, in a plain denoiser of the student's own
+        plain = copy.deepcopy(pruned.denoiser).to(torch.float32)
+        if targets:
+            plain = with_lora(plain, targets, settings.lora_rank, settings.lora_alpha, bool(masks))
+        trained = gather_into(trained, plain)
+        student = trained
     if isinstance(trained, PeftModel):
         student = merged(trained)
-        recovered.register_modules(**{adapter.denoiser_attr: student})
+    recovered.register_modules(**{adapter.denoiser_attr: student})
     student.to(dtype)  # a cast keeps the zeros of a sparse student exact
     manifest = {**pruned.manifest, "recovery": asdict(settings) | {"prompts": len(prompts)}}
     result = RecoveryResult(
@@ -162,6 +179,8 @@ def recover_pruned(
         peak_memory_bytes=peak_memory_bytes(device),
         calls_recorded=calls,
         images=len(pairs),
+        world_size=parallel.world_size,
+        sharded=parallel.fsdp,
     )
     log.info(
         "recovery: %d steps in %.1f s, loss %.4g -> %.4g", result.steps, result.seconds,

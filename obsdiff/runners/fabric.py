@@ -20,7 +20,9 @@ class RunnerSettings:
     Attributes:
         accelerator: auto, cpu or cuda (Lightning Fabric's accelerator).
         devices: Processes, one a device (-1: every visible GPU).
-        strategy: `auto` (one process) or `ddp` (data-parallel calibration).
+        strategy: `auto` (one process), `ddp` (data parallel: calibration and recovery) or
+            `fsdp` (data parallel, a recovery's training state sharded over the devices:
+            `obsdiff.recovery.sharding`).
         shard_solve: With several ranks, each solves its share of a package's work units
             (`obsdiff.calibration.solve`); false: every rank solves all of it.
     """
@@ -37,8 +39,11 @@ def launch(settings: RunnerSettings, device: torch.device) -> tuple[torch.device
         return device, DataParallel()
     from lightning.fabric import Fabric  # heavy import, only for multi-process runs
 
+    fsdp = settings.strategy == "fsdp"  # the processes as DDP's; the recovery shards itself
     fabric = Fabric(
-        accelerator=settings.accelerator, devices=settings.devices, strategy=settings.strategy
+        accelerator=settings.accelerator,
+        devices=settings.devices,
+        strategy="ddp" if fsdp else settings.strategy,
     )
     fabric.launch()
-    return fabric.device, DataParallel(fabric.global_rank, fabric.world_size)
+    return fabric.device, DataParallel(fabric.global_rank, fabric.world_size, fsdp)

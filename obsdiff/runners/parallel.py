@@ -13,8 +13,13 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DataParallel:
+    """The processes of a run: this one's rank among `world_size`. `fsdp`: a recovery shards
+    its training state over them (`obsdiff.recovery.sharding`) instead of keeping it whole on
+    every rank; everything else works data-parallel either way."""
+
     rank: int = 0
     world_size: int = 1
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:

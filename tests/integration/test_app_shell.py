@@ -55,6 +55,13 @@ def load(path: Path) -> dict:  # type: ignore[type-arg]
         ("obsdiff.run", ["recover=distill", "recover.kd_weight=1"], "recover.kd_weight"),
         ("obsdiff.run", ["recover=distill", "recover.images=/no/such"], "recover.images=/no/such"),
         ("obsdiff.run", ["recover=distill", "recover.lora_rank=4096"], "recover.lora_rank=4096"),
+        (
+            "obsdiff.run",
+            ["recover=distill", "runner=fsdp_cpu", "runner.devices=1"],
+            "runner.strategy=fsdp on one device (runner.devices=1)",
+        ),
+        ("obsdiff.prune", ["runner=fsdp_cpu"], "runner.strategy=fsdp shards a recovery's"),
+        ("obsdiff.prune", ["runner.strategy=zero3"], "runner.strategy='zero3'; use one of"),
         ("obsdiff.evaluate", ["model=flux_dev"], "model.pretrained"),
         ("obsdiff.sample", ["model=sdxl_base"], "model.pretrained"),
     ],

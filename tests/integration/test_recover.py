@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from app_runner import TINY_PRUNE, run_in_process
+from app_runner import TINY_PRUNE, run_app, run_in_process
 from diffusers import DiffusionPipeline
 from lightning.fabric.loggers import Logger
 from peft.tuners.lora.layer import LoraLayer
@@ -221,15 +221,79 @@ def test_two_gloo_ranks_recover_as_one_process_accumulating_twice(tmp_path: Path
     averaged, so both ranks hold the weights of one process accumulating both shares, to float
     round-off (the all-reduce adds in another order); the zeros stay exact."""
     mp.spawn(_recover_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    model = pruned("unstructured", 0.5)
+    assert_ranks_accumulate_as_one_process(tmp_path)
+
+
+def assert_ranks_accumulate_as_one_process(out: Path) -> dict[str, torch.Tensor]:
+    """The two ranks' weights (`out`/rank<r>.safetensors) are the same, and those of one
+    process accumulating both ranks' shares, to float round-off, with the same zeros; rank
+    0's returned."""
     single = obsdiff.recover(
-        model, PROMPTS[:2], teacher=tiny_sd3_pipeline(), accumulate=2, **DATA_PARALLEL
-    ).denoiser.state_dict()
-    ranks = [safetensors.torch.load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+        pruned("unstructured", 0.5), PROMPTS[:2], teacher=tiny_sd3_pipeline(), accumulate=2,
+        **DATA_PARALLEL,
+    ).denoiser.state_dict()  # fmt: skip
+    ranks = [safetensors.torch.load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert set(ranks[0]) == set(single)
     for name, weight in single.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # the same step everywhere
         torch.testing.assert_close(ranks[0][name], weight, rtol=1e-4, atol=1e-6)
         assert torch.equal(ranks[0][name] == 0, weight == 0), name
+    return ranks[0]
+
+
+def _recover_sharded_on_rank(rank: int, init: str, out: str) -> None:
+    """One of two gloo ranks of a sharded recovery (FSDP), interrupted after the checkpoint of
+    step 2 of 3 and resumed from it."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    original = RecoveryCheckpoint.save
+
+    def interrupted(self: RecoveryCheckpoint, step: int, *args: Any) -> None:
+        original(self, step, *args)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    settings = RecoverySettings(**DATA_PARALLEL, checkpoint_every=1)
+    parallel, run = DataParallel(rank, 2, fsdp=True), Path(out) / "run"
+    try:
+        RecoveryCheckpoint.save = interrupted  # type: ignore[method-assign]
+        try:
+            recover_pruned(
+                pruned("unstructured", 0.5), tiny_sd3_pipeline(), PROMPTS[:2], settings,
+                torch.device("cpu"), run_dir=run, parallel=parallel,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            pass
+        RecoveryCheckpoint.save = original  # type: ignore[method-assign]
+        dist.barrier()  # rank 0 has written the checkpoint of step 2
+        recovered = recover_pruned(
+            pruned("unstructured", 0.5), tiny_sd3_pipeline(), PROMPTS[:2], settings,
+            torch.device("cpu"), run_dir=run, parallel=parallel,
+        )  # fmt: skip
+        assert recovered.recovery is not None and recovered.recovery.steps == 3
+        state = {k: v.contiguous() for k, v in recovered.denoiser.state_dict().items()}
+        safetensors.torch.save_file(state, f"{out}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_sharded_recovery_resumes_to_the_weights_of_one_process_accumulating_twice(
+    tmp_path: Path,
+) -> None:
+    """FSDP over two gloo ranks: each rank holds half of every weight, gradient and moment,
+    the gradients are averaged by FSDP's reduce-scatter, the mask is sharded like its weight;
+    interrupted and resumed from its checkpoint (full tensors, the plain denoiser's names), both
+    ranks end with the full weights of one process accumulating both shares, to float
+    round-off, and the zeros stay exact."""
+    mp.spawn(_recover_sharded_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    recovered = assert_ranks_accumulate_as_one_process(tmp_path)
+    folder = tmp_path / "run" / RECOVERY_CHECKPOINT
+    progress = json.loads((folder / "progress.json").read_text())
+    written = safetensors.torch.load_file(str(folder / progress["weights"]))
+    assert progress["step"] == 3 and set(written) == set(recovered)
+    for name, weight in recovered.items():  # float32: the last step's weights, whole
+        assert torch.equal(written[name], weight), name
 
 
 def image_folder(folder: Path, count: int, metadata: bool = False) -> Path:
@@ -393,6 +457,21 @@ def test_the_recover_app_the_run_stage_and_the_api_agree(tmp_path: Path) -> None
         assert torch.equal(from_run[name], weight), name
         assert torch.equal(from_api.state_dict()[name], weight), name
 
+    sharded = tmp_path / "sharded"  # two CPU processes (gloo) launched by the runner, FSDP
+    result = run_app(
+        "obsdiff.recover", f"pruned={source}", "calibration=tiny", "calibration.num_prompts=2",
+        *recovery, "runner=fsdp_cpu", f"hydra.run.dir={sharded}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = RunRecord.read(sharded)
+    assert record.recover is not None and record.recover.sharded
+    assert record.recover.world_size == 2
+    twice = obsdiff.recover(before, prompts, batch_size=2, steps=3, lr=1e-3, accumulate=2)
+    from_fsdp = obsdiff.load_pruned(sharded).denoiser.state_dict()
+    for name, weight in twice.denoiser.state_dict().items():
+        torch.testing.assert_close(from_fsdp[name], weight, rtol=1e-4, atol=1e-6)
+        assert torch.equal(from_fsdp[name] == 0, weight == 0), name
+
     planned = run_in_process(
         "obsdiff.recover", f"pruned={source}", "plan_only=true", f"hydra.run.dir={tmp_path / 'p'}"
     )
@@ -422,13 +501,15 @@ def test_the_recover_app_the_run_stage_and_the_api_agree(tmp_path: Path) -> None
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("lora_rank", [0, 2])
 def test_an_interrupted_recovery_resumes_to_the_same_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lora_rank: int
 ) -> None:
     """Interrupted after the checkpoint of step 4 of 6, then the same call: bit-identical to a
     run that was never interrupted (weights and every step's loss); the checkpoint is gone
-    once the recovered model is saved."""
-    settings = {"steps": 6, "lr": 1e-3, "checkpoint_every": 2}
+    once the recovered model is saved. Under LoRA the checkpoint holds the adapters alone (the
+    frozen weights are the pruned model's)."""
+    settings = {"steps": 6, "lr": 1e-3, "checkpoint_every": 2, "lora_rank": lora_rank}
     model = pruned("unstructured", 0.5)
     whole = obsdiff.recover(model, PROMPTS[:2], teacher=tiny_sd3_pipeline(), **settings)
 
@@ -443,7 +524,15 @@ def test_an_interrupted_recovery_resumes_to_the_same_weights(
     monkeypatch.setattr(RecoveryCheckpoint, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
         obsdiff.recover(model, PROMPTS[:2], teacher=tiny_sd3_pipeline(), run_dir=run, **settings)
-    assert (run / RECOVERY_CHECKPOINT / "progress.json").is_file()
+    progress = json.loads((run / RECOVERY_CHECKPOINT / "progress.json").read_text())
+    saved = safetensors.torch.load_file(str(run / RECOVERY_CHECKPOINT / progress["weights"]))
+    assert progress["step"] == 4
+    if lora_rank:  # the adapters and the buffers; no frozen weight
+        buffers = {f"base_model.model.{name}" for name, _ in model.denoiser.named_buffers()}
+        adapters = set(saved) - buffers
+        assert adapters and all(".lora_" in name for name in adapters)
+    else:
+        assert set(saved) == set(whole.denoiser.state_dict())
     monkeypatch.setattr(RecoveryCheckpoint, "save", original)
     resumed = obsdiff.recover(
         model, PROMPTS[:2], teacher=tiny_sd3_pipeline(), run_dir=run, **settings
