@@ -48,6 +48,7 @@ from obsdiff.eval.image_reward import ImageReward
 from obsdiff.eval.options import EvalOptions
 from obsdiff.eval.tiny_backbones import RandomFeatures, tiny_clip
 from obsdiff.methods import METHODS, Granularity, PruningMethod
+from obsdiff.methods.modulation import LowRankModulation
 from obsdiff.models import adapter_for
 from obsdiff.models.base import DATA_DIR, ModelAdapter, adapter_from_config
 from obsdiff.models.sampling import SAMPLING_KEYS, SamplingDefaults, pipeline_sampling
@@ -123,6 +124,7 @@ def prune(
     statistics_cache: str | Path | None = PRUNE.statistics_cache,
     offload_statistics: bool = OFFLOAD.statistics,
     offload_components: bool = OFFLOAD.components,
+    modulation: LowRankModulation | dict[str, Any] | None = None,
     **method_options: Any,
 ) -> PrunedModel:
     """Prune `pipe` in place; returns it with its manifest and figures (`.result`: achieved
@@ -132,7 +134,9 @@ def prune(
     it works (removed at the end unless `keep_checkpoint`) and writes the pruned model there,
     as the prune app does (else `save_pruned` writes it later). `offload_statistics` keeps the
     calibration statistics in CPU memory, `offload_components` all but the denoiser while
-    pruning (the same weights either way). `prompts`: a list of strings. `sampling`: how the
+    pruning (the same weights either way). `modulation`: the modulation linears factorised
+    too (`LowRankModulation`, or its keys as a dict: `{"rank": 8}`, `{"energy": 0.999}`;
+    the `modulation=low_rank` option). `prompts`: a list of strings. `sampling`: how the
     calibration trajectories are sampled (`SamplingDefaults`' keys: steps, guidance,
     resolution, ...); by default the model config (conf/model) of the checkpoint `pipe` was
     loaded from, else the pipeline's own defaults, and a dict sets only the keys it names
@@ -159,6 +163,8 @@ def prune(
     job = _job(
         in_memory_adapter(pipe, sampling), method, granularity, weighting, settings, calibration,
         PromptSet(prompts, "python", "", "given", None), method_options,
+        modulation=from_mapping(LowRankModulation, modulation, "modulation.")
+        if isinstance(modulation, dict) else modulation,
     )  # fmt: skip
     if run_dir is not None:
         pruned = prune_pipeline(job, Path(run_dir))
@@ -319,6 +325,7 @@ def _job(
     method_options: dict[str, Any],
     reach_model: bool = True,
     components: dict[str, nn.Module] | None = None,
+    modulation: LowRankModulation | None = None,
 ) -> PruneJob:
     """A prune job from the API's names or objects (the options' defaults)."""
     if isinstance(method, str):
@@ -332,6 +339,7 @@ def _job(
     return settings.job(
         adapter, adapter.describe(), method, granularity, weighting, prompts, calibration,
         shard_solve=RunnerSettings().shard_solve, reach_model=reach_model, components=components,
+        modulation=modulation,
     )  # fmt: skip
 
 

@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrained", help="another copy of the base model (hub id or path)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload to this Hub model repo")
     parser.add_argument("--private", action="store_true", help="a private Hub repo")
+    parser.add_argument(
+        "--expand-low-rank",
+        action="store_true",
+        help="low-rank modulation as the dense matrix of each product: a plain diffusers folder",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(name)s: %(message)s")
     command = "python -m obsdiff.export " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -59,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             push_to_hub=args.push_to_hub,
             private=args.private,
             export_command=command,
+            expand_low_rank=args.expand_low_rank,
         )
     except ExportError as err:
         log.error("%s", err)

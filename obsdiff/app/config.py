@@ -31,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from obsdiff.calibration.sequential import CalibrationSettings
 from obsdiff.eval.options import EvalOptions
 from obsdiff.methods import METHODS
+from obsdiff.methods.modulation import LowRankModulation
 from obsdiff.models.base import DATA_DIR, ModelAdapter, adapter_from_config
 from obsdiff.models.loading import ModelConfigError
 from obsdiff.oneshot.settings import PruneSettings
@@ -83,6 +84,8 @@ def register_schemas() -> None:
     store.store(group="schema", name="runner", node=plain_defaults(RunnerSettings))
     store.store(group="schema", name="eval", node=plain_defaults(EvalOptions))
     store.store(group="schema", name="recover", node=plain_defaults(RecoverySettings))
+    modulation = {"_target_": _target_name(LowRankModulation), **plain_defaults(LowRankModulation)}
+    store.store(group="schema", name="modulation", node=modulation)
     prune = plain_defaults(PruneSettings)
     choices = [{f"/{group}": prune.pop(group)} for group in PruneSettings.GROUPS]
     store.store(group="schema", name="prune", node={"defaults": [*choices, "_self_"], **prune})

@@ -47,6 +47,7 @@ from obsdiff.calibration.sequential import CalibrationSettings
 from obsdiff.eval.options import EvalOptions
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
+from obsdiff.methods.modulation import LowRankModulation
 from obsdiff.oneshot.settings import PruneSettings
 from obsdiff.pruning.schedules import TimestepWeighting
 from obsdiff.recovery.settings import RecoverySettings
@@ -226,6 +227,7 @@ def check_values(cfg: DictConfig) -> None:
         ("method", lambda: build(cfg.method, PruningMethod, "method")),
         ("granularity", lambda: build(cfg.granularity, Granularity, "granularity")),
         ("weighting", lambda: build(cfg.weighting, TimestepWeighting, "weighting")),
+        ("modulation", lambda: build(cfg.modulation, LowRankModulation, "modulation")),
         ("calibration", lambda: settings(cfg.calibration, CalibrationSettings, "calibration.")),
         ("runner", lambda: settings(cfg.runner, RunnerSettings, "runner.")),
         ("eval", lambda: settings(cfg.eval, EvalOptions, "eval.")),

@@ -23,6 +23,7 @@ from obsdiff.eval.harness import EvalSettings
 from obsdiff.eval.options import EvalOptions, EvalPromptOptions
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
+from obsdiff.methods.modulation import LowRankModulation
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.surgery import restore_shapes
 from obsdiff.oneshot.job import PruneJob
@@ -96,6 +97,8 @@ def identity(cfg: DictConfig) -> RunIdentity:
         names.granularity = choices.get("granularity")
         names.sparsity = cfg.get("sparsity")
         names.weighting = choices.get("weighting")
+        if cfg.get("modulation") is not None:
+            names.modulation = choices.get("modulation")
         names.packages = cfg.get("packages")
     if "eval" in cfg:
         names.eval_set = choices.get("eval")
@@ -127,7 +130,15 @@ def build_prune_job(cfg: DictConfig, reach_model: bool = True) -> PruneJob:
         calibration=calibration,
         shard_solve=(runner or RunnerSettings()).shard_solve,
         reach_model=reach_model,
+        modulation=modulation_settings(cfg),
     )
+
+
+def modulation_settings(cfg: DictConfig) -> LowRankModulation | None:
+    """The `modulation` group: None for `modulation=none`."""
+    if cfg.get("modulation") is None:
+        return None
+    return build(cfg.modulation, LowRankModulation, "modulation")
 
 
 def eval_prompts(options: EvalPromptOptions) -> EvalPrompts:
@@ -214,5 +225,6 @@ def pruned_identity(
         weighting=manifest["weighting"].get("scheme"),
         packages=manifest["packages"],
         pruned_run=str(pruned_dir),
+        modulation=manifest.get("modulation", {}).get("name"),
     )
     return names, None

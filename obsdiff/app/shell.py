@@ -566,6 +566,8 @@ def summary_table(record: RunRecord) -> str:
     keys = [k for k in SUMMARY_KEYS if k in pruned or k in dense]
     names = record.identity
     title = f"{names.method} {names.granularity} {names.sparsity}"
+    if names.modulation is not None:
+        title += f" + {names.modulation} modulation"
     if names.recover is not None:
         title += f" + {names.recover}"
     lines = [f"{'metric':<20} {'dense':>12} {title:>28}"]

@@ -11,7 +11,10 @@ and the card shows how to join it to the base model's other components.
 
 Structured: diffusers' configs cannot express per-block widths and head counts, so the export is
 obsdiff's own folder (`manifest.json` with the structure, `denoiser.safetensors`), loaded with
-`obsdiff.load_pruned(OUT_DIR)` on top of the base model the manifest names.
+`obsdiff.load_pruned(OUT_DIR)` on top of the base model the manifest names. So is a run with
+low-rank modulation (two linears where diffusers has one), unless `expand_low_rank`: each pair
+is then written as the dense matrix of its product, and an unstructured or N:M run is a plain
+diffusers folder again (the same function; the modulation at its dense size on disk).
 
 Always a `README.md` model card (the Hub's YAML front matter, then what was pruned, the sizes
 before and after, the evaluation figures of `results.json`, the command, how to load it, the base
@@ -43,6 +46,7 @@ from obsdiff.artifacts.pruned import (
     load_pruned,
 )
 from obsdiff.artifacts.record import RESULTS, RecordError, RunRecord
+from obsdiff.models.surgery import expand_low_rank
 from obsdiff.utils.file_checks import unwritable_folder_problem
 
 
@@ -69,9 +73,10 @@ class ExportRequest:
     out_dir: Path
     manifest: dict[str, Any]
     record: RunRecord | None
-    structured: bool
+    structured: bool  # obsdiff's folder: structured widths, or low-rank modulation kept
     components: str
     base: str | None  # the base model's hub id or local path (None: built in code)
+    expand_low_rank: bool = False  # low-rank modulation written as its dense product
 
 
 def check_export(
@@ -81,6 +86,7 @@ def check_export(
     components: str = "copy",
     in_memory: bool = False,
     repo_id: str | None = None,
+    expand_low_rank: bool = False,
 ) -> ExportRequest:
     """Every check of an export, before any work: a run directory of a finished prune with its
     weights intact (`check_pruned_run`), an OUT_DIR that is new or empty (or `overwrite`) and can
@@ -114,7 +120,18 @@ def check_export(
             f"{run_dir} pruned a pipeline in memory: its manifest names no base model to load; "
             "export it from Python with obsdiff.export(run_dir, out_dir, pipeline=<the base>)"
         )
-    structured = "structure" in manifest
+    low_rank = bool(manifest.get("structure", {}).get("low_rank"))
+    if expand_low_rank and not low_rank:
+        raise ExportError(
+            f"{run_dir} has no low-rank modulation to expand; leave --expand-low-rank off"
+        )
+    widths = manifest.get("granularity") == "structured"
+    if expand_low_rank and widths:
+        raise ExportError(
+            "--expand-low-rank makes a plain diffusers folder only where nothing else changed "
+            "a shape; a structured run is obsdiff's folder either way: leave it off"
+        )
+    structured = widths or (low_rank and not expand_low_rank)
     base = None if config.get("tiny") else config.get("pretrained")
     if components == "reference" and not structured and base is None:
         raise ExportError(
@@ -132,7 +149,9 @@ def check_export(
             record = RunRecord.read(run_dir)
         except RecordError as err:
             log.warning("%s: %s; the model card goes without its figures", run_dir / RESULTS, err)
-    return ExportRequest(run_dir, out_dir, manifest, record, structured, components, base)
+    return ExportRequest(
+        run_dir, out_dir, manifest, record, structured, components, base, expand_low_rank
+    )
 
 
 def export_pruned(
@@ -146,15 +165,19 @@ def export_pruned(
     push_to_hub: str | None = None,
     private: bool = False,
     export_command: str | None = None,
+    expand_low_rank: bool = False,
 ) -> Path:
     """Export the pruned model of `run_dir` into `out_dir` (see the module docstring); returns
     `out_dir`. `pretrained` / `pipeline`: another copy of the base model, or the base pipeline
     in memory (as `load_pruned`). `push_to_hub="<owner>/<name>"`: then uploaded there (the
     card's code loads it from there; `UploadError` if the upload fails, the export kept).
-    `export_command`: the export's own command line, for the card."""
+    `export_command`: the export's own command line, for the card. `expand_low_rank`: a run
+    with low-rank modulation written as a plain diffusers folder, each pair of linears as the
+    dense matrix of its product."""
     request = check_export(
-        run_dir, out_dir, overwrite, components, pipeline is not None, push_to_hub
-    )
+        run_dir, out_dir, overwrite, components, pipeline is not None, push_to_hub,
+        expand_low_rank,
+    )  # fmt: skip
     out = request.out_dir
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -187,7 +210,8 @@ def export_pruned(
 def _layout(request: ExportRequest) -> str:
     if request.structured:
         return "obsdiff folder: structured"
-    return f"diffusers pipeline, components {request.components}"
+    expanded = ", low-rank modulation expanded" if request.expand_low_rank else ""
+    return f"diffusers pipeline, components {request.components}{expanded}"
 
 
 def _write_structured(request: ExportRequest, out: Path, where: str) -> str:
@@ -216,6 +240,8 @@ def _write_diffusers(
     pruned = load_pruned(request.run_dir, pretrained, pipeline)
     pipe, attr = pruned.pipeline, pruned.adapter.denoiser_attr
     denoiser = pruned.denoiser
+    if request.expand_low_rank:
+        expand_low_rank(denoiser)
     optional = set(getattr(pipe, "_optional_components", []))
     missing = sorted(
         n for n, value in pipe.components.items() if value is None and n not in optional
@@ -297,6 +323,8 @@ def model_card(request: ExportRequest, load_code: str, export_command: str | Non
         "calibration sampling": f"{calibration.get('num_inference_steps')} steps, guidance "
         f"{calibration.get('guidance_scale')}, {calibration.get('resolution')}",
     }
+    if "modulation" in manifest:
+        rows["modulation"] = _modulation(manifest, request.expand_low_rank)
     lines += [f"| {k} | {v} |" for k, v in rows.items()]
     prune = None if record is None else record.prune
     if prune is not None:
@@ -349,6 +377,16 @@ CITATION = """@inproceedings{zhu2026obsdiff,
   year      = {2026},
   note      = {arXiv:2510.06751}
 }"""
+
+
+def _modulation(manifest: dict[str, Any], expanded: bool) -> str:
+    """The low-rank modulation's row of the card: the rule, the ranks, how it is written."""
+    records = [r for r in manifest.get("records", []) if r.get("type") == "low_rank"]
+    ranks = sorted({int(r["rank"]) for r in records})
+    rule = ", ".join(f"{k} {v}" for k, v in manifest["modulation"].items() if k != "name")
+    span = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+    written = "; written as the dense product of each pair" if expanded else ""
+    return f"{len(records)} linears at low rank ({rule}: ranks {span}){written}"
 
 
 def _recovery_lines(recovery: dict[str, Any], record: RunRecord | None) -> list[str]:

@@ -52,6 +52,7 @@ class RunIdentity:
     eval_set: str | None = None
     pruned_run: str | None = None  # evaluate app: the prune run it evaluated
     recover: str | None = None  # the recovery's option (run and recover apps), None: none
+    modulation: str | None = None  # the modulation's option (low_rank), None: none
 
     def tags(self) -> dict[str, Any]:
         """The set fields (W&B tags, summary titles)."""

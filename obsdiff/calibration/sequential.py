@@ -28,10 +28,15 @@ from obsdiff.calibration.hooks import StatisticsHooks, StepTracker
 from obsdiff.calibration.packages import UnitRef
 from obsdiff.calibration.solve import solve_package
 from obsdiff.methods.base import PruningMethod
+from obsdiff.methods.modulation import (
+    LowRankModulation,
+    compress_modulation,
+    modulation_statistics,
+)
 from obsdiff.methods.package import (
     InputGroup,
     Package,
-    PruneRecord,
+    Record,
     Structured,
     StructuredBlock,
     Target,
@@ -119,7 +124,7 @@ class Placement:
 
 @dataclass
 class LoopReport:
-    records: list[PruneRecord] = field(default_factory=list)  # what the method reported
+    records: list[Record] = field(default_factory=list)  # what the method (and modulation) did
     calibration_seconds: float = 0.0
     solve_seconds: float = 0.0
     packages_done: int = 0
@@ -259,6 +264,7 @@ def calibrate_and_prune(
     first_prompt: int = 0,
     cache: StatisticsCache | None = None,
     cache_key: str | None = None,
+    modulation: LowRankModulation | None = None,
 ) -> LoopReport:
     """Run the loop from package `start_package` on: calibrate each package, then
     `solve_package(method, package, target)`; `on_package_done(index, report)` follows it.
@@ -269,7 +275,13 @@ def calibrate_and_prune(
 
     With `cache` and `cache_key` (`obsdiff.calibration.cache`), the first package's statistics
     are read from the cache when it holds them, else computed and written there. `placement`
-    says where the work lives."""
+    says where the work lives.
+
+    With `modulation`, the modulation linears' statistics are gathered in the first package's
+    pass (a pass of their own where the method calibrates nothing or the cache holds the
+    package's: the modulation reads the conditioning vector alone, which no pruning changes),
+    and the linears are factorised after that package's solve, so the later packages calibrate
+    on the compressed modulation."""
     parallel = parallel or DataParallel()
     denoiser = adapter.denoiser(pipe)
     with components_released(pipe, denoiser, placement.offload.components):
@@ -293,10 +305,14 @@ def calibrate_and_prune(
             if cached and method.needs_calibration:
                 assert cache is not None and cache_key is not None
                 hit = cache.load(cache_key, package)
-            if method.needs_calibration and not hit:
+            fed = [] if hit else [(g.modules[0], g.stats) for g in package.groups if g.stats]
+            names = adapter.modulation_linears(denoiser) if modulation and index == 0 else []
+            device = "cpu" if placement.offload.statistics else None
+            modulated = modulation_statistics(denoiser, names, device)
+            if fed or modulated:
                 hooks = StatisticsHooks(
                     denoiser,
-                    [(g.modules[0], g.stats) for g in package.groups if g.stats is not None],
+                    fed + modulated,
                     step_weights,
                     tracker,
                     cfg_mode=cfg_mode,
@@ -311,9 +327,9 @@ def calibrate_and_prune(
                         generators = image_generators(settings.seed, offset, count)
                         adapter.calibration_call(pipe, batch, generators, tracker.on_step_end)
                         offset += count
-                states = (t for g in package.groups if g.stats for t in g.stats.state_tensors())
+                states = (t for _, stats in fed + modulated for t in stats.state_tensors())
                 parallel.all_reduce_(states)
-                if cached and parallel.is_main:
+                if cached and fed and parallel.is_main:
                     assert cache is not None and cache_key is not None
                     cache.save(cache_key, package)
             calibrated = time.perf_counter()
@@ -321,6 +337,12 @@ def calibrate_and_prune(
                 report.records.extend(
                     solve_package(method, package, target, parallel, placement.shard_solve)
                 )
+                if modulated:
+                    assert modulation is not None
+                    statistics = [stats for _, stats in modulated]
+                    report.records.extend(
+                        compress_modulation(denoiser, names, statistics, modulation)
+                    )
             solved = time.perf_counter()
             report.calibration_seconds += calibrated - started
             report.solve_seconds += solved - calibrated

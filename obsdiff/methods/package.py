@@ -145,12 +145,37 @@ class StructuredRecord:
         return {"type": self.type, **asdict(self)}
 
 
+@dataclass
+class LowRankRecord:
+    """A modulation linear replaced by two of rank `rank` (`obsdiff.methods.modulation`)."""
+
+    type: ClassVar[str] = "low_rank"
+    name: str
+    shape: tuple[int, ...]  # (out, in)
+    rank: int
+    energy: float  # the share of the weighted output energy the rank keeps
+
+    @property
+    def parameters_saved(self) -> int:
+        """Weights the two linears hold fewer than the one they replace."""
+        out_features, in_features = self.shape
+        if self.rank >= min(out_features, in_features):  # left whole
+            return 0
+        return out_features * in_features - self.rank * (out_features + in_features)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **asdict(self), "shape": list(self.shape)}
+
+
 PruneRecord = LayerRecord | StructuredRecord
+Record = PruneRecord | LowRankRecord
 
 
-def record_from_dict(data: dict[str, Any]) -> PruneRecord:
+def record_from_dict(data: dict[str, Any]) -> Record:
     """The record `as_dict` wrote (records of checkpoints before the `type` key: by their keys)."""
     kind = data.get("type") or ("structured" if "removed" in data else "layer")
+    if kind == LowRankRecord.type:
+        return LowRankRecord(data["name"], tuple(data["shape"]), data["rank"], data["energy"])
     if kind == StructuredRecord.type:
         return StructuredRecord(
             data["block"], data["group"], data["kind"], data["before"], data["removed"]
@@ -158,11 +183,13 @@ def record_from_dict(data: dict[str, Any]) -> PruneRecord:
     return LayerRecord(data["name"], tuple(data["shape"]), data["pruned"], data["loss"])
 
 
-def achieved_sparsity(records: list[PruneRecord]) -> float:
+def achieved_sparsity(records: list[Record]) -> float:
     """Pruned units over all units of the records: weights of the target linears (unstructured,
-    N:M), or heads and neurons of the pruned groups (structured)."""
-    pruned = sum(r.units[0] for r in records)
-    total = sum(r.units[1] for r in records)
+    N:M), or heads and neurons of the pruned groups (structured); low-rank modulation is not
+    part of it."""
+    units = [r.units for r in records if not isinstance(r, LowRankRecord)]
+    pruned = sum(u[0] for u in units)
+    total = sum(u[1] for u in units)
     return pruned / total if total else 0.0
 
 

@@ -15,6 +15,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -55,6 +56,9 @@ class ModelAdapter(ABC):
     tiny_variants: ClassVar[tuple[str, ...]]  # recipes of `obsdiff.models.tiny`
     takes_max_sequence_length: ClassVar[bool] = False  # its pipeline caps a T5 prompt
     ffn_modules: ClassVar[tuple[str, ...]] = ("ff", "ff_context")  # names of FFN submodules
+    # the modulation linears (AdaLN projections of the conditioning vector), as name patterns
+    # (fnmatch) over the denoiser's modules; none: the family has no low-rank modulation
+    modulation_patterns: ClassVar[tuple[str, ...]] = ()
     # where its pipeline puts the latent and the timestep in a denoiser call (a position or a
     # keyword), and what it divides the scheduler's timestep (0..1000) by (Flux: 1000)
     latent_argument: ClassVar[int | str] = "hidden_states"
@@ -419,6 +423,16 @@ class ModelAdapter(ABC):
         return CFG_DOUBLED_BATCH if self.uses_cfg(sampling) else CFG_NONE
 
     # ---------------------------------------------------------------- structure
+    def modulation_linears(self, denoiser: nn.Module) -> list[str]:
+        """The names of the denoiser's modulation linears (`modulation_patterns`), in module
+        order."""
+        return [
+            name
+            for name, module in denoiser.named_modules()
+            if isinstance(module, nn.Linear)
+            and any(fnmatchcase(name, pattern) for pattern in self.modulation_patterns)
+        ]
+
     def is_ffn(self, name: str) -> bool:
         """Whether the linear at qualified `name` belongs to a feed-forward network (what
         DSnoT's official `--skip_layer mlp` skips)."""

@@ -48,6 +48,12 @@ class FluxAdapter(ModelAdapter):
     timestep_divisor = 1000.0  # FluxPipeline passes t / 1000
     tiny_variants = ("dev", "schnell")
     takes_max_sequence_length = True
+    modulation_patterns = (
+        "transformer_blocks.*.norm1.linear",
+        "transformer_blocks.*.norm1_context.linear",
+        "single_transformer_blocks.*.norm.linear",
+        "norm_out.linear",
+    )
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
         from obsdiff.models import tiny  # diffusers and transformers, for the zoo only

@@ -34,6 +34,7 @@ class PixArtAdapter(BasicBlockAdapter):
     latent_argument = 0  # PixArtSigmaPipeline: the latent first and positional
     tiny_variants = ("sigma",)
     takes_max_sequence_length = True
+    modulation_patterns = ("adaln_single.linear",)  # the blocks' own scale-shift tables add to it
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
         from obsdiff.models import tiny  # diffusers and transformers, for the zoo only

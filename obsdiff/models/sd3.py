@@ -44,6 +44,11 @@ class SD3Adapter(ModelAdapter):
     denoiser_attr = "transformer"
     tiny_variants = ("sd3", "sd35")
     takes_max_sequence_length = True
+    modulation_patterns = (
+        "transformer_blocks.*.norm1.linear",
+        "transformer_blocks.*.norm1_context.linear",
+        "norm_out.linear",
+    )
 
     def __init__(self, *args: Any, with_t5: bool = True, **kwargs: Any) -> None:
         """`with_t5=False` drops the T5 encoder (4.7 B parameters); SD3 then pads with zeros."""

@@ -42,6 +42,70 @@ def shrunk_linear(
     return new.train(linear.training)
 
 
+class LowRankLinear(nn.Module):
+    """A linear of rank `rank`: y = up(down(x)), `down` (rank x in, no bias) then `up`
+    (out x rank, the original bias). Two smaller linears in place of one; the pipeline calls it
+    as it called the linear (`in_features`, `out_features` as nn.Linear has them)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))  # (..., in) -> (..., rank) -> (..., out)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The product up @ down: the (out, in) weight of the equivalent nn.Linear."""
+        return self.up.weight @ self.down.weight
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def factorised_linear(linear: nn.Linear, up: torch.Tensor, down: torch.Tensor) -> LowRankLinear:
+    """`linear` as a `LowRankLinear` holding `up` (out, r) and `down` (r, in), with its bias."""
+    weight = linear.weight
+    new = LowRankLinear(
+        linear.in_features, linear.out_features, down.shape[0], linear.bias is not None,
+        weight.device, weight.dtype,
+    )  # fmt: skip
+    with torch.no_grad():
+        new.up.weight.copy_(up)
+        new.down.weight.copy_(down)
+        if linear.bias is not None:
+            new.up.bias.copy_(linear.bias)  # type: ignore[union-attr]
+    return new.train(linear.training)
+
+
+def expand_low_rank(denoiser: nn.Module) -> int:
+    """Every `LowRankLinear` of `denoiser` replaced, in place, by the nn.Linear of its product
+    (up @ down, computed in float32, stored in its dtype) and its bias: the same function at the
+    dense size, a layout plain diffusers loads. Returns how many were expanded."""
+    found = [(n, m) for n, m in denoiser.named_modules() if isinstance(m, LowRankLinear)]
+    for name, low in found:
+        weight = low.up.weight
+        dense = nn.Linear(
+            low.in_features, low.out_features, bias=low.up.bias is not None,
+            device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+        with torch.no_grad():
+            dense.weight.copy_(low.up.weight.float() @ low.down.weight.float())
+            if low.up.bias is not None:
+                dense.bias.copy_(low.up.bias)  # type: ignore[union-attr]
+        replace_submodule(denoiser, name, dense.train(low.training))
+    return len(found)
+
+
 @dataclass
 class Surgery:
     """Removals for one block, in original indices."""
@@ -85,8 +149,12 @@ class Surgery:
 
 
 def shapes(denoiser: nn.Module) -> dict[str, Any]:
-    """Every linear's (out, in) and every attention's head count, to rebuild a pruned denoiser."""
+    """Every linear's (out, in), every attention's head count and every low-rank linear's rank,
+    to rebuild a pruned denoiser."""
     return {
+        "low_rank": {
+            name: m.rank for name, m in denoiser.named_modules() if isinstance(m, LowRankLinear)
+        },
         "linears": {
             name: [m.out_features, m.in_features]
             for name, m in denoiser.named_modules()
@@ -102,7 +170,17 @@ def shapes(denoiser: nn.Module) -> dict[str, Any]:
 
 def restore_shapes(denoiser: nn.Module, recorded: dict[str, Any]) -> None:
     """Resize the base denoiser's linears and head counts to a recorded structure (weights are
-    then loaded with `load_state_dict`)."""
+    then loaded with `load_state_dict`): low-rank linears first (their two linears are then
+    among the recorded ones)."""
+    for name, rank in recorded.get("low_rank", {}).items():
+        if not isinstance(denoiser.get_submodule(name), LowRankLinear):
+            linear = linear_at(denoiser, name)
+            weight = linear.weight
+            low = LowRankLinear(
+                linear.in_features, linear.out_features, rank, linear.bias is not None,
+                weight.device, weight.dtype,
+            )  # fmt: skip
+            replace_submodule(denoiser, name, low.train(linear.training))
     for name, (out_features, in_features) in recorded["linears"].items():
         linear = linear_at(denoiser, name)
         if (linear.out_features, linear.in_features) != (out_features, in_features):

@@ -30,6 +30,9 @@ class UNetAdapter(BasicBlockAdapter):
     denoiser_attr = "unet"
     latent_argument, timestep_argument = 0, 1  # the SD pipelines: both positional
     tiny_variants = ("sdxl", "sd21", "sd15")
+    modulation_patterns = (
+        "*.resnets.*.time_emb_proj",
+    )  # each resnet's scale of the time embedding
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
         from obsdiff.models import tiny  # diffusers and transformers, for the zoo only

@@ -17,6 +17,7 @@ from obsdiff.calibration.packages import UnitRef, list_units, split_packages
 from obsdiff.calibration.sequential import CalibrationSettings, Placement
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
+from obsdiff.methods.modulation import LowRankModulation
 from obsdiff.methods.package import Structured, Target
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.structure import linear_at
@@ -54,6 +55,7 @@ class PruneJob:
     keep_checkpoint: bool
     statistics_cache: Path | None  # a folder: the first package's statistics reused
     placement: Placement  # where the work lives (not part of the key)
+    modulation: LowRankModulation | None = None  # the modulation linears factorised too
 
     def __post_init__(self) -> None:
         try:
@@ -73,6 +75,17 @@ class PruneJob:
             )
         if self.calibration.batch_size < 1:
             raise JobError(f"calibration.batch_size={self.calibration.batch_size} must be >= 1")
+        if self.modulation is not None and not self.model.modulation_patterns:
+            raise JobError(
+                f"modulation=low_rank: the {self.model.family} family has no table of modulation "
+                "linears; use modulation=none"
+            )
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the run makes calibration passes: for the method's statistics or the
+        modulation's."""
+        return self.method.needs_calibration or self.modulation is not None
 
     def settings(self) -> dict[str, Any]:
         """The settings that change the pruned weights, and only those (not where the run is
@@ -88,7 +101,7 @@ class PruneJob:
             "blocks": None if self.blocks is None else list(self.blocks),
             "prompts_sha256": self.prompts.describe()["prompts_sha256"],
             "calibration": self.calibration.run_settings(),
-        }
+        } | ({} if self.modulation is None else {"modulation": self.modulation.describe()})
 
     def first_package_identity(
         self, first: list[UnitRef], world_size: int, weights: str | None = None
@@ -128,6 +141,11 @@ def plan_packages(
     except ValueError as err:
         raise JobError(str(err)) from err
     targets = _target_modules(denoiser, packages)
+    if job.modulation is not None:
+        try:
+            job.modulation.check_widths(denoiser, job.model.modulation_linears(denoiser))
+        except ValueError as err:
+            raise JobError(str(err)) from err
     if structured:
         _check_structured(job.model, denoiser, units, job.sparsity)
     else:

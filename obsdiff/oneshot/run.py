@@ -28,7 +28,7 @@ from obsdiff.calibration.sequential import (
     embed_batches,
     peak_statistics_bytes,
 )
-from obsdiff.methods.package import LayerRecord, Structured, achieved_sparsity
+from obsdiff.methods.package import LayerRecord, LowRankRecord, Structured, achieved_sparsity
 from obsdiff.models.surgery import shapes
 from obsdiff.oneshot.checkpoint import Checkpointer, check_previous_run
 from obsdiff.oneshot.job import PruneJob, plan_packages
@@ -89,7 +89,7 @@ def prune_pipeline(
     previous = checkpointer.restore()
     embeddings = []
     shard = parallel.shard(len(job.prompts.prompts))
-    if job.method.needs_calibration and previous.packages_done < len(packages):
+    if job.calibrates and previous.packages_done < len(packages):
         prompts = job.prompts.prompts[shard.start : shard.stop]
         embeddings = embed_batches(job.model, pipe, prompts, job.calibration.batch_size, job.device)
 
@@ -119,8 +119,16 @@ def prune_pipeline(
         first_prompt=shard.start,
         cache=cache,
         cache_key=key,
+        modulation=job.modulation,
     )
     report = _merged(previous, report)
+    factorised = [r for r in report.records if isinstance(r, LowRankRecord)]
+    if factorised:
+        log.info(
+            "low-rank modulation: %d of %d linears factorised, %d parameters fewer",
+            sum(r.parameters_saved > 0 for r in factorised), len(factorised),
+            sum(r.parameters_saved for r in factorised),
+        )  # fmt: skip
 
     untouched = isinstance(job.target, Structured)  # structured: units are heads and neurons
     result = PruneResult(
@@ -218,6 +226,8 @@ def _manifest(
             name: version(name) for name in ("obsdiff", "torch", "diffusers", "transformers")
         },
     }
-    if isinstance(job.target, Structured):  # the new widths and head counts, for loading
-        manifest["structure"] = shapes(denoiser)
+    if job.modulation is not None:
+        manifest["modulation"] = job.modulation.describe()
+    if isinstance(job.target, Structured) or job.modulation is not None:
+        manifest["structure"] = shapes(denoiser)  # new widths, head counts, ranks: for loading
     return manifest

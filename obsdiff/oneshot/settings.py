@@ -16,6 +16,7 @@ from torch import nn
 from obsdiff.calibration.sequential import CalibrationSettings, Offload, Placement
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
+from obsdiff.methods.modulation import LowRankModulation
 from obsdiff.models.base import ModelAdapter
 from obsdiff.oneshot.job import JobError, PruneJob, check_layout
 from obsdiff.oneshot.plan import GB, choose_packages, memory_plan
@@ -39,6 +40,8 @@ class PruneSettings:
         method: The default option of the `method` group (`obsdiff.prune`'s default method).
         granularity: The default option of the `granularity` group.
         weighting: The default option of the `weighting` group.
+        modulation: The default option of the `modulation` group (`none`; `low_rank`: the
+            modulation linears factorised, `obsdiff.methods.modulation`).
         sparsity: Target sparsity of the target linears, in [0, 1); N:M needs N / M.
         packages: Module packages (paper Sec. 4.2): 1 is one pass for everything, the number of
             basic units is layer by layer; `auto` takes the fewest whose predicted peak fits
@@ -60,6 +63,7 @@ class PruneSettings:
     method: str = "obsdiff"
     granularity: str = "unstructured"
     weighting: str = "log_decrease"
+    modulation: str = "none"
     sparsity: float = 0.5
     packages: int | str = 4
     memory_budget: float | None = field(default=None, metadata={"example": 24, "minimum": 0.001})
@@ -72,7 +76,7 @@ class PruneSettings:
     keep_checkpoint: bool = False
 
     # the fields that are config groups in the apps (their default option), not values
-    GROUPS: ClassVar[tuple[str, ...]] = ("method", "granularity", "weighting")
+    GROUPS: ClassVar[tuple[str, ...]] = ("method", "granularity", "weighting", "modulation")
 
     @classmethod
     def values(cls) -> tuple[str, ...]:
@@ -91,6 +95,7 @@ class PruneSettings:
         shard_solve: bool,
         reach_model: bool = True,
         components: dict[str, nn.Module] | None = None,
+        modulation: LowRankModulation | None = None,
     ) -> PruneJob:
         """The checked job: every combination and the model's layout from its architecture
         alone (nothing loaded; `reach_model`: also that the checkpoint can be reached), the
@@ -118,6 +123,7 @@ class PruneSettings:
             keep_checkpoint=self.keep_checkpoint,
             statistics_cache=statistics_cache,
             placement=Placement(self.offload, shard_solve),
+            modulation=modulation,
         )
         budget = None if self.memory_budget is None else self.memory_budget * GB
         if auto:

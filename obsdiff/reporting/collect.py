@@ -163,8 +163,9 @@ def _settings(record: RunRecord) -> dict[str, Any]:
     """The run's identity (SETTINGS), then its other command-line settings (a sweep's axes)."""
     names = asdict(record.identity)
     settings = {key: names.get(key) for key in SETTINGS}
-    if names.get("recover") is not None:  # a recovered run: the recovery is one more axis
-        settings["recover"] = names["recover"]
+    for axis in ("modulation", "recover"):  # where set: one more axis each
+        if names.get(axis) is not None:
+            settings[axis] = names[axis]
     settings.update((k, _as_number(v)) for k, v in record.overrides.items() if k not in SETTINGS)
     return settings
 

@@ -62,6 +62,17 @@ def load(path: Path) -> dict:  # type: ignore[type-arg]
         ),
         ("obsdiff.prune", ["runner=fsdp_cpu"], "runner.strategy=fsdp shards a recovery's"),
         ("obsdiff.prune", ["runner.strategy=zero3"], "runner.strategy='zero3'; use one of"),
+        ("obsdiff.prune", ["modulation=low_rank"], "exactly one of modulation.rank"),
+        (
+            "obsdiff.prune",
+            ["modulation=low_rank", "modulation.rank=33"],  # the tiny SD3 is 32 wide
+            "modulation.rank=33 is larger than transformer_blocks.0.norm1.linear (192 x 32)",
+        ),
+        (
+            "obsdiff.run",
+            ["modulation=low_rank", "modulation.energy=1.5"],
+            "modulation.energy=1.5 must be in (0, 1]",
+        ),
         ("obsdiff.evaluate", ["model=flux_dev"], "model.pretrained"),
         ("obsdiff.sample", ["model=sdxl_base"], "model.pretrained"),
     ],

@@ -61,6 +61,7 @@ RUNS = {  # the runs the tests export, each made once (module scope)
     "tiny 2:4 wanda": ("obsdiff.prune", [*TINY, "granularity=semi_2_4", "method=wanda"]),
     "toy 2:4": ("obsdiff.prune", [*TOY, "granularity=semi_2_4"]),
     "tiny structured": ("obsdiff.prune", [*TINY, "granularity=structured", "sparsity=0.25"]),
+    "tiny low-rank": ("obsdiff.prune", [*TINY, "modulation=low_rank", "modulation.rank=2"]),
 }
 
 
@@ -158,6 +159,47 @@ def test_structured_export_reloads_with_identical_outputs(
     kwargs = original.adapter.call_kwargs()
     kwargs.pop("negative_prompt", None)
     assert torch.equal(generate(original.pipeline, kwargs), generate(exported.pipeline, kwargs))
+
+
+@pytest.mark.xdist_group("export_runs")  # the module's runs are made once, on one worker
+def test_low_rank_modulation_exports_as_obsdiffs_folder_or_expanded_for_plain_diffusers(
+    tmp_path: Path, runs: dict[str, Path]
+) -> None:
+    """Kept as two linears each: obsdiff's folder, reloaded bit for bit. Expanded: a diffusers
+    folder that plain diffusers loads without obsdiff, each modulation weight the product of
+    its pair, the same latents within round-off (the product's sums run in another order)."""
+    run_dir = runs["tiny low-rank"]
+    pruned = obsdiff.load_pruned(run_dir)
+    kwargs = pruned.adapter.call_kwargs()
+    kwargs.pop("negative_prompt", None)
+    folder = obsdiff.export(run_dir, tmp_path / "folder")
+    card = (folder / "README.md").read_text()
+    assert "library_name: obsdiff" in card and "linears at low rank (rank 2: ranks 2)" in card
+    assert torch.equal(generate(obsdiff.load_pruned(folder).pipeline, kwargs),
+                       generate(pruned.pipeline, kwargs))  # fmt: skip
+
+    out = obsdiff.export(run_dir, tmp_path / "expanded", expand_low_rank=True)
+    card = (out / "README.md").read_text()
+    assert "library_name: diffusers" in card and "dense product of each pair" in card
+    script = PLAIN.format(load=card_code(card), attr="transformer", prompt=PROMPT)
+    weights, latents = tmp_path / "weights.safetensors", tmp_path / "latents.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(weights), str(latents), json.dumps(kwargs)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain = safetensors.torch.load_file(str(weights))
+    ours = pruned.denoiser.state_dict()
+    for name in pruned.manifest["structure"]["low_rank"]:
+        product = ours[f"{name}.up.weight"] @ ours[f"{name}.down.weight"]
+        torch.testing.assert_close(plain[f"{name}.weight"], product)
+        assert torch.equal(plain[f"{name}.bias"], ours[f"{name}.up.bias"])
+    torch.testing.assert_close(
+        safetensors.torch.load_file(str(latents))["latents"], generate(pruned.pipeline, kwargs),
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+    with pytest.raises(ExportError, match="no low-rank modulation to expand"):
+        check_export(runs["tiny 2:4 wanda"], tmp_path / "x", expand_low_rank=True)
 
 
 @pytest.mark.xdist_group("export_runs")  # the module's runs are made once, on one worker

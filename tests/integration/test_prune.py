@@ -166,15 +166,23 @@ def test_pruned_model_of_a_local_checkpoint_loads_into_memory_of_its_own(
     assert torch.equal(a[0], b[0])
 
 
-@pytest.mark.parametrize("granularity", ["unstructured", "structured"])
+@pytest.mark.parametrize(
+    ("granularity", "modulation"),
+    [
+        ("unstructured", []),
+        ("structured", []),
+        ("unstructured", ["modulation=low_rank", "modulation.energy=0.99"]),  # factorised first
+    ],
+)
 def test_resume_after_a_failure_gives_the_same_weights(
-    granularity: str, compose_prune, tmp_path: Path, monkeypatch
+    granularity: str, modulation: list[str], compose_prune, tmp_path: Path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     import obsdiff.calibration.sequential as sequential
 
     overrides = ["model=tiny_sd3", "packages=3", f"granularity={granularity}", "sparsity=0.25"]
     if granularity == "structured":
         overrides[1] = "packages=2"
+    overrides = [*modulation, *overrides]  # the last one stays the sparsity
     prune(compose_prune, tmp_path / "whole", *overrides)
     whole = safetensors.torch.load_file(str(tmp_path / "whole" / "denoiser.safetensors"))
 
@@ -198,6 +206,9 @@ def test_resume_after_a_failure_gives_the_same_weights(
     assert resumed.keys() == whole.keys()
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
+    if modulation:  # restored from the checkpoint as two linears each
+        manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+        assert manifest["structure"]["low_rank"] and manifest["modulation"]["energy"] == 0.99
     with pytest.raises(JobError, match="different run"):
         prune(compose_prune, tmp_path / "resumed", *overrides[:-1], "sparsity=0.3")
 
