@@ -163,8 +163,7 @@ def prune(
     job = _job(
         in_memory_adapter(pipe, sampling), method, granularity, weighting, settings, calibration,
         PromptSet(prompts, "python", "", "given", None), method_options,
-        modulation=from_mapping(LowRankModulation, modulation, "modulation.")
-        if isinstance(modulation, dict) else modulation,
+        modulation=_modulation(modulation),
     )  # fmt: skip
     if run_dir is not None:
         pruned = prune_pipeline(job, Path(run_dir))
@@ -186,13 +185,16 @@ def memory_plan(
     blocks: tuple[int, int] | None = PRUNE.blocks,
     offload_statistics: bool = OFFLOAD.statistics,
     offload_components: bool = OFFLOAD.components,
+    modulation: LowRankModulation | dict[str, Any] | None = None,
     **method_options: Any,
 ) -> MemoryPlan:
     """What pruning `model` will hold on its device (`MemoryPlan`: weights per component,
     statistics per package, the costliest solve, the predicted peak; `.table()` prints it), from
-    its architecture alone: no weights are loaded. `model`: a pipeline, an adapter, or the name
-    of a model config (`conf/model/<name>.yaml`, e.g. "flux_dev": its config files ship with
-    obsdiff). `packages="auto"` with `memory_budget` (GB) picks the fewest that fit."""
+    its architecture alone: no weights are loaded; and what the denoiser is made of (`.roles`:
+    parameters by role) and what the job reaches (`.reach`: the weights its sparsity zeroes or
+    removes, and what `modulation`, as for `prune`, saves). `model`: a pipeline, an adapter, or
+    the name of a model config (`conf/model/<name>.yaml`, e.g. "flux_dev": its config files ship
+    with obsdiff). `packages="auto"` with `memory_budget` (GB) picks the fewest that fit."""
     if isinstance(model, str):
         model = model_from_config(model)
     elif not isinstance(model, ModelAdapter):
@@ -208,8 +210,16 @@ def memory_plan(
     components = model.component_skeletons()  # built once, for every check and the plan
     job = _job(model, method, granularity, PRUNE.weighting, settings, CALIBRATION,
                PromptSet([""], "python", "", "given", None), method_options,
-               reach_model=False, components=components)  # fmt: skip
+               reach_model=False, components=components,
+               modulation=_modulation(modulation))  # fmt: skip
     return plan_memory(job, components)
+
+
+def _modulation(modulation: LowRankModulation | dict[str, Any] | None) -> LowRankModulation | None:
+    """The `modulation` argument as settings (a dict: their keys)."""
+    if isinstance(modulation, dict):
+        return from_mapping(LowRankModulation, modulation, "modulation.")
+    return modulation
 
 
 def recovery_memory_plan(

@@ -18,6 +18,10 @@ What the prune run holds on its device at its peak, and what the plan counts:
   `obs_workspace_bytes`), plus, with offloaded statistics, the unit's statistics moved to the
   device for it.
 
+It also says what the model is made of (`obsdiff.models.roles`: attention, FFN, modulation,
+embeddings, the rest) and what the job can reach: the weights of its target linears (the share a
+sparsity zeroes), or the linears structured pruning cuts, and what low-rank modulation saves.
+
 Not predicted: activations of the calibration forward (small at the paper's 512 x 512, a few
 hundred MB at most), the CUDA context and the allocator's caching; measure them on the device.
 """
@@ -25,12 +29,15 @@ hundred MB at most), the CUDA context and the allocator's caching; measure them 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+import torch
 from torch import nn
 
+from obsdiff.calibration.packages import UnitRef
 from obsdiff.calibration.sequential import package_statistics_bytes
 from obsdiff.methods.package import Structured
+from obsdiff.models.roles import ParameterRoles, parameter_roles
 from obsdiff.models.structure import linear_at
 from obsdiff.oneshot.job import JobError, PruneJob, plan_packages
 from obsdiff.pruning.statistics import InputStatistics
@@ -56,6 +63,8 @@ class MemoryPlan:
     denoiser: str = ""  # the denoiser's component name
     offload_statistics: bool = False  # statistics in CPU memory
     offload_components: bool = False  # only the denoiser on the device
+    roles: ParameterRoles | None = None  # the denoiser's parameters by role
+    reach: list[str] = field(default_factory=list)  # what the job's compression reaches
 
     @property
     def weights_bytes(self) -> int:
@@ -119,6 +128,15 @@ class MemoryPlan:
             f"  {'predicted peak':<28} {self.predicted_peak_bytes / GB:9.3f} GB"
             "  (+ activations, CUDA context: not predicted)"
         )
+        if self.roles is not None:
+            total = self.roles.total
+            lines.append(f"parameters of the {self.denoiser}: {total / 1e9:.3f} B")
+            for role, count in self.roles.counts.items():
+                note = ""
+                if role == "modulation" and count:
+                    note = f"  (blocks {self.roles.block_modulation / 1e9:.3f} B)"
+                lines.append(f"  {role:<28} {count / 1e9:9.3f} B {count / total:6.1%}{note}")
+        lines += [f"  {line}" for line in self.reach]
         return "\n".join(lines)
 
 
@@ -127,7 +145,7 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
     modules, by default `job.model.component_skeletons()`, built without weights)."""
     components = job.model.component_skeletons() if components is None else components
     denoiser = components[job.model.denoiser_attr]
-    packages, _ = plan_packages(job, denoiser)
+    packages, targets = plan_packages(job, denoiser)
     cached_first = job.statistics_cache is not None
     per_package = package_statistics_bytes(denoiser, packages, job.method, cached_first)
     offload = job.placement.offload.statistics
@@ -150,6 +168,7 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
         structured = isinstance(job.target, Structured)
         units = [[i] for i in range(len(shapes))] if structured else method.solve_units(shapes)
         costliest = max([costliest, *(sum(group_bytes[i] for i in unit) for unit in units)])
+    roles = parameter_roles(job.model, denoiser)
     return MemoryPlan(
         model=job.model.name,
         dtype=job.model.dtype,
@@ -161,7 +180,64 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
         denoiser=job.model.denoiser_attr,
         offload_statistics=offload and method.needs_calibration,
         offload_components=job.placement.offload.components,
+        roles=roles,
+        reach=reach(job, denoiser, roles, packages, [m for _, m in targets]),
     )
+
+
+def reach(
+    job: PruneJob,
+    denoiser: nn.Module,
+    roles: ParameterRoles,
+    packages: list[list[UnitRef]],
+    targets: list[nn.Linear],
+) -> list[str]:
+    """What the job's granularity and modulation reach, as lines: the target linears' weights
+    and what its sparsity zeroes (unstructured, N:M), or the weights of the linears whose heads
+    and neurons structured pruning removes (about the sparsity's share of them goes); the
+    weights low-rank modulation saves (exact for a rank or a budget; an energy's rank is
+    chosen after calibration)."""
+    total = roles.total
+
+    def amount(count: float) -> str:
+        return f"{count / 1e9:.3f} B ({count / total:.1%} of the {job.model.denoiser_attr})"
+
+    weights = sum(m.weight.numel() for m in targets)
+    name = f"{job.method.name} {job.granularity.name} {job.sparsity:g}"
+    if isinstance(job.target, Structured):  # the producers too: every linear a group cuts
+        blocks = dict(job.model.blocks(denoiser))
+        cut: set[str] = set()
+        for block_name in dict.fromkeys(unit.block_name for p in packages for unit in p):
+            heads, neurons = job.model.structured_groups(blocks[block_name])
+            names = [n for g in heads for n in (*g.producers, *(c for c, _ in g.consumers))]
+            names += [n for g in neurons for n in (*(p for p, _ in g.producers), g.consumer[0])]
+            cut.update(f"{block_name}.{n}" for n in names)
+        weights = sum(linear_at(denoiser, n).weight.numel() for n in cut)
+        lines = [
+            f"structured pruning cuts into linears of {amount(weights)}; {name}: about "
+            f"{amount(job.sparsity * weights)} removed"
+        ]
+    else:
+        lines = [
+            f"target linears: {amount(weights)}; {name}: {amount(job.sparsity * weights)} zeroed"
+        ]
+    modulation = roles.counts["modulation"]
+    if job.modulation is None:
+        lines.append(f"modulation (modulation=low_rank reaches it): {amount(modulation)}")
+        return lines
+    if job.modulation.energy is not None:
+        lines.append(
+            f"low-rank modulation: of {amount(modulation)}, the saving follows the ranks "
+            f"energy {job.modulation.energy} chooses after calibration"
+        )
+        return lines
+    saved = 0
+    for linear_name in job.model.modulation_linears(denoiser):
+        out_features, in_features = linear_at(denoiser, linear_name).weight.shape
+        rank = job.modulation.choose_rank(torch.empty(0), (out_features, in_features))
+        saved += max(0, out_features * in_features - rank * (out_features + in_features))
+    lines.append(f"low-rank modulation: of {amount(modulation)}, {amount(saved)} fewer")
+    return lines
 
 
 def choose_packages(
