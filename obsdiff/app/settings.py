@@ -25,7 +25,6 @@ from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.methods.modulation import LowRankModulation
 from obsdiff.models.base import ModelAdapter
-from obsdiff.models.surgery import restore_shapes
 from obsdiff.oneshot.job import PruneJob
 from obsdiff.oneshot.settings import PruneSettings, calibration_prompts
 from obsdiff.prompts.eval_sets import EvalPrompts, coco_captions, prompt_file
@@ -198,7 +197,7 @@ def check_lora_width(base: ModelAdapter, manifest: dict[str, Any], rank: int) ->
     recorded structure over the base architecture): ConfigError naming the narrowest."""
     skeleton = base.denoiser_skeleton()
     if "structure" in manifest:
-        restore_shapes(skeleton, manifest["structure"])
+        base.restore_structure(skeleton, manifest["structure"])
     try:
         check_lora_rank(skeleton, lora_targets(base, skeleton), rank)
     except ValueError as err:

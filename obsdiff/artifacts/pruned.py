@@ -24,7 +24,6 @@ from obsdiff.artifacts.record import PruneResult, RecoveryResult
 from obsdiff.models import adapter_for
 from obsdiff.models.base import ModelAdapter, adapter_from_config
 from obsdiff.models.sparse import check_sparse_kernels, use_sparse_kernels
-from obsdiff.models.surgery import restore_shapes
 from obsdiff.utils.file_checks import safetensors_problem
 from obsdiff.utils.io import save_tensors, write_json
 
@@ -181,8 +180,8 @@ def load_pruned(
         adapter = adapter_from_config(base_config(model_config, pretrained))
     pipe = adapter.load()
     denoiser = adapter.denoiser(pipe)
-    if "structure" in manifest:  # structured: resize linears and head counts first
-        restore_shapes(denoiser, manifest["structure"])
+    if "structure" in manifest:  # blocks removed, linears resized or factorised, heads: first
+        adapter.restore_structure(denoiser, manifest["structure"])
     state = safetensors.torch.load_file(str(Path(run_dir) / WEIGHTS))
     denoiser.load_state_dict(state, strict=True)
     if device is not None:

@@ -23,7 +23,7 @@ import logging
 import time
 
 from obsdiff.methods.base import PruningMethod
-from obsdiff.methods.package import Package, PruneRecord, Structured, Target
+from obsdiff.methods.package import Depth, Package, PruneRecord, Structured, Target
 from obsdiff.methods.structured import prune_structured
 from obsdiff.models.surgery import restore_shapes, shapes
 from obsdiff.runners.parallel import DataParallel
@@ -47,6 +47,8 @@ def prune_unit(method: PruningMethod, unit: Package, target: Target) -> list[Pru
     unit = unit.local()
     if isinstance(target, Structured):
         return list(prune_structured(method, unit, target.sparsity))
+    if isinstance(target, Depth):  # whole blocks go in obsdiff.calibration.depth, not here
+        raise TypeError("depth pruning has no packages to solve")
     return list(method.prune_groups(unit.groups, target))
 
 

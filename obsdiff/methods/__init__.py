@@ -2,6 +2,7 @@
 
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.dense import Dense
+from obsdiff.methods.depth import BlockCosine, BlockOutputLoss, DepthCriterion
 from obsdiff.methods.dsnot import DSnoT
 from obsdiff.methods.granularity import Granularity
 from obsdiff.methods.l1 import L1
@@ -21,13 +22,17 @@ from obsdiff.methods.wanda import Wanda
 
 # Each method by the name of its config option (conf/method/<name>.yaml): the Python API's names.
 METHODS: dict[str, type[PruningMethod]] = {
-    cls.name: cls for cls in (ObsDiff, Wanda, DSnoT, Magnitude, L1, Dense)
+    cls.name: cls
+    for cls in (ObsDiff, Wanda, DSnoT, Magnitude, L1, Dense, BlockCosine, BlockOutputLoss)
 }
 
 __all__ = [
     "METHODS",
+    "BlockCosine",
+    "BlockOutputLoss",
     "DSnoT",
     "Dense",
+    "DepthCriterion",
     "Granularity",
     "InputGroup",
     "L1",

@@ -5,22 +5,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from obsdiff.methods.package import Structured, Target
+from obsdiff.methods.package import Depth, Structured, Target
 from obsdiff.pruning.patterns import NM, Unstructured, check_sparsity
 
 
-KINDS = ("unstructured", "nm", "structured")
+KINDS = ("unstructured", "nm", "structured", "depth")
 # The `granularity` options (conf/granularity/) of each kind: what a user types.
 GRANULARITY_OPTIONS = {
     "unstructured": ("unstructured",),
     "nm": ("semi_2_4", "semi_4_8"),
     "structured": ("structured",),
+    "depth": ("depth",),
 }
 
 
 @dataclass(frozen=True)
 class Granularity:
-    """`unstructured`, `nm` (with n, m) or `structured` (attention heads and FFN neurons)."""
+    """`unstructured`, `nm` (with n, m), `structured` (attention heads and FFN neurons) or
+    `depth` (whole blocks)."""
 
     name: str
     kind: str
@@ -35,14 +37,14 @@ class Granularity:
 
     @classmethod
     def from_name(cls, name: str) -> Granularity:
-        """`unstructured`, `structured` or `semi_<n>_<m>` (e.g. semi_2_4): the option names of
-        conf/granularity/, whose YAML files name nothing else."""
-        options = "unstructured, semi_2_4, semi_4_8 (or semi_<n>_<m>), structured"
+        """`unstructured`, `structured`, `depth` or `semi_<n>_<m>` (e.g. semi_2_4): the option
+        names of conf/granularity/, whose YAML files name nothing else."""
+        options = "unstructured, semi_2_4, semi_4_8 (or semi_<n>_<m>), structured, depth"
         nm = re.fullmatch(r"semi_(\d+)_(\d+)", name)
         try:
             if nm:
                 return cls(name, "nm", int(nm.group(1)), int(nm.group(2)))
-            if name in ("unstructured", "structured"):
+            if name in ("unstructured", "structured", "depth"):
                 return cls(name, name)
         except ValueError as err:
             raise ValueError(f"granularity={name!r}: {err}; use one of {options}") from None
@@ -62,4 +64,6 @@ class Granularity:
             return NM(self.n, self.m)
         if self.kind == "structured":
             return Structured(sparsity)
+        if self.kind == "depth":
+            return Depth(sparsity)
         return Unstructured(sparsity)

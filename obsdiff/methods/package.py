@@ -29,7 +29,17 @@ class Structured:
         check_sparsity(self.sparsity)
 
 
-Target = Pattern | Structured
+@dataclass(frozen=True)
+class Depth:
+    """Remove round(blocks x sparsity) whole blocks (`obsdiff.methods.depth`)."""
+
+    sparsity: float
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+
+
+Target = Pattern | Structured | Depth
 
 
 @dataclass
@@ -167,13 +177,34 @@ class LowRankRecord:
         return {"type": self.type, **asdict(self), "shape": list(self.shape)}
 
 
-PruneRecord = LayerRecord | StructuredRecord
+@dataclass
+class BlockRecord:
+    """One block under depth pruning: its criterion's score (None: not a candidate) and
+    whether it went."""
+
+    type: ClassVar[str] = "block"
+    name: str
+    score: float | None
+    removed: bool
+
+    @property
+    def units(self) -> tuple[int, int]:
+        """(pruned, total): this block."""
+        return int(self.removed), 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **asdict(self)}
+
+
+PruneRecord = LayerRecord | StructuredRecord | BlockRecord
 Record = PruneRecord | LowRankRecord
 
 
 def record_from_dict(data: dict[str, Any]) -> Record:
     """The record `as_dict` wrote (records of checkpoints before the `type` key: by their keys)."""
     kind = data.get("type") or ("structured" if "removed" in data else "layer")
+    if kind == BlockRecord.type:
+        return BlockRecord(data["name"], data["score"], data["removed"])
     if kind == LowRankRecord.type:
         return LowRankRecord(data["name"], tuple(data["shape"]), data["rank"], data["energy"])
     if kind == StructuredRecord.type:

@@ -32,6 +32,7 @@ from obsdiff.models.loading import (
 )
 from obsdiff.models.sampling import CFG_DOUBLED_BATCH, CFG_NONE, SamplingDefaults
 from obsdiff.models.structure import HeadGroup, NeuronGroup, Unit
+from obsdiff.models.surgery import restore_shapes
 from obsdiff.utils.memory import own_memory
 
 
@@ -59,6 +60,11 @@ class ModelAdapter(ABC):
     # the modulation linears (AdaLN projections of the conditioning vector), as name patterns
     # (fnmatch) over the denoiser's modules; none: the family has no low-rank modulation
     modulation_patterns: ClassVar[tuple[str, ...]] = ()
+    # depth pruning: each ModuleList of blocks and the config key of its length (none: the
+    # family's blocks cannot be removed); `joint_blocks`: a block takes both streams and returns
+    # (encoder_hidden_states, hidden_states) (the MMDiTs), else it returns hidden_states alone
+    depth_lists: ClassVar[dict[str, str]] = {}
+    joint_blocks: ClassVar[bool] = False
     # where its pipeline puts the latent and the timestep in a denoiser call (a position or a
     # keyword), and what it divides the scheduler's timestep (0..1000) by (Flux: 1000)
     latent_argument: ClassVar[int | str] = "hidden_states"
@@ -432,6 +438,46 @@ class ModelAdapter(ABC):
             if isinstance(module, nn.Linear)
             and any(fnmatchcase(name, pattern) for pattern in self.modulation_patterns)
         ]
+
+    def block_streams(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(input, output) of each stream a block carries, from one call's arguments and result
+        (the image stream, then the text stream of a joint block where it returns one)."""
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if not self.joint_blocks:
+            return [(hidden, output)]
+        text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+        text_out, hidden_out = output
+        pairs = [(hidden, hidden_out)]
+        if text_out is not None:  # SD3's last block returns no text stream
+            pairs.append((text, text_out))
+        return pairs
+
+    def skipped_output(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """What a block returns when it is skipped: its inputs, in its output's form."""
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if not self.joint_blocks:
+            return hidden
+        text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+        return text, hidden
+
+    def remove_blocks(self, denoiser: nn.Module, names: list[str]) -> None:
+        """Delete the named blocks (`depth_lists`' `<list>.<index>`, original indices) from their
+        lists and set the config's counts, so that the denoiser saves and loads as a plain
+        diffusers model of fewer layers."""
+        for list_name, key in self.depth_lists.items():
+            blocks: nn.ModuleList = getattr(denoiser, list_name)
+            gone = {int(n.rsplit(".", 1)[1]) for n in names if n.rsplit(".", 1)[0] == list_name}
+            kept = [block for index, block in enumerate(blocks) if index not in gone]
+            setattr(denoiser, list_name, nn.ModuleList(kept))
+            denoiser.register_to_config(**{key: len(kept)})  # type: ignore[operator]
+
+    def restore_structure(self, denoiser: nn.Module, structure: dict[str, Any]) -> None:
+        """The base denoiser brought to a recorded structure (blocks removed, linears resized
+        or factorised, head counts), before its weights are loaded."""
+        self.remove_blocks(denoiser, list(structure.get("removed_blocks", [])))
+        restore_shapes(denoiser, structure)
 
     def is_ffn(self, name: str) -> bool:
         """Whether the linear at qualified `name` belongs to a feed-forward network (what

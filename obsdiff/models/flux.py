@@ -54,6 +54,11 @@ class FluxAdapter(ModelAdapter):
         "single_transformer_blocks.*.norm.linear",
         "norm_out.linear",
     )
+    depth_lists = {
+        "transformer_blocks": "num_layers",
+        "single_transformer_blocks": "num_single_layers",
+    }
+    joint_blocks = True  # the single blocks too take and return both streams
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
         from obsdiff.models import tiny  # diffusers and transformers, for the zoo only

@@ -35,6 +35,7 @@ class PixArtAdapter(BasicBlockAdapter):
     tiny_variants = ("sigma",)
     takes_max_sequence_length = True
     modulation_patterns = ("adaln_single.linear",)  # the blocks' own scale-shift tables add to it
+    depth_lists = {"transformer_blocks": "num_layers"}
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
         from obsdiff.models import tiny  # diffusers and transformers, for the zoo only

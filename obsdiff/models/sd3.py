@@ -49,6 +49,19 @@ class SD3Adapter(ModelAdapter):
         "transformer_blocks.*.norm1_context.linear",
         "norm_out.linear",
     )
+    depth_lists = {"transformer_blocks": "num_layers"}
+    joint_blocks = True
+
+    def remove_blocks(self, denoiser: nn.Module, names: list[str]) -> None:
+        """As every family, and SD3.5-Medium's `dual_attention_layers` renumbered to the blocks
+        that stay."""
+        count = len(denoiser.transformer_blocks)  # type: ignore[arg-type]
+        gone = {int(name.rsplit(".", 1)[1]) for name in names}
+        kept = [index for index in range(count) if index not in gone]
+        dual = set(denoiser.config.dual_attention_layers)  # type: ignore[union-attr,arg-type]
+        super().remove_blocks(denoiser, names)
+        renumbered = tuple(new for new, old in enumerate(kept) if old in dual)
+        denoiser.register_to_config(dual_attention_layers=renumbered)  # type: ignore[operator]
 
     def __init__(self, *args: Any, with_t5: bool = True, **kwargs: Any) -> None:
         """`with_t5=False` drops the T5 encoder (4.7 B parameters); SD3 then pads with zeros."""

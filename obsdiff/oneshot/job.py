@@ -18,7 +18,7 @@ from obsdiff.calibration.sequential import CalibrationSettings, Placement
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.methods.modulation import LowRankModulation
-from obsdiff.methods.package import Structured, Target
+from obsdiff.methods.package import Depth, Structured, Target
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.structure import linear_at
 from obsdiff.prompts.files import PromptSet
@@ -75,6 +75,12 @@ class PruneJob:
             )
         if self.calibration.batch_size < 1:
             raise JobError(f"calibration.batch_size={self.calibration.batch_size} must be >= 1")
+        if self.modulation is not None and isinstance(self.target, Depth):
+            raise JobError(
+                "modulation=low_rank with granularity=depth: not combined in one run yet; "
+                "prune the depth, then factorise the modulation in a run of its own, or use "
+                "modulation=none"
+            )
         if self.modulation is not None and not self.model.modulation_patterns:
             raise JobError(
                 f"modulation=low_rank: the {self.model.family} family has no table of modulation "
@@ -83,9 +89,10 @@ class PruneJob:
 
     @property
     def calibrates(self) -> bool:
-        """Whether the run makes calibration passes: for the method's statistics or the
-        modulation's."""
-        return self.method.needs_calibration or self.modulation is not None
+        """Whether the run makes calibration passes: for the method's statistics, the
+        modulation's, or a depth criterion's."""
+        depth = isinstance(self.target, Depth)  # its criterion's pass
+        return self.method.needs_calibration or self.modulation is not None or depth
 
     def settings(self) -> dict[str, Any]:
         """The settings that change the pruned weights, and only those (not where the run is
@@ -134,6 +141,9 @@ def plan_packages(
     """The packages and target linears of `job` on `denoiser`, with every layout check (block
     range, package count, N:M columns, head and FFN widths). Works on the weightless skeleton
     (`check_layout`) as on the loaded denoiser."""
+    if isinstance(job.target, Depth):  # whole blocks: no packages, no target linears
+        depth_candidates(job, denoiser)
+        return [], []
     structured = isinstance(job.target, Structured)
     try:
         units = list_units(job.model, denoiser, job.blocks, structured=structured)
@@ -151,6 +161,34 @@ def plan_packages(
     else:
         _check_nm_columns(targets, job.target)
     return packages, targets
+
+
+def depth_candidates(job: PruneJob, denoiser: nn.Module) -> tuple[list[str], int]:
+    """Depth pruning's candidate blocks (`blocks`, by default all but the first and the last)
+    and how many go: round(blocks x sparsity), as structured counts round; JobError when the
+    family's blocks cannot be removed or the count would take every candidate."""
+    if not job.model.depth_lists:
+        raise JobError(
+            f"granularity=depth: the {job.model.family} family has no table of removable "
+            "blocks; use granularity=structured (heads and FFN neurons)"
+        )
+    names = [name for name, _ in job.model.blocks(denoiser)]
+    start, end = job.blocks or job.model.default_blocks(len(names), structured=True)
+    if not 0 <= start < end <= len(names):
+        raise JobError(
+            f"blocks=[{start},{end}) is outside the model's {len(names)} blocks; use 0 <= start "
+            f"< end <= {len(names)}"
+        )
+    candidates = names[start:end]
+    count = structured_count(len(names), job.sparsity)
+    if count >= len(candidates):
+        raise JobError(
+            f"sparsity={job.sparsity} would remove {count} of {len(names)} blocks (round("
+            f"{len(names)} x {job.sparsity})), every one of the {len(candidates)} that may go "
+            f"(blocks [{start},{end})); use a sparsity below "
+            f"{(len(candidates) - 0.5) / len(names):.3f}"
+        )
+    return candidates, count
 
 
 def check_layout(

@@ -36,10 +36,10 @@ from torch import nn
 
 from obsdiff.calibration.packages import UnitRef
 from obsdiff.calibration.sequential import package_statistics_bytes
-from obsdiff.methods.package import Structured
+from obsdiff.methods.package import Depth, Structured
 from obsdiff.models.roles import ParameterRoles, parameter_roles
 from obsdiff.models.structure import linear_at
-from obsdiff.oneshot.job import JobError, PruneJob, plan_packages
+from obsdiff.oneshot.job import JobError, PruneJob, depth_candidates, plan_packages
 from obsdiff.pruning.statistics import InputStatistics
 from obsdiff.utils.memory import module_bytes
 
@@ -204,7 +204,15 @@ def reach(
 
     weights = sum(m.weight.numel() for m in targets)
     name = f"{job.method.name} {job.granularity.name} {job.sparsity:g}"
-    if isinstance(job.target, Structured):  # the producers too: every linear a group cuts
+    if isinstance(job.target, Depth):  # the criterion picks which: as small or as large as can be
+        candidates, count = depth_candidates(job, denoiser)
+        sizes = sorted(
+            sum(p.numel() for p in denoiser.get_submodule(n).parameters()) for n in candidates
+        )
+        fewest, most = sum(sizes[:count]), sum(sizes[len(sizes) - count :])
+        removed = amount(fewest) if fewest == most else f"{amount(fewest)} to {amount(most)}"
+        lines = [f"{name}: {count} of {len(candidates)} candidate blocks go, {removed}"]
+    elif isinstance(job.target, Structured):  # the producers too: every linear a group cuts
         blocks = dict(job.model.blocks(denoiser))
         cut: set[str] = set()
         for block_name in dict.fromkeys(unit.block_name for p in packages for unit in p):

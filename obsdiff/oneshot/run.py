@@ -21,6 +21,7 @@ from torch import nn
 from obsdiff.artifacts.pruned import PrunedModel, save_pruned
 from obsdiff.artifacts.record import PruneResult
 from obsdiff.calibration.cache import StatisticsCache, cache_key
+from obsdiff.calibration.depth import prune_depth
 from obsdiff.calibration.packages import UnitRef
 from obsdiff.calibration.sequential import (
     LoopReport,
@@ -28,10 +29,18 @@ from obsdiff.calibration.sequential import (
     embed_batches,
     peak_statistics_bytes,
 )
-from obsdiff.methods.package import LayerRecord, LowRankRecord, Structured, achieved_sparsity
+from obsdiff.methods.depth import DepthCriterion
+from obsdiff.methods.package import (
+    BlockRecord,
+    Depth,
+    LayerRecord,
+    LowRankRecord,
+    Structured,
+    achieved_sparsity,
+)
 from obsdiff.models.surgery import shapes
 from obsdiff.oneshot.checkpoint import Checkpointer, check_previous_run
-from obsdiff.oneshot.job import PruneJob, plan_packages
+from obsdiff.oneshot.job import PruneJob, depth_candidates, plan_packages
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.flops import pipeline_flops
 from obsdiff.utils.memory import peak_memory_bytes, reset_peak_memory
@@ -89,7 +98,8 @@ def prune_pipeline(
     previous = checkpointer.restore()
     embeddings = []
     shard = parallel.shard(len(job.prompts.prompts))
-    if job.calibrates and previous.packages_done < len(packages):
+    depth = isinstance(job.target, Depth)
+    if job.calibrates and (depth or previous.packages_done < len(packages)):
         prompts = job.prompts.prompts[shard.start : shard.stop]
         embeddings = embed_batches(job.model, pipe, prompts, job.calibration.batch_size, job.device)
 
@@ -103,25 +113,36 @@ def prune_pipeline(
         cache = StatisticsCache(job.statistics_cache)
         weights = None if job.model.pipeline is None else weights_hash(pipe)
         key = cache_key(job.first_package_identity(packages[0], parallel.world_size, weights))
-    report = calibrate_and_prune(
-        pipe,
-        job.model,
-        job.method,
-        job.target,
-        packages,
-        step_weights,
-        embeddings,
-        job.calibration,
-        job.placement,
-        start_package=previous.packages_done,
-        on_package_done=on_package_done,
-        parallel=parallel,
-        first_prompt=shard.start,
-        cache=cache,
-        cache_key=key,
-        modulation=job.modulation,
-    )
-    report = _merged(previous, report)
+    if depth:  # one pass of the criterion, then the blocks go
+        assert isinstance(job.method, DepthCriterion)  # the job checked the granularity
+        candidates, count = depth_candidates(job, denoiser)
+        scored = time.perf_counter()
+        records = prune_depth(
+            pipe, job.model, job.method, candidates, count, step_weights, embeddings,
+            job.calibration.seed, parallel, shard.start,
+        )  # fmt: skip
+        seconds = round(time.perf_counter() - scored, 4)
+        report = LoopReport(list(records), calibration_seconds=seconds)
+    else:
+        report = calibrate_and_prune(
+            pipe,
+            job.model,
+            job.method,
+            job.target,
+            packages,
+            step_weights,
+            embeddings,
+            job.calibration,
+            job.placement,
+            start_package=previous.packages_done,
+            on_package_done=on_package_done,
+            parallel=parallel,
+            first_prompt=shard.start,
+            cache=cache,
+            cache_key=key,
+            modulation=job.modulation,
+        )
+        report = _merged(previous, report)
     factorised = [r for r in report.records if isinstance(r, LowRankRecord)]
     if factorised:
         log.info(
@@ -130,7 +151,7 @@ def prune_pipeline(
             sum(r.parameters_saved for r in factorised),
         )  # fmt: skip
 
-    untouched = isinstance(job.target, Structured)  # structured: units are heads and neurons
+    untouched = not targets  # structured and depth: units are heads and neurons, or blocks
     result = PruneResult(
         achieved_sparsity=achieved_sparsity(report.records),
         packages=len(packages),
@@ -228,6 +249,10 @@ def _manifest(
     }
     if job.modulation is not None:
         manifest["modulation"] = job.modulation.describe()
-    if isinstance(job.target, Structured) or job.modulation is not None:
-        manifest["structure"] = shapes(denoiser)  # new widths, head counts, ranks: for loading
+    if isinstance(job.target, Structured | Depth) or job.modulation is not None:
+        structure = shapes(denoiser)  # new widths, head counts, ranks: for loading
+        if isinstance(job.target, Depth):  # the original names of the blocks that went
+            records = [r for r in report.records if isinstance(r, BlockRecord) and r.removed]
+            structure["removed_blocks"] = [r.name for r in records]
+        manifest["structure"] = structure
     return manifest

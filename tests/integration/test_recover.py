@@ -200,52 +200,23 @@ DATA_PARALLEL: dict[str, Any] = {"steps": 3, "lr": 1e-3, "feature_weight": 0.5}
 
 
 def _recover_on_rank(rank: int, init: str, out: str) -> None:
-    """One of two gloo ranks: the same recovery, each rank on its share of every step."""
+    """One of two gloo ranks: the same recovery data parallel (DDP), then sharded (FSDP),
+    interrupted after the checkpoint of step 2 of 3 and resumed from it; each rank on its share
+    of every step."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
-    try:
-        recovered = recover_pruned(
+
+    def recover(parallel: DataParallel, **more: Any) -> PrunedModel:
+        return recover_pruned(
             pruned("unstructured", 0.5), tiny_sd3_pipeline(), PROMPTS[:2],
-            RecoverySettings(**DATA_PARALLEL), torch.device("cpu"),
-            parallel=DataParallel(rank, 2),
+            RecoverySettings(**DATA_PARALLEL, checkpoint_every=1), torch.device("cpu"),
+            parallel=parallel, **more,
         )  # fmt: skip
-        state = {k: v.contiguous() for k, v in recovered.denoiser.state_dict().items()}
-        safetensors.torch.save_file(state, f"{out}/rank{rank}.safetensors")
-    finally:
-        dist.destroy_process_group()
 
+    def save(model: PrunedModel, name: str) -> None:
+        state = {k: v.contiguous() for k, v in model.denoiser.state_dict().items()}
+        safetensors.torch.save_file(state, f"{out}/{name}{rank}.safetensors")
 
-@pytest.mark.slow
-def test_two_gloo_ranks_recover_as_one_process_accumulating_twice(tmp_path: Path) -> None:
-    """Data parallel: each rank trains on its share of a step's calls and the gradients are
-    averaged, so both ranks hold the weights of one process accumulating both shares, to float
-    round-off (the all-reduce adds in another order); the zeros stay exact."""
-    mp.spawn(_recover_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    assert_ranks_accumulate_as_one_process(tmp_path)
-
-
-def assert_ranks_accumulate_as_one_process(out: Path) -> dict[str, torch.Tensor]:
-    """The two ranks' weights (`out`/rank<r>.safetensors) are the same, and those of one
-    process accumulating both ranks' shares, to float round-off, with the same zeros; rank
-    0's returned."""
-    single = obsdiff.recover(
-        pruned("unstructured", 0.5), PROMPTS[:2], teacher=tiny_sd3_pipeline(), accumulate=2,
-        **DATA_PARALLEL,
-    ).denoiser.state_dict()  # fmt: skip
-    ranks = [safetensors.torch.load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
-    assert set(ranks[0]) == set(single)
-    for name, weight in single.items():
-        assert torch.equal(ranks[0][name], ranks[1][name]), name  # the same step everywhere
-        torch.testing.assert_close(ranks[0][name], weight, rtol=1e-4, atol=1e-6)
-        assert torch.equal(ranks[0][name] == 0, weight == 0), name
-    return ranks[0]
-
-
-def _recover_sharded_on_rank(rank: int, init: str, out: str) -> None:
-    """One of two gloo ranks of a sharded recovery (FSDP), interrupted after the checkpoint of
-    step 2 of 3 and resumed from it."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     original = RecoveryCheckpoint.save
 
     def interrupted(self: RecoveryCheckpoint, step: int, *args: Any) -> None:
@@ -253,46 +224,51 @@ def _recover_sharded_on_rank(rank: int, init: str, out: str) -> None:
         if step == 2:
             raise KeyboardInterrupt
 
-    settings = RecoverySettings(**DATA_PARALLEL, checkpoint_every=1)
-    parallel, run = DataParallel(rank, 2, fsdp=True), Path(out) / "run"
     try:
-        RecoveryCheckpoint.save = interrupted  # type: ignore[method-assign]
+        save(recover(DataParallel(rank, 2)), "ddp")
+        sharded, run = DataParallel(rank, 2, fsdp=True), Path(out) / "run"
+        RecoveryCheckpoint.save = interrupted  # type: ignore[method-assign,assignment]
         try:
-            recover_pruned(
-                pruned("unstructured", 0.5), tiny_sd3_pipeline(), PROMPTS[:2], settings,
-                torch.device("cpu"), run_dir=run, parallel=parallel,
-            )  # fmt: skip
+            recover(sharded, run_dir=run)
         except KeyboardInterrupt:
             pass
         RecoveryCheckpoint.save = original  # type: ignore[method-assign]
         dist.barrier()  # rank 0 has written the checkpoint of step 2
-        recovered = recover_pruned(
-            pruned("unstructured", 0.5), tiny_sd3_pipeline(), PROMPTS[:2], settings,
-            torch.device("cpu"), run_dir=run, parallel=parallel,
-        )  # fmt: skip
-        assert recovered.recovery is not None and recovered.recovery.steps == 3
-        state = {k: v.contiguous() for k, v in recovered.denoiser.state_dict().items()}
-        safetensors.torch.save_file(state, f"{out}/rank{rank}.safetensors")
+        resumed = recover(sharded, run_dir=run)
+        assert resumed.recovery is not None and resumed.recovery.steps == 3
+        assert resumed.recovery.sharded and resumed.recovery.world_size == 2
+        save(resumed, "fsdp")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_a_sharded_recovery_resumes_to_the_weights_of_one_process_accumulating_twice(
-    tmp_path: Path,
-) -> None:
-    """FSDP over two gloo ranks: each rank holds half of every weight, gradient and moment,
-    the gradients are averaged by FSDP's reduce-scatter, the mask is sharded like its weight;
-    interrupted and resumed from its checkpoint (full tensors, the plain denoiser's names), both
-    ranks end with the full weights of one process accumulating both shares, to float
-    round-off, and the zeros stay exact."""
-    mp.spawn(_recover_sharded_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    recovered = assert_ranks_accumulate_as_one_process(tmp_path)
+def test_two_gloo_ranks_recover_as_one_process_accumulating_twice(tmp_path: Path) -> None:
+    """Data parallel (DDP): each rank trains on its share of a step's calls and the gradients
+    are averaged. Sharded (FSDP): each rank holds half of every weight, gradient and moment,
+    FSDP's reduce-scatter averages the gradients, the mask is sharded like its weight, and the
+    run is interrupted and resumed from its checkpoint (full tensors under the plain
+    denoiser's names). Either way both ranks end with the weights of one process accumulating
+    both shares, to float round-off (the reductions add in another order), zeros exact."""
+    mp.spawn(_recover_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    single = obsdiff.recover(
+        pruned("unstructured", 0.5), PROMPTS[:2], teacher=tiny_sd3_pipeline(), accumulate=2,
+        **DATA_PARALLEL,
+    ).denoiser.state_dict()  # fmt: skip
+    for mode in ("ddp", "fsdp"):
+        ranks = [
+            safetensors.torch.load_file(str(tmp_path / f"{mode}{r}.safetensors")) for r in (0, 1)
+        ]
+        assert set(ranks[0]) == set(single)
+        for name, weight in single.items():
+            assert torch.equal(ranks[0][name], ranks[1][name]), name  # the same step everywhere
+            torch.testing.assert_close(ranks[0][name], weight, rtol=1e-4, atol=1e-6)
+            assert torch.equal(ranks[0][name] == 0, weight == 0), name
     folder = tmp_path / "run" / RECOVERY_CHECKPOINT
     progress = json.loads((folder / "progress.json").read_text())
     written = safetensors.torch.load_file(str(folder / progress["weights"]))
-    assert progress["step"] == 3 and set(written) == set(recovered)
-    for name, weight in recovered.items():  # float32: the last step's weights, whole
+    assert progress["step"] == 3 and set(written) == set(ranks[0])
+    for name, weight in ranks[0].items():  # float32: the last step's weights, whole
         assert torch.equal(written[name], weight), name
 
 
