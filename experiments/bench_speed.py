@@ -9,7 +9,9 @@ dense / variant over the repeats:
 - `block`: one SD3.5-Large MMDiT block at its real width (hidden 2432, 38 heads x 64, random
   weights), the paper's Table 5: dense vs structured 15/20/25/30% (heads and FFN neurons cut by
   obsdiff's surgery, `round(units x sparsity)` of every group; which ones go does not change the
-  speed) vs 2:4 (magnitude 2:4 through `obsdiff.models.sparse`, CUDA only). The paper's setting
+  speed), and at 20 and 30% the counts `granularity.align` 64 and 128 round to (at 30%: 27
+  heads and 6810 neurons left, aligned 27 or 28 heads and 6784 neurons) vs 2:4 (magnitude 2:4
+  through `obsdiff.models.sparse`, CUDA only). The paper's setting
   is batch 4 at 1024 x 1024 (4096 image tokens, 333 text tokens); on a CPU batch 1 at 512 x 512.
 - `toy`: the toy model's whole denoiser forward and whole pipeline call (its real settings).
 - `full`: SD3-Medium's whole denoiser at full size (random weights, the first and last block
@@ -42,7 +44,7 @@ from obsdiff.models.sparse import use_sparse_kernels
 from obsdiff.models.structure import linear_at
 from obsdiff.models.surgery import Surgery
 from obsdiff.pruning.magnitude import magnitude_prune
-from obsdiff.pruning.obs_structured import structured_count
+from obsdiff.pruning.obs_structured import aligned_count
 from obsdiff.pruning.patterns import NM
 
 
@@ -54,19 +56,22 @@ PAPER_TABLE5 = {"2:4": 1.23, "structured 15%": 1.03, "structured 20%": 1.20,
 
 
 # ----------------------------------------------------------------------------- variants
-def cut_blocks(adapter: ModelAdapter, blocks: list[nn.Module], sparsity: float) -> None:
+def cut_blocks(
+    adapter: ModelAdapter, blocks: list[nn.Module], sparsity: float, align: int | None = None
+) -> None:
     """Structured pruning's shapes: the last round(units x sparsity) heads and neurons of every
-    head and neuron group of `blocks` removed by obsdiff's surgery."""
+    head and neuron group of `blocks` removed by obsdiff's surgery (with `align`, the count
+    `granularity.align` rounds to: the widths left are multiples of it)."""
     for block in blocks:
         heads, neurons = adapter.structured_groups(block)
         surgery = Surgery()
         for group in heads:
             count = int(block.get_submodule(group.attention).heads)  # type: ignore[arg-type]
             head_dim = linear_at(block, group.producers[0]).out_features // count
-            drop = structured_count(count, sparsity)
+            drop = aligned_count(count, sparsity, head_dim, align)
             surgery.remove_heads(group, list(range(count - drop, count)), head_dim)
         for group in neurons:
-            drop = structured_count(group.width, sparsity)
+            drop = aligned_count(group.width, sparsity, 1, align)
             surgery.remove_neurons(group, list(range(group.width - drop, group.width)))
         surgery.apply(block)
 
@@ -91,13 +96,17 @@ def variants(
     dense: nn.Module,
     blocks_of: Callable[[nn.Module], list[tuple[str, nn.Module]]],
     cuda: bool,
+    aligned: tuple[float, ...] = (),
 ) -> dict[str, nn.Module]:
-    """dense, structured 15-30% and (CUDA) 2:4 copies of `dense`."""
+    """dense, structured 15-30% and (CUDA) 2:4 copies of `dense`; at each of the `aligned`
+    sparsities also the widths `granularity.align` 64 and 128 leave."""
     out = {"dense": dense}
     for sparsity in SPARSITIES:
-        pruned = copy.deepcopy(dense)
-        cut_blocks(adapter, [b for _, b in blocks_of(pruned)], sparsity)
-        out[f"structured {round(100 * sparsity)}%"] = pruned
+        for align in (None, *((64, 128) if sparsity in aligned else ())):
+            pruned = copy.deepcopy(dense)
+            cut_blocks(adapter, [b for _, b in blocks_of(pruned)], sparsity, align)
+            suffix = "" if align is None else f" align {align}"
+            out[f"structured {round(100 * sparsity)}%{suffix}"] = pruned
     if cuda:
         pruned = copy.deepcopy(dense)
         two_four(adapter, pruned, blocks_of(pruned))
@@ -199,7 +208,7 @@ def part_block(args: argparse.Namespace, device: str, dtype: torch.dtype) -> lis
     hidden = torch.randn(batch, tokens, 2432, generator=g, device=device, dtype=dtype)
     context = torch.randn(batch, text, 2432, generator=g, device=device, dtype=dtype)
     temb = torch.randn(batch, 2432, generator=g, device=device, dtype=dtype)
-    models = variants(adapter, block, lambda b: [("", b)], cuda)
+    models = variants(adapter, block, lambda b: [("", b)], cuda, aligned=(0.2, 0.3))
     lines = run_all(
         f"SD3.5-Large MMDiT block, batch {batch}, {size} x {size} ({tokens} + {text} tokens), "
         f"{dtype}, {device}",

@@ -46,7 +46,7 @@ def prune_unit(method: PruningMethod, unit: Package, target: Target) -> list[Pru
     """Prune one work unit in place, its statistics moved to its linears' device."""
     unit = unit.local()
     if isinstance(target, Structured):
-        return list(prune_structured(method, unit, target.sparsity))
+        return list(prune_structured(method, unit, target.sparsity, target.align))
     if isinstance(target, Depth):  # whole blocks go in obsdiff.calibration.depth, not here
         raise TypeError("depth pruning has no packages to solve")
     return list(method.prune_groups(unit.groups, target))

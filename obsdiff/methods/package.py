@@ -21,9 +21,11 @@ from obsdiff.pruning.statistics import InputStatistics
 
 @dataclass(frozen=True)
 class Structured:
-    """Remove round(units x sparsity) attention heads and FFN neurons of every group."""
+    """Remove round(units x sparsity) attention heads and FFN neurons of every group; with
+    `align`, the nearest count that leaves a multiple of `align` channels."""
 
     sparsity: float
+    align: int | None = None
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)

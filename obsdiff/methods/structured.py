@@ -1,6 +1,7 @@
 """Structured pruning of the blocks of a work unit: for every head and neuron group, the method
 picks the units to drop (and, for OBS, compensates the consumers), then the block is cut
-(`obsdiff.models.surgery`). Counts follow the paper: round(units * sparsity)."""
+(`obsdiff.models.surgery`). Counts follow the paper: round(units * sparsity), or with
+`granularity.align` the nearest count that leaves a width the kernels like."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.package import Package, StructuredRecord
 from obsdiff.models.structure import linear_at
 from obsdiff.models.surgery import Surgery
-from obsdiff.pruning.obs_structured import structured_count
+from obsdiff.pruning.obs_structured import aligned_count
 
 
 @torch.no_grad()
 def prune_structured(
-    method: PruningMethod, package: Package, sparsity: float
+    method: PruningMethod, package: Package, sparsity: float, align: int | None = None
 ) -> list[StructuredRecord]:
-    """Select, compensate and cut every group of the package; returns what each lost."""
+    """Select, compensate and cut every group of the package; returns what each lost. With
+    `align`, each group's count is rounded so the width it leaves is a multiple of it
+    (`aligned_count`)."""
     records: list[StructuredRecord] = []
     for block in package.blocks:
         module, surgery = block.module, Surgery()
@@ -35,7 +38,7 @@ def prune_structured(
                 hessians,
                 producers,
                 head_dim,
-                structured_count(n_heads, sparsity),
+                aligned_count(n_heads, sparsity, head_dim, align),
             )
             for (name, offset), weight in zip(group.consumers, new_weights, strict=True):
                 target = linear_at(module, name).weight.data
@@ -53,7 +56,7 @@ def prune_structured(
                 down[:, offset : offset + width].float(),
                 package.hessian(f"{block.name}.{name}", offset, width),
                 producers,
-                structured_count(width, sparsity),
+                aligned_count(width, sparsity, 1, align),
             )
             down[:, offset : offset + width] = new_weight.to(down.dtype)
             surgery.remove_neurons(neuron_group, removed)

@@ -22,7 +22,7 @@ from obsdiff.methods.package import Depth, Structured, Target
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.structure import linear_at
 from obsdiff.prompts.files import PromptSet
-from obsdiff.pruning.obs_structured import structured_count
+from obsdiff.pruning.obs_structured import aligned_count, structured_count
 from obsdiff.pruning.patterns import NM
 from obsdiff.pruning.schedules import TimestepWeighting
 from obsdiff.pruning.statistics import HESSIAN_PRECISIONS
@@ -157,7 +157,8 @@ def plan_packages(
         except ValueError as err:
             raise JobError(str(err)) from err
     if structured:
-        _check_structured(job.model, denoiser, units, job.sparsity)
+        assert isinstance(job.target, Structured)
+        _check_structured(job.model, denoiser, units, job.sparsity, job.target.align)
     else:
         _check_nm_columns(targets, job.target)
     return packages, targets
@@ -225,16 +226,19 @@ def _check_nm_columns(targets: list[tuple[str, nn.Linear]], pattern: Target) -> 
 
 
 def _check_structured(
-    adapter: ModelAdapter, denoiser: nn.Module, units: list[UnitRef], sparsity: float
+    adapter: ModelAdapter,
+    denoiser: nn.Module,
+    units: list[UnitRef],
+    sparsity: float,
+    align: int | None = None,
 ) -> None:
     """Every head group splits evenly into heads, every FFN into its recorded width, and the
-    sparsity leaves at least one head and one neuron in each."""
+    sparsity (rounded to `align`) leaves at least one head and one neuron in each."""
     for block_name in dict.fromkeys(unit.block_name for unit in units):
         block = denoiser.get_submodule(block_name)
         heads, neurons = adapter.structured_groups(block)
         for group in heads:
             count = int(block.get_submodule(group.attention).heads)  # type: ignore[arg-type]
-            _check_keeps_one(sparsity, count, f"heads of {block_name}.{group.attention}")
             for name in group.producers:
                 width = linear_at(block, name).out_features
                 if width % count:
@@ -242,9 +246,12 @@ def _check_structured(
                         f"{block_name}.{name} has {width} outputs, not divisible into the "
                         f"{count} heads of {block_name}.{group.attention}"
                     )
+            head_dim = linear_at(block, group.producers[0]).out_features // count
+            where = f"heads of {block_name}.{group.attention}"
+            _check_keeps_one(sparsity, count, where, head_dim, align)
         for neuron_group in neurons:
             where = f"FFN neurons of {block_name}.{neuron_group.consumer[0]}"
-            _check_keeps_one(sparsity, neuron_group.width, where)
+            _check_keeps_one(sparsity, neuron_group.width, where, 1, align)
             for name, offset in neuron_group.producers:
                 if linear_at(block, name).out_features < offset + neuron_group.width:
                     raise JobError(
@@ -253,8 +260,13 @@ def _check_structured(
                     )
 
 
-def _check_keeps_one(sparsity: float, units: int, what: str) -> None:
-    removed = structured_count(units, sparsity)
+def _check_keeps_one(
+    sparsity: float, units: int, what: str, unit_width: int = 1, align: int | None = None
+) -> None:
+    try:
+        removed = aligned_count(units, sparsity, unit_width, align)
+    except ValueError as err:
+        raise JobError(f"{what}: {err}") from None
     if removed >= units:
         raise JobError(
             f"sparsity={sparsity} would remove all {units} {what} (round({units} x {sparsity}) = "

@@ -17,6 +17,7 @@ layers (up-projections, q/k/v) is the job of the model surgery.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,27 @@ def structured_count(total: int, sparsity: float) -> int:
     """
     check_sparsity(sparsity)
     return round(total * sparsity)
+
+
+def aligned_count(total: int, sparsity: float, unit_width: int, align: int | None) -> int:
+    """Units to remove so that the units left span a multiple of `align` channels (each unit
+    `unit_width` wide: a head's dimension, or 1 for a neuron): the number left is the multiple
+    of align / gcd(align, unit_width) nearest to what `structured_count` leaves (a tie keeps the
+    more), at least one such multiple. None: `structured_count` itself. ValueError when not even
+    one multiple fits in `total`."""
+    removed = structured_count(total, sparsity)
+    if align is None:
+        return removed
+    step = align // math.gcd(align, unit_width)  # units whose width is a multiple of align
+    if step > total:
+        raise ValueError(
+            f"granularity.align={align}: {total} units of width {unit_width} cannot leave a "
+            f"multiple of {align} channels; use a smaller align (at most {total * unit_width})"
+        )
+    left = total - removed
+    below = max(step, left // step * step)
+    above = min(total // step * step, below + step)
+    return total - (above if above - left <= left - below else below)
 
 
 def reference_chunk_sizes(target: int) -> list[int]:

@@ -63,6 +63,12 @@ def load(path: Path) -> dict:  # type: ignore[type-arg]
         ("obsdiff.prune", ["runner=fsdp_cpu"], "runner.strategy=fsdp shards a recovery's"),
         ("obsdiff.prune", ["runner.strategy=zero3"], "runner.strategy='zero3'; use one of"),
         ("obsdiff.prune", ["modulation=low_rank"], "exactly one of modulation.rank"),
+        ("obsdiff.prune", ["granularity.align=64"], "granularity.align: 'granularity' has no"),
+        (
+            "obsdiff.prune",
+            ["granularity=structured", "sparsity=0.25", "granularity.align=1024"],
+            "granularity.align=1024: 4 units of width 8 cannot leave a multiple of 1024",
+        ),
         (
             "obsdiff.prune",
             ["modulation=low_rank", "modulation.rank=33"],  # the tiny SD3 is 32 wide

@@ -391,3 +391,30 @@ def test_layouts_that_cannot_be_pruned_are_refused_before_calibration() -> None:
     units = list_units(adapter, denoiser, structured=True)
     with pytest.raises(JobError, match="not divisible into the 3 heads"):
         _check_structured(adapter, denoiser, units, 0.25)
+
+
+def test_aligned_structured_pruning_leaves_widths_that_are_multiples() -> None:
+    """granularity.align=16 on the tiny SD3 (4 heads of 8 channels, FFNs of 128 neurons) at
+    30%: every attention keeps an even number of heads and every FFN a multiple of 16 neurons;
+    the record says the sparsity it reached."""
+    import obsdiff
+    from obsdiff.methods import Granularity
+    from obsdiff.models.tiny import tiny_sd3_pipeline
+
+    sampling = {"num_inference_steps": 2, "guidance_scale": 4.0, "height": 32, "width": 32}
+    granularity = Granularity.from_name("structured", align=16)
+    model = obsdiff.prune(
+        tiny_sd3_pipeline(), "l1", granularity, 0.3, prompts=["a red circle"], sampling=sampling
+    )
+    blocks = model.denoiser.transformer_blocks
+    heads = [block.attn.to_q.out_features for block in blocks]  # channels
+    neurons = [block.ff.net[2].in_features for block in blocks]
+    assert all(width % 16 == 0 for width in heads + neurons)
+    assert neurons[1] < neurons[0]  # the first block is kept whole
+    assert heads == [32] * len(blocks)  # 3 heads of 8 left -> 4 (a tie with 2 keeps more)
+    records = model.manifest["records"]
+    removed = sum(len(r["removed"]) for r in records)
+    assert model.result is not None
+    assert model.result.achieved_sparsity == removed / sum(r["before"] for r in records) != 0.3
+    with pytest.raises(ValueError, match="applies to granularity=structured only"):
+        Granularity.from_name("unstructured", align=16)

@@ -16,7 +16,7 @@ from obsdiff.pruning import (
     rrf_choice,
     structured_count,
 )
-from obsdiff.pruning.obs_structured import reference_chunk_sizes
+from obsdiff.pruning.obs_structured import aligned_count, reference_chunk_sizes
 
 
 pytestmark = pytest.mark.unit
@@ -217,3 +217,35 @@ def test_head_ties_follow_the_first_stream(layer_data) -> None:  # type: ignore[
     first = obs_prune_heads([W_a, W_b], [H, H_b], head_dim=4, count=1)
     second = obs_prune_heads([W_b, W_a], [H_b, H], head_dim=4, count=1)
     assert first.removed.tolist() == [0] and second.removed.tolist() == [1]
+
+
+@pytest.mark.parametrize(
+    ("total", "sparsity", "width", "align", "removed"),
+    [
+        (38, 0.3, 64, None, 11),  # round(11.4): no alignment
+        (
+            38,
+            0.3,
+            64,
+            128,
+            10,
+        ),  # 27 heads left = 1728 channels; 28 (1792 = 14 x 128) is nearer than 26
+        (38, 0.3, 64, 64, 11),  # every head count is a multiple of 64 channels
+        (9728, 0.3, 1, 128, 2944),  # 6810 neurons left; 6784 is nearer than 6912
+        (9728, 0.25, 1, 128, 2432),  # 7296 = 57 x 128 already
+        (10, 0.9, 1, 4, 6),  # 1 left; at least one multiple: 4
+        (6, 0.5, 1, 4, 2),  # 3 left: 4 (a tie with 0 is impossible: at least one multiple)
+    ],
+)
+def test_aligned_counts_leave_widths_that_are_multiples(
+    total: int, sparsity: float, width: int, align: int | None, removed: int
+) -> None:
+    count = aligned_count(total, sparsity, width, align)
+    assert count == removed
+    if align is not None:
+        assert (total - count) * width % align == 0 and total - count >= 1
+
+
+def test_an_alignment_wider_than_the_group_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"granularity.align=256: 3 units of width 64"):
+        aligned_count(3, 0.3, 64, 256)
