@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from diffusers import DiffusionPipeline
 from torch import nn
@@ -386,8 +387,12 @@ def recover(
                 "dense pipeline as teacher=<a fresh copy of the base model>"
             )
         teacher = pruned.adapter.load()
-    dense_names = set(pruned.adapter.denoiser(teacher).state_dict())
-    if dense_names != set(pruned.denoiser.state_dict()):
+    dense = pruned.adapter.denoiser(teacher)
+    with torch.device("meta"):  # the teacher's architecture, cut as the prune cut it
+        expected = type(dense).from_config(dense.config)  # type: ignore[attr-defined]
+    if "structure" in pruned.manifest:
+        pruned.adapter.restore_structure(expected, pruned.manifest["structure"])
+    if set(expected.state_dict()) != set(pruned.denoiser.state_dict()):
         raise ValueError(
             f"teacher={type(teacher).__name__} is not the pruned model's base: its denoiser's "
             "weights have other names; pass the dense pipeline of the model that was pruned"

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional
 
 from obsdiff.models.base import ModelAdapter
+from obsdiff.models.surgery import LowRankLinear
 
 
 class MaskedLoraLinear(LoraLinear):
@@ -48,15 +49,16 @@ class MaskedLoraLinear(LoraLinear):
 
 def lora_targets(adapter: ModelAdapter, denoiser: nn.Module) -> list[str]:
     """Every linear inside the denoiser's blocks (attention, FFN, the blocks' modulation), by
-    its full name."""
+    its full name; not the two halves of a low-rank modulation linear (low rank already)."""
     blocks = {id(block) for _, block in adapter.blocks(denoiser)}
     names = []
     for prefix, block in denoiser.named_modules():
         if id(block) in blocks:
+            low_rank = [f"{n}." for n, m in block.named_modules() if isinstance(m, LowRankLinear)]
             names += [
                 f"{prefix}.{name}"
                 for name, module in block.named_modules()
-                if isinstance(module, nn.Linear)
+                if isinstance(module, nn.Linear) and not name.startswith(tuple(low_rank))
             ]
     return names
 

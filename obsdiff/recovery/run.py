@@ -115,6 +115,9 @@ def recover_pruned(
     parallel = parallel or DataParallel()
     teacher_denoiser: nn.Module = adapter.denoiser(teacher)
     teacher_blocks = [b for _, b in adapter.blocks(teacher_denoiser)]
+    removed = set(pruned.manifest.get("structure", {}).get("removed_blocks", []))
+    # each student block against the teacher block it was (depth pruning removed the others)
+    matched = [b for name, b in adapter.blocks(teacher_denoiser) if name not in removed]
     if parallel.fsdp:  # the teacher denoiser sharded (block by block to the device), the rest whole
         for name, component in teacher.components.items():
             if isinstance(component, nn.Module) and name != adapter.denoiser_attr:
@@ -151,7 +154,7 @@ def recover_pruned(
         trained,
         teacher_denoiser,
         blocks,
-        teacher_blocks,
+        matched,
         draw,
         settings,
         {} if targets else masks,  # frozen under LoRA: only their adapters' deltas are masked

@@ -130,3 +130,17 @@ def test_bad_depth_settings_exit_2_before_loading(
 def test_the_python_api_refuses_as_the_app_does() -> None:
     with pytest.raises(JobError, match="would remove 2 of 4 blocks"):
         obsdiff.prune(tiny_sd3_pipeline(), "block_cosine", "depth", 0.5, prompts=PROMPTS)
+
+
+def test_a_depth_pruned_model_recovers_each_block_against_the_one_it_was() -> None:
+    """The feature loss pairs each remaining block with the teacher's block of its original
+    index: with the identity block 2 removed, block 2 of the student is the teacher's 3."""
+    model = obsdiff.prune(
+        with_identity_block(2), "block_output_loss", "depth", 0.25, prompts=PROMPTS,
+        sampling=SAMPLING,
+    )  # fmt: skip
+    recovered = obsdiff.recover(
+        model, PROMPTS[:2], teacher=with_identity_block(2), steps=2, lr=1e-3
+    )
+    assert recovered.recovery is not None and recovered.recovery.steps == 2
+    assert recovered.recovery.first_loss < 1e-6  # before any step the student is the teacher

@@ -126,3 +126,20 @@ def test_a_family_without_a_modulation_table_is_refused(monkeypatch: pytest.Monk
     monkeypatch.setattr(SD3Adapter, "modulation_patterns", ())
     with pytest.raises(JobError, match="the sd3 family has no table of modulation linears"):
         obsdiff.prune(tiny_sd3_pipeline(), prompts=PROMPTS, modulation={"rank": 2})
+
+
+def test_a_low_rank_model_recovers_with_lora_its_factors_left_as_they_are() -> None:
+    """LoRA adapts the blocks' full linears, not the two halves of a rank-2 modulation linear
+    (narrower than the LoRA rank): the recovery runs, and the factors stay rank 2."""
+    model = obsdiff.prune(
+        tiny_sd3_pipeline(), "magnitude", prompts=PROMPTS, sampling=SAMPLING,
+        modulation={"rank": 2},
+    )  # fmt: skip
+    before = {n: m.up.weight.clone() for n, m in model.denoiser.named_modules()
+              if isinstance(m, LowRankLinear)}  # fmt: skip
+    recovered = obsdiff.recover(
+        model, PROMPTS[:2], teacher=tiny_sd3_pipeline(), steps=2, lr=1e-3, lora_rank=4
+    )
+    after = dict(recovered.denoiser.named_modules())
+    assert before and all(isinstance(after[n], LowRankLinear) for n in before)
+    assert all(torch.equal(after[n].up.weight, w) for n, w in before.items())  # frozen
