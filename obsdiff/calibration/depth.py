@@ -20,8 +20,14 @@ from torch import nn
 
 from obsdiff.calibration.hooks import StepTracker
 from obsdiff.methods.depth import DepthCriterion, token_cosine
-from obsdiff.methods.package import BlockRecord
+from obsdiff.methods.modulation import (
+    LowRankModulation,
+    compress_modulation,
+    modulation_statistics,
+)
+from obsdiff.methods.package import BlockRecord, Record
 from obsdiff.models.base import ModelAdapter
+from obsdiff.pruning.statistics import InputStatistics
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.progress import progress
 from obsdiff.utils.seeds import image_generators
@@ -73,9 +79,11 @@ def block_scores(
     seed: int,
     parallel: DataParallel | None = None,
     first_prompt: int = 0,
+    feeds: list[tuple[nn.Linear, InputStatistics]] | None = None,
 ) -> dict[str, float]:
     """Each candidate block's score: the alpha_t-weighted mean over the denoiser calls of the
-    calibration trajectories of what the criterion measures."""
+    calibration trajectories of what the criterion measures. `feeds`: statistics fed, in the
+    same pass with the same weights, by the input of each linear (the modulation's)."""
     parallel = parallel or DataParallel()
     denoiser = adapter.denoiser(pipe)
     modules = dict(adapter.blocks(denoiser))
@@ -115,7 +123,15 @@ def block_scores(
         finally:
             busy = False
 
+    def feed(stats: InputStatistics) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not busy:  # the dense calls only
+                stats.update(args[0].detach(), alpha())
+
+        return hook
+
     handles = [denoiser.register_forward_pre_hook(count_call)]
+    handles += [linear.register_forward_pre_hook(feed(stats)) for linear, stats in feeds or []]
     if criterion.measures == "cosine":
         for index, name in enumerate(candidates):
             hook = cosine_hook(index)
@@ -134,7 +150,7 @@ def block_scores(
     finally:
         for handle in handles:
             handle.remove()
-    parallel.all_reduce_([totals])
+    parallel.all_reduce_([totals, *(t for _, stats in feeds or [] for t in stats.state_tensors())])
     weight = float(totals[-1]) or 1.0
     return {name: float(totals[index]) / weight for index, name in enumerate(candidates)}
 
@@ -150,18 +166,31 @@ def prune_depth(
     seed: int,
     parallel: DataParallel | None = None,
     first_prompt: int = 0,
-) -> list[BlockRecord]:
+    modulation: LowRankModulation | None = None,
+) -> list[Record]:
     """Score the candidates, remove the `count` blocks the criterion ranks least useful from
-    the denoiser, and record every block (those outside the candidates with no score)."""
-    names = [name for name, _ in adapter.blocks(adapter.denoiser(pipe))]
+    the denoiser, and record every block (those outside the candidates with no score). With
+    `modulation`, the modulation linears' statistics are gathered in the same pass and the
+    linears that remain factorised (`obsdiff.methods.modulation`)."""
+    denoiser = adapter.denoiser(pipe)
+    names = [name for name, _ in adapter.blocks(denoiser)]
+    feeds = []
+    if modulation is not None:
+        feeds = modulation_statistics(denoiser, adapter.modulation_linears(denoiser))
     scores = block_scores(
         pipe, adapter, criterion, candidates, step_weights, embeddings, seed, parallel,
-        first_prompt,
+        first_prompt, feeds,
     )  # fmt: skip
     gone = criterion.chosen(scores, count)
-    adapter.remove_blocks(adapter.denoiser(pipe), gone)
+    adapter.remove_blocks(denoiser, gone)
+    records: list[Record] = [BlockRecord(name, scores.get(name), name in gone) for name in names]
+    if modulation is not None:  # the linears of the blocks that stay, under their new names
+        by_linear = {id(linear): stats for linear, stats in feeds}
+        kept = adapter.modulation_linears(denoiser)
+        statistics = [by_linear[id(denoiser.get_submodule(name))] for name in kept]
+        records += compress_modulation(denoiser, kept, statistics, modulation)
     log.info(
         "depth (%s): removed %s of %d candidate blocks", criterion.name, ", ".join(gone) or "none",
         len(candidates),
     )  # fmt: skip
-    return [BlockRecord(name, scores.get(name), name in gone) for name in names]
+    return records

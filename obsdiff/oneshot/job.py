@@ -75,12 +75,6 @@ class PruneJob:
             )
         if self.calibration.batch_size < 1:
             raise JobError(f"calibration.batch_size={self.calibration.batch_size} must be >= 1")
-        if self.modulation is not None and isinstance(self.target, Depth):
-            raise JobError(
-                "modulation=low_rank with granularity=depth: not combined in one run yet; "
-                "prune the depth, then factorise the modulation in a run of its own, or use "
-                "modulation=none"
-            )
         if self.modulation is not None and not self.model.modulation_patterns:
             raise JobError(
                 f"modulation=low_rank: the {self.model.family} family has no table of modulation "

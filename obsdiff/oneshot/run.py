@@ -119,7 +119,7 @@ def prune_pipeline(
         scored = time.perf_counter()
         records = prune_depth(
             pipe, job.model, job.method, candidates, count, step_weights, embeddings,
-            job.calibration.seed, parallel, shard.start,
+            job.calibration.seed, parallel, shard.start, job.modulation,
         )  # fmt: skip
         seconds = round(time.perf_counter() - scored, 4)
         report = LoopReport(list(records), calibration_seconds=seconds)

@@ -103,16 +103,6 @@ def test_the_prune_app_removes_blocks_that_load_back(tmp_path: Path) -> None:
         ),
         (["granularity=depth", "sparsity=0.25"], "method 'obsdiff' does not support depth"),
         (["method=block_cosine"], "method 'block_cosine' does not support unstructured"),
-        (
-            [
-                "granularity=depth",
-                "method=block_cosine",
-                "sparsity=0.25",
-                "modulation=low_rank",
-                "modulation.rank=2",
-            ],
-            "modulation=low_rank with granularity=depth",
-        ),  # fmt: skip
     ],
 )
 def test_bad_depth_settings_exit_2_before_loading(
@@ -144,3 +134,19 @@ def test_a_depth_pruned_model_recovers_each_block_against_the_one_it_was() -> No
     )
     assert recovered.recovery is not None and recovered.recovery.steps == 2
     assert recovered.recovery.first_loss < 1e-6  # before any step the student is the teacher
+
+
+def test_depth_and_low_rank_modulation_in_one_run_load_back(tmp_path: Path) -> None:
+    """One pass scores the blocks and gathers the modulation's statistics; the blocks go, then
+    the modulation linears that remain are factorised under their new names; the run reloads to
+    the same images."""
+    run = tmp_path / "run"
+    model = obsdiff.prune(
+        tiny_sd3_pipeline(), "block_cosine", "depth", 0.25, prompts=PROMPTS, sampling=SAMPLING,
+        modulation={"rank": 2}, run_dir=run,
+    )  # fmt: skip
+    kinds = [r["type"] for r in model.manifest["records"]]
+    assert kinds.count("block") == 4 and kinds.count("low_rank") == 3 * 2 + 1  # + norm_out
+    assert len(model.denoiser.transformer_blocks) == 3
+    loaded = obsdiff.load_pruned(run, pipeline=tiny_sd3_pipeline())
+    assert torch.equal(latents(loaded.pipeline), latents(model.pipeline))
