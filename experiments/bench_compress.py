@@ -8,10 +8,11 @@ with and without recovery, each against the dense model on the same prompts and 
 Every job is one `obsdiff.run` of the toy (`+experiment=toy`: its calibration, 72 held-out
 prompts, 576 images a model, `save=true` for the bytes on disk, 6 timed repeats of dense and
 compressed one-image generations back to back) into `<out>/<job>/`; a rerun skips finished jobs.
-`obsdiff.report` then reads them all into `--reports/` (paired 95% intervals between jobs), and
-the summary (`--reports/summary.md`, `summary.json`) gives each job's parameters, bytes on disk,
-seconds per image dense and compressed, prompt fidelity, PSNR, SSIM and feature distance to the
-dense images, each with its 95% interval over the prompts, and the toy's and the real configs'
+`obsdiff.report` then reads them all into `--reports/` (paired 95% intervals between jobs),
+`experiments/toy_claims.py` adds the compression rows to the claims table, and the summary
+(`--reports/summary.md`, `summary.json`) gives each job's parameters, bytes on disk, seconds per
+image dense and compressed, prompt fidelity, PSNR, SSIM and feature distance to the dense
+images, each with its 95% interval over the prompts, and the toy's and the real configs'
 parameters by role.
 """
 
@@ -176,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         failed += run_jobs(args.out)
         report = [sys.executable, "-m", "obsdiff.report", str(args.out)]
         failed += subprocess.run([*report, "--out", str(args.reports / "report")]).returncode != 0
+        claims = [
+            sys.executable, str(REPO_ROOT / "experiments" / "toy_claims.py"), str(args.out),
+            "--update", str(REPO_ROOT / "experiments" / "toy_quality" / "claims.md"),
+        ]  # fmt: skip
+        failed += subprocess.run(claims).returncode != 0
     if args.only in (None, "summary"):
         summary(args.out, args.reports)
     return 1 if failed else 0
