@@ -135,6 +135,11 @@ def plan_packages(
     """The packages and target linears of `job` on `denoiser`, with every layout check (block
     range, package count, N:M columns, head and FFN widths). Works on the weightless skeleton
     (`check_layout`) as on the loaded denoiser."""
+    if job.modulation is not None:
+        try:
+            job.modulation.check_widths(denoiser, job.model.modulation_linears(denoiser))
+        except ValueError as err:
+            raise JobError(str(err)) from err
     if isinstance(job.target, Depth):  # whole blocks: no packages, no target linears
         depth_candidates(job, denoiser)
         return [], []
@@ -145,11 +150,6 @@ def plan_packages(
     except ValueError as err:
         raise JobError(str(err)) from err
     targets = _target_modules(denoiser, packages)
-    if job.modulation is not None:
-        try:
-            job.modulation.check_widths(denoiser, job.model.modulation_linears(denoiser))
-        except ValueError as err:
-            raise JobError(str(err)) from err
     if structured:
         assert isinstance(job.target, Structured)
         _check_structured(job.model, denoiser, units, job.sparsity, job.target.align)

@@ -103,6 +103,16 @@ def test_the_prune_app_removes_blocks_that_load_back(tmp_path: Path) -> None:
         ),
         (["granularity=depth", "sparsity=0.25"], "method 'obsdiff' does not support depth"),
         (["method=block_cosine"], "method 'block_cosine' does not support unstructured"),
+        (
+            [
+                "granularity=depth",
+                "method=block_cosine",
+                "sparsity=0.25",
+                "modulation=low_rank",
+                "modulation.rank=33",
+            ],
+            "modulation.rank=33 is larger than",
+        ),  # fmt: skip
     ],
 )
 def test_bad_depth_settings_exit_2_before_loading(
