@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 RECOVERY_CHECKPOINT = "recovery-checkpoint"
 PROGRESS = "progress.json"
 NEUTRAL_SETTINGS = ("log_every", "checkpoint_every")  # a resume may change these
+FORMAT = 2  # the optimizer's state keyed by parameter name (1: by index, before sharding)
 
 
 def recovery_key(run_key: str | None, prompts: list[str], settings: RecoverySettings) -> str:
@@ -85,6 +86,7 @@ class RecoveryCheckpoint:
         write_json(
             self.dir / PROGRESS,
             {
+                "format": FORMAT,
                 "key": self.key,
                 "step": step,
                 "losses": losses,
@@ -111,6 +113,10 @@ class RecoveryCheckpoint:
             step, key = int(progress["step"]), progress["key"]
         except (ValueError, KeyError, TypeError):
             raise RecoveryCheckpointError(f"{progress_file} is damaged: {fix}") from None
+        if progress.get("format") != FORMAT:
+            raise RecoveryCheckpointError(
+                f"{progress_file} was written by an older obsdiff, in another layout: {fix}"
+            )
         if key != self.key:
             raise RecoveryCheckpointError(
                 f"{self.dir} holds the checkpoint of a recovery with other settings: {fix}"

@@ -27,7 +27,11 @@ from obsdiff.artifacts.pruned import PrunedModel
 from obsdiff.artifacts.record import RunRecord
 from obsdiff.models.tiny import tiny_sd3_pipeline
 from obsdiff.prompts.files import BUNDLED_PROMPTS as CALIBRATION_PROMPTS
-from obsdiff.recovery.checkpoint import RECOVERY_CHECKPOINT, RecoveryCheckpoint
+from obsdiff.recovery.checkpoint import (
+    RECOVERY_CHECKPOINT,
+    RecoveryCheckpoint,
+    RecoveryCheckpointError,
+)
 from obsdiff.recovery.data import DenoiserCall, draw_calls, record_calls, step_density
 from obsdiff.recovery.images import read_image_folder
 from obsdiff.recovery.losses import feature_loss, prediction
@@ -530,3 +534,14 @@ def test_a_diverging_recovery_stops_naming_the_step(tmp_path: Path) -> None:
             gradient_clip=0, run_dir=tmp_path / "run", checkpoint_every=1,
         )  # fmt: skip
     assert (tmp_path / "run" / RECOVERY_CHECKPOINT / "progress.json").is_file()
+
+
+def test_a_checkpoint_of_an_older_layout_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    """The optimizer's state was keyed by index before sharding: such a checkpoint is named
+    with the fix instead of failing inside the restore."""
+    checkpoint = RecoveryCheckpoint(tmp_path, "key")
+    checkpoint.dir.mkdir()
+    old = {"key": "key", "step": 1, "weights": "w.safetensors", "optimizer": "o.safetensors"}
+    (checkpoint.dir / "progress.json").write_text(json.dumps(old))
+    with pytest.raises(RecoveryCheckpointError, match=r"older obsdiff.*: delete .* to start"):
+        checkpoint.check()
