@@ -26,7 +26,7 @@ from obsdiff.methods.modulation import (
     modulation_statistics,
 )
 from obsdiff.methods.package import BlockRecord, Record
-from obsdiff.models.base import ModelAdapter
+from obsdiff.models.base import ModelAdapter, prediction
 from obsdiff.pruning.statistics import InputStatistics
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.progress import progress
@@ -62,11 +62,6 @@ def skipped(adapter: ModelAdapter, denoiser: nn.Module, name: str) -> Iterator[N
         yield
     finally:
         blocks[int(index)] = block
-
-
-def prediction(output: Any) -> torch.Tensor:
-    """The denoiser's prediction from its output (a tuple, or an output with `.sample`)."""
-    return output[0] if isinstance(output, tuple) else output.sample
 
 
 def block_scores(

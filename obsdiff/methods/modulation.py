@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from obsdiff.methods.package import LowRankRecord
-from obsdiff.models.structure import linear_at
+from obsdiff.models.structure import check_rank_fits, linear_at
 from obsdiff.models.surgery import factorised_linear, replace_submodule
 from obsdiff.pruning.low_rank import energy_rank, kept_energy, low_rank_factors, output_spectrum
 from obsdiff.pruning.statistics import InputStatistics
@@ -69,16 +69,8 @@ class LowRankModulation:
     def check_widths(self, denoiser: nn.Module, names: list[str]) -> None:
         """A fixed rank fits every modulation linear (at most min(out, in)); else ValueError
         naming the narrowest and the largest rank that fits."""
-        if self.rank is None:
-            return
-        widths = {name: min(linear_at(denoiser, name).weight.shape) for name in names}
-        narrowest = min(widths, key=lambda name: widths[name])
-        if self.rank > widths[narrowest]:
-            shape = tuple(linear_at(denoiser, narrowest).weight.shape)
-            raise ValueError(
-                f"modulation.rank={self.rank} is larger than {narrowest} ({shape[0]} x "
-                f"{shape[1]}) allows; use modulation.rank={widths[narrowest]} or less"
-            )
+        if self.rank is not None:
+            check_rank_fits(denoiser, names, self.rank, "modulation.rank")
 
     def choose_rank(self, singular_values: torch.Tensor, shape: tuple[int, int]) -> int:
         """The rank of one linear of `shape` (out, in) whose weighted outputs have these

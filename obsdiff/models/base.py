@@ -564,6 +564,15 @@ class ModelAdapter(ABC):
         return f"{type(self).__name__}(name={self.name!r}, {source}, dtype={self.dtype!r})"
 
 
+def prediction(output: Any) -> torch.Tensor:
+    """The denoiser's prediction from what its forward returns (a tuple or an output object)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple | list):
+        return output[0]
+    return output.sample
+
+
 def component_config(components: dict[str, nn.Module], name: str) -> Any:
     """The config of a pipeline component (a diffusers or transformers model's `config`)."""
     return getattr(components[name], "config")  # noqa: B009 - nn.Module types it as a Module

@@ -80,6 +80,19 @@ def linear_at(module: nn.Module, name: str) -> nn.Linear:
     return found
 
 
+def check_rank_fits(denoiser: nn.Module, names: list[str], rank: int, key: str) -> None:
+    """Every named linear is at least `rank` wide (in and out); else ValueError naming the
+    setting `key`, the narrowest linear and the largest rank that fits."""
+    widths = {name: min(linear_at(denoiser, name).weight.shape) for name in names}
+    narrowest = min(widths, key=lambda name: widths[name])
+    if rank > widths[narrowest]:
+        out_features, in_features = linear_at(denoiser, narrowest).weight.shape
+        raise ValueError(
+            f"{key}={rank} is larger than {narrowest} ({out_features} x {in_features}); use "
+            f"{key}={widths[narrowest]} or less"
+        )
+
+
 def is_linear(block: nn.Module, name: str) -> bool:
     try:
         return isinstance(block.get_submodule(name), nn.Linear)

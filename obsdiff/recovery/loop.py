@@ -23,9 +23,10 @@ import torch
 from lightning.fabric.loggers import Logger
 from torch import nn
 
+from obsdiff.models.base import prediction
 from obsdiff.recovery.checkpoint import RecoveryCheckpoint
 from obsdiff.recovery.data import DenoiserCall
-from obsdiff.recovery.losses import block_outputs, feature_loss, prediction
+from obsdiff.recovery.losses import block_outputs, feature_loss
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.recovery.sharding import device_mesh, shard, sharded_like
 from obsdiff.runners.parallel import DataParallel

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional
 
 from obsdiff.models.base import ModelAdapter
+from obsdiff.models.structure import check_rank_fits
 from obsdiff.models.surgery import LowRankLinear
 
 
@@ -66,15 +67,7 @@ def lora_targets(adapter: ModelAdapter, denoiser: nn.Module) -> list[str]:
 def check_lora_rank(denoiser: nn.Module, targets: list[str], rank: int) -> None:
     """Every target linear is at least `rank` wide (in and out); else ValueError naming the
     narrowest and the largest rank that fits (a structured prune narrows them)."""
-    modules = dict(denoiser.named_modules())
-    widths = {name: min(modules[name].in_features, modules[name].out_features) for name in targets}
-    narrowest = min(widths, key=lambda name: widths[name])
-    if widths[narrowest] < rank:
-        layer = modules[narrowest]
-        raise ValueError(
-            f"recover.lora_rank={rank} is larger than {narrowest} ({layer.out_features} x "
-            f"{layer.in_features}); use recover.lora_rank={widths[narrowest]} or less"
-        )
+    check_rank_fits(denoiser, targets, rank, "recover.lora_rank")
 
 
 def with_lora(

@@ -12,15 +12,6 @@ import torch
 from torch import nn
 
 
-def prediction(output: Any) -> torch.Tensor:
-    """The denoiser's prediction from what its forward returns (a tuple or an output object)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple | list):
-        return output[0]
-    return output.sample
-
-
 def feature_tensors(output: Any) -> list[torch.Tensor]:
     """The floating tensors of a block's output with a token axis (B, N, C) or a feature map:
     both streams of an MMDiT block."""

@@ -114,10 +114,11 @@ def recover_pruned(
     reset_peak_memory(device)
     parallel = parallel or DataParallel()
     teacher_denoiser: nn.Module = adapter.denoiser(teacher)
-    teacher_blocks = [b for _, b in adapter.blocks(teacher_denoiser)]
+    named_blocks = adapter.blocks(teacher_denoiser)
+    teacher_blocks = [b for _, b in named_blocks]
     removed = set(pruned.manifest.get("structure", {}).get("removed_blocks", []))
     # each student block against the teacher block it was (depth pruning removed the others)
-    matched = [b for name, b in adapter.blocks(teacher_denoiser) if name not in removed]
+    matched = [b for name, b in named_blocks if name not in removed]
     if parallel.fsdp:  # the teacher denoiser sharded (block by block to the device), the rest whole
         for name, component in teacher.components.items():
             if isinstance(component, nn.Module) and name != adapter.denoiser_attr:

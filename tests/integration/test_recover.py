@@ -25,6 +25,7 @@ import obsdiff
 from obsdiff.api import in_memory_adapter
 from obsdiff.artifacts.pruned import PrunedModel
 from obsdiff.artifacts.record import RunRecord
+from obsdiff.models.base import prediction
 from obsdiff.models.tiny import tiny_sd3_pipeline
 from obsdiff.prompts.files import BUNDLED_PROMPTS as CALIBRATION_PROMPTS
 from obsdiff.recovery.checkpoint import (
@@ -34,7 +35,7 @@ from obsdiff.recovery.checkpoint import (
 )
 from obsdiff.recovery.data import DenoiserCall, draw_calls, record_calls, step_density
 from obsdiff.recovery.images import read_image_folder
-from obsdiff.recovery.losses import feature_loss, prediction
+from obsdiff.recovery.losses import feature_loss
 from obsdiff.recovery.run import kept_weights, recover_pruned
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.runners.parallel import DataParallel

@@ -9,8 +9,8 @@ import torch
 from registry import SHIPPED_MODELS, TINY_MODELS
 
 from obsdiff.api import model_from_config
+from obsdiff.models.base import prediction
 from obsdiff.models.training import is_flow_matching, noised_call, text_call, training_schedule
-from obsdiff.recovery.losses import prediction
 
 
 pytestmark = pytest.mark.integration
