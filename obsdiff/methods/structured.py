@@ -26,13 +26,15 @@ def prune_structured(
         module, surgery = block.module, Surgery()
         for group in block.heads:
             n_heads = int(module.get_submodule(group.attention).heads)  # type: ignore[arg-type]
-            head_dim = linear_at(module, group.producers[0]).out_features // n_heads
-            width = n_heads * head_dim
+            width = group.width
+            head_dim = width // n_heads
             consumers = [
                 linear_at(module, n).weight.data[:, o : o + width] for n, o in group.consumers
             ]
             hessians = [package.hessian(f"{block.name}.{n}", o, width) for n, o in group.consumers]
-            producers = [linear_at(module, n).weight.data for n in group.producers]
+            producers = [
+                linear_at(module, n).weight.data[o : o + width] for n, o in group.producers
+            ]
             new_weights, removed = method.select_heads(
                 [c.float() for c in consumers],
                 hessians,

@@ -6,12 +6,19 @@ from obsdiff.models.base import ModelAdapter
 from obsdiff.models.flux import FluxAdapter
 from obsdiff.models.loading import ModelConfigError, ModelLoadError
 from obsdiff.models.pixart import PixArtAdapter
+from obsdiff.models.qwen_image import QwenImageAdapter
 from obsdiff.models.sampling import SamplingDefaults
 from obsdiff.models.sd3 import SD3Adapter
 from obsdiff.models.unet import SDXLAdapter, UNetAdapter
 
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (SD3Adapter, FluxAdapter, UNetAdapter, PixArtAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    SD3Adapter,
+    FluxAdapter,
+    UNetAdapter,
+    PixArtAdapter,
+    QwenImageAdapter,
+)
 
 
 def adapter_for(
@@ -38,6 +45,7 @@ __all__ = [
     "ModelConfigError",
     "ModelLoadError",
     "PixArtAdapter",
+    "QwenImageAdapter",
     "SD3Adapter",
     "SDXLAdapter",
     "UNetAdapter",

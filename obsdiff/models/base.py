@@ -30,7 +30,12 @@ from obsdiff.models.loading import (
     null_components,
     set_eval_mode,
 )
-from obsdiff.models.sampling import CFG_DOUBLED_BATCH, CFG_NONE, SamplingDefaults
+from obsdiff.models.sampling import (
+    CFG_DOUBLED_BATCH,
+    CFG_NONE,
+    CFG_SEPARATE_CALLS,
+    SamplingDefaults,
+)
 from obsdiff.models.structure import HeadGroup, NeuronGroup, Unit
 from obsdiff.models.surgery import restore_shapes
 from obsdiff.utils.memory import own_memory
@@ -409,8 +414,24 @@ class ModelAdapter(ABC):
 
     def latent_size(self, components: dict[str, nn.Module]) -> tuple[int, int]:
         """The latent's height and width at the sampling resolution (the VAE's downsampling)."""
-        factor = 2 ** (len(component_config(components, "vae").block_out_channels) - 1)
+        factor = self.vae_scale_factor(components)
         return self.sampling.height // factor, self.sampling.width // factor
+
+    def vae_scale_factor(self, components: dict[str, nn.Module]) -> int:
+        """How many pixels one latent position spans (AutoencoderKL: 2 ** (levels - 1))."""
+        return int(2 ** (len(component_config(components, "vae").block_out_channels) - 1))
+
+    def latent_channels(self, components: dict[str, nn.Module]) -> int:
+        """Channels of the VAE's latent (B, C, h, w) that `as_prediction` lays out."""
+        return int(component_config(components, "vae").latent_channels)
+
+    def encode_latents(self, vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] as the normalised latents (B, C, h, w) the denoiser is
+        trained on: the posterior's mode, shifted and scaled as the VAE's config says."""
+        config: Any = getattr(vae, "config")  # noqa: B009 - nn.Module types it as a Module
+        encoded = vae.encode(images).latent_dist.mode()  # type: ignore[operator]
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return (encoded - shift) * config.scaling_factor  # type: ignore[no-any-return]
 
     def uses_cfg(self, sampling: SamplingDefaults | None = None) -> bool:
         """Whether a call runs classifier-free guidance (an unconditional branch)."""
@@ -564,6 +585,26 @@ class ModelAdapter(ABC):
         return f"{type(self).__name__}(name={self.name!r}, {source}, dtype={self.dtype!r})"
 
 
+class TrueCfgAdapter(ModelAdapter):
+    """A family whose pipeline runs real classifier-free guidance as a second denoiser call of
+    each step, conditional first (Flux, Qwen-Image): on when `true_cfg_scale > 1` and a
+    `negative_prompt` is set."""
+
+    def call_kwargs(self, sampling: SamplingDefaults | None = None) -> dict[str, Any]:
+        s = sampling or self.sampling
+        kwargs = super().call_kwargs(s)
+        if s.true_cfg_scale is not None:
+            kwargs["true_cfg_scale"] = s.true_cfg_scale
+        return kwargs
+
+    def uses_cfg(self, sampling: SamplingDefaults | None = None) -> bool:
+        s = sampling or self.sampling
+        return (s.true_cfg_scale or 1.0) > 1.0 and s.negative_prompt is not None
+
+    def cfg_mode(self, sampling: SamplingDefaults | None = None) -> str:
+        return CFG_SEPARATE_CALLS if self.uses_cfg(sampling) else CFG_NONE
+
+
 def prediction(output: Any) -> torch.Tensor:
     """The denoiser's prediction from what its forward returns (a tuple or an output object)."""
     if isinstance(output, torch.Tensor):
@@ -571,6 +612,14 @@ def prediction(output: Any) -> torch.Tensor:
     if isinstance(output, tuple | list):
         return output[0]
     return output.sample
+
+
+def pack_2x2(latents: torch.Tensor) -> torch.Tensor:
+    """Latents (B, C, h, w) as tokens of 2 x 2 patches (B, h/2 * w/2, 4C), channel-major within a
+    patch: the packing of Flux's and Qwen-Image's pipelines (`_pack_latents`)."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
 def component_config(components: dict[str, nn.Module], name: str) -> Any:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from obsdiff.models.base import ModelAdapter, component_config
-from obsdiff.models.sampling import CFG_NONE, CFG_SEPARATE_CALLS, SamplingDefaults, embedding_kwargs
+from obsdiff.models.base import TrueCfgAdapter, component_config, pack_2x2
+from obsdiff.models.sampling import embedding_kwargs
 from obsdiff.models.structure import (
     MMDIT_UNITS,
     HeadGroup,
@@ -39,7 +39,7 @@ SINGLE_UNITS: list[list[InputNames]] = [
 ]
 
 
-class FluxAdapter(ModelAdapter):
+class FluxAdapter(TrueCfgAdapter):
     family = "flux"
     pipeline_classes = ("FluxPipeline",)
     denoiser_attr = "transformer"
@@ -86,9 +86,6 @@ class FluxAdapter(ModelAdapter):
         qkv = ["attn.to_q", "attn.to_k", "attn.to_v"]
         return head_group(block, "attn", qkv, ["proj_out"]), neurons
 
-    def cfg_mode(self, sampling: SamplingDefaults | None = None) -> str:
-        return CFG_SEPARATE_CALLS if self.uses_cfg(sampling) else CFG_NONE
-
     def example_call(
         self, prompts: int, components: dict[str, nn.Module], device: str | torch.device = "meta"
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -119,9 +116,7 @@ class FluxAdapter(ModelAdapter):
 
     def as_prediction(self, target: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, h/2 * w/2, 4C): FluxPipeline's `_pack_latents`."""
-        b, c, h, w = target.shape
-        patches = target.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+        return pack_2x2(target)
 
     def encode_prompts(
         self, pipe: DiffusionPipeline, prompts: list[str], device: torch.device
@@ -139,14 +134,3 @@ class FluxAdapter(ModelAdapter):
             max_sequence_length=length,
         )
         return embedding_kwargs(embeds, pooled, negative, negative_pooled)
-
-    def call_kwargs(self, sampling: SamplingDefaults | None = None) -> dict[str, Any]:
-        s = sampling or self.sampling
-        kwargs = super().call_kwargs(s)
-        if s.true_cfg_scale is not None:
-            kwargs["true_cfg_scale"] = s.true_cfg_scale
-        return kwargs
-
-    def uses_cfg(self, sampling: SamplingDefaults | None = None) -> bool:
-        s = sampling or self.sampling
-        return (s.true_cfg_scale or 1.0) > 1.0 and s.negative_prompt is not None

@@ -17,24 +17,30 @@ Unit = tuple[InputNames, ...]  # a basic unit: groups whose inputs do not depend
 class HeadGroup:
     """Attention heads of one attention module (names relative to the block).
 
-    Head h owns rows [h d, (h + 1) d) of every producer (q/k/v, add_q/k/v) and columns
-    [offset + h d, offset + (h + 1) d) of every consumer (the output projections, one per
-    stream); `attention` is the module whose `heads` count changes.
+    `width` = heads x head width. Head h owns rows [offset + h d, offset + (h + 1) d) of every
+    producer (q/k/v, add_q/k/v; a fused projection names one producer per packed slice: FLUX.2's
+    `to_qkv_mlp_proj` at offsets 0, width and 2 width) and columns [offset + h d,
+    offset + (h + 1) d) of every consumer (the output projections, one per stream);
+    `attention` is the module whose `heads` count changes.
     """
 
     attention: str
-    producers: tuple[str, ...]
+    producers: tuple[tuple[str, int], ...]
     consumers: tuple[tuple[str, int], ...]
+    width: int
 
 
 @dataclass(frozen=True)
 class NeuronGroup:
     """FFN neurons: neuron i is row offset + i of each producer (both GEGLU halves) and column
-    offset + i of the consumer (the down-projection); `width` neurons in all."""
+    offset + i of the consumer (the down-projection); `width` neurons in all. `width_attribute`:
+    (module, attribute) that stores the width where a fused layout splits by it (FLUX.2's
+    `attn.mlp_hidden_dim`), kept equal to the neurons left."""
 
     producers: tuple[tuple[str, int], ...]
     consumer: tuple[str, int]
     width: int
+    width_attribute: tuple[str, str] | None = None
 
 
 def head_group(
@@ -44,12 +50,14 @@ def head_group(
     consumers: Sequence[str],
     offset: int = 0,
 ) -> list[HeadGroup]:
-    """[the group] restricted to the linears present, or [] when the attention is absent."""
-    kept_producers = tuple(name for name in producers if is_linear(block, name))
+    """[the group] restricted to the linears present, or [] when the attention is absent; the
+    producers are whole linears (offset 0), the consumers read the heads from column `offset`."""
+    kept_producers = tuple((name, 0) for name in producers if is_linear(block, name))
     kept_consumers = tuple((name, offset) for name in consumers if is_linear(block, name))
     if not (kept_producers and kept_consumers):
         return []
-    return [HeadGroup(attention, kept_producers, kept_consumers)]
+    width = linear_at(block, kept_producers[0][0]).out_features
+    return [HeadGroup(attention, kept_producers, kept_consumers, width)]
 
 
 def ffn_group(block: nn.Module, up: str, down: str, gated: bool = False) -> list[NeuronGroup]:

@@ -113,12 +113,13 @@ class Surgery:
     rows: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
     columns: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
     heads: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    widths: dict[tuple[str, str], int] = field(default_factory=dict)  # (module, attribute)
 
     def remove_heads(self, group: HeadGroup, removed: list[int], head_dim: int) -> None:
         for head in removed:
             span = range(head * head_dim, (head + 1) * head_dim)
-            for name in group.producers:
-                self.rows[name].update(span)
+            for name, offset in group.producers:
+                self.rows[name].update(offset + i for i in span)
             for name, offset in group.consumers:
                 self.columns[name].update(offset + i for i in span)
         self.heads[group.attention] += len(removed)
@@ -128,6 +129,8 @@ class Surgery:
             self.rows[name].update(offset + i for i in removed)
         name, offset = group.consumer
         self.columns[name].update(offset + i for i in removed)
+        if group.width_attribute is not None:
+            self.widths[group.width_attribute] = group.width - len(removed)
 
     def apply(self, block: nn.Module) -> None:
         for name in sorted(set(self.rows) | set(self.columns)):
@@ -145,13 +148,26 @@ class Surgery:
             replace_submodule(block, name, new)
         for attention, removed in self.heads.items():
             module = block.get_submodule(attention)
-            module.heads = int(module.heads) - removed  # type: ignore[arg-type, assignment]
+            set_heads(module, int(module.heads) - removed)  # type: ignore[arg-type]
+        for (module_name, attribute), width in self.widths.items():
+            setattr(block.get_submodule(module_name), attribute, width)
+
+
+# widths a fused layout splits its linears by (FLUX.2's parallel attention-MLP blocks), kept
+# equal to the neurons left by structured pruning (`NeuronGroup.width_attribute`)
+WIDTH_ATTRIBUTES = ("mlp_hidden_dim",)
 
 
 def shapes(denoiser: nn.Module) -> dict[str, Any]:
-    """Every linear's (out, in), every attention's head count and every low-rank linear's rank,
-    to rebuild a pruned denoiser."""
+    """Every linear's (out, in), every attention's head count, every low-rank linear's rank and
+    every stored width of a fused layout, to rebuild a pruned denoiser."""
     return {
+        "widths": {
+            f"{name}.{attribute}": getattr(m, attribute)
+            for name, m in denoiser.named_modules()
+            for attribute in WIDTH_ATTRIBUTES
+            if isinstance(getattr(m, attribute, None), int)
+        },
         "low_rank": {
             name: m.rank for name, m in denoiser.named_modules() if isinstance(m, LowRankLinear)
         },
@@ -188,4 +204,20 @@ def restore_shapes(denoiser: nn.Module, recorded: dict[str, Any]) -> None:
             columns = torch.arange(in_features, device=linear.weight.device)
             replace_submodule(denoiser, name, shrunk_linear(linear, rows, columns))
     for name, heads in recorded["heads"].items():
-        denoiser.get_submodule(name).heads = heads
+        set_heads(denoiser.get_submodule(name), heads)
+    for qualified, width in recorded.get("widths", {}).items():
+        name, _, attribute = qualified.rpartition(".")
+        setattr(denoiser.get_submodule(name), attribute, width)
+
+
+def set_heads(attention: nn.Module, heads: int) -> None:
+    """An attention module's head count set to `heads`, with the widths it derives from it
+    (diffusers' `Attention.inner_dim` and `inner_kv_dim`: Qwen-Image's processor reads its head
+    width as `inner_dim // heads`, FLUX.2's splits its fused projection by `inner_dim`) scaled
+    to match."""
+    old = int(attention.heads)  # type: ignore[arg-type]
+    for width in ("inner_dim", "inner_kv_dim"):
+        value = getattr(attention, width, None)
+        if isinstance(value, int) and old and value % old == 0:
+            setattr(attention, width, value // old * heads)
+    attention.heads = heads  # type: ignore[assignment]

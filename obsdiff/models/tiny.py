@@ -9,6 +9,7 @@ real models' coupling rules (e.g. SD3's joint attention width >= the two CLIP wi
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Any
 
@@ -16,6 +17,7 @@ import tokenizers
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -24,6 +26,8 @@ from diffusers import (
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     PNDMScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -35,6 +39,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -314,5 +321,169 @@ def tiny_pixart_pipeline(seed: int = 0) -> PixArtSigmaPipeline:
         vae=tiny_vae(scaling_factor=0.13025, shift_factor=None, quant_conv=True),
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
+    )
+    return set_eval_mode(pipe)
+
+
+# --------------------------------------------------------------------------- Qwen-Image
+QWEN_TEXT_WIDTH = 32  # hidden size of the tiny Qwen2.5-VL text model (= joint_attention_dim)
+QWEN_LATENT_CHANNELS = 4  # z_dim of the tiny VAE (the real one: 16)
+
+# As the pipeline (QwenImagePipeline.__init__, not in any config, so not changeable by files).
+PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity,"
+    " text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+    "<|im_end|>\n<|im_start|>assistant\n"
+)
+PROMPT_TEMPLATE_DROP = 34  # QwenImagePipeline.prompt_template_encode_start_idx
+
+# The Qwen2.5 special tokens the pipeline's template uses, and the vision ones the VL config names.
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",  # pad (and bos of the text config), as Qwen2.5-VL
+    "<|im_start|>",
+    "<|im_end|>",  # eos, as Qwen2.5-VL-Instruct
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# Qwen/Qwen-Image's scheduler config (its `scheduler/scheduler_config.json` as third-party copies
+# of the repository give it): resolution-dependent exponential shift between 0.5 at 256 image
+# tokens and 0.9 at 8192, last sigma stretched to 0.02.
+QWEN_IMAGE_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 0.9,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 8192,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+    "invert_sigmas": False,
+    "stochastic_sampling": False,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+}
+
+
+# --------------------------------------------------------------------------- tokenizer
+def _template_words() -> list[str]:
+    """The template's pre-tokenized pieces (byte-level strings) between its special tokens."""
+    pre_tokenizer = Qwen2Tokenizer(vocab={"<|endoftext|>": 0}).backend_tokenizer.pre_tokenizer
+    specials = "|".join(re.escape(t) for t in QWEN_SPECIAL_TOKENS)
+    text = PROMPT_TEMPLATE.replace("{}", "")
+    words: list[str] = []
+    for segment in re.split(specials, text):
+        words += [piece for piece, _ in pre_tokenizer.pre_tokenize_str(segment)]
+    return words
+
+
+def qwen_tokenizer() -> Qwen2Tokenizer:
+    """Qwen2's byte-level BPE with one token per byte character, the prompt template's words as
+    whole tokens (a left-to-right merge chain each) and Qwen2.5-VL's special tokens; no files."""
+    chars = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)}
+    merges: list[tuple[str, str]] = []
+    for word in _template_words():
+        for k in range(1, len(word)):
+            left, right = word[:k], word[k]
+            if word[: k + 1] not in vocab:
+                vocab[word[: k + 1]] = len(vocab)
+                merges.append((left, right))
+    for token in QWEN_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,  # type: ignore[arg-type]  # tokenizers' BPE takes pairs, not strings
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
+        model_max_length=131072,
+    )
+
+
+# --------------------------------------------------------------------------- text encoder, VAE
+def tiny_qwen_vl_text_encoder(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
+    """Qwen2.5-VL with a 2-layer, 32-wide language model and a 1-block vision tower."""
+    ids = tokenizer.get_vocab().__getitem__  # token -> id
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": QWEN_TEXT_WIDTH,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [2, 3, 3],
+            },
+            "bos_token_id": ids("<|endoftext|>"),
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>"),
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_heads": 2,
+            "patch_size": 2,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 8,
+            "fullatt_block_indexes": [0],
+            "out_hidden_size": QWEN_TEXT_WIDTH,
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def tiny_qwen_vae() -> AutoencoderKLQwenImage:
+    """Causal-3D VAE with one (spatial-only) downsampling: factor 2, 4 latent channels."""
+    return AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=QWEN_LATENT_CHANNELS,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],  # one entry per downsampling: spatial factor 2 ** len
+        latents_mean=[0.0] * QWEN_LATENT_CHANNELS,
+        latents_std=[1.0] * QWEN_LATENT_CHANNELS,
+    )
+
+
+# --------------------------------------------------------------------------- pipeline
+def tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
+    """Qwen-Image in miniature: 3 MMDiT blocks of 2 heads x 16 over 2 x 2-packed latents, a
+    tiny Qwen2.5-VL text encoder, a factor-2 Qwen-Image VAE, the real scheduler config."""
+    torch.manual_seed(seed)
+    tokenizer = qwen_tokenizer()
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4 * QWEN_LATENT_CHANNELS,  # latent channels packed 2 x 2
+        out_channels=QWEN_LATENT_CHANNELS,  # proj_out: patch_size**2 * out_channels = in_channels
+        num_layers=3,  # the first and last kept by depth pruning: one to remove
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=QWEN_TEXT_WIDTH,
+        guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6),  # (frame, height, width), even, sums to attention_head_dim
+    )
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
+        vae=tiny_qwen_vae(),
+        text_encoder=tiny_qwen_vl_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        transformer=transformer,
     )
     return set_eval_mode(pipe)

@@ -6,7 +6,7 @@ layout its pipeline uses, and the target of the model's own training loss.
 
 The text side of a call (embeddings, pooled embeddings, masks, Flux's ids and guidance, SDXL's
 size ids) is taken from the pipeline itself: `text_call` captures the first denoiser call of a
-one-step sampling of the captions, classifier-free guidance off, so every family's conditioning
+two-step sampling of the captions, classifier-free guidance off, so every family's conditioning
 is exactly what its pipeline passes. `noised_call` then puts the noised latent and its timestep
 where the family's call carries them (`ModelAdapter.with_latents`), as diffusers' training
 scripts noise them:
@@ -58,7 +58,7 @@ def text_call(
         kwargs.pop(key, None)
     if adapter.cfg_mode() == CFG_DOUBLED_BATCH:  # guidance 1: a conditional batch only
         kwargs["guidance_scale"] = 1.0  # (Flux's guidance is embedded; its true CFG dropped)
-    kwargs["num_inference_steps"] = 1
+    kwargs["num_inference_steps"] = 2  # the first call is taken (one step: Qwen-Image's sigmas NaN)
     handle = denoiser.register_forward_pre_hook(capture, with_kwargs=True)
     try:
         with torch.no_grad():

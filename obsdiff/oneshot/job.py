@@ -233,14 +233,19 @@ def _check_structured(
         heads, neurons = adapter.structured_groups(block)
         for group in heads:
             count = int(block.get_submodule(group.attention).heads)  # type: ignore[arg-type]
-            for name in group.producers:
-                width = linear_at(block, name).out_features
-                if width % count:
+            if group.width % count:
+                raise JobError(
+                    f"{block_name}.{group.attention}: its {group.width} head channels do not "
+                    f"divide into its {count} heads"
+                )
+            for name, offset in group.producers:
+                if linear_at(block, name).out_features < offset + group.width:
                     raise JobError(
-                        f"{block_name}.{name} has {width} outputs, not divisible into the "
-                        f"{count} heads of {block_name}.{group.attention}"
+                        f"{block_name}.{name} has fewer outputs than the {group.width} head "
+                        f"channels of {block_name}.{group.attention} it is read for from row "
+                        f"{offset}"
                     )
-            head_dim = linear_at(block, group.producers[0]).out_features // count
+            head_dim = group.width // count
             where = f"heads of {block_name}.{group.attention}"
             _check_keeps_one(sparsity, count, where, head_dim, align)
         for neuron_group in neurons:

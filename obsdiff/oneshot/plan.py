@@ -217,7 +217,7 @@ def reach(
         cut: set[str] = set()
         for block_name in dict.fromkeys(unit.block_name for p in packages for unit in p):
             heads, neurons = job.model.structured_groups(blocks[block_name])
-            names = [n for g in heads for n in (*g.producers, *(c for c, _ in g.consumers))]
+            names = [n for g in heads for n, _ in (*g.producers, *g.consumers)]
             names += [n for g in neurons for n in (*(p for p, _ in g.producers), g.consumer[0])]
             cut.update(f"{block_name}.{n}" for n in names)
         weights = sum(linear_at(denoiser, n).weight.numel() for n in cut)

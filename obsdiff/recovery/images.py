@@ -147,14 +147,13 @@ def encode_images(
     """Every image through the VAE and every caption through the pipeline, once."""
     sampling = adapter.sampling
     vae = pipe.vae
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
     latents, conditions = [], []
     with torch.no_grad():
         for first in progress(range(0, len(pairs), batch), "images", "batch"):
             chunk = pairs[first : first + batch]
             images = torch.stack([pixels(p, sampling.height, sampling.width) for p, _ in chunk])
-            encoded = vae.encode(images.to(device, vae.dtype)).latent_dist.mode()
-            latents.append(((encoded - shift) * vae.config.scaling_factor).float().cpu())
+            encoded = adapter.encode_latents(vae, images.to(device, vae.dtype))
+            latents.append(encoded.float().cpu())
             conditions += split(text_call(adapter, pipe, [c for _, c in chunk]), len(chunk))
         unconditional = text_call(adapter, pipe, [""])
     return ImageSet(torch.cat(latents), conditions, unconditional, training_schedule(pipe))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +21,9 @@ def forward_flops(denoiser: nn.Module, run_once: Callable[[], Any]) -> float:
             return
         if isinstance(module, nn.Linear):
             total[0] += 2.0 * module.in_features * output.numel()
-        elif isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            total[0] += 2.0 * module.in_channels // module.groups * kh * kw * output.numel()
+        elif isinstance(module, nn.Conv2d | nn.Conv3d):
+            kernel = math.prod(module.kernel_size)
+            total[0] += 2.0 * module.in_channels // module.groups * kernel * output.numel()
 
     def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         state["calls"] += 1
@@ -34,7 +35,7 @@ def forward_flops(denoiser: nn.Module, run_once: Callable[[], Any]) -> float:
     handles += [
         m.register_forward_hook(count)
         for m in denoiser.modules()
-        if isinstance(m, nn.Linear | nn.Conv2d)
+        if isinstance(m, nn.Linear | nn.Conv2d | nn.Conv3d)
     ]
     try:
         with torch.inference_mode():
@@ -46,15 +47,16 @@ def forward_flops(denoiser: nn.Module, run_once: Callable[[], Any]) -> float:
 
 
 def pipeline_flops(pipe: Any, denoiser: nn.Module, call_kwargs: dict[str, Any]) -> float:
-    """FLOPs of one denoiser forward (per sample) in a one-step, one-prompt pipeline call at
-    `call_kwargs` (the model's sampling settings: resolution, guidance)."""
-    one_step = {**call_kwargs, "num_inference_steps": 1}
+    """FLOPs of the first denoiser forward (per sample) of a two-step, one-prompt pipeline call
+    at `call_kwargs` (the model's sampling settings: resolution, guidance; one step would give
+    Qwen-Image's scheduler no sigmas to stretch)."""
+    two_steps = {**call_kwargs, "num_inference_steps": 2}
     return forward_flops(
         denoiser,
         lambda: pipe(
             prompt=["a photograph"],
             generator=torch.Generator("cpu").manual_seed(0),
             output_type="latent",
-            **one_step,
+            **two_steps,
         ),
     )

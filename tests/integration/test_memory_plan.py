@@ -95,6 +95,8 @@ def test_the_plan_is_what_the_run_allocates(
         ("sd21_base", "unet", 865_910_724),
         ("sd15", "unet", 859_520_964),
         ("pixart_sigma", "transformer", 610_856_096),  # "0.6 B"
+        ("qwen_image", "transformer", 20_430_401_088),  # model card: 20 B; issue trackers 20.43 B
+        ("qwen_image", "text_encoder", 8_292_166_656),  # Qwen2.5-VL-7B-Instruct: 8.29 B
         ("sd35_large", "text_encoder_3", 4_762_310_656),  # T5-XXL's encoder
     ],
 )

@@ -17,7 +17,12 @@ from obsdiff.artifacts.pruned import PrunedModel
 from obsdiff.artifacts.record import RunRecord
 from obsdiff.models.sd3 import SD3Adapter
 from obsdiff.models.surgery import LowRankLinear
-from obsdiff.models.tiny import tiny_pixart_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
+from obsdiff.models.tiny import (
+    tiny_pixart_pipeline,
+    tiny_qwen_image_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+)
 from obsdiff.oneshot.job import JobError
 
 
@@ -49,14 +54,16 @@ def parameters(pipe: DiffusionPipeline, model: PrunedModel) -> int:
     return sum(p.numel() for p in model.adapter.denoiser(pipe).parameters())
 
 
-@pytest.mark.parametrize("build", [tiny_pixart_pipeline, tiny_sd_pipeline])
+@pytest.mark.parametrize(
+    "build", [tiny_pixart_pipeline, tiny_sd_pipeline, tiny_qwen_image_pipeline]
+)
 def test_a_timestep_only_modulation_is_exact_at_the_rank_of_its_steps(
     build: Callable[[], DiffusionPipeline],
 ) -> None:
-    """PixArt-Sigma's adaln_single and the UNets' time_emb_proj read the timestep embedding
-    alone: 4 sampling steps are at most 4 distinct inputs, so rank 4 keeps all of their weighted
-    energy and the images are the dense ones to float round-off; the denoiser is smaller by
-    exactly what the records predict."""
+    """PixArt-Sigma's adaln_single, the UNets' time_emb_proj and Qwen-Image's img_mod/txt_mod
+    read the timestep embedding alone: 4 sampling steps are at most 4 distinct inputs, so rank 4
+    keeps all of their weighted energy and the images are the dense ones to float round-off; the
+    denoiser is smaller by exactly what the records predict."""
     dense = build()
     model = obsdiff.prune(
         build(), "dense", "unstructured", 0.0, prompts=PROMPTS, sampling=SAMPLING,

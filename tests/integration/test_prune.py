@@ -325,8 +325,8 @@ def removed_parameters(adapter, base: torch.nn.Module, records: list[dict]) -> i
         removed = len(record["removed"])
         if record["kind"] == "heads":
             group = next(g for g in heads if g.attention == record["group"])
-            unit = linear_at(block, group.producers[0]).out_features // record["before"]
-            producers = [linear_at(block, n) for n in group.producers]
+            unit = group.width // record["before"]
+            producers = [linear_at(block, n) for n, _ in group.producers]
             consumers = [linear_at(block, n) for n, _ in group.consumers]
         else:
             group = next(g for g in neurons if g.consumer[0] == record["group"])
@@ -389,7 +389,7 @@ def test_layouts_that_cannot_be_pruned_are_refused_before_calibration() -> None:
     from obsdiff.calibration.packages import list_units
 
     units = list_units(adapter, denoiser, structured=True)
-    with pytest.raises(JobError, match="not divisible into the 3 heads"):
+    with pytest.raises(JobError, match="do not divide into its 3 heads"):
         _check_structured(adapter, denoiser, units, 0.25)
 
 

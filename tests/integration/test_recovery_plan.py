@@ -95,7 +95,10 @@ def test_real_models_have_a_plan(model: str) -> None:
     for checkpointing in (False, True):
         fewest = [plan.fewest_devices(size, checkpointing) for size in DEVICE_SIZES_GB]
         found = [n for n in fewest if n is not None]
-        assert found == sorted(found, reverse=True) and fewest[-1] is not None
+        assert found == sorted(found, reverse=True)
+    # with checkpointing every model fits the largest devices (without, Qwen-Image's 1328 x 1328
+    # activations alone outgrow an 80 GB device)
+    assert fewest[-1] is not None
     assert f"recovery memory plan: {model}" in plan.table()
 
 

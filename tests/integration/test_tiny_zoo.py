@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ from diffusers import DiffusionPipeline
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.normalization import RMSNorm
 from PIL import Image
-from registry import TINY_MODELS, tiny_adapter
+from registry import REAL_MODELS, TINY_MODELS, adapter_class, tiny_adapter
 
+from obsdiff.api import model_from_config
 from obsdiff.calibration.hooks import StepTracker
 from obsdiff.eval.generation import render
 from obsdiff.models import (
@@ -48,7 +50,9 @@ def make_adapter(name: str, **overrides: Any) -> ModelAdapter:
 def latents(pipe: DiffusionPipeline, adapter: ModelAdapter, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
-        out = pipe(PROMPTS, generator=generator, output_type="latent", **adapter.call_kwargs())
+        out = pipe(
+            prompt=PROMPTS, generator=generator, output_type="latent", **adapter.call_kwargs()
+        )
     return out.images
 
 
@@ -78,6 +82,28 @@ def test_build_is_small_deterministic_and_in_eval_mode(zoo_name: str) -> None:
         not torch.equal(a, b)
         for a, b in zip(denoiser.parameters(), other.parameters(), strict=True)
     )
+
+
+def linear_names(denoiser: torch.nn.Module) -> set[str]:
+    """The denoiser's linears by name, every index (block, level, list position) as `*`."""
+    return {
+        re.sub(r"\.\d+(?=\.|$)", ".*", name)
+        for name, module in denoiser.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+@pytest.mark.parametrize("real", REAL_MODELS)
+def test_a_tiny_model_has_the_linears_of_each_real_one(real: str) -> None:
+    """Pruning reaches the tiny model's linears by the names the real model has: some tiny recipe
+    of the real model's family has exactly its linears (built from its shipped architecture)."""
+    expected = linear_names(model_from_config(real).denoiser_skeleton())
+    cls = adapter_class(real)
+    found = {
+        recipe: linear_names(cls(name=recipe, tiny=recipe).denoiser_skeleton())
+        for recipe in cls.tiny_variants
+    }
+    assert expected in found.values(), {n: expected ^ names for n, names in found.items()}
 
 
 def test_sd3_structure_matches_the_real_model() -> None:
@@ -196,9 +222,9 @@ def test_generation_with_cfg_latent_and_pil(zoo_name: str) -> None:
     calls_per_step, batch_per_call = (2, len(PROMPTS)) if separate else (1, 2 * len(PROMPTS))
     steps = adapter.denoising_steps(pipe)  # PNDM (PLMS) repeats its second timestep
     assert seen == [batch_per_call] * (calls_per_step * steps)
-    expected = (
-        (2, 256, 16) if adapter.family == "flux" else (2, 4, 32, 32)
-    )  # Flux latents are packed
+    components = dict(pipe.components)  # in the prediction's layout (Flux, Qwen-Image: packed)
+    latent = torch.empty(2, adapter.latent_channels(components), 32, 32)
+    expected = tuple(adapter.as_prediction(latent).shape)
     assert tuple(out.shape) == expected
     assert torch.isfinite(out).all()
     assert not torch.equal(out[0], out[1])

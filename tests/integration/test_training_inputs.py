@@ -26,7 +26,7 @@ def test_a_noised_latent_is_a_call_of_the_pipelines_layout(model: str) -> None:
     template = text_call(adapter, pipe, CAPTIONS)
     schedule = training_schedule(pipe)
     height, width = adapter.latent_size(dict(pipe.components))
-    channels = pipe.vae.config.latent_channels
+    channels = adapter.latent_channels(dict(pipe.components))
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, channels, height, width, generator=generator)
     noise = torch.randn(2, channels, height, width, generator=generator)
