@@ -46,6 +46,8 @@ def list_units(
     units: list[UnitRef] = []
     for index in range(start, end):
         name, block = blocks[index]
+        if structured:
+            adapter.check_structured(name, block)
         block_units = adapter.structured_units(block) if structured else adapter.block_units(block)
         if not block_units:
             raise ValueError(

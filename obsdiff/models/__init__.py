@@ -4,6 +4,7 @@ from typing import Any
 
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.flux import FluxAdapter
+from obsdiff.models.flux2 import Flux2Adapter
 from obsdiff.models.loading import ModelConfigError, ModelLoadError
 from obsdiff.models.pixart import PixArtAdapter
 from obsdiff.models.qwen_image import QwenImageAdapter
@@ -18,6 +19,7 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     UNetAdapter,
     PixArtAdapter,
     QwenImageAdapter,
+    Flux2Adapter,
 )
 
 
@@ -41,6 +43,7 @@ __all__ = [
     "ADAPTERS",
     "adapter_for",
     "FluxAdapter",
+    "Flux2Adapter",
     "ModelAdapter",
     "ModelConfigError",
     "ModelLoadError",

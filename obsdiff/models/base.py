@@ -517,6 +517,12 @@ class ModelAdapter(ABC):
         """The heads and FFN neurons structured pruning may remove from one block."""
         raise NotImplementedError(f"structured pruning is not available for {self.family}")
 
+    def check_structured(self, block_name: str, block: nn.Module) -> None:
+        """Raise `ModelConfigError` (naming the block and the fix) where the block's layout
+        cannot be cut as `structured_groups` says (a fused layout that does not tile); every
+        layout of the unfused families can."""
+        return None
+
     def structured_units(self, block: nn.Module) -> list[Unit]:
         """The consumers of `structured_groups` (output and down projections) as basic units:
         the layers whose input statistics structured OBS needs."""

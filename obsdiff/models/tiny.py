@@ -17,10 +17,13 @@ import tokenizers
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     PixArtSigmaPipeline,
@@ -34,11 +37,17 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE as FLUX2_SYSTEM_MESSAGE
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    PixtralImageProcessor,
+    PixtralProcessor,
+    PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
@@ -369,7 +378,7 @@ QWEN_IMAGE_SCHEDULER = {
 }
 
 
-# --------------------------------------------------------------------------- tokenizer
+# tokenizer
 def _template_words() -> list[str]:
     """The template's pre-tokenized pieces (byte-level strings) between its special tokens."""
     pre_tokenizer = Qwen2Tokenizer(vocab={"<|endoftext|>": 0}).backend_tokenizer.pre_tokenizer
@@ -405,7 +414,7 @@ def qwen_tokenizer() -> Qwen2Tokenizer:
     )
 
 
-# --------------------------------------------------------------------------- text encoder, VAE
+# text encoder, VAE
 def tiny_qwen_vl_text_encoder(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
     """Qwen2.5-VL with a 2-layer, 32-wide language model and a 1-block vision tower."""
     ids = tokenizer.get_vocab().__getitem__  # token -> id
@@ -462,7 +471,7 @@ def tiny_qwen_vae() -> AutoencoderKLQwenImage:
     )
 
 
-# --------------------------------------------------------------------------- pipeline
+# pipeline
 def tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
     """Qwen-Image in miniature: 3 MMDiT blocks of 2 heads x 16 over 2 x 2-packed latents, a
     tiny Qwen2.5-VL text encoder, a factor-2 Qwen-Image VAE, the real scheduler config."""
@@ -484,6 +493,214 @@ def tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
         vae=tiny_qwen_vae(),
         text_encoder=tiny_qwen_vl_text_encoder(tokenizer),
         tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    return set_eval_mode(pipe)
+
+
+# --------------------------------------------------------------------------- FLUX.2
+MISTRAL_WIDTH = 16  # hidden size of the tiny Mistral text model
+MISTRAL_LAYERS = 31  # one more than the deepest layer the pipeline reads (30)
+FLUX2_TEXT_LAYERS = (10, 20, 30)  # Flux2Pipeline's default `text_encoder_out_layers`
+VISION_PATCH = 4  # Pixtral patch size of the tiny vision tower
+SPATIAL_MERGE = 2  # Mistral-Small-3.1's patch merger
+
+# Tekken (Mistral-Small-3.x) special tokens, at their real ids 0..19.
+MISTRAL_SPECIALS = (
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
+    "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+    "[TOOL_CONTENT]",
+)  # fmt: skip
+IMG_TOKEN_ID = MISTRAL_SPECIALS.index("[IMG]")  # 10, as Mistral3Config's default
+
+# Mistral-Small-3 style: <s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]answer</s>
+# (content as a string or as a list of text/image blocks, as Flux2Pipeline's `format_input`).
+MISTRAL_CHAT_TEMPLATE = (
+    "{%- set default_system_message = 'You are a helpful assistant.' %}"
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- if messages[0]['content'] is string %}{%- set system_message = messages[0]['content'] %}"
+    "{%- else %}{%- set system_message = messages[0]['content'][0]['text'] %}{%- endif %}"
+    "{%- set loop_messages = messages[1:] %}"
+    "{%- else %}"
+    "{%- set system_message = default_system_message %}{%- set loop_messages = messages %}"
+    "{%- endif %}"
+    "{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if message['content'] is string %}{{- '[INST]' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST]' }}"
+    "{%- for block in message['content'] %}"
+    "{%- if block['type'] == 'text' %}{{- block['text'] }}"
+    "{%- elif block['type'] in ['image', 'image_url'] %}{{- '[IMG]' }}"
+    "{%- else %}{{- raise_exception('Only text and image blocks are supported!') }}{%- endif %}"
+    "{%- endfor %}{{- '[/INST]' }}"
+    "{%- endif %}"
+    "{%- elif message['role'] == 'system' %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set text = message['content'][0]['text'] %}{%- endif %}"
+    "{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{%- if message['content'] is string %}{{- message['content'] + eos_token }}"
+    "{%- else %}{{- message['content'][0]['text'] + eos_token }}{%- endif %}"
+    "{%- else %}{{- raise_exception('Only user, system and assistant roles are supported!') }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+# tokenizer
+def char_mistral_tokenizer(max_length: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE: Tekken's 20 special tokens (ids 0..19), the 256 byte-level characters,
+    and each word of FLUX.2's system message as one token (so the system message is 27 tokens,
+    not ~190, and a small `max_sequence_length` still reaches the prompt, which is otherwise
+    one token per character)."""
+    byte_level = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    vocab = {token: i for i, token in enumerate(MISTRAL_SPECIALS)}
+    for char in sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    for word, _ in byte_level.pre_tokenize_str(FLUX2_SYSTEM_MESSAGE):
+        vocab.setdefault(word, len(vocab))
+    # No merges: a pre-tokenized word in the vocabulary is one token (`ignore_merges`,
+    # as Llama-3's tokenizer), any other word falls back to its byte-level characters.
+    model = tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>", ignore_merges=True)
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = byte_level
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens(
+        [tokenizers.AddedToken(t, special=True, normalized=False) for t in MISTRAL_SPECIALS]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=max_length,
+    )
+
+
+def tiny_pixtral_processor() -> PixtralProcessor:
+    """The pipeline's `tokenizer`: a PixtralProcessor (image processor sized to the tiny vision
+    tower) around `char_mistral_tokenizer`, with the Mistral-Small-3 chat template."""
+    image_processor = PixtralImageProcessor(
+        size={"longest_edge": 32},
+        patch_size={"height": VISION_PATCH, "width": VISION_PATCH},
+    )
+    return PixtralProcessor(
+        image_processor=image_processor,
+        tokenizer=char_mistral_tokenizer(),
+        patch_size=VISION_PATCH,
+        spatial_merge_size=SPATIAL_MERGE,
+        chat_template=MISTRAL_CHAT_TEMPLATE,
+    )
+
+
+# encoder, VAE
+def tiny_mistral3_encoder(vocab_size: int) -> Mistral3ForConditionalGeneration:
+    """Mistral-Small-3.1 in miniature: 31 layers of width 16 (2 query heads x 8, 1 KV head),
+    a one-layer Pixtral vision tower (2 heads x 8, patch 4) and the 2 x 2 patch merger."""
+    config = Mistral3Config(
+        text_config={
+            "model_type": "mistral",
+            "vocab_size": vocab_size,
+            "hidden_size": MISTRAL_WIDTH,
+            "intermediate_size": 32,
+            "num_hidden_layers": MISTRAL_LAYERS,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "max_position_embeddings": 1024,
+            "rms_norm_eps": 1e-5,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e9},
+            "sliding_window": None,
+            "tie_word_embeddings": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": MISTRAL_SPECIALS.index("<pad>"),
+        },
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": VISION_PATCH,
+            "num_channels": 3,
+        },
+        image_token_index=IMG_TOKEN_ID,
+        spatial_merge_size=SPATIAL_MERGE,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        multimodal_projector_bias=False,
+        tie_word_embeddings=False,
+    )
+    return Mistral3ForConditionalGeneration(config)
+
+
+def tiny_flux2_vae() -> AutoencoderKLFlux2:
+    """Two-level FLUX.2 VAE: 4 latent channels, spatial factor 2; its latent BatchNorm (over
+    the 2 x 2-patchified 16 channels) gets non-trivial running statistics, as a trained one."""
+    vae = AutoencoderKLFlux2(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(0.1 * torch.randn_like(vae.bn.running_mean))
+        vae.bn.running_var.copy_(0.5 + torch.rand_like(vae.bn.running_var))
+    return vae
+
+
+def flux2_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.2-dev's scheduler config (its `scheduler/scheduler_config.json`: dynamic exponential
+    shifting, the pipeline passes an empirical `mu`)."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
+    )
+
+
+# pipeline
+def tiny_flux2_pipeline(seed: int = 0) -> Flux2Pipeline:
+    """FLUX.2-dev in miniature: 2 double-stream and 2 single-stream blocks of 2 heads x 16,
+    guidance-distilled (`guidance_embeds=True`, one transformer call per step)."""
+    torch.manual_seed(seed)
+    processor = tiny_pixtral_processor()
+    text_encoder = tiny_mistral3_encoder(vocab_size=len(processor.tokenizer))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 VAE latent channels patchified 2 x 2
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=len(FLUX2_TEXT_LAYERS) * MISTRAL_WIDTH,  # stacked Mistral layers
+        timestep_guidance_channels=256,  # as the real model
+        mlp_ratio=3.0,
+        axes_dims_rope=(4, 4, 4, 4),  # (t, h, w, l); sums to attention_head_dim
+        rope_theta=2000,
+        guidance_embeds=True,
+    )
+    pipe = Flux2Pipeline(
+        scheduler=flux2_scheduler(),
+        vae=tiny_flux2_vae(),
+        text_encoder=text_encoder,
+        tokenizer=processor,
         transformer=transformer,
     )
     return set_eval_mode(pipe)

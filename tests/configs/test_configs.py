@@ -18,7 +18,11 @@ from obsdiff.models import SD3Adapter
 
 MODEL_CONFIGS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 # the models the paper does not cover sample at their model card's (or released pipeline's) size
-MODEL_CARD_SIZES = {"pixart_sigma": (1024, 1024), "qwen_image": (1328, 1328)}
+MODEL_CARD_SIZES = {
+    "pixart_sigma": (1024, 1024),
+    "qwen_image": (1328, 1328),
+    "flux2_dev": (1024, 1024),
+}
 
 
 @pytest.fixture

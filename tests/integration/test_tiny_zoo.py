@@ -25,7 +25,7 @@ from obsdiff.models import (
     ModelLoadError,
     SD3Adapter,
 )
-from obsdiff.models.sampling import CFG_SEPARATE_CALLS
+from obsdiff.models.sampling import CFG_DOUBLED_BATCH, CFG_NONE, CFG_SEPARATE_CALLS
 from obsdiff.utils.memory import is_allocator_aligned
 from obsdiff.utils.seeds import image_generators
 
@@ -204,8 +204,10 @@ def test_pixart_is_a_cross_attention_dit() -> None:
 
 
 def test_generation_with_cfg_latent_and_pil(zoo_name: str) -> None:
+    """CFG as the family runs it (a doubled batch, a second call, or none where guidance is
+    embedded: FLUX.2), the final latents in the prediction's layout, PIL images."""
     adapter = make_adapter(zoo_name)
-    assert adapter.uses_cfg()
+    assert adapter.uses_cfg() or adapter.cfg_mode() == CFG_NONE
     pipe = adapter.load()
     seen: list[int] = []
 
@@ -218,11 +220,14 @@ def test_generation_with_cfg_latent_and_pil(zoo_name: str) -> None:
         out = latents(pipe, adapter)
     finally:
         handle.remove()
-    separate = adapter.cfg_mode() == CFG_SEPARATE_CALLS  # conditional and unconditional calls
-    calls_per_step, batch_per_call = (2, len(PROMPTS)) if separate else (1, 2 * len(PROMPTS))
+    calls_per_step, batch_per_call = {  # conditional and unconditional calls
+        CFG_SEPARATE_CALLS: (2, len(PROMPTS)),
+        CFG_DOUBLED_BATCH: (1, 2 * len(PROMPTS)),
+        CFG_NONE: (1, len(PROMPTS)),
+    }[adapter.cfg_mode()]
     steps = adapter.denoising_steps(pipe)  # PNDM (PLMS) repeats its second timestep
     assert seen == [batch_per_call] * (calls_per_step * steps)
-    components = dict(pipe.components)  # in the prediction's layout (Flux, Qwen-Image: packed)
+    components = dict(pipe.components)  # in the prediction's layout (packed: Flux's)
     latent = torch.empty(2, adapter.latent_channels(components), 32, 32)
     expected = tuple(adapter.as_prediction(latent).shape)
     assert tuple(out.shape) == expected
@@ -234,7 +239,8 @@ def test_generation_with_cfg_latent_and_pil(zoo_name: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(final, again, strict=True))
 
     generator = torch.Generator().manual_seed(0)
-    images = pipe(PROMPTS, generator=generator, output_type="pil", **adapter.call_kwargs()).images
+    call = adapter.call_kwargs()
+    images = pipe(prompt=PROMPTS, generator=generator, output_type="pil", **call).images
     assert len(images) == 2
     assert all(isinstance(im, Image.Image) and im.size == (64, 64) for im in images)
 

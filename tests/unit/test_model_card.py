@@ -25,6 +25,8 @@ PUBLISHED_LICENCES = {  # the Hub's licence fields of each shipped real model's 
     "sd21_base": ("openrail++", None),
     "sd15": ("creativeml-openrail-m", None),
     "pixart_sigma": ("openrail++", None),
+    "qwen_image": ("apache-2.0", None),
+    "flux2_dev": ("other", "flux-dev-non-commercial-license"),
 }
 
 
