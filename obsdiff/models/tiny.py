@@ -473,7 +473,7 @@ def tiny_qwen_vae() -> AutoencoderKLQwenImage:
 
 # pipeline
 def tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
-    """Qwen-Image in miniature: 3 MMDiT blocks of 2 heads x 16 over 2 x 2-packed latents, a
+    """Qwen-Image in miniature: 4 MMDiT blocks of 2 heads x 16 over 2 x 2-packed latents, a
     tiny Qwen2.5-VL text encoder, a factor-2 Qwen-Image VAE, the real scheduler config."""
     torch.manual_seed(seed)
     tokenizer = qwen_tokenizer()
@@ -481,7 +481,7 @@ def tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
         patch_size=2,
         in_channels=4 * QWEN_LATENT_CHANNELS,  # latent channels packed 2 x 2
         out_channels=QWEN_LATENT_CHANNELS,  # proj_out: patch_size**2 * out_channels = in_channels
-        num_layers=3,  # the first and last kept by depth pruning: one to remove
+        num_layers=4,  # the first and last kept by depth pruning: two may go
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=QWEN_TEXT_WIDTH,

@@ -1,0 +1,95 @@
+"""Every family (one tiny model each, from the registry) through the options of a prune run:
+module packages, statistics offloaded and cached, low-rank modulation and depth pruning where the
+family has them, the run saved and loaded back, exported as a plain diffusers folder."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from registry import TINY_BY_ADAPTER, tiny_adapter
+
+import obsdiff
+from obsdiff.calibration import sequential
+from obsdiff.models import ModelAdapter
+
+
+pytestmark = pytest.mark.integration
+
+FAMILIES = [models[0] for models in TINY_BY_ADAPTER.values()]  # one tiny model a family
+PROMPTS = ["a red circle", "a blue square on green", "two yellow triangles"]
+
+
+def setup(model: str) -> tuple[ModelAdapter, dict[str, object]]:
+    adapter = tiny_adapter(model, sampling={"num_inference_steps": 2})
+    return adapter, asdict(adapter.sampling)
+
+
+def latents(pipe: DiffusionPipeline, adapter: ModelAdapter) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        call = adapter.call_kwargs()
+        return pipe(prompt=PROMPTS[:2], generator=generator, output_type="latent", **call).images
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_packages_offload_cache_modulation_save_load_export(
+    model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OBS-Diff 50% in 2 packages, statistics offloaded and cached, the modulation low rank
+    where the family has a table: the run reloads and its plain diffusers export loads to the
+    same latents; Wanda then reads the cached first package (no calibration pass for it)."""
+    adapter, sampling = setup(model)
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    modulation = {"energy": 0.99} if adapter.modulation_patterns else None
+    options = {
+        "prompts": PROMPTS, "sampling": sampling, "packages": 2, "offload_statistics": True,
+        "statistics_cache": cache,
+    }  # fmt: skip
+    pruned = obsdiff.prune(
+        adapter.load(), "obsdiff", "unstructured", 0.5, run_dir=run, modulation=modulation,
+        **options,
+    )  # fmt: skip
+    assert pruned.result is not None and pruned.result.achieved_sparsity == 0.5
+    expected = latents(pruned.pipeline, adapter)
+    loaded = obsdiff.load_pruned(run, pipeline=adapter.load())
+    assert torch.equal(latents(loaded.pipeline, adapter), expected)
+    exported = obsdiff.export(
+        run, tmp_path / "export", pipeline=adapter.load(), expand_low_rank=modulation is not None
+    )
+    plain = DiffusionPipeline.from_pretrained(exported)  # diffusers alone (weights own memory
+    plain.set_progress_bar_config(disable=True)  # as loaded: allclose, not bit-equal)
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(latents(plain, adapter), expected, rtol=1e-3, atol=1e-3 * scale)
+
+    passes: list[int] = []
+    real = sequential.StatisticsHooks.attached
+
+    def counting(self):  # type: ignore[no-untyped-def]
+        passes.append(len(self.groups))
+        return real(self)
+
+    monkeypatch.setattr(sequential.StatisticsHooks, "attached", counting)
+    again = obsdiff.prune(adapter.load(), "wanda", "unstructured", 0.5, **options)
+    assert again.result is not None and again.result.achieved_sparsity == 0.5
+    assert len(passes) == 1  # the second package only: the first came from the cache
+
+
+@pytest.mark.parametrize(
+    "model", [m for m in FAMILIES if tiny_adapter(m).depth_lists]
+)  # the UNets' blocks cannot be removed
+def test_depth_pruning_removes_blocks_that_load_back(model: str, tmp_path: Path) -> None:
+    adapter, sampling = setup(model)
+    run = tmp_path / "run"
+    pruned = obsdiff.prune(
+        adapter.load(), "block_cosine", "depth", 0.3, prompts=PROMPTS, sampling=sampling,
+        run_dir=run,
+    )  # fmt: skip
+    removed = [r for r in pruned.manifest["records"] if r["type"] == "block"]
+    assert removed and pruned.result is not None
+    assert pruned.result.params_after < pruned.result.params_before
+    loaded = obsdiff.load_pruned(run, pipeline=adapter.load())
+    assert torch.equal(latents(loaded.pipeline, adapter), latents(pruned.pipeline, adapter))
