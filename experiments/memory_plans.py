@@ -22,8 +22,11 @@ from obsdiff.oneshot.job import JobError
 from obsdiff.oneshot.plan import GB
 
 
-MODELS = ("sd3_medium", "sd35_large", "flux_dev", "sdxl_base", "qwen_image", "flux2_dev")
-RECOVERED = ("sd3_medium", "sd35_large", "flux_dev", "qwen_image", "flux2_dev")
+MODELS = (
+    "sd3_medium", "sd35_large", "flux_dev", "sdxl_base", "qwen_image", "flux2_dev", "wan21_t2v_14b",
+    "wan22_t2v_a14b",
+)  # fmt: skip
+RECOVERED = ("sd3_medium", "sd35_large", "flux_dev", "qwen_image", "flux2_dev", "wan21_t2v_14b")
 COUNTS = (1, 4, 10)
 BUDGETS = (24, 48, 80)
 PAPER_TABLE7 = {1: 30.67, 4: 24.05, 10: 22.75, 20: 22.08}  # peak GB, SD3-Medium

@@ -118,6 +118,7 @@ def prune(
     seed: int = CALIBRATION.seed,
     include_uncond: bool = CALIBRATION.include_uncond,
     hessian_precision: str = CALIBRATION.hessian_precision,
+    max_tokens: int | None = CALIBRATION.max_tokens,
     blocks: tuple[int, int] | None = PRUNE.blocks,
     device: str = PRUNE.device,
     run_dir: str | Path | None = None,
@@ -160,6 +161,7 @@ def prune(
         batch_size=batch_size,
         include_uncond=include_uncond,
         hessian_precision=hessian_precision,
+        max_tokens=max_tokens,
     )
     job = _job(
         in_memory_adapter(pipe, sampling), method, granularity, weighting, settings, calibration,

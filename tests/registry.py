@@ -79,6 +79,15 @@ TINY_BY_ADAPTER: dict[type[ModelAdapter], list[str]] = {
     cls: [name for name in TINY_MODELS if adapter_class(name) is cls] for cls in ADAPTERS
 }
 
+
+def one_denoiser(name: str) -> bool:
+    """Whether model config `name` has one denoiser (not a pipeline's timestep experts, which
+    recovery refuses), from its architecture."""
+    from obsdiff.models.experts import Experts
+
+    return not isinstance(adapter_from_config(model_configs()[name]).denoiser_skeleton(), Experts)
+
+
 PATTERN_GRANULARITIES = sorted(GRANULARITY_OPTIONS["unstructured"] + GRANULARITY_OPTIONS["nm"])
 PATTERN_METHODS = sorted(
     name for name, cls in METHODS.items() if {"unstructured", "nm"} <= set(cls.granularities)

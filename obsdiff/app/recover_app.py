@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from obsdiff.app.config import ConfigError, settings
 from obsdiff.app.settings import (
     check_lora_width,
+    check_recoverable,
     check_recovery_resume,
     identity,
     pruned_identity,
@@ -109,6 +110,7 @@ def task(cfg: DictConfig) -> None:
         model_config = dict(manifest["model_config"])
         teacher = adapter_from_config(base_config(model_config, pretrained))
         teacher.check_source()  # the teacher can be loaded
+        check_recoverable(teacher)
         if pretrained is not None:  # and is the base model (its architecture, from its configs)
             try:
                 check_same_base(adapter_from_config(model_config), teacher, "pretrained")

@@ -13,13 +13,14 @@ from obsdiff.app.settings import (
     build_eval,
     build_prune_job,
     check_lora_width,
+    check_recoverable,
     check_recovery_resume,
     plan_only,
 )
 from obsdiff.app.shell import RunContext, execute, run_dir, show_only, timed_together
 from obsdiff.artifacts.pruned import save_pruned
 from obsdiff.artifacts.record import RunRecord
-from obsdiff.eval.harness import EvalSettings, evaluate_dense, evaluate_pipeline
+from obsdiff.eval.harness import EvalSettings, check_images, evaluate_dense, evaluate_pipeline
 from obsdiff.oneshot.checkpoint import check_previous_run
 from obsdiff.oneshot.job import PruneJob
 from obsdiff.oneshot.plan import memory_plan
@@ -93,8 +94,10 @@ def task(cfg: DictConfig) -> float | None:
         if cfg.recover is not None:
             recovery = typed(cfg.recover, RecoverySettings, "recover.")
             check_recovery_resume(job.run_key, job.prompts.prompts, recovery)
+            check_recoverable(job.model)
             if recovery.lora_rank:  # at the dense widths (a structured prune checks again)
                 check_lora_width(job.model, {}, recovery.lora_rank)
+        check_images(job.model)  # the run app evaluates what it prunes
         settings = build_eval(cfg.eval, str(job.device), dense_cache)
         settings.prompts.check_disjoint(job.prompts.prompts)
         return (job, recovery, settings), job.device

@@ -25,6 +25,7 @@ from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.methods.modulation import LowRankModulation
 from obsdiff.models.base import ModelAdapter
+from obsdiff.models.experts import check_one_denoiser
 from obsdiff.oneshot.job import PruneJob
 from obsdiff.oneshot.settings import PruneSettings, calibration_prompts
 from obsdiff.prompts.eval_sets import EvalPrompts, coco_captions, prompt_file
@@ -189,6 +190,15 @@ def check_recovery_resume(
             read_image_folder(recovery.images)
         RecoveryCheckpoint(out, recovery_key(run_key, prompts, recovery)).check()
     except (RecoveryCheckpointError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_recoverable(base: ModelAdapter) -> None:
+    """The model has one denoiser to recover (`check_one_denoiser`), from its architecture:
+    ConfigError before anything loads."""
+    try:
+        check_one_denoiser(base.denoiser_skeleton(), base.name)
+    except ValueError as err:
         raise ConfigError(str(err)) from None
 
 

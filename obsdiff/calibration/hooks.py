@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from obsdiff.models.experts import called_modules
 from obsdiff.models.sampling import CFG_DOUBLED_BATCH, CFG_MODES, CFG_NONE, CFG_SEPARATE_CALLS
 from obsdiff.pruning.statistics import InputStatistics
 
@@ -52,13 +53,17 @@ class StatisticsHooks:
     tracker: StepTracker
     cfg_mode: str = CFG_NONE
     include_uncond: bool = True
+    group_weights: list[torch.Tensor] | None = None  # per group, in place of `weights` (experts)
+    max_tokens: int | None = None  # per call and input group (`CalibrationSettings.max_tokens`)
+    seed: int = 0  # of the token samples, with the call's number in the pass
     handles: list[RemovableHandle] = field(default_factory=list)
+    calls: int = 0  # denoiser calls of this pass so far
 
     def __post_init__(self) -> None:
         if self.cfg_mode not in CFG_MODES:
             raise ValueError(f"cfg_mode={self.cfg_mode!r}; use one of {CFG_MODES}")
 
-    def _feed(self, stats: InputStatistics) -> Any:
+    def _feed(self, stats: InputStatistics, weights: torch.Tensor) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             if not self.include_uncond:
@@ -66,24 +71,30 @@ class StatisticsHooks:
                     x = x[x.shape[0] // 2 :]  # [uncond, cond]: keep the conditional half
                 elif self.cfg_mode == CFG_SEPARATE_CALLS and self.tracker.call_in_step > 1:
                     return  # the second call of a step is the unconditional one
-            step = min(self.tracker.step, len(self.weights) - 1)
-            stats.update(x.detach(), float(self.weights[step]))
+            step = min(self.tracker.step, len(weights) - 1)
+            scale = 1.0
+            if self.max_tokens is not None:
+                x, scale = token_sample(x, self.max_tokens, self.seed, self.calls)
+            stats.update(x.detach(), float(weights[step]), token_scale=scale)
 
         return hook
 
     def _count_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.tracker.call_in_step += 1
+        self.calls += 1
 
     @contextmanager
     def attached(self) -> Iterator[None]:
         """Hooks on for the block; on exit every hook it added is gone (checked)."""
         before = count_hooks(self.denoiser)
         try:
-            self.handles.append(
-                self.denoiser.register_forward_pre_hook(self._count_call, with_kwargs=True)
-            )
-            for module, stats in self.groups:
-                self.handles.append(module.register_forward_pre_hook(self._feed(stats)))
+            for called in called_modules(self.denoiser):  # each expert's calls count
+                self.handles.append(
+                    called.register_forward_pre_hook(self._count_call, with_kwargs=True)
+                )
+            weights = self.group_weights or [self.weights] * len(self.groups)
+            for (module, stats), alphas in zip(self.groups, weights, strict=True):
+                self.handles.append(module.register_forward_pre_hook(self._feed(stats, alphas)))
             yield
         finally:
             for handle in self.handles:
@@ -92,6 +103,25 @@ class StatisticsHooks:
             remaining = count_hooks(self.denoiser) - before
             if remaining:
                 raise RuntimeError(f"{remaining} calibration hooks are still attached")
+
+
+def token_sample(
+    x: torch.Tensor, max_tokens: int, seed: int, call: int
+) -> tuple[torch.Tensor, float]:
+    """At most `max_tokens` token rows of a linear's input x (B, ..., n): the same positions,
+    drawn without replacement from a generator seeded by (seed, call), for each of the B samples
+    (so a call's every input group sees the same tokens), and the tokens there were per token
+    kept: `InputStatistics.update`'s `token_scale`, so that the sums estimate the whole call's
+    without bias. An input of one token a sample (B, n), or within the cap, is x itself, 1."""
+    if x.dim() < 3:
+        return x, 1.0
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, n)
+    per_sample = max(1, max_tokens // rows.shape[0])
+    if rows.shape[1] <= per_sample:
+        return x, 1.0
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + call)
+    kept = torch.randperm(rows.shape[1], generator=generator)[:per_sample].sort().values
+    return rows[:, kept.to(x.device)], rows.shape[1] / per_sample
 
 
 def count_hooks(module: nn.Module) -> int:

@@ -42,6 +42,7 @@ from obsdiff.methods.package import (
     Target,
 )
 from obsdiff.models.base import ModelAdapter
+from obsdiff.models.experts import expert_of
 from obsdiff.models.structure import linear_at
 from obsdiff.pruning.statistics import InputStatistics
 from obsdiff.runners.parallel import DataParallel
@@ -73,6 +74,10 @@ class CalibrationSettings:
         include_uncond: Feed the CFG unconditional half to the statistics (the reference code).
         hessian_precision: Of the X^T X products: float32, tf32 or bfloat16 (GPU speed; the sums
             stay float32).
+        max_tokens: Tokens a hook feeds to the statistics per denoiser call at most: above it, a
+            seeded sample of token positions (the same for each sample of the call), its sums
+            scaled to the call's full token count (an unbiased estimate of them). Null: every
+            token (a video model's call holds tens of thousands).
     """
 
     prompts: str = "bundled"
@@ -84,6 +89,14 @@ class CalibrationSettings:
     batch_size: int = field(default=4, metadata={"minimum": 1})
     include_uncond: bool = True
     hessian_precision: str = "float32"
+    max_tokens: int | None = field(default=None, metadata={"example": 4096, "minimum": 1})
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(
+                f"calibration.max_tokens={self.max_tokens} must be >= 1; set a positive cap "
+                "(e.g. 4096) or null for every token"
+            )
 
     def run_settings(self) -> dict[str, Any]:
         """What changes the statistics besides the prompts themselves (their sha256 says which
@@ -93,6 +106,7 @@ class CalibrationSettings:
             "batch_size": self.batch_size,
             "include_uncond": self.include_uncond,
             "hessian_precision": self.hessian_precision,
+            **({"max_tokens": self.max_tokens} if self.max_tokens is not None else {}),
         }
 
 
@@ -254,7 +268,7 @@ def calibrate_and_prune(
     method: PruningMethod,
     target: Target,
     packages: list[list[UnitRef]],
-    step_weights: torch.Tensor,
+    step_weights: torch.Tensor | dict[str, torch.Tensor],
     embeddings: list[dict[str, torch.Tensor]],
     settings: CalibrationSettings,
     placement: Placement,
@@ -273,6 +287,9 @@ def calibrate_and_prune(
     `first_prompt` of the whole set (its noise seed); the statistics are summed over the ranks
     before the package is solved, so every rank prunes with the statistics of all prompts.
 
+    `step_weights`: alpha_t per denoising step (T,), or per timestep expert (`expert_weights`:
+    each expert's linears weighted by its own).
+
     With `cache` and `cache_key` (`obsdiff.calibration.cache`), the first package's statistics
     are read from the cache when it holds them, else computed and written there. `placement`
     says where the work lives.
@@ -284,6 +301,7 @@ def calibrate_and_prune(
     on the compressed modulation."""
     parallel = parallel or DataParallel()
     denoiser = adapter.denoiser(pipe)
+    by_expert = step_weights if isinstance(step_weights, dict) else {"": step_weights}
     with components_released(pipe, denoiser, placement.offload.components):
         tracker = StepTracker()
         report = LoopReport(packages_done=start_package)
@@ -305,18 +323,23 @@ def calibrate_and_prune(
             if cached and method.needs_calibration:
                 assert cache is not None and cache_key is not None
                 hit = cache.load(cache_key, package)
-            fed = [] if hit else [(g.modules[0], g.stats) for g in package.groups if g.stats]
+            groups = [] if hit else [g for g in package.groups if g.stats]
+            fed = [(g.modules[0], g.stats) for g in groups if g.stats]
             names = adapter.modulation_linears(denoiser) if modulation and index == 0 else []
             device = "cpu" if placement.offload.statistics else None
             modulated = modulation_statistics(denoiser, names, device)
             if fed or modulated:
+                fed_names = [g.names[0] for g in groups] + names
                 hooks = StatisticsHooks(
                     denoiser,
                     fed + modulated,
-                    step_weights,
+                    next(iter(by_expert.values())),
                     tracker,
+                    group_weights=[by_expert[expert_of(n, denoiser)] for n in fed_names],
                     cfg_mode=cfg_mode,
                     include_uncond=settings.include_uncond,
+                    max_tokens=settings.max_tokens,
+                    seed=settings.seed,
                 )
                 with hooks.attached(), torch.inference_mode():
                     offset = first_prompt

@@ -29,6 +29,7 @@ from scipy import stats
 from torch import nn
 
 from obsdiff.models.base import ModelAdapter
+from obsdiff.models.experts import called_modules
 from obsdiff.utils.flops import pipeline_flops
 
 
@@ -151,16 +152,18 @@ def measure_efficiency(
         forwards["count"] += 1
 
     one_image = _one_image(pipe, kwargs)
-    flops = pipeline_flops(pipe, denoiser, kwargs)
+    called = called_modules(denoiser)  # the modules the pipeline calls (each timestep expert)
+    flops = pipeline_flops(pipe, called, kwargs)
     pipe.set_progress_bar_config(disable=True)
     with torch.inference_mode():
         for _ in range(warmup):
             one_image()
-        handle = denoiser.register_forward_pre_hook(count, with_kwargs=True)
+        handles = [c.register_forward_pre_hook(count, with_kwargs=True) for c in called]
         try:
             times = [_elapsed(one_image, device) for _ in range(repeats)]
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
     per_image = statistics.median(times)
     interval = median_interval(times)
     calls_per_image = forwards["count"] / repeats
@@ -260,13 +263,13 @@ def compare_latency(
     try:
         with torch.inference_mode():
             for _, denoiser in order:
-                setattr(pipe, model.denoiser_attr, denoiser)
+                model.set_denoiser(pipe, denoiser)
                 for _ in range(warmup):
                     one_image()
             for repeat in range(repeats):
                 for name, denoiser in order if repeat % 2 == 0 else order[::-1]:
-                    setattr(pipe, model.denoiser_attr, denoiser)
+                    model.set_denoiser(pipe, denoiser)
                     times[name].append(_elapsed(one_image, device))
     finally:
-        setattr(pipe, model.denoiser_attr, pruned)
+        model.set_denoiser(pipe, pruned)
     return speed_comparison(times["dense"], times["pruned"], str(device))

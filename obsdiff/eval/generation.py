@@ -17,14 +17,20 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from PIL import Image
 
 from obsdiff.eval.dense_relative import LATENTS_KEY
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.sampling import SamplingDefaults
 from obsdiff.prompts.eval_sets import EvalPrompts
 from obsdiff.runners.parallel import DataParallel
-from obsdiff.utils.images import image_name, make_grid, remove_partial, save_image
+from obsdiff.utils.images import (
+    image_name,
+    make_grid,
+    remove_partial,
+    save_image,
+    save_video,
+    video_name,
+)
 from obsdiff.utils.io import save_tensors, write_json
 from obsdiff.utils.progress import progress
 from obsdiff.utils.seeds import generators_for
@@ -82,7 +88,7 @@ def render(
         )
     if final_latents is not None:
         final_latents.extend(last["latents"].detach().to("cpu").clone().unbind(0))
-    return list(result.images)
+    return list(model.outputs(result))
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -186,20 +192,27 @@ def sample_to_dir(
     device: torch.device,
     out_dir: Path,
 ) -> SampleRecord:
-    """Load `model`, generate one image per prompt, write PNGs, `grid.png` and `samples.json`."""
+    """Load `model`, generate one image per prompt (a video model: one video, its frames and an
+    animated preview), write them, `grid.png` and `samples.json`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     pipe = model.load().to(device)
     loaded = time.perf_counter()
     pipe.set_progress_bar_config(disable=True)  # one bar: the batches
-    images: list[Image.Image] = generate(pipe, model, prompts, seed, batch_size)
+    images: list[Any] = generate(pipe, model, prompts, seed, batch_size)  # a video: frames
     generated = time.perf_counter()
 
     manifest = []
     for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
-        save_image(image, out_dir / image_name(i))
-        manifest.append({"id": i, "prompt": prompt, "seed": seed + i, "file": image_name(i)})
-    make_grid(images).save(out_dir / "grid.png")
+        if model.video:  # its frames, and an animated preview
+            save_video(image, out_dir / video_name(i), model.fps)
+            entry = {"file": video_name(i), "frames": len(image)}
+        else:
+            save_image(image, out_dir / image_name(i))
+            entry = {"file": image_name(i)}
+        manifest.append({"id": i, "prompt": prompt, "seed": seed + i, **entry})
+    firsts = [video[0] for video in images] if model.video else images  # a video's first frame
+    make_grid(firsts).save(out_dir / "grid.png")
 
     record = SampleRecord(
         model=model.describe(),
@@ -212,9 +225,10 @@ def sample_to_dir(
     )
     write_json(out_dir / "samples.json", asdict(record))
     log.info(
-        "%s: %d images in %.2f s (load %.2f s) -> %s",
+        "%s: %d %s in %.2f s (load %.2f s) -> %s",
         model.name,
         len(images),
+        "videos" if model.video else "images",
         record.generate_seconds,
         record.load_seconds,
         out_dir,

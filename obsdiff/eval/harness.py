@@ -254,6 +254,18 @@ def _hash(record: Any) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_images(model: ModelAdapter) -> None:
+    """The evaluation scores one image a prompt: ValueError naming a video model (Wan) and what
+    to do instead, before anything loads."""
+    if model.video:
+        raise ValueError(
+            f"evaluation of {model.name}: it generates videos of "
+            f"{model.sampling.num_frames} frames, and the evaluation scores one image a prompt. "
+            f"Sample its videos (python -m obsdiff.sample model={model.name}), or prune it "
+            "without evaluation (python -m obsdiff.prune)"
+        )
+
+
 def evaluate_pipeline(
     pipe: DiffusionPipeline,
     model: ModelAdapter,
@@ -266,6 +278,7 @@ def evaluate_pipeline(
     every rank; only rank 0 scores), the per-image scores into `out_dir/per_image.csv`.
     `dense`: the dense model's evaluation of the same settings, the reference of
     `fid.reference=dense` and of the dense-relative metrics."""
+    check_images(model)
     parallel = parallel or DataParallel()
     started = time.perf_counter()
     sampling = settings.generation_sampling(model.sampling)

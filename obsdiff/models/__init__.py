@@ -11,6 +11,7 @@ from obsdiff.models.qwen_image import QwenImageAdapter
 from obsdiff.models.sampling import SamplingDefaults
 from obsdiff.models.sd3 import SD3Adapter
 from obsdiff.models.unet import SDXLAdapter, UNetAdapter
+from obsdiff.models.wan import WanAdapter
 
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
@@ -20,6 +21,7 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     PixArtAdapter,
     QwenImageAdapter,
     Flux2Adapter,
+    WanAdapter,
 )
 
 
@@ -52,5 +54,6 @@ __all__ = [
     "SD3Adapter",
     "SDXLAdapter",
     "UNetAdapter",
+    "WanAdapter",
     "SamplingDefaults",
 ]

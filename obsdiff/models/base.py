@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from obsdiff.models.experts import Experts, called_modules
 from obsdiff.models.loading import (
     DTYPES,
     ModelConfigError,
@@ -75,6 +76,8 @@ class ModelAdapter(ABC):
     latent_argument: ClassVar[int | str] = "hidden_states"
     timestep_argument: ClassVar[int | str] = "timestep"
     timestep_divisor: ClassVar[float] = 1.0
+    video: ClassVar[bool] = False  # samples frames (`sampling.num_frames`), not images
+    fps: ClassVar[int] = 16  # frames a second of a video family's previews (Wan's 16)
 
     def __init__(
         self,
@@ -137,6 +140,11 @@ class ModelAdapter(ABC):
             if isinstance(sampling, SamplingDefaults)
             else SamplingDefaults(**(sampling or {}))
         )
+        if self.sampling.num_frames is not None and not self.video:
+            raise ModelConfigError(
+                f"model {name!r}: model.sampling.num_frames={self.sampling.num_frames}, but "
+                f"{self.family} generates images; drop it (model.sampling.num_frames=null)"
+            )
         self.load_kwargs = dict(load_kwargs or {})
         self.pipeline = pipeline
         self.architecture = None if architecture is None else _architecture_dir(name, architecture)
@@ -209,11 +217,15 @@ class ModelAdapter(ABC):
             return self.denoiser(self.build_tiny(self.tiny, self.seed))
         assert self.pretrained is not None
         index = self._pipeline_index()
-        library, class_name = index[self.denoiser_attr]
-        config = self._read_json(f"{self.denoiser_attr}/config.json")
-        cls = getattr(importlib.import_module(library), class_name)
-        with torch.device("meta"):
-            return cls.from_config(config)  # type: ignore[no-any-return]
+        entries = {k: v for k, v in index.items() if isinstance(v, list) and v[-1] is not None}
+        built = {}
+        for name in self.expert_names(entries):
+            library, class_name = index[name]
+            config = self._read_json(f"{name}/config.json")
+            cls = getattr(importlib.import_module(library), class_name)
+            with torch.device("meta"):
+                built[name] = cls.from_config(config)
+        return self.denoiser_of(built)
 
     def component_skeletons(self) -> dict[str, nn.Module]:
         """Every weighted component of the pipeline as `load()` would build it (the denoiser,
@@ -354,8 +366,29 @@ class ModelAdapter(ABC):
 
     # ----------------------------------------------------------------- sampling
     def denoiser(self, pipe: DiffusionPipeline) -> nn.Module:
-        """The module that is pruned: the MMDiT transformer or the UNet."""
-        return getattr(pipe, self.denoiser_attr)
+        """The module that is pruned: the MMDiT transformer or the UNet (a pipeline's timestep
+        experts as one `Experts` module)."""
+        return self.denoiser_of(pipe.components)
+
+    def expert_names(self, components: dict[str, Any]) -> tuple[str, ...]:
+        """The pipeline attributes of its denoisers, in the order the sampler uses them: one
+        (`denoiser_attr`), or a family's timestep experts where `components` (a pipeline's, or
+        its `model_index.json` entries) hold them."""
+        return (self.denoiser_attr,)
+
+    def denoiser_of(self, components: dict[str, Any]) -> nn.Module:
+        """The denoiser of a pipeline's components (`denoiser`), e.g. `component_skeletons`'."""
+        names = self.expert_names(components)
+        if len(names) == 1:
+            return components[names[0]]  # type: ignore[no-any-return]
+        return Experts({name: components[name] for name in names})
+
+    def set_denoiser(self, pipe: DiffusionPipeline, denoiser: nn.Module) -> None:
+        """Put `denoiser` (a `denoiser` of this family, e.g. the dense one for timing) into
+        `pipe` in place of its own."""
+        names = self.expert_names(pipe.components)
+        for name, module in zip(names, called_modules(denoiser), strict=True):
+            setattr(pipe, name, module)
 
     def call_kwargs(self, sampling: SamplingDefaults | None = None) -> dict[str, Any]:
         """Keyword arguments for `pipe(prompt=..., **kwargs)` with these sampling settings."""
@@ -371,6 +404,11 @@ class ModelAdapter(ABC):
         if self.takes_max_sequence_length and s.max_sequence_length is not None:
             kwargs["max_sequence_length"] = s.max_sequence_length
         return kwargs
+
+    def outputs(self, result: Any) -> Any:
+        """What a pipeline call made, one entry a prompt: its `images` (PIL images, arrays or a
+        latent batch), a video family's `frames`."""
+        return result.frames if self.video else result.images
 
     def samples_per_call(self, prompts: int) -> int:
         """The batch of one denoiser call for `prompts` prompts: doubled by classifier-free
@@ -421,6 +459,17 @@ class ModelAdapter(ABC):
         """How many pixels one latent position spans (AutoencoderKL: 2 ** (levels - 1))."""
         return int(2 ** (len(component_config(components, "vae").block_out_channels) - 1))
 
+    def latent_frames(self) -> int | None:
+        """Latent frames of a sampled video (a video family's); None for images."""
+        return None
+
+    def latent_shape(self, components: dict[str, nn.Module]) -> tuple[int, ...]:
+        """One sample's VAE latent at the sampling resolution: (C, h, w), a video's
+        (C, F, h, w)."""
+        frames = self.latent_frames()
+        time = () if frames is None else (frames,)
+        return (self.latent_channels(components), *time, *self.latent_size(components))
+
     def latent_channels(self, components: dict[str, nn.Module]) -> int:
         """Channels of the VAE's latent (B, C, h, w) that `as_prediction` lays out."""
         return int(component_config(components, "vae").latent_channels)
@@ -437,6 +486,11 @@ class ModelAdapter(ABC):
         """Whether a call runs classifier-free guidance (an unconditional branch)."""
         s = sampling or self.sampling
         return s.guidance_scale > 1.0
+
+    def expert_steps(self, pipe: DiffusionPipeline) -> dict[str, list[int]]:
+        """The denoising steps each denoiser runs, by expert name ("": one denoiser, every
+        step)."""
+        return {"": list(range(self.denoising_steps(pipe)))}
 
     def denoising_steps(self, pipe: DiffusionPipeline) -> int:
         """Denoiser steps of one trajectory (each step's calls share its timestep weight):

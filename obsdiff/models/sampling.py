@@ -26,7 +26,10 @@ class SamplingDefaults:
 
     `negative_prompt` and `true_cfg_scale` matter only where the pipeline accepts them
     (`true_cfg_scale > 1` turns on real classifier-free guidance for Flux).
-    `max_sequence_length` caps the T5 prompt length (SD3, Flux and PixArt only).
+    `max_sequence_length` caps the text encoder's prompt length (the families with T5, UMT5,
+    Qwen2.5-VL or Mistral-3 prompts). `num_frames`: a video model's frames (null for images);
+    `guidance_scale_2`: the CFG scale of a second expert's steps (Wan 2.2's low-noise expert;
+    null: `guidance_scale`).
     """
 
     num_inference_steps: int = 28
@@ -36,6 +39,8 @@ class SamplingDefaults:
     negative_prompt: str | None = None
     true_cfg_scale: float | None = None
     max_sequence_length: int | None = None
+    num_frames: int | None = None
+    guidance_scale_2: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -46,10 +51,13 @@ class SamplingDefaults:
             "guidance_scale": float,
             "true_cfg_scale": float,
             "max_sequence_length": int,
+            "num_frames": int,
+            "guidance_scale_2": float,
         }
+        optional = ("true_cfg_scale", "max_sequence_length", "num_frames", "guidance_scale_2")
         for key, kind in kinds.items():
             value = getattr(self, key)
-            if value is None and key in ("true_cfg_scale", "max_sequence_length"):
+            if value is None and key in optional:
                 continue
             allowed, what = ((int,), "an integer") if kind is int else ((int, float), "a number")
             if isinstance(value, bool) or not isinstance(value, allowed):
@@ -66,12 +74,16 @@ class SamplingDefaults:
             problems.append(f"true_cfg_scale={self.true_cfg_scale} must be >= 1 (or null)")
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             problems.append(f"max_sequence_length={self.max_sequence_length} must be >= 1")
+        if self.num_frames is not None and self.num_frames < 1:
+            problems.append(f"num_frames={self.num_frames} must be >= 1 (or null for images)")
+        if self.guidance_scale_2 is not None and self.guidance_scale_2 < 0:
+            problems.append(f"guidance_scale_2={self.guidance_scale_2} must be >= 0 (or null)")
         if problems:
             raise ModelConfigError("invalid model.sampling: " + "; ".join(problems))
 
 
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingDefaults))
-CALL_DEFAULTS = ("num_inference_steps", "guidance_scale", "max_sequence_length")
+CALL_DEFAULTS = ("num_inference_steps", "guidance_scale", "max_sequence_length", "num_frames")
 
 
 def pipeline_sampling(pipe: Any, denoiser: Any) -> dict[str, Any]:

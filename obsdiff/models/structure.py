@@ -21,13 +21,17 @@ class HeadGroup:
     producer (q/k/v, add_q/k/v; a fused projection names one producer per packed slice: FLUX.2's
     `to_qkv_mlp_proj` at offsets 0, width and 2 width) and columns [offset + h d,
     offset + (h + 1) d) of every consumer (the output projections, one per stream);
-    `attention` is the module whose `heads` count changes.
+    `attention` is the module whose `heads` count changes. `channel_norms`: norms over all the
+    heads' channels at once (`torch.nn.RMSNorm(heads x d)`), whose weights lose the removed
+    heads' channels (the kept heads' normalisation then changes: not exact, unlike per-head
+    norms).
     """
 
     attention: str
     producers: tuple[tuple[str, int], ...]
     consumers: tuple[tuple[str, int], ...]
     width: int
+    channel_norms: tuple[str, ...] = ()  # RMSNorms over every head's channels (Wan's q/k norms)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ def head_group(
     producers: Sequence[str],
     consumers: Sequence[str],
     offset: int = 0,
+    channel_norms: Sequence[str] = (),
 ) -> list[HeadGroup]:
     """[the group] restricted to the linears present, or [] when the attention is absent; the
     producers are whole linears (offset 0), the consumers read the heads from column `offset`."""
@@ -57,7 +62,7 @@ def head_group(
     if not (kept_producers and kept_consumers):
         return []
     width = linear_at(block, kept_producers[0][0]).out_features
-    return [HeadGroup(attention, kept_producers, kept_consumers, width)]
+    return [HeadGroup(attention, kept_producers, kept_consumers, width, tuple(channel_norms))]
 
 
 def ffn_group(block: nn.Module, up: str, down: str, gated: bool = False) -> list[NeuronGroup]:

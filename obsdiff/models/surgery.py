@@ -114,6 +114,7 @@ class Surgery:
     columns: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
     heads: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     widths: dict[tuple[str, str], int] = field(default_factory=dict)  # (module, attribute)
+    norm_channels: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
 
     def remove_heads(self, group: HeadGroup, removed: list[int], head_dim: int) -> None:
         for head in removed:
@@ -122,6 +123,8 @@ class Surgery:
                 self.rows[name].update(offset + i for i in span)
             for name, offset in group.consumers:
                 self.columns[name].update(offset + i for i in span)
+            for name in group.channel_norms:
+                self.norm_channels[name].update(span)
         self.heads[group.attention] += len(removed)
 
     def remove_neurons(self, group: NeuronGroup, removed: list[int]) -> None:
@@ -151,6 +154,10 @@ class Surgery:
             set_heads(module, int(module.heads) - removed)  # type: ignore[arg-type]
         for (module_name, attribute), width in self.widths.items():
             setattr(block.get_submodule(module_name), attribute, width)
+        for name, channels in self.norm_channels.items():
+            norm = block.get_submodule(name)
+            kept = [i for i in range(norm_width(norm)) if i not in channels]
+            replace_submodule(block, name, shrunk_norm(norm, kept))
 
 
 # widths a fused layout splits its linears by (FLUX.2's parallel attention-MLP blocks), kept
@@ -158,10 +165,36 @@ class Surgery:
 WIDTH_ATTRIBUTES = ("mlp_hidden_dim",)
 
 
+def norm_width(norm: nn.Module) -> int:
+    """The channels a `torch.nn.RMSNorm` over one dimension normalises."""
+    assert isinstance(norm, nn.RMSNorm) and len(norm.normalized_shape) == 1, norm
+    return int(norm.normalized_shape[0])
+
+
+def shrunk_norm(norm: nn.Module, kept: list[int]) -> nn.RMSNorm:
+    """A new `torch.nn.RMSNorm` over the `kept` channels of `norm`, with their weights."""
+    assert isinstance(norm, nn.RMSNorm)
+    weight = norm.weight
+    new = nn.RMSNorm(
+        len(kept), eps=norm.eps, elementwise_affine=weight is not None,
+        device=None if weight is None else weight.device,
+        dtype=None if weight is None else weight.dtype,
+    )  # fmt: skip
+    if weight is not None:
+        with torch.no_grad():
+            new.weight.copy_(weight[torch.tensor(kept, device=weight.device)])
+    return new.train(norm.training)
+
+
 def shapes(denoiser: nn.Module) -> dict[str, Any]:
     """Every linear's (out, in), every attention's head count, every low-rank linear's rank and
     every stored width of a fused layout, to rebuild a pruned denoiser."""
     return {
+        "norms": {
+            name: norm_width(m)
+            for name, m in denoiser.named_modules()
+            if isinstance(m, nn.RMSNorm) and len(m.normalized_shape) == 1
+        },
         "widths": {
             f"{name}.{attribute}": getattr(m, attribute)
             for name, m in denoiser.named_modules()
@@ -205,6 +238,10 @@ def restore_shapes(denoiser: nn.Module, recorded: dict[str, Any]) -> None:
             replace_submodule(denoiser, name, shrunk_linear(linear, rows, columns))
     for name, heads in recorded["heads"].items():
         set_heads(denoiser.get_submodule(name), heads)
+    for name, width in recorded.get("norms", {}).items():
+        norm = denoiser.get_submodule(name)
+        if norm_width(norm) != width:
+            replace_submodule(denoiser, name, shrunk_norm(norm, list(range(width))))
     for qualified, width in recorded.get("widths", {}).items():
         name, _, attribute = qualified.rpartition(".")
         setattr(denoiser.get_submodule(name), attribute, width)

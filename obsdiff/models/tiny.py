@@ -19,6 +19,7 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -36,6 +37,9 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE as FLUX2_SYSTEM_MESSAGE
 from transformers import (
@@ -54,6 +58,8 @@ from transformers import (
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 from obsdiff.models.loading import set_eval_mode
@@ -74,12 +80,13 @@ def char_clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
 
 
-def char_t5_tokenizer() -> T5Tokenizer:
-    """Unigram pieces for letters, digits and punctuation; <pad>=0, </s>=1, <unk>=2 as in T5."""
+def char_t5_tokenizer(max_length: int = CLIP_MAX_LENGTH) -> T5Tokenizer:
+    """Unigram pieces for letters, digits and punctuation; <pad>=0, </s>=1, <unk>=2 as in T5
+    (and UMT5); `max_length` tokens at most."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     for ch in string.ascii_letters + string.digits + ".,!?'-":
         pieces += [(ch, -5.0), ("\u2581" + ch, -4.0)]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=CLIP_MAX_LENGTH)
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
 # --------------------------------------------------------------------------- encoders, VAE
@@ -702,5 +709,98 @@ def tiny_flux2_pipeline(seed: int = 0) -> Flux2Pipeline:
         text_encoder=text_encoder,
         tokenizer=processor,
         transformer=transformer,
+    )
+    return set_eval_mode(pipe)
+
+
+# --------------------------------------------------------------------------- Wan
+WAN_TEXT_TOKENS = 512  # WanPipeline's default max_sequence_length (the real text context)
+WAN22_BOUNDARY_RATIO = 0.875  # Wan2.2-T2V-A14B: `transformer` for t >= 875, then `transformer_2`
+
+
+def tiny_umt5_encoder(d_model: int = TEXT_WIDTH) -> UMT5EncoderModel:
+    """umt5-xxl in miniature: gated-GELU FFN, relative attention bias in every layer."""
+    return UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=200,
+            d_model=d_model,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+
+
+def tiny_wan_vae() -> AutoencoderKLWan:
+    """The Wan 2.1 causal 3D VAE (also Wan 2.2-A14B's): 4 levels of 4 channels, 1 res block each,
+    16 latent channels, 8x spatial and 4x temporal compression (the `scale_factor_spatial` and
+    `scale_factor_temporal` the pipeline reads from its config)."""
+    return AutoencoderKLWan(
+        base_dim=4,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+    )
+
+
+def tiny_wan_transformer() -> WanTransformer3DModel:
+    """WanTransformer3DModel in miniature: 4 blocks of 2 heads x 8 (self-attention with RoPE,
+    cross-attention to the text, GELU-tanh FFN, the shared 6-way modulation), patch (1, 2, 2).
+    Head width 8 splits into RoPE (t, h, w) = (4, 2, 2), all even, as the real 128 (44/42/42)."""
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=16,
+        out_channels=16,
+        text_dim=TEXT_WIDTH,
+        freq_dim=256,
+        ffn_dim=48,
+        num_layers=4,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+    )
+
+
+def wan_scheduler() -> UniPCMultistepScheduler:
+    """The scheduler of the Wan 2.1 / 2.2 T2V diffusers repositories: UniPC (bh2, order 2) on
+    flow sigmas, flow_shift 3.0 (diffusers' docs suggest 5.0 at 720p)."""
+    return UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+        solver_order=2,
+        solver_type="bh2",
+        predict_x0=True,
+        lower_order_final=True,
+        final_sigmas_type="zero",
+        timestep_spacing="linspace",
+    )
+
+
+def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False) -> WanPipeline:
+    """Wan 2.1 T2V in miniature; `two_experts=True` is Wan 2.2-A14B's layout: `transformer` the
+    high-noise expert (t >= boundary_ratio x 1000), `transformer_2` the low-noise one (its own
+    weights), `boundary_ratio` 0.875 in the pipeline's config."""
+    torch.manual_seed(seed)
+    transformer = tiny_wan_transformer()
+    transformer_2 = tiny_wan_transformer() if two_experts else None
+    pipe = WanPipeline(
+        tokenizer=char_t5_tokenizer(WAN_TEXT_TOKENS),
+        text_encoder=tiny_umt5_encoder(TEXT_WIDTH),
+        vae=tiny_wan_vae(),
+        scheduler=wan_scheduler(),
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=WAN22_BOUNDARY_RATIO if two_experts else None,
     )
     return set_eval_mode(pipe)

@@ -75,8 +75,11 @@ def _on_cpu(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def is_flow_matching(scheduler: Any) -> bool:
-    """Whether a diffusers scheduler is one of the flow-matching family's."""
-    return type(scheduler).__name__.startswith("FlowMatch")
+    """Whether a diffusers scheduler samples a flow-matching model: one of the FlowMatch
+    schedulers, or another on flow sigmas (Wan's UniPC, `prediction_type="flow_prediction"`)."""
+    config = getattr(scheduler, "config", {})
+    flow = config.get("prediction_type") == "flow_prediction" or config.get("use_flow_sigmas")
+    return type(scheduler).__name__.startswith("FlowMatch") or bool(flow)
 
 
 def training_schedule(pipe: DiffusionPipeline) -> Any:
@@ -86,9 +89,12 @@ def training_schedule(pipe: DiffusionPipeline) -> Any:
     `noised_call`."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    flow = is_flow_matching(pipe.scheduler)
-    kind = FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler
-    return kind.from_config(pipe.scheduler.config)
+    config = pipe.scheduler.config
+    if not is_flow_matching(pipe.scheduler):
+        return DDPMScheduler.from_config(config)
+    if "flow_shift" in config:  # a sampler on flow sigmas (Wan's UniPC) names its shift so
+        return FlowMatchEulerDiscreteScheduler(shift=config["flow_shift"])
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
 
 
 def noised_call(
@@ -99,13 +105,14 @@ def noised_call(
     noise: torch.Tensor,
     u: torch.Tensor,
 ) -> tuple[tuple[tuple[Any, ...], dict[str, Any]], torch.Tensor]:
-    """`template` (a `text_call` of the same batch) with `latents` (B, C, h, w, the VAE's
-    normalised latents) noised by `noise` at the training levels `u` (B,) in [0, 1) of
-    `schedule` (`training_schedule`); and the target of the model's training loss, in the
-    layout of the denoiser's prediction."""
+    """`template` (a `text_call` of the same batch) with `latents` (B, C, h, w, or a video's
+    B, C, F, h, w: the VAE's normalised latents) noised by `noise` at the training levels `u`
+    (B,) in [0, 1) of `schedule` (`training_schedule`); and the target of the model's training
+    loss, in the layout of the denoiser's prediction."""
     if is_flow_matching(schedule):
         index = (u * len(schedule.timesteps)).long().clamp(0, len(schedule.timesteps) - 1)
-        sigma = schedule.sigmas[index].to(latents.dtype).view(-1, 1, 1, 1)
+        sigma = schedule.sigmas[index].to(latents.dtype)
+        sigma = sigma.view(-1, *[1] * (latents.dim() - 1))  # over (C, [F,] h, w)
         timestep = schedule.timesteps[index]  # (B,) in [0, 1000]
         noised = (1 - sigma) * latents + sigma * noise
         target = noise - latents

@@ -20,6 +20,7 @@ from obsdiff.methods.granularity import Granularity
 from obsdiff.methods.modulation import LowRankModulation
 from obsdiff.methods.package import Depth, Structured, Target
 from obsdiff.models.base import ModelAdapter
+from obsdiff.models.experts import Experts
 from obsdiff.models.structure import linear_at
 from obsdiff.prompts.files import PromptSet
 from obsdiff.pruning.obs_structured import aligned_count, structured_count
@@ -166,6 +167,12 @@ def depth_candidates(job: PruneJob, denoiser: nn.Module) -> tuple[list[str], int
         raise JobError(
             f"granularity=depth: the {job.model.family} family has no table of removable "
             "blocks; use granularity=structured (heads and FFN neurons)"
+        )
+    if isinstance(denoiser, Experts):
+        raise JobError(
+            f"granularity=depth: {job.model.name} has {len(list(denoiser.children()))} timestep "
+            "experts, each run on its own steps; depth pruning scores one denoiser's blocks. "
+            "Prune the experts' widths (granularity=unstructured, semi_2_4 or structured)"
         )
     names = [name for name, _ in job.model.blocks(denoiser)]
     start, end = job.blocks or job.model.default_blocks(len(names), structured=True)

@@ -37,6 +37,7 @@ from torch import nn
 from obsdiff.calibration.packages import UnitRef
 from obsdiff.calibration.sequential import package_statistics_bytes
 from obsdiff.methods.package import Depth, Structured
+from obsdiff.models.experts import Experts
 from obsdiff.models.roles import ParameterRoles, parameter_roles
 from obsdiff.models.structure import linear_at
 from obsdiff.oneshot.job import JobError, PruneJob, depth_candidates, plan_packages
@@ -60,7 +61,7 @@ class MemoryPlan:
     components: dict[str, int]  # weights of each pipeline component at the model's dtype
     package_statistics: list[int]  # calibration statistics of each package
     solve_bytes: int  # the costliest work unit's solve workspace
-    denoiser: str = ""  # the denoiser's component name
+    denoisers: tuple[str, ...] = ()  # the denoiser's component names (timestep experts: each)
     offload_statistics: bool = False  # statistics in CPU memory
     offload_components: bool = False  # only the denoiser on the device
     roles: ParameterRoles | None = None  # the denoiser's parameters by role
@@ -70,7 +71,7 @@ class MemoryPlan:
     def weights_bytes(self) -> int:
         """The weights on the device while pruning."""
         if self.offload_components:
-            return self.components[self.denoiser]
+            return sum(self.components[name] for name in self.denoisers)
         return sum(self.components.values())
 
     @property
@@ -114,7 +115,7 @@ class MemoryPlan:
             + (f", offloaded: {' and '.join(offloaded)}" if offloaded else "")
         ]
         for name, size in sorted(self.components.items()):
-            where = " (CPU)" if self.offload_components and name != self.denoiser else ""
+            where = " (CPU)" if self.offload_components and name not in self.denoisers else ""
             lines.append(f"  {name:<28} {size / GB:9.3f} GB{where}")
         which = "denoiser only" if self.offload_components else "all components"
         lines.append(f"  {'weights, ' + which:<28} {self.weights_bytes / GB:9.3f} GB")
@@ -130,7 +131,7 @@ class MemoryPlan:
         )
         if self.roles is not None:
             total = self.roles.total
-            lines.append(f"parameters of the {self.denoiser}: {total / 1e9:.3f} B")
+            lines.append(f"parameters of the {' + '.join(self.denoisers)}: {total / 1e9:.3f} B")
             for role, count in self.roles.counts.items():
                 note = ""
                 if role == "modulation" and count:
@@ -144,7 +145,7 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
     """The plan of `job` from its model's architecture (`components`: the pipeline's weighted
     modules, by default `job.model.component_skeletons()`, built without weights)."""
     components = job.model.component_skeletons() if components is None else components
-    denoiser = components[job.model.denoiser_attr]
+    denoiser = job.model.denoiser_of(components)
     packages, targets = plan_packages(job, denoiser)
     cached_first = job.statistics_cache is not None
     per_package = package_statistics_bytes(denoiser, packages, job.method, cached_first)
@@ -177,7 +178,7 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
         components={name: module_bytes(m) for name, m in components.items()},
         package_statistics=per_package,
         solve_bytes=costliest,
-        denoiser=job.model.denoiser_attr,
+        denoisers=job.model.expert_names(components),
         offload_statistics=offload and method.needs_calibration,
         offload_components=job.placement.offload.components,
         roles=roles,
@@ -198,9 +199,14 @@ def reach(
     weights low-rank modulation saves (exact for a rank or a budget; an energy's rank is
     chosen after calibration)."""
     total = roles.total
+    whole = (
+        " + ".join(name for name, _ in denoiser.named_children())
+        if isinstance(denoiser, Experts)
+        else job.model.denoiser_attr
+    )
 
     def amount(count: float) -> str:
-        return f"{count / 1e9:.3f} B ({count / total:.1%} of the {job.model.denoiser_attr})"
+        return f"{count / 1e9:.3f} B ({count / total:.1%} of the {whole})"
 
     weights = sum(m.weight.numel() for m in targets)
     name = f"{job.method.name} {job.granularity.name} {job.sparsity:g}"
@@ -254,7 +260,7 @@ def choose_packages(
     """`job` with the fewest packages whose predicted peak fits `budget_bytes`, or one
     JobError saying what the model needs and what would make it fit."""
     components = job.model.component_skeletons() if components is None else components
-    denoiser = components[job.model.denoiser_attr]
+    denoiser = job.model.denoiser_of(components)
     units = sum(len(p) for p in plan_packages(replace(job, packages=1), denoiser)[0])
     for count in range(1, units + 1):
         plan = memory_plan(replace(job, packages=count), components)

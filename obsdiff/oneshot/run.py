@@ -38,9 +38,10 @@ from obsdiff.methods.package import (
     Structured,
     achieved_sparsity,
 )
+from obsdiff.models.experts import called_modules
 from obsdiff.models.surgery import shapes
 from obsdiff.oneshot.checkpoint import Checkpointer, check_previous_run
-from obsdiff.oneshot.job import PruneJob, depth_candidates, plan_packages
+from obsdiff.oneshot.job import JobError, PruneJob, depth_candidates, plan_packages
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.flops import pipeline_flops
 from obsdiff.utils.memory import peak_memory_bytes, reset_peak_memory
@@ -82,8 +83,10 @@ def prune_pipeline(
     denoiser = job.model.denoiser(pipe)
     packages, targets = plan_packages(job, denoiser)
     params_before = sum(p.numel() for p in denoiser.parameters())
-    flops_before = pipeline_flops(pipe, denoiser, job.model.call_kwargs())
-    step_weights = job.weighting.step_weights(job.model.denoising_steps(pipe))
+    flops_before = pipeline_flops(pipe, called_modules(denoiser), job.model.call_kwargs())
+    experts = job.model.expert_steps(pipe)
+    by_expert = expert_weights(job, experts, job.model.denoising_steps(pipe))
+    step_weights = next(iter(by_expert.values()))  # one denoiser's (depth pruning's)
     statistics_peak = peak_statistics_bytes(
         denoiser, packages, job.method, cached_first=job.statistics_cache is not None
     )
@@ -130,7 +133,7 @@ def prune_pipeline(
             job.method,
             job.target,
             packages,
-            step_weights,
+            by_expert,
             embeddings,
             job.calibration,
             job.placement,
@@ -158,7 +161,7 @@ def prune_pipeline(
         params_before=params_before,
         params_after=sum(p.numel() for p in denoiser.parameters()),
         tflops_before=flops_before / 1e12,
-        tflops_after=pipeline_flops(pipe, denoiser, job.model.call_kwargs()) / 1e12,
+        tflops_after=pipeline_flops(pipe, called_modules(denoiser), job.model.call_kwargs()) / 1e12,
         calibration_seconds=round(report.calibration_seconds, 4),
         solve_seconds=round(report.solve_seconds, 4),
         wall_seconds=round(time.perf_counter() - started, 4),
@@ -171,9 +174,13 @@ def prune_pipeline(
         layer_loss=_layer_loss(report),
         statistics_bytes=statistics_peak,
     )
-    pruned = PrunedModel(
-        pipe, job.model, _manifest(job, result, report, packages, denoiser), result
-    )
+    manifest = _manifest(job, result, report, packages, denoiser)
+    if list(experts) != [""]:  # the steps each expert ran, and their weights
+        manifest["experts"] = {
+            name: {"steps": steps, "weights": [round(float(by_expert[name][i]), 6) for i in steps]}
+            for name, steps in experts.items()
+        }
+    pruned = PrunedModel(pipe, job.model, manifest, result)
     if parallel.is_main and job.save:
         save_pruned(pruned, run_dir)
     parallel.barrier()
@@ -212,6 +219,27 @@ def _merged(previous: LoopReport, current: LoopReport) -> LoopReport:
         solve_seconds=previous.solve_seconds + current.solve_seconds,
         packages_done=current.packages_done,
     )
+
+
+def expert_weights(
+    job: PruneJob, experts: dict[str, list[int]], num_steps: int
+) -> dict[str, torch.Tensor]:
+    """alpha_t (T,) per denoiser: one denoiser's over all T steps (key ""); each timestep
+    expert's the weighting scheme over its own steps alone, placed at them (zero at the steps
+    another expert runs, where its hooks never fire). JobError for an expert given no step."""
+    if list(experts) == [""]:
+        return {"": job.weighting.step_weights(num_steps)}
+    weights = {}
+    for name, steps in experts.items():
+        if not steps:
+            raise JobError(
+                f"model.sampling.num_inference_steps={num_steps} gives expert {name} no "
+                "denoising step to calibrate on; use more steps"
+            )
+        alpha = torch.zeros(num_steps, dtype=torch.float64)
+        alpha[steps] = job.weighting.step_weights(len(steps)).to(torch.float64)
+        weights[name] = alpha
+    return weights
 
 
 def _manifest(

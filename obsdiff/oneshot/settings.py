@@ -129,7 +129,7 @@ class PruneSettings:
         if auto:
             assert budget is not None
             job = choose_packages(job, budget, components)  # fits by construction
-        denoiser = None if components is None else components[model.denoiser_attr]
+        denoiser = None if components is None else model.denoiser_of(components)
         check_layout(job, reach_model, denoiser)
         if budget is None or auto:
             return job

@@ -125,25 +125,33 @@ class InputStatistics:
 
     # ----------------------------------------------------------------- feeding
     @torch.no_grad()
-    def update(self, x: torch.Tensor, weight: float = 1.0) -> None:
-        """Add one batch. x: (B, ..., features), B samples (a 1-D x is one sample)."""
+    def update(self, x: torch.Tensor, weight: float = 1.0, token_scale: float = 1.0) -> None:
+        """Add one batch. x: (B, ..., features), B samples (a 1-D x is one sample).
+        `token_scale`: x holds a sample of each sample's tokens, 1 / token_scale of them; the
+        token sums (and token counts) are scaled up to estimate the whole call's, the sample
+        counts are not (`obsdiff.calibration.hooks.token_sample`)."""
         if x.shape[-1] != self.features:
             raise ValueError(f"input has {x.shape[-1]} features, statistics expect {self.features}")
         if weight <= 0:
             raise ValueError(f"timestep weight {weight} must be > 0")
         samples = x.shape[0] if x.dim() > 1 else 1
         rows = x.reshape(-1, self.features).to(torch.float32)  # (tokens, n)
-        tokens = rows.shape[0]
+        tokens = rows.shape[0] * token_scale
+        scaled = weight * token_scale  # of the token sums
         if self.xtx is not None:
-            _accumulate(self.xtx, _xtx(rows, self.hessian_precision), weight)  # alpha X^T X
+            _accumulate(self.xtx, _xtx(rows, self.hessian_precision), scaled)  # alpha X^T X
         if self.column_sum is not None:
             assert self.column_sq_sum is not None and self.variance_sum is not None
-            _accumulate(self.column_sum, rows.sum(0), weight)
-            _accumulate(self.column_sq_sum, rows.square().sum(0), weight)
+            _accumulate(self.column_sum, rows.sum(0), scaled)
+            _accumulate(self.column_sq_sum, rows.square().sum(0), scaled)
             # population variance of each sample over its tokens, weighted by alpha * tokens
             per_sample = rows.reshape(samples, -1, self.features)  # (B, tokens / B, n)
             sample_var = torch.var(per_sample, dim=1, correction=0)  # (B, n)
-            _accumulate(self.variance_sum, sample_var.sum(0), weight * per_sample.shape[1])
+            kept = per_sample.shape[1]
+            if token_scale != 1.0 and kept > 1:  # k of T tokens drawn without replacement:
+                whole = kept * token_scale  # E[their variance] = (k-1)/k * T/(T-1) the call's
+                sample_var = sample_var * (kept / (kept - 1) * (whole - 1) / whole)
+            _accumulate(self.variance_sum, sample_var.sum(0), scaled * kept)
         self.counts += torch.tensor(
             [weight * samples, weight * tokens, samples, tokens],
             dtype=torch.float64,

@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn import functional
 
 from obsdiff.models.base import ModelAdapter
+from obsdiff.models.experts import check_one_denoiser
 from obsdiff.recovery.data import DenoiserCall
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.utils.memory import module_bytes
@@ -151,7 +152,8 @@ def recovery_plan(
     """The plan of recovering `adapter`'s model with `settings`, `prompts` prompts a sampling
     batch (the calibration's batch size), from its architecture (`component_skeletons`)."""
     components = components or adapter.component_skeletons()
-    denoiser = components[adapter.denoiser_attr]
+    denoiser = adapter.denoiser_of(components)
+    check_one_denoiser(denoiser, adapter.name)
     parameters = sum(p.numel() for p in denoiser.parameters())
     model_bytes = adapter.torch_dtype.itemsize
     half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}

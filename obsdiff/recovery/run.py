@@ -19,6 +19,7 @@ from torch import nn
 from obsdiff.artifacts.pruned import PrunedModel
 from obsdiff.artifacts.record import RecoveryResult
 from obsdiff.models.base import ModelAdapter
+from obsdiff.models.experts import check_one_denoiser
 from obsdiff.recovery.checkpoint import RecoveryCheckpoint, recovery_key
 from obsdiff.recovery.data import DenoiserCall, draw_calls, record_calls, step_density
 from obsdiff.recovery.images import encode_images, read_image_folder
@@ -100,6 +101,7 @@ def recover_pruned(
     share of each step's calls (`distil`). Returns the recovered model: its manifest with a
     `recovery` section (the settings), `recovery` what it did."""
     adapter = pruned.adapter
+    check_one_denoiser(pruned.denoiser, adapter.name)
     targets = lora_targets(adapter, pruned.denoiser) if settings.lora_rank else []
     if targets:  # before the work: a rank wider than a layer named at once
         check_lora_rank(pruned.denoiser, targets, settings.lora_rank)

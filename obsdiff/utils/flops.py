@@ -10,31 +10,43 @@ import torch
 from torch import nn
 
 
-def forward_flops(denoiser: nn.Module, run_once: Callable[[], Any]) -> float:
-    """FLOPs (2 x multiply-adds) of the linear and convolution layers in the denoiser's first
-    forward during `run_once()`, per sample. Attention scores are not counted."""
-    total = [0.0]
-    state = {"calls": 0, "batch": 1}
+def forward_flops(callers: list[nn.Module], run_once: Callable[[], Any]) -> float:
+    """FLOPs (2 x multiply-adds) of the linear and convolution layers in the first forward of
+    each denoiser in `callers` during `run_once()` (per sample), averaged over those it called:
+    one denoiser's, or the mean step of a pipeline's timestep experts. Attention scores are not
+    counted."""
+    totals = {id(c): 0.0 for c in callers}
+    calls = {id(c): 0 for c in callers}
+    batch = {id(c): 1 for c in callers}
+    running: list[int | None] = [None]  # the caller in its first forward
 
     def count(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-        if state["calls"] != 1:
+        key = running[0]
+        if key is None:
             return
         if isinstance(module, nn.Linear):
-            total[0] += 2.0 * module.in_features * output.numel()
+            totals[key] += 2.0 * module.in_features * output.numel()
         elif isinstance(module, nn.Conv2d | nn.Conv3d):
             kernel = math.prod(module.kernel_size)
-            total[0] += 2.0 * module.in_channels // module.groups * kernel * output.numel()
+            totals[key] += 2.0 * module.in_channels // module.groups * kernel * output.numel()
 
     def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        state["calls"] += 1
-        if state["calls"] == 1:
+        key = id(module)
+        calls[key] += 1
+        running[0] = key if calls[key] == 1 else None
+        if calls[key] == 1:
             first = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
-            state["batch"] = int(first.shape[0]) if first is not None else 1
+            batch[key] = int(first.shape[0]) if first is not None else 1
 
-    handles = [denoiser.register_forward_pre_hook(enter, with_kwargs=True)]
+    def leave(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        running[0] = None
+
+    handles = [c.register_forward_pre_hook(enter, with_kwargs=True) for c in callers]
+    handles += [c.register_forward_hook(leave) for c in callers]
     handles += [
         m.register_forward_hook(count)
-        for m in denoiser.modules()
+        for c in callers
+        for m in c.modules()
         if isinstance(m, nn.Linear | nn.Conv2d | nn.Conv3d)
     ]
     try:
@@ -43,16 +55,17 @@ def forward_flops(denoiser: nn.Module, run_once: Callable[[], Any]) -> float:
     finally:
         for handle in handles:
             handle.remove()
-    return total[0] / state["batch"]
+    called = [key for key in totals if calls[key]]
+    return sum(totals[key] / batch[key] for key in called) / max(len(called), 1)
 
 
-def pipeline_flops(pipe: Any, denoiser: nn.Module, call_kwargs: dict[str, Any]) -> float:
+def pipeline_flops(pipe: Any, callers: list[nn.Module], call_kwargs: dict[str, Any]) -> float:
     """FLOPs of the first denoiser forward (per sample) of a two-step, one-prompt pipeline call
     at `call_kwargs` (the model's sampling settings: resolution, guidance; one step would give
     Qwen-Image's scheduler no sigmas to stretch)."""
     two_steps = {**call_kwargs, "num_inference_steps": 2}
     return forward_flops(
-        denoiser,
+        callers,
         lambda: pipe(
             prompt=["a photograph"],
             generator=torch.Generator("cpu").manual_seed(0),

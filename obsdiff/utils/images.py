@@ -2,7 +2,8 @@
 
 Image i of a prompt set is `0000007.png` wherever it is written (evaluation images, samples,
 the toy FID reference), so folders of two models compare file by file and the report finds an
-image by its id.
+image by its id. Video i is `0000007.gif` (an animated preview) beside its frames
+`0000007/0000.png`, `0000007/0001.png`, ...
 """
 
 from __future__ import annotations
@@ -32,6 +33,26 @@ def save_image(image: Image.Image, target: Path) -> None:
     under its name (only a `.part` file, which `remove_partial` clears)."""
     partial = target.with_name(target.name + PARTIAL)
     image.save(partial, format="PNG")
+    partial.replace(target)
+
+
+def video_name(video_id: int) -> str:
+    """The preview file name of video `video_id`: 0000007.gif (its frames: 0000007/)."""
+    return f"{video_id:07d}.gif"
+
+
+def save_video(frames: list[Image.Image], target: Path, fps: int) -> None:
+    """Write a video's frames as PNGs into the folder `target` names without its suffix, then
+    its animated GIF preview to `target` atomically, last: a preview on disk means every frame
+    is too."""
+    folder = target.with_suffix("")
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, frame in enumerate(frames):
+        save_image(frame, folder / f"{index:04d}.png")
+    partial = target.with_name(target.name + PARTIAL)
+    first, *rest = [frame.convert("RGB") for frame in frames]
+    duration = round(1000 / fps)  # milliseconds a frame
+    first.save(partial, format="GIF", save_all=True, append_images=rest, duration=duration, loop=0)
     partial.replace(target)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from app_runner import run_app
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from PIL import Image
 from registry import REAL_MODELS, SHIPPED_MODELS, TINY_MODELS
 
 from obsdiff.app.config import CONF_DIR, ConfigError, instantiate_model
@@ -22,6 +24,8 @@ MODEL_CARD_SIZES = {
     "pixart_sigma": (1024, 1024),
     "qwen_image": (1328, 1328),
     "flux2_dev": (1024, 1024),
+    "wan21_t2v_14b": (720, 1280),
+    "wan22_t2v_a14b": (720, 1280),
 }
 
 
@@ -118,7 +122,12 @@ def test_sample_app_runs_every_tiny_model(tmp_path: Path) -> None:
     for record in records:
         job = record.parent
         assert (job / "grid.png").is_file()
-        assert len(list(job.glob("0000*.png"))) == 2
+        files = [job / entry["file"] for entry in json.loads(record.read_text())["images"]]
+        assert len(files) == 2 and all(f.is_file() for f in files)
+        for entry, file in zip(json.loads(record.read_text())["images"], files, strict=True):
+            if file.suffix == ".gif":  # a video: its animated preview, then every frame
+                frames = sorted(file.with_suffix("").glob("*.png"))
+                assert len(frames) == entry["frames"] == Image.open(file).n_frames
 
 
 # Every option of the prune app's groups, read from conf/: each builds its object.

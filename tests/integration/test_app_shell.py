@@ -61,6 +61,13 @@ def load(path: Path) -> dict:  # type: ignore[type-arg]
             "runner.strategy=fsdp on one device (runner.devices=1)",
         ),
         ("obsdiff.prune", ["runner=fsdp_cpu"], "runner.strategy=fsdp shards a recovery's"),
+        ("obsdiff.run", ["model=tiny_wan"], "it generates videos of 9 frames, and the evaluation"),
+        (
+            "obsdiff.prune",
+            ["model=tiny_wan", "model.sampling.num_frames=8"],
+            "model.sampling.num_frames=8 is not a frame count Wan's VAE takes",
+        ),
+        ("obsdiff.prune", ["model=tiny_wan", "calibration.max_tokens=0"], "max_tokens=0 must be"),
         ("obsdiff.prune", ["runner.strategy=zero3"], "runner.strategy='zero3'; use one of"),
         ("obsdiff.prune", ["modulation=low_rank"], "exactly one of modulation.rank"),
         ("obsdiff.prune", ["granularity.align=64"], "granularity.align: 'granularity' has no"),

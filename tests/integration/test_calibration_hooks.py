@@ -9,6 +9,7 @@ from registry import TINY_BY_ADAPTER, TINY_MODELS, tiny_adapter
 
 from obsdiff.calibration.hooks import StatisticsHooks, StepTracker, count_hooks
 from obsdiff.models import ADAPTERS, ModelAdapter
+from obsdiff.models.experts import expert_of
 from obsdiff.models.sampling import CFG_DOUBLED_BATCH, CFG_SEPARATE_CALLS
 from obsdiff.pruning import InputStatistics, log_decrease
 from obsdiff.utils.seeds import image_generators
@@ -37,6 +38,8 @@ def test_hooked_statistics_equal_the_closed_form(model: str, include_uncond: boo
     denoiser = adapter.denoiser(pipe)
     layer = first_linear(adapter, denoiser)
     steps = adapter.denoising_steps(pipe)  # PNDM (SD 1.5, 2.1): one step more than asked
+    # the steps whose calls reach the layer: every step, or its timestep expert's own
+    own = adapter.expert_steps(pipe)[expert_of(adapter.blocks(denoiser)[1][0], denoiser)]
     weights = log_decrease(steps)
     tracker = StepTracker()
     cfg_mode = adapter.cfg_mode()
@@ -61,8 +64,8 @@ def test_hooked_statistics_equal_the_closed_form(model: str, include_uncond: boo
     xtx = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64)
     denominator = 0.0
     calls_per_step = 2 if cfg_mode == CFG_SEPARATE_CALLS else 1
-    assert len(seen) == steps * calls_per_step
-    assert [step for step, _, _ in seen] == [s for s in range(steps) for _ in range(calls_per_step)]
+    assert len(seen) == len(own) * calls_per_step
+    assert [step for step, _, _ in seen] == [s for s in own for _ in range(calls_per_step)]
     for step, call, x in seen:
         if not include_uncond:
             if cfg_mode == CFG_DOUBLED_BATCH:
@@ -75,5 +78,5 @@ def test_hooked_statistics_equal_the_closed_form(model: str, include_uncond: boo
     expected = 2 * xtx / denominator
     torch.testing.assert_close(stats.hessian_matrix().double(), expected, rtol=1e-4, atol=1e-4)
     batch = 4 if cfg_mode == CFG_DOUBLED_BATCH else 2
-    expected_samples = steps * calls_per_step * batch if include_uncond else steps * 2
+    expected_samples = len(own) * calls_per_step * batch if include_uncond else len(own) * 2
     assert stats.num_samples == expected_samples

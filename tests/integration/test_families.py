@@ -32,7 +32,8 @@ def latents(pipe: DiffusionPipeline, adapter: ModelAdapter) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         call = adapter.call_kwargs()
-        return pipe(prompt=PROMPTS[:2], generator=generator, output_type="latent", **call).images
+        out = pipe(prompt=PROMPTS[:2], generator=generator, output_type="latent", **call)
+        return adapter.outputs(out)
 
 
 @pytest.mark.parametrize("model", FAMILIES)

@@ -97,6 +97,10 @@ def test_the_plan_is_what_the_run_allocates(
         ("pixart_sigma", "transformer", 610_856_096),  # "0.6 B"
         ("qwen_image", "transformer", 20_430_401_088),  # model card: 20 B; issue trackers 20.43 B
         ("qwen_image", "text_encoder", 8_292_166_656),  # Qwen2.5-VL-7B-Instruct: 8.29 B
+        ("flux2_dev", "transformer", 32_223_281_152),  # about 32.2 B (diffusers' defaults)
+        ("wan21_t2v_14b", "transformer", 14_288_491_584),  # about 14.29 B
+        ("wan21_t2v_14b", "text_encoder", 5_680_910_336),  # UMT5-XXL's encoder
+        ("wan22_t2v_a14b", "transformer_2", 14_288_491_584),  # each expert: Wan 2.1-14B's size
         ("sd35_large", "text_encoder_3", 4_762_310_656),  # T5-XXL's encoder
     ],
 )
@@ -107,6 +111,16 @@ def test_real_architectures_from_their_shipped_configs(
     modules = adapter.component_skeletons()  # offline: the configs ship with obsdiff
     assert all(p.is_meta for m in modules.values() for p in m.parameters())
     assert sum(p.numel() for p in modules[component].parameters()) == parameters
+
+
+@pytest.mark.parametrize("model", REAL_MODELS)
+def test_every_real_model_has_a_plan_offline(model: str) -> None:
+    """From the shipped architecture alone: the weights of every component, the statistics of
+    4 packages over every block, what the job reaches."""
+    plan = obsdiff.memory_plan(model, packages=4)
+    assert plan.packages == 4 and 0 < plan.statistics_peak_bytes < plan.statistics_total_bytes
+    assert sum(plan.components[name] for name in plan.denoisers) < plan.weights_bytes
+    assert plan.reach and f"memory plan: {model}" in plan.table()
 
 
 def test_sd3_medium_statistics_as_derived_from_its_blocks() -> None:
@@ -192,6 +206,13 @@ def test_plan_only_prints_the_plan_and_leaves_nothing(tmp_path: Path) -> None:
     assert "memory plan: flux_dev (bfloat16), ObsDiff, 4 packages" in result.stdout
     assert obsdiff.memory_plan("flux_dev", packages=4).table() in result.stdout
     assert not any(p.is_file() for p in (tmp_path / "out").rglob("*"))  # no run written
+    result = run_in_process(  # a video model of two timestep experts: both denoisers
+        "obsdiff.prune", "model=wan22_t2v_a14b", "plan_only=true", "packages=4",
+        f"paths.output_root={tmp_path}/out",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert obsdiff.memory_plan("wan22_t2v_a14b", packages=4).table() in result.stdout
+    assert "parameters of the transformer + transformer_2: 28.577 B" in result.stdout
     result = run_in_process(  # the run app: the same, and the recovery's with recover=
         "obsdiff.run", "model=sdxl_base", "plan_only=true", f"paths.output_root={tmp_path}/run",
         "packages=2", "recover=distill", "recover.precision=bf16-mixed",

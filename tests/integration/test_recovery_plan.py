@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from registry import REAL_MODELS, SHIPPED_MODELS, TINY_MODELS
+from registry import REAL_MODELS, SHIPPED_MODELS, TINY_MODELS, one_denoiser
 
 import obsdiff
 from obsdiff.api import model_from_config
@@ -36,7 +36,7 @@ def layout(value: Any) -> Any:
     return value
 
 
-@pytest.mark.parametrize("model", TINY_MODELS + SHIPPED_MODELS)
+@pytest.mark.parametrize("model", [m for m in TINY_MODELS + SHIPPED_MODELS if one_denoiser(m)])
 def test_example_calls_are_what_the_pipelines_pass(model: str) -> None:
     adapter = model_from_config(model)
     pipe = adapter.load()
@@ -87,7 +87,7 @@ def test_the_plan_is_what_a_tiny_model_allocates() -> None:
     assert abs(mixed.activation_bytes - autocast) < 0.05 * autocast
 
 
-@pytest.mark.parametrize("model", REAL_MODELS)
+@pytest.mark.parametrize("model", [m for m in REAL_MODELS if one_denoiser(m)])
 def test_real_models_have_a_plan(model: str) -> None:
     plan = obsdiff.recovery_memory_plan(model, batch_size=1, precision="bf16-mixed")
     assert plan.activation_bytes > plan.checkpointed_activation_bytes > 0
@@ -96,9 +96,10 @@ def test_real_models_have_a_plan(model: str) -> None:
         fewest = [plan.fewest_devices(size, checkpointing) for size in DEVICE_SIZES_GB]
         found = [n for n in fewest if n is not None]
         assert found == sorted(found, reverse=True)
-    # with checkpointing every model fits the largest devices (without, Qwen-Image's 1328 x 1328
-    # activations alone outgrow an 80 GB device)
-    assert fewest[-1] is not None
+    # with checkpointing every model fits the largest devices but where its activations, which
+    # do not shard, take most of one (Wan's 81 frames at 720 x 1280: 68 GB)
+    if fewest[-1] is None:
+        assert plan.activations(True) > 0.5 * DEVICE_SIZES_GB[-1] * 1e9, model
     assert f"recovery memory plan: {model}" in plan.table()
 
 
@@ -109,3 +110,11 @@ def test_sd3_medium_recovery_holds_what_its_sizes_say() -> None:
     assert plan.parameters == 2_028_328_000 and plan.samples_per_call == 2
     assert plan.teacher_bytes == 2 * plan.parameters
     assert plan.states_bytes == 18 * plan.parameters
+
+
+@pytest.mark.parametrize("model", [m for m in REAL_MODELS + TINY_MODELS if not one_denoiser(m)])
+def test_timestep_experts_are_not_recovered(model: str) -> None:
+    """Recovery trains one denoiser: a pipeline of timestep experts (Wan 2.2-A14B) is refused,
+    naming them and the fix, from its architecture alone."""
+    with pytest.raises(ValueError, match=r"transformer, transformer_2.*recover=none"):
+        obsdiff.recovery_memory_plan(model, batch_size=1)

@@ -25,6 +25,7 @@ from obsdiff.models import (
     ModelLoadError,
     SD3Adapter,
 )
+from obsdiff.models.experts import called_modules
 from obsdiff.models.sampling import CFG_DOUBLED_BATCH, CFG_NONE, CFG_SEPARATE_CALLS
 from obsdiff.utils.memory import is_allocator_aligned
 from obsdiff.utils.seeds import image_generators
@@ -53,7 +54,7 @@ def latents(pipe: DiffusionPipeline, adapter: ModelAdapter, seed: int = 0) -> to
         out = pipe(
             prompt=PROMPTS, generator=generator, output_type="latent", **adapter.call_kwargs()
         )
-    return out.images
+    return adapter.outputs(out)
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -215,11 +216,13 @@ def test_generation_with_cfg_latent_and_pil(zoo_name: str) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else kwargs.get("sample"))
         seen.append(hidden.shape[0])
 
-    handle = adapter.denoiser(pipe).register_forward_pre_hook(count_call, with_kwargs=True)
+    called = called_modules(adapter.denoiser(pipe))  # each timestep expert, in step order
+    handles = [c.register_forward_pre_hook(count_call, with_kwargs=True) for c in called]
     try:
         out = latents(pipe, adapter)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     calls_per_step, batch_per_call = {  # conditional and unconditional calls
         CFG_SEPARATE_CALLS: (2, len(PROMPTS)),
         CFG_DOUBLED_BATCH: (1, 2 * len(PROMPTS)),
@@ -228,7 +231,7 @@ def test_generation_with_cfg_latent_and_pil(zoo_name: str) -> None:
     steps = adapter.denoising_steps(pipe)  # PNDM (PLMS) repeats its second timestep
     assert seen == [batch_per_call] * (calls_per_step * steps)
     components = dict(pipe.components)  # in the prediction's layout (packed: Flux's)
-    latent = torch.empty(2, adapter.latent_channels(components), 32, 32)
+    latent = torch.empty(2, *adapter.latent_shape(components))
     expected = tuple(adapter.as_prediction(latent).shape)
     assert tuple(out.shape) == expected
     assert torch.isfinite(out).all()
@@ -240,9 +243,12 @@ def test_generation_with_cfg_latent_and_pil(zoo_name: str) -> None:
 
     generator = torch.Generator().manual_seed(0)
     call = adapter.call_kwargs()
-    images = pipe(prompt=PROMPTS, generator=generator, output_type="pil", **call).images
+    images = adapter.outputs(pipe(prompt=PROMPTS, generator=generator, output_type="pil", **call))
     assert len(images) == 2
-    assert all(isinstance(im, Image.Image) and im.size == (64, 64) for im in images)
+    frames = [f for video in images for f in video] if adapter.video else images
+    if adapter.video:  # each prompt's video as its frames
+        assert all(len(video) == adapter.sampling.num_frames for video in images)
+    assert all(isinstance(im, Image.Image) and im.size == (64, 64) for im in frames)
 
 
 def test_save_load_round_trip_is_bit_identical(zoo_name: str, tmp_path: Path) -> None:
