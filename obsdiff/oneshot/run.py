@@ -225,8 +225,9 @@ def expert_weights(
     job: PruneJob, experts: dict[str, list[int]], num_steps: int
 ) -> dict[str, torch.Tensor]:
     """alpha_t (T,) per denoiser: one denoiser's over all T steps (key ""); each timestep
-    expert's the weighting scheme over its own steps alone, placed at them (zero at the steps
-    another expert runs, where its hooks never fire). JobError for an expert given no step."""
+    expert's the weighting scheme over its own steps alone (explicit weights: those of its
+    steps), placed at them (zero at the steps another expert runs, where its hooks never fire).
+    JobError for an expert given no step."""
     if list(experts) == [""]:
         return {"": job.weighting.step_weights(num_steps)}
     weights = {}
@@ -237,7 +238,10 @@ def expert_weights(
                 "denoising step to calibrate on; use more steps"
             )
         alpha = torch.zeros(num_steps, dtype=torch.float64)
-        alpha[steps] = job.weighting.step_weights(len(steps)).to(torch.float64)
+        if job.weighting.scheme == "explicit":  # given per step of the whole trajectory
+            alpha[steps] = job.weighting.step_weights(num_steps)[steps].to(torch.float64)
+        else:
+            alpha[steps] = job.weighting.step_weights(len(steps)).to(torch.float64)
         weights[name] = alpha
     return weights
 
