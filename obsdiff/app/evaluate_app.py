@@ -15,7 +15,7 @@ from obsdiff.app.settings import build_eval, identity, pruned_identity
 from obsdiff.app.shell import RunContext, execute, timed_together
 from obsdiff.artifacts.pruned import check_pruned_run, load_pruned
 from obsdiff.artifacts.record import RunIdentity, RunRecord
-from obsdiff.eval.harness import EvalSettings, check_images, evaluate_dense, evaluate_pipeline
+from obsdiff.eval.harness import EvalSettings, check_evaluable, evaluate_dense, evaluate_pipeline
 from obsdiff.models.base import ModelAdapter, adapter_from_config
 from obsdiff.models.sparse import check_sparse_kernels
 from obsdiff.utils.devices import resolve_device
@@ -95,9 +95,9 @@ def task(cfg: DictConfig) -> None:
             dtype = getattr(torch, str(model_config.get("dtype", "float32")))
             check_sparse_kernels(str(manifest.get("granularity")), device, dtype)
         model = adapter_from_config(model_config)
-        check_images(model)
         model.check_source()  # the model's files are reachable (a clear error if not)
         settings = build_eval(cfg.eval, str(device), dense_cache)
+        check_evaluable(model, settings)
         job = EvaluateJob(model, model_config, settings, pruned, pretrained, sparse_kernels)
         return job, device
 

@@ -20,7 +20,7 @@ from obsdiff.app.settings import (
 from obsdiff.app.shell import RunContext, execute, run_dir, show_only, timed_together
 from obsdiff.artifacts.pruned import save_pruned
 from obsdiff.artifacts.record import RunRecord
-from obsdiff.eval.harness import EvalSettings, check_images, evaluate_dense, evaluate_pipeline
+from obsdiff.eval.harness import EvalSettings, check_evaluable, evaluate_dense, evaluate_pipeline
 from obsdiff.oneshot.checkpoint import check_previous_run
 from obsdiff.oneshot.job import PruneJob
 from obsdiff.oneshot.plan import memory_plan
@@ -97,8 +97,8 @@ def task(cfg: DictConfig) -> float | None:
             check_recoverable(job.model)
             if recovery.lora_rank:  # at the dense widths (a structured prune checks again)
                 check_lora_width(job.model, {}, recovery.lora_rank)
-        check_images(job.model)  # the run app evaluates what it prunes
         settings = build_eval(cfg.eval, str(job.device), dense_cache)
+        check_evaluable(job.model, settings)
         settings.prompts.check_disjoint(job.prompts.prompts)
         return (job, recovery, settings), job.device
 

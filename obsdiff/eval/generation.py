@@ -43,9 +43,15 @@ IMAGES_LIST = "images.json"  # (id, prompt, seed, file) of every image of the se
 LATENTS = "latents"  # the final latents of each image (dense-relative metrics)
 
 
-def image_file(prompt_id: int) -> str:
-    """An evaluation image's path relative to its evaluation directory."""
-    return f"{IMAGES}/{image_name(prompt_id)}"
+def image_file(prompt_id: int, video: bool = False) -> str:
+    """An evaluation image's path relative to its evaluation directory (a video's: its animated
+    preview, its frames in the folder of the same name)."""
+    return f"{IMAGES}/{video_name(prompt_id) if video else image_name(prompt_id)}"
+
+
+def frame_files(file: Path, frames: int) -> list[Path]:
+    """The frames of the video whose preview is `file` (`save_video`'s layout)."""
+    return [file.with_suffix("") / f"{index:04d}.png" for index in range(frames)]
 
 
 def latents_file(image: str) -> str:
@@ -129,7 +135,8 @@ def generate_images(
     sampling: SamplingDefaults | None = None,
 ) -> list[dict[str, Any]]:
     """Render this rank's missing images into `out_dir/images/` (and, with `save_latents`, their
-    final latents into `out_dir/latents/`); return the full manifest.
+    final latents into `out_dir/latents/`); return the full manifest. A video model's entries
+    are its videos (`file`: the animated preview, `frames`: how many beside it).
 
     Each rank renders its exact share of the ids (no duplicates, no padding); `images.json`
     lists (id, prompt, seed, file) for the whole set."""
@@ -141,8 +148,9 @@ def generate_images(
     if parallel.is_main:
         remove_partial(out_dir / IMAGES)  # left by an interrupted run
     parallel.barrier()
+    frames = {"frames": (sampling or model.sampling).num_frames} if model.video else {}
     manifest: list[dict[str, Any]] = [
-        {"id": i, "prompt": p, "seed": seed + i, "file": image_file(i)}
+        {"id": i, "prompt": p, "seed": seed + i, "file": image_file(i, model.video), **frames}
         for i, p in zip(prompts.ids, prompts.prompts, strict=True)
     ]
     mine = [manifest[k] for k in parallel.shard(len(manifest))]
@@ -164,7 +172,10 @@ def generate_images(
         for k, (entry, image) in enumerate(zip(batch, images, strict=True)):
             if latents is not None:  # first: an image on disk means its latents are too
                 save_tensors(out_dir / latents_file(entry["file"]), {LATENTS_KEY: latents[k]})
-            save_image(image, out_dir / entry["file"])  # a crash never leaves half an image
+            if model.video:  # the frames, then the preview: a preview means every frame
+                save_video(image, out_dir / entry["file"], model.fps)
+            else:
+                save_image(image, out_dir / entry["file"])  # a crash never leaves half an image
     parallel.barrier()
     if parallel.is_main:
         write_json(out_dir / IMAGES_LIST, {"prompts": prompts.describe(), "images": manifest})

@@ -42,7 +42,13 @@ from obsdiff.eval.efficiency import (
     median_interval,
 )
 from obsdiff.eval.fid import FID, FIDFeatures
-from obsdiff.eval.generation import IMAGES, generate_images, image_file, latents_file
+from obsdiff.eval.generation import (
+    IMAGES,
+    frame_files,
+    generate_images,
+    image_file,
+    latents_file,
+)
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.loading import ModelConfigError
 from obsdiff.models.sampling import SamplingDefaults
@@ -61,6 +67,7 @@ METRICS_FILE = "metrics.json"
 GRID_FILE = "grid.png"
 COMPARISON_FILE = "comparison.png"
 PER_IMAGE = "per_image.csv"
+PER_FRAME = "per_frame.csv"  # a video model's scores of every frame
 FID_FEATURES = "fid_features.npz"
 DENSE_REFERENCE = "dense"
 
@@ -254,15 +261,16 @@ def _hash(record: Any) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_images(model: ModelAdapter) -> None:
-    """The evaluation scores one image a prompt: ValueError naming a video model (Wan) and what
-    to do instead, before anything loads."""
-    if model.video:
+def check_evaluable(model: ModelAdapter, settings: EvalSettings) -> None:
+    """A video model's evaluation scores every frame (its prompt's CLIP score, its dense
+    model's frame for the dense-relative metrics) and averages them per video; FID compares
+    sets of images and is refused for it: ValueError naming the key and the fix, before
+    anything loads."""
+    if model.video and settings.fid is not None:
         raise ValueError(
-            f"evaluation of {model.name}: it generates videos of "
-            f"{model.sampling.num_frames} frames, and the evaluation scores one image a prompt. "
-            f"Sample its videos (python -m obsdiff.sample model={model.name}), or prune it "
-            "without evaluation (python -m obsdiff.prune)"
+            f"eval={settings.name}: {model.name} generates videos of "
+            f"{model.sampling.num_frames} frames, and the set's FID compares sets of images; "
+            "evaluate a video model with eval=tiny_video (offline) or eval.fid.enabled=false"
         )
 
 
@@ -278,7 +286,7 @@ def evaluate_pipeline(
     every rank; only rank 0 scores), the per-image scores into `out_dir/per_image.csv`.
     `dense`: the dense model's evaluation of the same settings, the reference of
     `fid.reference=dense` and of the dense-relative metrics."""
-    check_images(model)
+    check_evaluable(model, settings)
     parallel = parallel or DataParallel()
     started = time.perf_counter()
     sampling = settings.generation_sampling(model.sampling)
@@ -342,8 +350,31 @@ def _score(
     groups = prompt_groups(prompts)
     table = pd.DataFrame(manifest, columns=["id", "prompt", "seed", "file"])
     scores: dict[str, Any] = {}
+    # a video model: every frame scored, a video's score the mean of its frames'
+    videos = (
+        [frame_files(f, entry["frames"]) for f, entry in zip(files, manifest, strict=True)]
+        if model.video
+        else []
+    )
+    frames = pd.DataFrame(
+        [(entry["id"], index) for entry, video in zip(manifest, videos, strict=True)
+         for index in range(len(video))],
+        columns=["id", "frame"],
+    ) if model.video else None  # fmt: skip
 
     def add(result: ImageScores) -> None:
+        if frames is not None:  # per frame: kept in per_frame.csv, averaged per video
+            owner = frames["id"].to_numpy()
+            for name, values in result.values.items():
+                frames[name] = values
+            ids = [entry["id"] for entry in manifest]
+            result = ImageScores(
+                {
+                    n: np.array([v[owner == i].mean() for i in ids])
+                    for n, v in result.values.items()
+                },
+                result.info,
+            )
         for name, values in result.values.items():
             table[name] = values
             scores[name] = float(values.mean())
@@ -364,10 +395,16 @@ def _score(
                 _fid(settings, fid_reference, files, table, groups, device, out_dir, evaluation)
             )
     for metric in settings.text_image:
-        add(metric.compute(files, prompts))
+        if frames is None:
+            add(metric.compute(files, prompts))
+        else:
+            frame_prompts = [p for p, video in zip(prompts, videos, strict=True) for _ in video]
+            add(metric.compute([f for video in videos for f in video], frame_prompts))
     if settings.dense_relative is not None and dense_dir is not None and not own:
         add(_dense_relative(settings.dense_relative, out_dir, dense_dir, manifest))
     write_text(out_dir / PER_IMAGE, table.to_csv(index=False))
+    if frames is not None:
+        write_text(out_dir / PER_FRAME, frames.to_csv(index=False))
     evaluation.per_image = str((out_dir / PER_IMAGE).resolve())
     evaluation.metrics = scores
     log.info(
@@ -443,7 +480,17 @@ def _dense_relative(
     metric: DenseRelative, out_dir: Path, dense_dir: Path, manifest: list[dict[str, Any]]
 ) -> ImageScores:
     """The dense-relative scores of the images of `manifest`, paired by file name with the
-    dense evaluation's (the same prompt ids and seeds); latents where both kept theirs."""
+    dense evaluation's (the same prompt ids and seeds); latents where both kept theirs. A
+    video's: of each frame against the dense video's frame (no latents)."""
+    if "frames" in manifest[0]:
+        mine = [f for e in manifest for f in frame_files(out_dir / e["file"], e["frames"])]
+        theirs = [f for e in manifest for f in frame_files(dense_dir / e["file"], e["frames"])]
+        missing = [str(f) for f in theirs if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} frames of the dense evaluation are missing (e.g. {missing[0]})"
+            )
+        return metric.compute(mine, theirs)
     dense_files = [dense_dir / entry["file"] for entry in manifest]
     missing = [str(f) for f in dense_files if not f.is_file()]
     if missing:

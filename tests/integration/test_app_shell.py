@@ -61,7 +61,7 @@ def load(path: Path) -> dict:  # type: ignore[type-arg]
             "runner.strategy=fsdp on one device (runner.devices=1)",
         ),
         ("obsdiff.prune", ["runner=fsdp_cpu"], "runner.strategy=fsdp shards a recovery's"),
-        ("obsdiff.run", ["model=tiny_wan"], "it generates videos of 9 frames, and the evaluation"),
+        ("obsdiff.run", ["model=tiny_wan"], "set's FID compares sets of images; evaluate a video"),
         (
             "obsdiff.prune",
             ["model=tiny_wan", "model.sampling.num_frames=8"],

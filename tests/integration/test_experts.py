@@ -1,12 +1,17 @@
 """Wan 2.2-A14B's two timestep experts, pruned as one run: each expert's statistics are fed by the
-steps it runs alone, weighted by the scheme over its own steps, and the run records which."""
+steps it runs alone, weighted by the scheme over its own steps, and the run records which; the
+video model evaluated frame by frame."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
+from app_runner import run_in_process
+from PIL import Image
 from registry import tiny_adapter
 
 import obsdiff
@@ -81,3 +86,25 @@ def test_depth_pruning_of_experts_is_refused_before_calibration() -> None:
     pipe = tiny_adapter("tiny_wan_a14b").load()
     with pytest.raises(JobError, match="2 timestep experts, each run on its own steps"):
         obsdiff.prune(pipe, "block_cosine", "depth", 0.3, prompts=PROMPTS)
+
+
+def test_a_video_model_is_evaluated_frame_by_frame(tmp_path: Path) -> None:
+    """`python -m obsdiff.run model=tiny_wan_a14b eval=tiny_video`: each video's frames and
+    animated preview on disk; every frame scored against its prompt and the dense model's frame
+    (per_frame.csv); a video's score the mean of its frames'."""
+    result = run_in_process(
+        "obsdiff.run", "model=tiny_wan_a14b", "eval=tiny_video", "calibration=tiny",
+        "model.sampling.num_inference_steps=4", f"hydra.run.dir={tmp_path}",
+        f"paths.output_root={tmp_path / 'outputs'}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    frames = pd.read_csv(tmp_path / "eval" / "per_frame.csv")
+    videos = pd.read_csv(tmp_path / "eval" / "per_image.csv")
+    assert len(videos) == 2 and len(frames) == 2 * 9  # 9 frames a video
+    for name in ("clip_score", "psnr", "ssim", "lpips"):
+        means = frames.groupby("id")[name].mean()
+        assert np.allclose(videos.set_index("id")[name].loc[means.index], means), name
+    for file in videos["file"]:
+        preview = tmp_path / "eval" / file
+        assert Image.open(preview).n_frames == 9
+        assert len(list(preview.with_suffix("").glob("*.png"))) == 9
