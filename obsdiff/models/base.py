@@ -676,7 +676,7 @@ def prediction(output: Any) -> torch.Tensor:
 
 def pack_2x2(latents: torch.Tensor) -> torch.Tensor:
     """Latents (B, C, h, w) as tokens of 2 x 2 patches (B, h/2 * w/2, 4C), channel-major within a
-    patch: the packing of Flux's and Qwen-Image's pipelines (`_pack_latents`)."""
+    patch: the packing of the Flux, Qwen-Image and FLUX.2 pipelines (`_pack_latents`)."""
     b, c, h, w = latents.shape
     patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return patches.reshape(b, (h // 2) * (w // 2), c * 4)
