@@ -1,6 +1,7 @@
 """Every family (one tiny model each, from the registry) through the options of a prune run:
 module packages, statistics offloaded and cached, low-rank modulation and depth pruning where the
-family has them, the run saved and loaded back, exported as a plain diffusers folder."""
+family has them, the run saved and loaded back, exported as a plain diffusers folder, resumed
+after a failure."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from registry import TINY_BY_ADAPTER, tiny_adapter
 
 import obsdiff
 from obsdiff.calibration import sequential
+from obsdiff.calibration.packages import list_units
 from obsdiff.models import ModelAdapter
 
 
@@ -94,3 +96,38 @@ def test_depth_pruning_removes_blocks_that_load_back(model: str, tmp_path: Path)
     assert pruned.result.params_after < pruned.result.params_before
     loaded = obsdiff.load_pruned(run, pipeline=adapter.load())
     assert torch.equal(latents(loaded.pipeline, adapter), latents(pruned.pipeline, adapter))
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_structured_resume_after_a_failure_gives_the_same_weights(
+    model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OBS-Diff structured 25% over every block in up to 4 packages, stopped by a failure in
+    the last package and run again: every other package's cut is restored from the checkpoint
+    (widths, head counts, FLUX.2's fused widths, Wan's q/k norms) and the result equals an
+    uninterrupted run's."""
+    adapter, sampling = setup(model)
+    skeleton = adapter.denoiser_skeleton()
+    blocks = (0, len(adapter.blocks(skeleton)))
+    count = min(4, len(list_units(adapter, skeleton, blocks, structured=True)))
+    options = {"prompts": PROMPTS, "sampling": sampling, "packages": count, "blocks": blocks}
+    whole = obsdiff.prune(adapter.load(), "obsdiff", "structured", 0.25, **options)
+    real, calls = sequential.build_package, {"n": 0}
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == count:
+            raise RuntimeError("injected failure in the last package")
+        return real(*args, **kwargs)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(sequential, "build_package", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        obsdiff.prune(adapter.load(), "obsdiff", "structured", 0.25, run_dir=run, **options)
+    monkeypatch.setattr(sequential, "build_package", real)
+    resumed = obsdiff.prune(adapter.load(), "obsdiff", "structured", 0.25, run_dir=run, **options)
+    expected = whole.denoiser.state_dict()
+    assert resumed.denoiser.state_dict().keys() == expected.keys()
+    for name, tensor in resumed.denoiser.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    assert latents(resumed.pipeline, adapter).equal(latents(whole.pipeline, adapter))
