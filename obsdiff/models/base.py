@@ -559,9 +559,14 @@ class ModelAdapter(ABC):
         DSnoT's official `--skip_layer mlp` skips)."""
         return any(part in self.ffn_modules for part in name.split("."))
 
-    @abstractmethod
     def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
-        """The denoiser's transformer blocks in forward order, with their qualified names."""
+        """The denoiser's transformer blocks in forward order, with their qualified names: by
+        default those of each list of `depth_lists`, in its order."""
+        return [
+            (f"{name}.{index}", block)
+            for name in self.depth_lists
+            for index, block in enumerate(getattr(denoiser, name))
+        ]
 
     @abstractmethod
     def block_units(self, block: nn.Module) -> list[Unit]:

@@ -65,13 +65,6 @@ class FluxAdapter(TrueCfgAdapter):
 
         return tiny.tiny_flux_pipeline(seed=seed, guidance_embeds=variant == "dev")
 
-    def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
-        double: nn.ModuleList = denoiser.transformer_blocks  # type: ignore[assignment]
-        single: nn.ModuleList = denoiser.single_transformer_blocks  # type: ignore[assignment]
-        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(double)] + [
-            (f"single_transformer_blocks.{i}", b) for i, b in enumerate(single)
-        ]
-
     def block_units(self, block: nn.Module) -> list[Unit]:
         return units_of(block, SINGLE_UNITS if hasattr(block, "proj_mlp") else MMDIT_UNITS)
 

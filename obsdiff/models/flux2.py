@@ -32,6 +32,7 @@ from obsdiff.models.base import ModelAdapter, component_config, pack_2x2
 from obsdiff.models.loading import ModelConfigError
 from obsdiff.models.sampling import SamplingDefaults
 from obsdiff.models.structure import (
+    MMDIT_UNITS,
     HeadGroup,
     InputNames,
     NeuronGroup,
@@ -49,11 +50,7 @@ if TYPE_CHECKING:
 
 # Flux2TransformerBlock: joint attention over both streams, a SwiGLU FFN per stream
 DOUBLE_UNITS: list[list[InputNames]] = [
-    [
-        ("attn.to_q", "attn.to_k", "attn.to_v"),
-        ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    ],
-    [("attn.to_out.0",), ("attn.to_add_out",)],
+    *MMDIT_UNITS[:2],  # the joint attention's
     [("ff.linear_in",), ("ff_context.linear_in",)],
     [("ff.linear_out",), ("ff_context.linear_out",)],
 ]
@@ -86,13 +83,6 @@ class Flux2Adapter(ModelAdapter):
         from obsdiff.models import tiny  # diffusers and transformers, for the zoo only
 
         return tiny.tiny_flux2_pipeline(seed=seed)
-
-    def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
-        double: nn.ModuleList = denoiser.transformer_blocks  # type: ignore[assignment]
-        single: nn.ModuleList = denoiser.single_transformer_blocks  # type: ignore[assignment]
-        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(double)] + [
-            (f"single_transformer_blocks.{i}", b) for i, b in enumerate(single)
-        ]
 
     def block_units(self, block: nn.Module) -> list[Unit]:
         return units_of(block, SINGLE_UNITS if is_single(block) else DOUBLE_UNITS)

@@ -42,10 +42,6 @@ class PixArtAdapter(BasicBlockAdapter):
 
         return tiny.tiny_pixart_pipeline(seed=seed)
 
-    def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
-        blocks: nn.ModuleList = denoiser.transformer_blocks  # type: ignore[assignment]
-        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(blocks)]
-
     def example_call(
         self, prompts: int, components: dict[str, nn.Module], device: str | torch.device = "meta"
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -22,6 +22,7 @@ from torch import nn
 from obsdiff.models.base import TrueCfgAdapter, component_config, pack_2x2
 from obsdiff.models.sampling import SamplingDefaults
 from obsdiff.models.structure import (
+    MMDIT_UNITS,
     HeadGroup,
     InputNames,
     NeuronGroup,
@@ -39,11 +40,7 @@ if TYPE_CHECKING:
 # The 12 target linears of a QwenImageTransformerBlock as basic units: SD3's MMDiT units with
 # the FFNs named `img_mlp` and `txt_mlp`.
 QWEN_IMAGE_UNITS: list[list[InputNames]] = [
-    [
-        ("attn.to_q", "attn.to_k", "attn.to_v"),
-        ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    ],
-    [("attn.to_out.0",), ("attn.to_add_out",)],
+    *MMDIT_UNITS[:2],  # the joint attention's
     [("img_mlp.net.0.proj",), ("txt_mlp.net.0.proj",)],
     [("img_mlp.net.2",), ("txt_mlp.net.2",)],
 ]
@@ -69,10 +66,6 @@ class QwenImageAdapter(TrueCfgAdapter):
         from obsdiff.models import tiny  # diffusers and transformers, for the zoo only
 
         return tiny.tiny_qwen_image_pipeline(seed=seed)
-
-    def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
-        blocks: nn.ModuleList = denoiser.transformer_blocks  # type: ignore[assignment]
-        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(blocks)]
 
     def block_units(self, block: nn.Module) -> list[Unit]:
         return units_of(block, QWEN_IMAGE_UNITS)

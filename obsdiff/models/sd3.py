@@ -79,10 +79,6 @@ class SD3Adapter(ModelAdapter):
 
         return tiny.tiny_sd3_pipeline(seed=seed, with_t5=self.with_t5, sd35=variant == "sd35")
 
-    def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
-        blocks: nn.ModuleList = denoiser.transformer_blocks  # type: ignore[assignment]
-        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(blocks)]
-
     def block_units(self, block: nn.Module) -> list[Unit]:
         return units_of(block, SD3_UNITS)
 

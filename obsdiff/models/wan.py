@@ -115,12 +115,13 @@ class WanAdapter(ModelAdapter):
         return tiny.tiny_wan_pipeline(seed=seed, two_experts=variant == "a14b")
 
     def blocks(self, denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
-        """The blocks in forward order; of two experts, the high-noise expert's first."""
-        experts = denoiser.named_children() if isinstance(denoiser, Experts) else [("", denoiser)]
+        """As every family; of two experts, each expert's, the high-noise expert's first."""
+        if not isinstance(denoiser, Experts):
+            return super().blocks(denoiser)
         return [
-            (f"{expert}.blocks.{i}".lstrip("."), block)
-            for expert, module in experts
-            for i, block in enumerate(module.blocks)  # type: ignore[arg-type]
+            (f"{expert}.{name}", block)
+            for expert, module in denoiser.named_children()
+            for name, block in ModelAdapter.blocks(self, module)
         ]
 
     def block_units(self, block: nn.Module) -> list[Unit]:
