@@ -129,14 +129,16 @@ def test_prune_sweep_survives_a_bad_job(tmp_path: Path) -> None:
     # the same sweep directory with another sparsity: job 1 holds a finished run of other
     # settings, so it is refused and left as it is; the sweep still says so
     finished = snapshot(sweep / "1")
-    again = run_app("obsdiff.prune", "-m", *TINY, "method=l1,obsdiff", "sparsity=0.4",
-                    f"hydra.sweep.dir={sweep}")  # fmt: skip
+    again = run_in_process("obsdiff.prune", "-m", *TINY, "method=l1,obsdiff", "sparsity=0.4",
+                           f"hydra.sweep.dir={sweep}")  # fmt: skip
     output = again.stdout + again.stderr
     assert again.returncode == 1, output[-3000:]
     assert "2 job(s) of the sweep did not complete" in output and "sparsity: 0.5 -> 0.4" in output
     assert snapshot(sweep / "1") == finished
     # and the original sweep again: its finished job is not redone
-    resumed = run_app("obsdiff.prune", "-m", *TINY, "method=l1,obsdiff", f"hydra.sweep.dir={sweep}")
+    resumed = run_in_process(
+        "obsdiff.prune", "-m", *TINY, "method=l1,obsdiff", f"hydra.sweep.dir={sweep}"
+    )
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 1 and "1 job(s) of the sweep did not complete" in output
     assert "completed; nothing to do" in output and snapshot(sweep / "1") == finished
@@ -152,12 +154,12 @@ def test_refused_resume_changes_nothing(
 ) -> None:
     run = tmp_path / "run"
     common = [*TINY, *extra, f"paths.output_root={tmp_path}", f"hydra.run.dir={run}"]
-    first = run_app(app, *common)
-    assert first.returncode == 0, first.stderr[-3000:]
+    first = run_in_process(app, *common)  # the apps' own processes: the tests above
+    assert first.returncode == 0, first.stdout[-3000:]
     assert (run / "denoiser.safetensors").is_file()
     assert not (run / "checkpoint").exists()  # gone once the run is recorded (keep_checkpoint)
     before, dense_before = snapshot(run), snapshot(tmp_path / "dense")
-    again = run_app(app, *common, change)
+    again = run_in_process(app, *common, change)
     output = again.stdout + again.stderr
     assert again.returncode == 2, output[-3000:]
     key = change.split("=")[0]
@@ -166,7 +168,7 @@ def test_refused_resume_changes_nothing(
     assert snapshot(run) == before  # byte-identical, results.json and .hydra included
     assert snapshot(tmp_path / "dense") == dense_before  # no new dense evaluation either
     assert RunRecord.read(run).completed
-    same = run_app(app, *common, "device=cpu")  # a neutral key: the same run, already done
+    same = run_in_process(app, *common, "device=cpu")  # a neutral key: the same run, already done
     assert same.returncode == 0 and "completed; nothing to do" in same.stdout + same.stderr
     assert LOADED not in same.stdout + same.stderr
     assert snapshot(run) == before
@@ -207,8 +209,8 @@ def test_interrupted_run_reads_incomplete_then_resumes(tmp_path: Path) -> None:
     rows = (tmp_path / "report" / "results.csv").read_text()
     assert "interrupted" in rows and ",completed," not in rows
 
-    resumed = run_app("obsdiff.run", *args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = run_in_process("obsdiff.run", *args)  # the same command
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resuming after package 2 of 2" in resumed.stdout + resumed.stderr
     record = RunRecord.read(run)
     assert record.completed and record.eval is not None and record.eval.num_images == 2
@@ -281,8 +283,8 @@ def test_multi_process_runner_in_a_multirun_is_refused(tmp_path: Path) -> None:
 
 def test_sample_takes_one_prompt_as_text_and_refuses_batch_size_0(tmp_path: Path) -> None:
     run = tmp_path / "one"
-    result = run_app("obsdiff.sample", "prompts=a red circle", f"hydra.run.dir={run}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_in_process("obsdiff.sample", "prompts=a red circle", f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stdout[-3000:]
     assert [i["prompt"] for i in load(run / "samples.json")["images"]] == ["a red circle"]
     bad = run_in_process("obsdiff.sample", "batch_size=0", f"paths.output_root={tmp_path / 'bad'}")
     assert bad.returncode == 2 and "batch_size=0 must be >= 1" in bad.stdout + bad.stderr

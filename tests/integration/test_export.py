@@ -5,6 +5,7 @@ run's figures; bad inputs are refused before anything is written."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shlex
 import shutil
@@ -21,6 +22,7 @@ from app_runner import run_app, run_in_process
 import obsdiff
 from obsdiff.artifacts.export import ExportError, check_export, upload
 from obsdiff.artifacts.record import RunRecord
+from obsdiff.export import main as export_main
 
 
 # the module's runs take about 40 s here: the timeout is sized for a loaded machine
@@ -228,7 +230,7 @@ def test_reference_export_holds_the_denoiser_alone(tmp_path: Path, runs: dict[st
 
 @pytest.mark.xdist_group("export_runs")  # the module's runs are made once, on one worker
 def test_bad_inputs_are_refused_before_anything_is_written(
-    tmp_path: Path, runs: dict[str, Path]
+    tmp_path: Path, runs: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     run_dir = runs["tiny 2:4 wanda"]
     out = tmp_path / "exported"
@@ -265,19 +267,20 @@ def test_bad_inputs_are_refused_before_anything_is_written(
         check_export(run_dir, tmp_path / "other", repo_id="no-owner")
     assert not (tmp_path / "other").exists()
 
-    # the CLI: one message, exit code 2, nothing written
-    result = run_app("obsdiff.export", str(run_dir), str(out))
-    assert result.returncode == 2
-    assert "not empty; choose another, or pass --overwrite" in result.stderr
-    result = run_app("obsdiff.export", str(run_dir), str(UNWRITABLE / "exported"))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"OUT_DIR {UNWRITABLE / 'exported'} cannot be written" in result.stderr
+    # the command line (its entry point, in this process): one message, exit code 2, nothing
+    # written
+    caplog.set_level(logging.INFO)
+    assert export_main([str(run_dir), str(out)]) == 2
+    assert "not empty; choose another, or pass --overwrite" in caplog.text
+    caplog.clear()
+    assert export_main([str(run_dir), str(UNWRITABLE / "exported")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"OUT_DIR {UNWRITABLE / 'exported'} cannot be written" in errors[0]
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     assert not list(tmp_path.glob(".*partial*"))
 
     # --overwrite replaces it once the new export is complete
-    result = run_app("obsdiff.export", str(run_dir), str(out), "--overwrite")
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert export_main([str(run_dir), str(out), "--overwrite"]) == 0
     assert not (out / "mine.txt").exists() and (out / "model_index.json").is_file()
     assert "Exported with `python -m obsdiff.export" in (out / "README.md").read_text()
 

@@ -260,7 +260,7 @@ def test_a_full_disk_mid_run_keeps_the_checkpoint_and_says_how_to_resume(
 def test_an_unwritable_run_directory_is_refused_before_any_work() -> None:
     """Nobody may create files under /proc, root included: the probe is a real write, so a
     read-only filesystem or a folder without permission answers the same way."""
-    result = run_app("obsdiff.prune", *TINY, "hydra.run.dir=/proc/obsdiff-run")
+    result = run_in_process("obsdiff.prune", *TINY, "hydra.run.dir=/proc/obsdiff-run")
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert output.count("[ERROR]") == 1 and "hydra.run.dir=/proc/obsdiff-run" in output

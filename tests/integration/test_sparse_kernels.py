@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from app_runner import run_app, run_in_process
+from app_runner import run_in_process
 
 import obsdiff
 from obsdiff.models.base import ModelAdapter
@@ -40,10 +40,10 @@ def test_each_missing_piece_is_named() -> None:
 
 def prune_run(run_dir: Path, granularity: str) -> Path:
     """A magnitude prune of the tiny SD3 (built in code, so that the run names its model)."""
-    result = run_app(
+    result = run_in_process(
         "obsdiff.prune", *TINY, f"granularity={granularity}", f"hydra.run.dir={run_dir}"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:]
     return run_dir
 
 
