@@ -1,22 +1,26 @@
 """Every family (one tiny model each, from the registry) through the options of a prune run:
 module packages, statistics offloaded and cached, low-rank modulation and depth pruning where the
 family has them, the run saved and loaded back, exported as a plain diffusers folder, resumed
-after a failure."""
+after a failure; every family through a sweep of the run app and its report."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from app_runner import run_in_process
 from diffusers import DiffusionPipeline
 from registry import TINY_BY_ADAPTER, tiny_adapter
 
 import obsdiff
+from obsdiff.artifacts.record import RunRecord
 from obsdiff.calibration import sequential
 from obsdiff.calibration.packages import list_units
 from obsdiff.models import ModelAdapter
+from obsdiff.report import main as report_main
 
 
 pytestmark = pytest.mark.integration
@@ -131,3 +135,38 @@ def test_structured_resume_after_a_failure_gives_the_same_weights(
     for name, tensor in resumed.denoiser.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
     assert latents(resumed.pipeline, adapter).equal(latents(whole.pipeline, adapter))
+
+
+@pytest.mark.slow
+def test_every_family_through_a_sweep_of_the_run_app_and_its_report(tmp_path: Path) -> None:
+    """One sweep of `obsdiff.run` over every family's tiny model (the image models with
+    eval=tiny, the video models with eval=tiny_video, two sweeps under one folder), then the
+    report over both: each job pruned, evaluated against its dense model and in the report."""
+    video = [m for m in FAMILIES if tiny_adapter(m).video]
+    images = [m for m in FAMILIES if m not in video]
+    common = [
+        "calibration=tiny", "calibration.num_prompts=2", "model.sampling.num_inference_steps=2",
+        "eval.prompts.num_prompts=2", "save=false", f"paths.output_root={tmp_path}",
+    ]  # fmt: skip
+    for models, evaluation in ((images, "tiny"), (video, "tiny_video")):
+        result = run_in_process(
+            "obsdiff.run", "--multirun", f"model={','.join(models)}", f"eval={evaluation}",
+            *common, f"hydra.sweep.dir={tmp_path / 'sweep' / evaluation}",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:]
+    records = [RunRecord.read(p.parent) for p in (tmp_path / "sweep").glob("*/*/results.json")]
+    assert sorted(r.identity.model for r in records) == sorted(FAMILIES)  # type: ignore[type-var]
+    for record in records:
+        assert record.completed and record.prune is not None and record.eval is not None
+        assert record.prune.achieved_sparsity == pytest.approx(0.5)
+        assert record.dense is not None and {"psnr", "ssim", "lpips"} <= set(record.eval.metrics)
+        frames = record.identity.model in video
+        assert record.eval.set == ("tiny_video" if frames else "tiny")
+        assert (Path(record.eval.per_image).parent / "per_frame.csv").is_file() == frames
+
+    assert report_main([str(tmp_path / "sweep")]) == 0
+    rows = pd.read_csv(tmp_path / "sweep" / "report" / "results.csv")
+    pruned = rows[rows["method"] == "obsdiff"]
+    assert sorted(pruned["model"]) == sorted(FAMILIES) and set(pruned["status"]) == {"completed"}
+    assert pruned["psnr"].notna().all() and pruned["clip_score"].notna().all()
+    assert set(rows.loc[rows["method"] == "dense", "model"]) == set(FAMILIES)
