@@ -3,6 +3,7 @@
     import obsdiff
     pruned = obsdiff.prune(pipe, method="obsdiff", sparsity=0.5, prompts=prompts)
     recovered = obsdiff.recover(pruned, prompts, steps=100)  # distilled towards the dense
+    quantized = obsdiff.quantize("my_run", "int8_weight_only")  # torchao, on top
     obsdiff.save_pruned(recovered, "my_run")
     pruned = obsdiff.load_pruned("my_run")
     scores = obsdiff.evaluate(pruned, prompts=eval_prompts, out_dir="my_eval")
@@ -25,6 +26,7 @@ __all__ = [
     "load_pruned",
     "memory_plan",
     "prune",
+    "quantize",
     "recover",
     "recovery_memory_plan",
     "save_pruned",

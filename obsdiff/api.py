@@ -32,7 +32,13 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from obsdiff.artifacts.export import export_pruned as export
-from obsdiff.artifacts.pruned import PrunedModel, load_pruned, save_pruned
+from obsdiff.artifacts.pruned import (
+    PrunedModel,
+    check_quantizable,
+    load_pruned,
+    quantize_pruned,
+    save_pruned,
+)
 from obsdiff.calibration.sequential import CalibrationSettings, Offload
 from obsdiff.eval.clip_score import CLIPScore
 from obsdiff.eval.dense_relative import DenseRelative, build_lpips
@@ -62,6 +68,7 @@ from obsdiff.oneshot.settings import PruneSettings
 from obsdiff.prompts.eval_sets import EvalPrompts
 from obsdiff.prompts.files import PromptSet
 from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.quantization import QuantizeSettings, check_device, check_widths, linear_widths
 from obsdiff.recovery.checkpoint import remove_recovery_checkpoint
 from obsdiff.recovery.plan import RecoveryPlan
 from obsdiff.recovery.plan import recovery_plan as plan_recovery
@@ -85,6 +92,7 @@ __all__ = [
     "load_pruned",
     "memory_plan",
     "prune",
+    "quantize",
     "save_pruned",
 ]
 
@@ -407,6 +415,41 @@ def recover(
         save_pruned(recovered, out)
         remove_recovery_checkpoint(out)
     return recovered
+
+
+def quantize(
+    pruned: PrunedModel | str | Path,
+    scheme: str = QuantizeSettings.scheme,
+    *,
+    group_size: int | None = None,
+    keep_out: bool = True,
+    device: str = "cpu",
+    run_dir: str | Path | None = None,
+    pretrained: str | None = None,
+) -> PrunedModel:
+    """`pruned` (a `PrunedModel`, quantized in place, or a run directory, loaded) with its
+    denoiser's linears quantized by torchao (`QuantizeSettings`: `scheme` int8_weight_only,
+    int8_dynamic, float8_weight_only, float8_dynamic or int4_weight_only with `group_size`),
+    every layer on its family's do-not-compress list left in the model's dtype (`keep_out`).
+    Every check (the device, the group size against every width) comes before anything loads.
+    `run_dir`: the model saved there in the model's dtype with the quantization in its
+    manifest, so that `load_pruned(run_dir)` gives it back quantized. `.quantization` says what
+    was done (layers, bytes of weights in memory before and after, zeros kept exact)."""
+    settings = QuantizeSettings(scheme, group_size, keep_out)
+    target = resolve_device(device)
+    if isinstance(pruned, PrunedModel):
+        check_device(settings, target)
+        check_widths(settings, linear_widths(pruned.adapter, pruned.denoiser, keep_out))
+        model = pruned
+    else:
+        check_quantizable(pruned, settings, target, pretrained)
+        model = load_pruned(pruned, pretrained)
+        model.manifest["quantized_from"] = str(Path(pruned).resolve())
+    model.pipeline.to(target)
+    if run_dir is not None:  # the weights as they are, then the quantization in the manifest
+        save_pruned(model, run_dir)
+    quantize_pruned(model, settings, run_dir)
+    return model
 
 
 def evaluate(

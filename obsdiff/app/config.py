@@ -4,9 +4,10 @@ dataclasses that hold them.
 Each setting and its default is said once, in a dataclass of the layer that uses it (a method's
 parameters in its class, the calibration in `CalibrationSettings`, the prune run's top-level
 keys in `PruneSettings`, the evaluation in `EvalOptions`, the runner in `RunnerSettings`, the
-timestep weighting in `TimestepWeighting`). `register_schemas` stores their defaults as Hydra
-configs under `schema/`, which the YAML options include (e.g. conf/method/obsdiff.yaml:
-`defaults: [/schema/method/obsdiff@_here_]`) and override where they differ;
+timestep weighting in `TimestepWeighting`, the quantization in `QuantizeSettings`).
+`register_schemas` stores their defaults as Hydra configs under `schema/`, which the YAML
+options include (e.g. conf/method/obsdiff.yaml: `defaults: [/schema/method/obsdiff@_here_]`)
+and override where they differ;
 `python -m obsdiff.prune --cfg job` prints the composed result.
 
 Library code never sees a DictConfig: apps build the objects here (`build`, `settings`) and
@@ -36,6 +37,7 @@ from obsdiff.models.base import DATA_DIR, ModelAdapter, adapter_from_config
 from obsdiff.models.loading import ModelConfigError
 from obsdiff.oneshot.settings import PruneSettings
 from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.quantization.settings import QuantizeSettings
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.runners.fabric import RunnerSettings
 from obsdiff.utils.settings import from_mapping, plain_defaults
@@ -84,6 +86,7 @@ def register_schemas() -> None:
     store.store(group="schema", name="runner", node=plain_defaults(RunnerSettings))
     store.store(group="schema", name="eval", node=plain_defaults(EvalOptions))
     store.store(group="schema", name="recover", node=plain_defaults(RecoverySettings))
+    store.store(group="schema", name="quantize", node=plain_defaults(QuantizeSettings))
     modulation = {"_target_": _target_name(LowRankModulation), **plain_defaults(LowRankModulation)}
     store.store(group="schema", name="modulation", node=modulation)
     prune = plain_defaults(PruneSettings)

@@ -1,9 +1,9 @@
 """The evaluate app's task (`python -m obsdiff.evaluate`, conf/evaluate.yaml): a dense model
-config or a pruned run directory, evaluated."""
+config or a pruned (recovered, quantized) run directory, evaluated, its `gate` checked."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +11,18 @@ import torch
 from omegaconf import DictConfig
 
 from obsdiff.app.config import ConfigError, to_plain
-from obsdiff.app.settings import build_eval, identity, pruned_identity
+from obsdiff.app.settings import (
+    build_eval,
+    checked_gate,
+    exit_on_failed_gate,
+    gate_limits,
+    identity,
+    pruned_identity,
+)
 from obsdiff.app.shell import RunContext, execute, timed_together
-from obsdiff.artifacts.pruned import check_pruned_run, load_pruned
+from obsdiff.artifacts.pruned import check_pruned_run, load_pruned, quantize_settings
 from obsdiff.artifacts.record import RunIdentity, RunRecord
+from obsdiff.eval.gate import Limit
 from obsdiff.eval.harness import EvalSettings, check_evaluable, evaluate_dense, evaluate_pipeline
 from obsdiff.models.base import ModelAdapter, adapter_from_config
 from obsdiff.models.sparse import check_sparse_kernels
@@ -26,7 +34,9 @@ def pruned_run(pruned_dir: Path, manifest: dict[str, Any], names: RunIdentity) -
     evaluation's set, and its prune figures when it is a completed run of the apps."""
     identity, previous = pruned_identity(pruned_dir, manifest)
     identity = replace(identity, eval_set=names.eval_set)
-    return RunRecord("completed", identity, prune=None if previous is None else previous.prune)
+    if previous is None:
+        return RunRecord("completed", identity)
+    return RunRecord("completed", identity, prune=previous.prune, recover=previous.recover)
 
 
 @dataclass
@@ -37,6 +47,7 @@ class EvaluateJob:
     pruned: RunRecord | None  # the prune run evaluated (None: the dense model of `model`)
     pretrained: str | None
     sparse_kernels: bool = False  # 2:4 linears as semi-structured sparse weights (CUDA)
+    limits: list[Limit] = field(default_factory=list)  # the gate
 
 
 def evaluate(job: EvaluateJob, dense_cache: Path, context: RunContext) -> RunRecord:
@@ -47,7 +58,8 @@ def evaluate(job: EvaluateJob, dense_cache: Path, context: RunContext) -> RunRec
             context.parallel,
         )  # fmt: skip
     if job.pruned is None:
-        return RunRecord("completed", eval=dense)
+        record = RunRecord("completed", eval=dense)
+        return replace(record, gate=checked_gate(job.limits, record, job.settings))
     assert job.pruned.identity.pruned_run is not None
     pruned = load_pruned(
         job.pruned.identity.pruned_run,
@@ -59,8 +71,12 @@ def evaluate(job: EvaluateJob, dense_cache: Path, context: RunContext) -> RunRec
     evaluation = evaluate_pipeline(
         pipe, job.model, job.settings, context.out / "eval", context.parallel, dense
     )
-    record = RunRecord("completed", prune=job.pruned.prune, eval=evaluation, dense=dense)
-    return timed_together(record, pipe, job.model, job.settings, context)
+    record = RunRecord(
+        "completed", prune=job.pruned.prune, eval=evaluation, dense=dense,
+        recover=job.pruned.recover, quantize=pruned.quantization,
+    )  # fmt: skip
+    record = timed_together(record, pipe, job.model, job.settings, context)
+    return replace(record, gate=checked_gate(job.limits, record, job.settings))
 
 
 def task(cfg: DictConfig) -> None:
@@ -92,13 +108,21 @@ def task(cfg: DictConfig) -> None:
         if sparse_kernels:
             if pruned_dir is None:
                 raise ConfigError("sparse_kernels=true needs pruned=<the run of a 2:4 prune>")
+            quantized = quantize_settings(manifest)
+            if quantized is not None:
+                raise ConfigError(
+                    f"sparse_kernels=true takes 2:4 weights in the model's dtype; pruned="
+                    f"{pruned_dir} is quantized ({quantized.name}): give the run it came from"
+                )
             dtype = getattr(torch, str(model_config.get("dtype", "float32")))
             check_sparse_kernels(str(manifest.get("granularity")), device, dtype)
         model = adapter_from_config(model_config)
         model.check_source()  # the model's files are reachable (a clear error if not)
         settings = build_eval(cfg.eval, str(device), dense_cache)
         check_evaluable(model, settings)
-        job = EvaluateJob(model, model_config, settings, pruned, pretrained, sparse_kernels)
+        limits = gate_limits(cfg, against_dense=pruned is not None)
+        job = EvaluateJob(model, model_config, settings, pruned, pretrained, sparse_kernels, limits)
         return job, device
 
-    execute(cfg, validate, lambda job, context: evaluate(job, dense_cache, context), names)
+    record = execute(cfg, validate, lambda job, context: evaluate(job, dense_cache, context), names)
+    exit_on_failed_gate(record)

@@ -44,12 +44,15 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from obsdiff.app.config import CONF_DIR, ConfigError, build, settings
 from obsdiff.calibration.sequential import CalibrationSettings
+from obsdiff.eval.gate import EXAMPLE as GATE_EXAMPLE
+from obsdiff.eval.gate import parse_gate
 from obsdiff.eval.options import EvalOptions
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.methods.modulation import LowRankModulation
 from obsdiff.oneshot.settings import PruneSettings
 from obsdiff.pruning.schedules import TimestepWeighting
+from obsdiff.quantization.settings import QuantizeSettings
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.runners.fabric import RunnerSettings
 from obsdiff.utils.file_checks import unwritable_folder_problem
@@ -100,7 +103,12 @@ def _check(config_name: str, argv: list[str]) -> None:
             try:
                 parser.parse_override(line)
             except HydraException as err:
-                raise CommandLineError(f"{line!r} cannot be read: {_first_line(err)}") from None
+                hint = ""
+                if line.lstrip("+").startswith("gate=") and any(c in line for c in "<>"):
+                    hint = f"; quote the limits for Hydra: {GATE_EXAMPLE}"
+                raise CommandLineError(
+                    f"{line!r} cannot be read: {_first_line(err)}{hint}"
+                ) from None
         parsed = parser.parse_overrides(args.overrides)
         groups = {o.get_key_element().lstrip("+~") for o in parsed}
         groups = {g for g in groups if "." not in g and loader.get_group_options(g)}
@@ -232,6 +240,8 @@ def check_values(cfg: DictConfig) -> None:
         ("runner", lambda: settings(cfg.runner, RunnerSettings, "runner.")),
         ("eval", lambda: settings(cfg.eval, EvalOptions, "eval.")),
         ("recover", lambda: settings(cfg.recover, RecoverySettings, "recover.")),
+        ("quantize", lambda: settings(cfg.quantize, QuantizeSettings, "quantize.")),
+        ("gate", lambda: parse_gate(cfg.gate)),
         ("sparsity", lambda: settings(cfg, PruneSettings, only=PruneSettings.values())),
     ]
     for key, check in checks:

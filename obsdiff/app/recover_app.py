@@ -88,6 +88,12 @@ def checked_settings(
     recovery = settings(cfg.recover, RecoverySettings, "recover.")
     calibration = settings(cfg.calibration, CalibrationSettings, "calibration.")
     manifest = check_pruned_run(pruned_dir)  # its weights are there, intact
+    if "quantize" in manifest:
+        raise ConfigError(
+            f"pruned={pruned_dir} is quantized ({manifest['quantize']['name']}): recover the "
+            f"run it came from ({manifest.get('quantized_from')}), then quantize the recovered "
+            "run"
+        )
     if "_target_" not in manifest["model_config"]:
         raise ConfigError(f"pruned={pruned_dir} pruned a pipeline in memory: {IN_MEMORY}")
     return recovery, calibration, manifest

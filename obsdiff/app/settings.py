@@ -6,6 +6,8 @@ module only composes them.
 
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,15 @@ from obsdiff.api import evaluation_settings
 from obsdiff.app.config import ConfigError, build, instantiate_model, settings, to_plain
 from obsdiff.artifacts.record import RecordError, RunIdentity, RunRecord
 from obsdiff.calibration.sequential import CalibrationSettings
+from obsdiff.eval.gate import (
+    GateCheck,
+    GateError,
+    Limit,
+    check_gate_metrics,
+    gate_checks,
+    gate_summary,
+    parse_gate,
+)
 from obsdiff.eval.harness import EvalSettings
 from obsdiff.eval.options import EvalOptions, EvalPromptOptions
 from obsdiff.methods.base import PruningMethod
@@ -39,6 +50,11 @@ from obsdiff.runners.fabric import RunnerSettings
 
 
 BUNDLED_EVAL_PROMPTS = BUNDLED_PROMPTS.with_name("eval_prompts.txt")
+
+
+log = logging.getLogger(__name__)
+
+EXIT_GATE = 3  # a gate's limit failed: the run is complete and recorded, its quality is not
 
 
 def is_multirun() -> bool:
@@ -104,6 +120,8 @@ def identity(cfg: DictConfig) -> RunIdentity:
         names.eval_set = choices.get("eval")
     if cfg.get("recover") is not None:
         names.recover = choices.get("recover")
+    if cfg.get("quantize") is not None:
+        names.quantize = choices.get("quantize")
     return names
 
 
@@ -235,5 +253,46 @@ def pruned_identity(
         packages=manifest["packages"],
         pruned_run=str(pruned_dir),
         modulation=manifest.get("modulation", {}).get("name"),
+        quantize=manifest.get("quantize", {}).get("name"),
     )
     return names, None
+
+
+def gate_limits(cfg: DictConfig, against_dense: bool) -> list[Limit]:
+    """The app's `gate`, checked before any work: each limit well formed and on a metric the
+    evaluation computes (`against_dense`: of a model compared with its dense model);
+    ConfigError naming the limit otherwise."""
+    if not cfg.get("gate"):
+        return []
+    try:
+        limits = parse_gate(cfg.gate)
+        options = settings(cfg.eval, EvalOptions, "eval.")
+        check_gate_metrics(limits, options.metric_names(against_dense))
+    except GateError as err:
+        raise ConfigError(str(err)) from None
+    return limits
+
+
+def checked_gate(
+    limits: list[Limit], record: RunRecord, settings: EvalSettings
+) -> list[GateCheck] | None:
+    """The gate's limits checked against the record's evaluation (None: no gate), logged."""
+    if not limits or record.eval is None:
+        return None
+    evaluation = record.eval
+    confidence = settings.bootstrap.confidence
+    checks = gate_checks(limits, evaluation.metrics, evaluation.intervals, confidence)
+    failed = [check for check in checks if not check.passed]
+    (log.error if failed else log.info)("gate:\n%s", gate_summary(checks))
+    return checks
+
+
+def exit_on_failed_gate(record: RunRecord | None) -> None:
+    """Exit with `EXIT_GATE` when a limit of the record's gate failed (a single run; a
+    multirun's job records it and the sweep goes on)."""
+    if record is None or not record.gate or all(check.passed for check in record.gate):
+        return
+    failed = ", ".join(check.limit for check in record.gate if not check.passed)
+    log.error("the gate failed (%s): the run is recorded; exit %d", failed, EXIT_GATE)
+    if not is_multirun():
+        sys.exit(EXIT_GATE)

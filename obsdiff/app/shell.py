@@ -55,6 +55,7 @@ from obsdiff.models.loading import ModelLoadError
 from obsdiff.oneshot.checkpoint import CHECKPOINT_DIR, remove_checkpoint
 from obsdiff.oneshot.job import JobError
 from obsdiff.prompts.files import PromptFileError
+from obsdiff.quantization import QuantizeError
 from obsdiff.recovery.checkpoint import remove_recovery_checkpoint
 from obsdiff.recovery.loop import Divergence
 from obsdiff.runners.fabric import RunnerSettings, launch
@@ -95,6 +96,7 @@ WORK_SETTING_ERRORS: tuple[type[Exception], ...] = (
     JobError,
     ConfigError,
     PrunedRunError,
+    QuantizeError,  # a structured prune left a width the int4 group size does not divide
 )
 
 T = TypeVar("T")
@@ -570,7 +572,14 @@ def summary_table(record: RunRecord) -> str:
         title += f" + {names.modulation} modulation"
     if names.recover is not None:
         title += f" + {names.recover}"
+    if names.quantize is not None:
+        title += f" + {names.quantize}"
     lines = [f"{'metric':<20} {'dense':>12} {title:>28}"]
+    if record.quantize is not None:  # the denoiser's weights in memory, before and after
+        q = record.quantize
+        weights = f"{q.weight_bytes_after / 1e6:.4g} MB"
+        before = f"{q.memory_ratio:.3f}x of {q.weight_bytes_before / 1e6:.4g} MB unquantized"
+        lines.append(f"{'weights in memory':<20} {'':>12} {weights:>28}  ({before})")
     intervals = {} if record.eval is None else dict(record.eval.intervals)
     efficiency = None if record.eval is None else record.eval.efficiency
     latency = None if record.speed is None else record.speed.pruned_seconds_interval

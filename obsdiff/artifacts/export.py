@@ -16,6 +16,12 @@ low-rank modulation (two linears where diffusers has one), unless `expand_low_ra
 is then written as the dense matrix of its product, and an unstructured or N:M run is a plain
 diffusers folder again (the same function; the modulation at its dense size on disk).
 
+Quantized (`quantize`, or a run of `obsdiff.quantize`): the weights stay in the model's dtype and
+the card's code quantizes them at load with plain diffusers and torchao (`TorchAoConfig`, the
+family's do-not-compress list left out); `prequantized` writes the denoiser quantized instead, in
+safetensors (`obsdiff.artifacts.quantized_export`). A `gate` checks the run's evaluation before
+anything is written: a failed limit refuses the export, or with `force` the card says so first.
+
 Always a `README.md` model card (the Hub's YAML front matter, then what was pruned, the sizes
 before and after, the evaluation figures of `results.json`, the command, how to load it, the base
 model's licence). Every input is checked before anything is loaded or written; the folder is
@@ -31,23 +37,42 @@ import re
 import shlex
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from diffusers import DiffusionPipeline
 
 from obsdiff.artifacts.pruned import (
     MANIFEST,
     WEIGHTS,
+    PrunedModel,
     PrunedRunError,
+    check_group_size,
     check_pruned_run,
     load_pruned,
+    quantize_settings,
+)
+from obsdiff.artifacts.quantized_export import (
+    ExportCheckError,
+    checked_gate,
+    export_quantization,
+    gate_card_lines,
+    gate_warning,
+    prequantized_load_code,
+    quantization_card_lines,
+    quantized_load_code,
 )
 from obsdiff.artifacts.record import RESULTS, RecordError, RunRecord
+from obsdiff.eval.gate import GateCheck
+from obsdiff.models import family_adapter
 from obsdiff.models.surgery import expand_low_rank
+from obsdiff.quantization import QuantizeError, QuantizeSettings, check_device, fqn_to_config
 from obsdiff.utils.file_checks import unwritable_folder_problem
+from obsdiff.utils.io import write_json
 
 
 log = logging.getLogger(__name__)
@@ -77,6 +102,14 @@ class ExportRequest:
     components: str
     base: str | None  # the base model's hub id or local path (None: built in code)
     expand_low_rank: bool = False  # low-rank modulation written as its dense product
+    quantization: QuantizeSettings | None = None  # quantized at load (or `prequantized`)
+    prequantized: bool = False  # the denoiser written quantized (torchao's safetensors)
+    gate: list[GateCheck] | None = None  # the gate's limits, checked on the run's evaluation
+
+    @property
+    def quantized_at_load(self) -> bool:
+        """The card's code quantizes the weights as they load (a diffusers folder)."""
+        return self.quantization is not None and not self.structured and not self.prequantized
 
 
 def check_export(
@@ -87,10 +120,17 @@ def check_export(
     in_memory: bool = False,
     repo_id: str | None = None,
     expand_low_rank: bool = False,
+    quantize: QuantizeSettings | None = None,
+    prequantized: bool = False,
+    gate: Sequence[str] | str | None = None,
+    force: bool = False,
 ) -> ExportRequest:
     """Every check of an export, before any work: a run directory of a finished prune with its
     weights intact (`check_pruned_run`), an OUT_DIR that is new or empty (or `overwrite`) and can
-    be written, with its parent, a known `components` mode, a well-formed `repo_id`.
+    be written, with its parent, a known `components` mode, a well-formed `repo_id`; the
+    quantization (the run's own or `quantize`: its group size against every width,
+    `prequantized` on a device that can quantize it) and the `gate` on the run's evaluation
+    (`force`: a failed limit is written on the card instead of refusing).
     `in_memory`: the base pipeline will be passed in."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     try:
@@ -149,9 +189,32 @@ def check_export(
             record = RunRecord.read(run_dir)
         except RecordError as err:
             log.warning("%s: %s; the model card goes without its figures", run_dir / RESULTS, err)
+    try:
+        quantization = export_quantization(manifest, quantize, run_dir)
+        checks = checked_gate(
+            gate, record, quantization, manifest, force,
+            evaluate_command_of(run_dir, manifest),
+        )  # fmt: skip
+        if prequantized and (quantization is None or structured):
+            raise ExportCheckError(
+                "--prequantized writes a quantized diffusers folder: it needs --quantize (or a "
+                "quantized run) and a run that is not structured"
+                + (
+                    " (a structured one is obsdiff's folder, quantized at load)"
+                    if structured
+                    else ""
+                )
+            )
+        if quantization is not None and quantize_settings(manifest) is None:
+            check_group_size(manifest, quantization)
+        if prequantized and quantization is not None:  # quantized here, where the export runs
+            check_device(quantization, "cuda" if torch.cuda.is_available() else "cpu")
+    except (ExportCheckError, QuantizeError) as err:
+        raise ExportError(str(err)) from None
     return ExportRequest(
-        run_dir, out_dir, manifest, record, structured, components, base, expand_low_rank
-    )
+        run_dir, out_dir, manifest, record, structured, components, base, expand_low_rank,
+        quantization, prequantized, checks,
+    )  # fmt: skip
 
 
 def export_pruned(
@@ -166,6 +229,10 @@ def export_pruned(
     private: bool = False,
     export_command: str | None = None,
     expand_low_rank: bool = False,
+    quantize: QuantizeSettings | str | None = None,
+    prequantized: bool = False,
+    gate: Sequence[str] | str | None = None,
+    force: bool = False,
 ) -> Path:
     """Export the pruned model of `run_dir` into `out_dir` (see the module docstring); returns
     `out_dir`. `pretrained` / `pipeline`: another copy of the base model, or the base pipeline
@@ -173,10 +240,18 @@ def export_pruned(
     card's code loads it from there; `UploadError` if the upload fails, the export kept).
     `export_command`: the export's own command line, for the card. `expand_low_rank`: a run
     with low-rank modulation written as a plain diffusers folder, each pair of linears as the
-    dense matrix of its product."""
+    dense matrix of its product. `quantize`: a scheme (or `QuantizeSettings`) the card's code
+    quantizes with at load (a quantized run brings its own); `prequantized`: the denoiser
+    written quantized. `gate`: limits on the run's evaluation (`"lpips<=0.15,psnr>=30"`), the
+    export refused when one fails, unless `force`."""
+    if isinstance(quantize, str):
+        try:
+            quantize = QuantizeSettings(quantize, 128 if quantize == "int4_weight_only" else None)
+        except QuantizeError as err:
+            raise ExportError(str(err)) from None
     request = check_export(
         run_dir, out_dir, overwrite, components, pipeline is not None, push_to_hub,
-        expand_low_rank,
+        expand_low_rank, quantize, prequantized, gate, force,
     )  # fmt: skip
     out = request.out_dir
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -215,10 +290,16 @@ def _layout(request: ExportRequest) -> str:
 
 
 def _write_structured(request: ExportRequest, out: Path, where: str) -> str:
-    """obsdiff's folder: the manifest (with the structure), the weights, the run record."""
-    for name in (MANIFEST, WEIGHTS, RESULTS):
+    """obsdiff's folder: the manifest (with the structure, and the quantization load_pruned
+    applies), the weights, the run record."""
+    for name in (WEIGHTS, RESULTS):
         if (request.run_dir / name).is_file():
             shutil.copy2(request.run_dir / name, out / name)
+    manifest = dict(request.manifest)
+    if request.quantization is not None and "quantize" not in manifest:
+        settings = request.quantization
+        manifest["quantize"] = {**settings.as_dict(), "name": settings.name}
+    write_json(out / MANIFEST, manifest)
     return "\n".join(
         [
             "import obsdiff  # pip install obsdiff",
@@ -237,7 +318,7 @@ def _write_diffusers(
     pipeline: DiffusionPipeline | None,
 ) -> str:
     """A diffusers folder; returns the plain-diffusers code that loads it."""
-    pruned = load_pruned(request.run_dir, pretrained, pipeline)
+    pruned = load_pruned(request.run_dir, pretrained, pipeline, quantized=False)  # as saved
     pipe, attr = pruned.pipeline, pruned.adapter.denoiser_attr
     denoiser = pruned.denoiser
     if request.expand_low_rank:
@@ -247,6 +328,8 @@ def _write_diffusers(
         n for n, value in pipe.components.items() if value is None and n not in optional
     )
     extra = "".join(f", {name}=None" for name in missing)  # saved as absent: say so on load
+    if request.quantization is not None:
+        return _write_quantized(request, pruned, out, where, pretrained, extra)
     if request.components == "copy":
         pipe.save_pretrained(str(out), safe_serialization=True)
         return "\n".join(
@@ -265,6 +348,56 @@ def _write_diffusers(
             "",
             f'{attr} = {cls}.from_pretrained("{where}", subfolder="{attr}")',
             f'pipe = DiffusionPipeline.from_pretrained("{base}", {attr}={attr}{extra})',
+        ]
+    )
+
+
+def _write_quantized(
+    request: ExportRequest,
+    pruned: PrunedModel,
+    out: Path,
+    where: str,
+    pretrained: str | None,
+    extra: str,
+) -> str:
+    """A diffusers folder of a quantized export: the weights in the model's dtype and the code
+    that quantizes them at load, or (`prequantized`) the denoiser loaded back by diffusers with
+    that quantization and saved quantized in safetensors; returns the load code."""
+    assert request.quantization is not None
+    pipe, adapter = pruned.pipeline, pruned.adapter
+    experts = adapter.expert_names(pipe.components)
+    if request.components == "copy":
+        pipe.save_pretrained(str(out), safe_serialization=True)
+    else:
+        for name in experts:
+            pipe.components[name].save_pretrained(str(out / name), safe_serialization=True)
+    cls = type(pipe.components[experts[0]])
+    dtype = str(next(pipe.components[experts[0]].parameters()).dtype).removeprefix("torch.")
+    base = None if request.components == "copy" else pretrained or request.base
+    if not request.prequantized:
+        return quantized_load_code(
+            type(adapter), request.quantization, experts, cls.__name__, where, base, dtype, extra
+        )
+    from diffusers import TorchAoConfig
+
+    config = TorchAoConfig(fqn_to_config(adapter, request.quantization))
+    for name in experts:  # diffusers' own quantized save: what diffusers loads back
+        folder = out / name
+        model = cls.from_pretrained(
+            str(folder), quantization_config=config, dtype=getattr(torch, dtype)
+        )
+        shutil.rmtree(folder)
+        model.save_pretrained(str(folder), safe_serialization=True)
+    if request.components == "copy":
+        return prequantized_load_code(where, extra)
+    loads = [f'{n} = {cls.__name__}.from_pretrained("{where}", subfolder="{n}")' for n in experts]
+    joined = ", ".join(f"{n}={n}" for n in experts)
+    return "\n".join(
+        [
+            f"from diffusers import DiffusionPipeline, {cls.__name__}  # torchao >= 0.16 too",
+            "",
+            *loads,
+            f'pipe = DiffusionPipeline.from_pretrained("{base}", {joined}{extra})',
         ]
     )
 
@@ -291,6 +424,9 @@ def model_card(request: ExportRequest, load_code: str, export_command: str | Non
     front["tags"] = ["pruning", "obs-diff", "sparsity", method, granularity, "text-to-image"]
     if recovery is not None:
         front["tags"].append("distillation")
+    quantization = request.quantization
+    if quantization is not None:
+        front["tags"] += ["quantized", "torchao", quantization.scheme]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
     how = (
         "without training"
@@ -298,9 +434,11 @@ def model_card(request: ExportRequest, load_code: str, export_command: str | Non
         else f"then recovered by {recovery.get('steps')} steps of distillation towards the dense "
         "model on its own trajectories (no training data)"
     )
+    quantized = "" if quantization is None else f", {quantization.name}"
     lines += [
-        f"# {model}: {method}, {granularity}, sparsity {sparsity}",
+        f"# {model}: {method}, {granularity}, sparsity {sparsity}{quantized}",
         "",
+        *gate_warning(request.gate or []),
         f"`{request.base or model}` pruned one-shot by "
         f"[obsdiff](https://arxiv.org/abs/2510.06751) ({_method_name(method)}), {how}.",
         "",
@@ -350,13 +488,27 @@ def model_card(request: ExportRequest, load_code: str, export_command: str | Non
         ]
     if recovery is not None:
         lines += ["", "## Recovery", ""] + _recovery_lines(recovery, record)
+    if quantization is not None:
+        adapter = family_adapter(str(manifest.get("model", {}).get("family")))
+        lines += ["", "## Quantization", ""]
+        lines += quantization_card_lines(adapter, quantization, record, request.prequantized)
     lines += ["", "## Evaluation", ""] + _evaluation_lines(record, request)
+    if request.gate:
+        lines += ["", "## Quality gate", ""]
+        lines += [
+            "Each limit checked against the bound of its 95% interval over prompts that could "
+            "break it (the value where there is none), on the same prompts and seeds as the "
+            "dense model:",
+            "",
+            *gate_card_lines(request.gate),
+        ]
     lines += ["", "## How it was made", "", "```bash", _command(record), "```"]
     if export_command:
         lines += ["", f"Exported with `{export_command}`."]
     lines += ["", "## How to load", "", "```python", load_code, "```"]
     if not request.structured:
-        lines += ["", "obsdiff is not needed to load it: plain diffusers does."]
+        needs = " (with torchao installed)" if quantization is not None else ""
+        lines += ["", f"obsdiff is not needed to load it: plain diffusers does{needs}."]
     lines += ["", "## Licence", ""]
     source = f"`{request.base or model}`"
     lines.append(
@@ -432,10 +584,13 @@ def evaluation_set(manifest: dict[str, Any]) -> str:
 
 def evaluate_command(request: ExportRequest) -> str:
     """The evaluate app's command that measures the exported run against its dense model."""
-    eval_set = evaluation_set(request.manifest)
-    return shlex.join(
-        ["python", "-m", "obsdiff.evaluate", f"pruned={request.run_dir}", f"eval={eval_set}"]
-    )
+    return evaluate_command_of(request.run_dir, request.manifest)
+
+
+def evaluate_command_of(run_dir: Path, manifest: dict[str, Any]) -> str:
+    """The evaluate app's command that measures a run against its dense model."""
+    eval_set = evaluation_set(manifest)
+    return shlex.join(["python", "-m", "obsdiff.evaluate", f"pruned={run_dir}", f"eval={eval_set}"])
 
 
 def _evaluation_lines(record: RunRecord | None, request: ExportRequest) -> list[str]:
@@ -494,6 +649,8 @@ def _command(record: RunRecord | None) -> str:
     if record is None:
         return "# the run directory holds no results.json: see its config.yaml"
     app = "obsdiff.run" if record.eval is not None else "obsdiff.prune"
+    if record.quantize is not None and "pruned" in record.overrides:
+        app = "obsdiff.quantize"
     overrides = [f"{key}={value}" for key, value in record.overrides.items()]
     return shlex.join(["python", "-m", app, *overrides])
 

@@ -5,6 +5,10 @@ A pruned model's directory holds `denoiser.safetensors` (the whole pruned denois
 per-layer records, versions); a run of the apps adds `config.yaml` and `results.json`.
 `load_pruned(run_dir)` rebuilds the base pipeline from the manifest's model config (hub id,
 local path, or the tiny recipe built in code) and loads the pruned denoiser into it.
+
+A quantized run (`obsdiff.quantize`, or the run app's `quantize=` stage) holds the same weights
+in the model's dtype and the quantization in its manifest (`quantize`): `load_pruned` quantizes
+the loaded denoiser as the run did (deterministic, and no pickle of a quantized tensor).
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ from obsdiff.artifacts.record import PruneResult, RecoveryResult
 from obsdiff.models import adapter_for
 from obsdiff.models.base import ModelAdapter, adapter_from_config
 from obsdiff.models.sparse import check_sparse_kernels, use_sparse_kernels
+from obsdiff.quantization import (
+    QuantizeError,
+    QuantizeResult,
+    QuantizeSettings,
+    check_device,
+    check_widths,
+    linear_widths,
+    quantize_denoiser,
+)
 from obsdiff.utils.file_checks import safetensors_problem
 from obsdiff.utils.io import save_tensors, write_json
 
@@ -42,6 +55,7 @@ class PrunedModel:
     manifest: dict[str, Any]
     result: PruneResult | None = None
     recovery: RecoveryResult | None = None  # what `obsdiff.recover` did (None when loaded)
+    quantization: QuantizeResult | None = None  # what the quantization did (also when loaded)
 
     @property
     def denoiser(self) -> nn.Module:
@@ -49,12 +63,91 @@ class PrunedModel:
 
 
 def save_pruned(pruned: PrunedModel, run_dir: str | Path) -> Path:
-    """Write the pruned denoiser (safetensors) and its manifest into `run_dir`; returns it."""
+    """Write the pruned denoiser (safetensors) and its manifest into `run_dir`; returns it.
+    A quantized one is saved before it is quantized (`quantize_pruned` says how)."""
+    if pruned.quantization is not None:
+        raise ValueError(
+            "the denoiser is quantized: save the pruned model before quantizing it, then "
+            "quantize_pruned(pruned, settings, run_dir) records the quantization in its manifest"
+        )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(run_dir / WEIGHTS, pruned.denoiser.state_dict())
     write_json(run_dir / MANIFEST, pruned.manifest)
     return run_dir
+
+
+def quantize_pruned(
+    pruned: PrunedModel, settings: QuantizeSettings, run_dir: str | Path | None = None
+) -> QuantizeResult:
+    """Quantize the pruned model's denoiser in place and record it in its manifest (and, with
+    `run_dir`, in that run's `manifest.json`: the weights saved there, in the model's dtype,
+    load quantized). Once only: a quantized model is not quantized again."""
+    if pruned.quantization is not None or "quantize" in pruned.manifest:
+        raise ValueError(
+            f"the model is quantized already ({pruned.manifest.get('quantize', {}).get('scheme')})"
+            ": quantize the pruned run it came from"
+        )
+    result = quantize_denoiser(pruned.adapter, pruned.denoiser, settings)
+    pruned.quantization = result
+    pruned.manifest["quantize"] = {**settings.as_dict(), "name": settings.name}
+    if run_dir is not None:
+        write_json(Path(run_dir) / MANIFEST, pruned.manifest)
+    return result
+
+
+def quantize_settings(manifest: dict[str, Any]) -> QuantizeSettings | None:
+    """The quantization a run's manifest records (None: not quantized)."""
+    recorded = manifest.get("quantize")
+    if recorded is None:
+        return None
+    return QuantizeSettings(
+        scheme=recorded["scheme"], group_size=recorded.get("group_size"),
+        keep_out=recorded.get("keep_out", True),
+    )  # fmt: skip
+
+
+def check_quantizable(
+    run_dir: str | Path,
+    settings: QuantizeSettings,
+    device: str | torch.device,
+    pretrained: str | None = None,
+) -> dict[str, Any]:
+    """Every check of quantizing the pruned model of `run_dir`, before anything loads: its
+    weights are there (`check_pruned_run`), it names its model and is not quantized yet, the
+    device takes the scheme, and an int4 group size divides the input width of every linear
+    to be quantized (from the architecture, cut as the run cut it). Returns its manifest;
+    `PrunedRunError` or `QuantizeError` otherwise."""
+    manifest = check_pruned_run(run_dir)
+    recorded = quantize_settings(manifest)
+    if recorded is not None:
+        raise QuantizeError(
+            f"pruned={run_dir} is quantized already ({recorded.name}); quantize the run it "
+            f"came from ({manifest.get('quantized_from', 'its source run')})"
+        )
+    if "_target_" not in manifest["model_config"]:
+        raise QuantizeError(
+            f"pruned={run_dir} pruned a pipeline in memory: its manifest names no model to "
+            "load; quantize it from Python: obsdiff.quantize(obsdiff.load_pruned(run_dir, "
+            "pipeline=<base>), ...)"
+        )
+    check_device(settings, device)
+    check_group_size(manifest, settings, pretrained)
+    return manifest
+
+
+def check_group_size(
+    manifest: dict[str, Any], settings: QuantizeSettings, pretrained: str | None = None
+) -> None:
+    """QuantizeError unless an int4 group size divides the input width of every linear the
+    quantization reaches, in the run's model (its architecture, cut as the run cut it)."""
+    if settings.group_size is None:
+        return
+    adapter = adapter_from_config(base_config(manifest["model_config"], pretrained))
+    skeleton = adapter.denoiser_skeleton()
+    if "structure" in manifest:
+        adapter.restore_structure(skeleton, manifest["structure"])
+    check_widths(settings, linear_widths(adapter, skeleton, settings.keep_out))
 
 
 class PrunedRunError(ValueError):
@@ -152,6 +245,7 @@ def load_pruned(
     *,
     sparse_kernels: bool = False,
     device: str | torch.device | None = None,
+    quantized: bool = True,
 ) -> PrunedModel:
     """The pipeline with the pruned denoiser, its model adapter and the manifest, on the CPU
     (or on `device`).
@@ -160,11 +254,18 @@ def load_pruned(
     `pipeline` is the base pipeline itself, in memory (needed for a run of `obsdiff.api.prune`
     on a pipeline in memory, whose manifest names no source): its denoiser is replaced.
     `sparse_kernels` (a 2:4 model, `device` CUDA, fp16/bf16): the pruned linears as 2:4
-    semi-structured sparse weights (`obsdiff.models.sparse`). The run directory
-    (`check_pruned_run`) and the kernels are checked before anything loads.
+    semi-structured sparse weights (`obsdiff.models.sparse`). A quantized run is quantized as
+    it was, unless `quantized=False` (the weights as saved, in the model's dtype). The run
+    directory (`check_pruned_run`) and the kernels are checked before anything loads.
     """
     manifest = check_pruned_run(run_dir)
     model_config = dict(manifest["model_config"])
+    quantization = quantize_settings(manifest) if quantized else None
+    if sparse_kernels and quantization is not None:
+        raise ValueError(
+            f"{run_dir} is quantized ({quantization.name}): sparse_kernels take the 2:4 weights "
+            "in the model's dtype; load the pruned run it came from"
+        )
     if sparse_kernels:
         dtype = getattr(torch, str(model_config.get("dtype", "float32")))
         check_sparse_kernels(str(manifest.get("granularity")), device or "cpu", dtype)
@@ -191,4 +292,7 @@ def load_pruned(
             r["name"] for r in manifest.get("records", []) if r.get("type", "layer") == "layer"
         ]
         use_sparse_kernels(denoiser, names)
-    return PrunedModel(pipe, adapter, manifest)
+    result = None
+    if quantization is not None:  # as the run did, on the device it runs on
+        result = quantize_denoiser(adapter, denoiser, quantization)
+    return PrunedModel(pipe, adapter, manifest, quantization=result)

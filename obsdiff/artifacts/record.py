@@ -8,7 +8,9 @@ summary, the W&B logging, the sweep status and the report (which needs nothing e
      "eval": {...Evaluation...}, "dense": {...Evaluation...}, "images": null,
      "speed": {"dense_seconds_per_image": ..., "speedup": ..., "speedup_interval": [low, high],
                "dense_seconds": [...], "pruned_seconds": [...], ...},  # timed back to back
-     "recover": {"steps": 100, "first_loss": ..., "last_loss": ..., ...}}  # after pruning
+     "recover": {"steps": 100, "first_loss": ..., "last_loss": ..., ...},  # after pruning
+     "quantize": {"scheme": "int8_weight_only", "weight_bytes_after": ..., ...},  # on top
+     "gate": [{"limit": "lpips<=0.15", "measured": 0.08, "passed": true, ...}]}
 
 Records of the previous version (format 1: identity and prune figures at the top level) are
 read as well, and so are records written before the timings kept their per-repeat times and
@@ -26,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from obsdiff.eval.efficiency import SpeedComparison
+from obsdiff.eval.gate import GateCheck
 from obsdiff.eval.harness import Evaluation
+from obsdiff.quantization.apply import QuantizeResult
 from obsdiff.utils.io import write_json
 
 
@@ -53,6 +57,7 @@ class RunIdentity:
     pruned_run: str | None = None  # evaluate app: the prune run it evaluated
     recover: str | None = None  # the recovery's option (run and recover apps), None: none
     modulation: str | None = None  # the modulation's option (low_rank), None: none
+    quantize: str | None = None  # the weight quantization on top (its scheme), None: none
 
     def tags(self) -> dict[str, Any]:
         """The set fields (W&B tags, summary titles)."""
@@ -110,6 +115,8 @@ class RunRecord:
     images: int | None = None  # sample app: images written (listed in samples.json)
     speed: SpeedComparison | None = None  # dense and pruned timed back to back (both latencies)
     recover: RecoveryResult | None = None  # the recovery after pruning, when there was one
+    quantize: QuantizeResult | None = None  # the weight quantization on top, when there was one
+    gate: list[GateCheck] | None = None  # the limits on the evaluation, each checked
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -132,6 +139,8 @@ class RunRecord:
             "images": self.images,
             "speed": None if self.speed is None else asdict(self.speed),
             "recover": None if self.recover is None else asdict(self.recover),
+            "quantize": None if self.quantize is None else self.quantize.as_dict(),
+            "gate": None if self.gate is None else [asdict(check) for check in self.gate],
         }
 
     def write(self, run_dir: Path) -> None:
@@ -149,7 +158,7 @@ class RunRecord:
                 f"formats 1 and {FORMAT}); report it with that version"
             )
         try:
-            prune = data.get("prune")
+            prune, quantize, gate = data.get("prune"), data.get("quantize"), data.get("gate")
             return cls(
                 status=data["status"],
                 identity=RunIdentity(**data.get("identity") or {}),
@@ -161,6 +170,8 @@ class RunRecord:
                 images=data.get("images"),
                 speed=None if data.get("speed") is None else SpeedComparison(**data["speed"]),
                 recover=None if data.get("recover") is None else RecoveryResult(**data["recover"]),
+                quantize=None if quantize is None else QuantizeResult(**quantize),
+                gate=None if gate is None else [GateCheck(**check) for check in gate],
             )
         except (KeyError, TypeError) as err:
             raise RecordError(f"not a run record ({type(err).__name__}: {err})") from None
@@ -184,6 +195,11 @@ class RunRecord:
             flat.update({f"prune/{k}": v for k, v in asdict(self.prune).items() if _number(v)})
         if self.recover is not None:
             flat.update({f"recover/{k}": v for k, v in asdict(self.recover).items() if _number(v)})
+        if self.quantize is not None:
+            figures = asdict(self.quantize)
+            flat.update({f"quantize/{k}": v for k, v in figures.items() if _number(v)})
+        for check in self.gate or []:
+            flat[f"gate/{check.limit}"] = float(check.passed)
         if self.speed is not None:
             flat.update({f"speed/{k}": v for k, v in asdict(self.speed).items() if _number(v)})
             speed_intervals = {

@@ -54,7 +54,14 @@ def list_units(
                 f"block {name} has none of the {adapter.family} target linears; is this model "
                 f"config of the right family?"
             )
-        units.extend(UnitRef(index, name, unit) for unit in block_units)
+        refs = [UnitRef(index, name, unit) for unit in block_units]
+        kept_out = [n for ref in refs for n in ref.module_names if adapter.is_kept_out(n)]
+        if kept_out:  # a target table that reaches into the do-not-compress list
+            raise ValueError(
+                f"{kept_out[0]} is a {adapter.family} pruning target and on its do-not-compress "
+                "list (ModelAdapter.do_not_compress): the family's tables disagree"
+            )
+        units.extend(refs)
     return units
 
 

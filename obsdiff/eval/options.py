@@ -187,6 +187,18 @@ class EvalOptions:
         changes = {m: replace(getattr(self, m), enabled=m in metrics) for m in METRICS}
         return replace(self, **changes)
 
+    def metric_names(self, against_dense: bool) -> list[str]:
+        """The metrics an evaluation with these options computes (`against_dense`: of a model
+        compared with its dense model, with the dense model evaluated: the dense-relative ones
+        too)."""
+        names = [m for m in METRICS if getattr(self, m).enabled]
+        relative = self.dense_relative
+        if against_dense and relative.enabled:
+            names += ["psnr", "ssim", "latent_rel_error"]
+            names += [] if relative.lpips is None else ["lpips"]
+            names += [] if relative.features is None else ["toy_feature_distance"]
+        return names
+
     def sampling_overrides(self) -> dict[str, Any]:
         """The evaluation-only sampling settings that are set."""
         return {k: v for k, v in self.sampling.items() if v is not None}

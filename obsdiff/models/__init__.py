@@ -41,9 +41,18 @@ def adapter_for(
     )
 
 
+def family_adapter(family: str) -> type[ModelAdapter]:
+    """The adapter class of a family by its name (a manifest's `model.family`)."""
+    for cls in ADAPTERS:
+        if cls.family == family:
+            return cls
+    raise ModelConfigError(f"no family {family!r}; obsdiff knows {[c.family for c in ADAPTERS]}")
+
+
 __all__ = [
     "ADAPTERS",
     "adapter_for",
+    "family_adapter",
     "FluxAdapter",
     "Flux2Adapter",
     "ModelAdapter",

@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import json
 import logging
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict
@@ -54,6 +55,14 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # files shipped with ob
 ARCHITECTURES = DATA_DIR / "architectures"
 
 
+def pattern_regex(pattern: str) -> str:
+    """A module name pattern (fnmatch's `*`, any characters; no `?` or `[`) as the regular
+    expression that fully matches the module it names and every module under it."""
+    if any(c in pattern for c in "?[]"):
+        raise ValueError(f"module pattern {pattern!r}: only `*` is a wildcard here")
+    return ".*".join(re.escape(part) for part in pattern.split("*")) + r"(\..+)?"
+
+
 class ModelAdapter(ABC):
     """One architecture family (SD3/SD3.5, Flux, SDXL) and one model configuration of it."""
 
@@ -66,6 +75,10 @@ class ModelAdapter(ABC):
     # the modulation linears (AdaLN projections of the conditioning vector), as name patterns
     # (fnmatch) over the denoiser's modules; none: the family has no low-rank modulation
     modulation_patterns: ClassVar[tuple[str, ...]] = ()
+    # what no compression touches beside the modulation, by why: name patterns (fnmatch) of
+    # modules, each covering everything under it. With the modulation it is the family's
+    # do-not-compress list (`do_not_compress`), which pruning, quantization and the export read
+    keep_out: ClassVar[dict[str, tuple[str, ...]]] = {}
     # depth pruning: each ModuleList of blocks and the config key of its length (none: the
     # family's blocks cannot be removed); `joint_blocks`: a block takes both streams and returns
     # (encoder_hidden_states, hidden_states) (the MMDiTs), else it returns hidden_states alone
@@ -504,6 +517,31 @@ class ModelAdapter(ABC):
         return CFG_DOUBLED_BATCH if self.uses_cfg(sampling) else CFG_NONE
 
     # ---------------------------------------------------------------- structure
+    @classmethod
+    def do_not_compress(cls) -> dict[str, tuple[str, ...]]:
+        """The family's do-not-compress list by why: its modulation (unless a low-rank
+        modulation is asked for, pruning never touches it, and quantization never does), then
+        `keep_out` (embedders, the final projection). Norms and convolutions are kept by type:
+        only linears are ever pruned or quantized."""
+        modulation = {"modulation": cls.modulation_patterns} if cls.modulation_patterns else {}
+        return {**modulation, **cls.keep_out}
+
+    @classmethod
+    def do_not_compress_patterns(cls) -> tuple[str, ...]:
+        """`do_not_compress` as one tuple of patterns."""
+        return tuple(p for patterns in cls.do_not_compress().values() for p in patterns)
+
+    def is_kept_out(self, name: str) -> bool:
+        """Whether the module at qualified `name` (of one denoiser) is on the do-not-compress
+        list: a pattern names it or a module it lies in."""
+        return any(re.fullmatch(regex, name) for regex in self.do_not_compress_regexes())
+
+    @classmethod
+    def do_not_compress_regexes(cls) -> list[str]:
+        """The do-not-compress list as regular expressions over qualified module names (what
+        `is_kept_out` matches, and what an export's `FqnToConfig` keys say: one fact)."""
+        return [pattern_regex(p) for p in cls.do_not_compress_patterns()]
+
     def modulation_linears(self, denoiser: nn.Module) -> list[str]:
         """The names of the denoiser's modulation linears (`modulation_patterns`), in module
         order."""

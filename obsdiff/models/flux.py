@@ -54,6 +54,10 @@ class FluxAdapter(TrueCfgAdapter):
         "single_transformer_blocks.*.norm.linear",
         "norm_out.linear",
     )
+    keep_out = {
+        "embedders": ("x_embedder", "pos_embed", "time_text_embed", "context_embedder"),
+        "final projection": ("proj_out",),
+    }
     depth_lists = {
         "transformer_blocks": "num_layers",
         "single_transformer_blocks": "num_single_layers",

@@ -73,6 +73,10 @@ class Flux2Adapter(ModelAdapter):
         "single_stream_modulation.linear",
         "norm_out.linear",
     )
+    keep_out = {
+        "embedders": ("x_embedder", "pos_embed", "time_guidance_embed", "context_embedder"),
+        "final projection": ("proj_out",),
+    }
     depth_lists = {
         "transformer_blocks": "num_layers",
         "single_transformer_blocks": "num_single_layers",

@@ -35,6 +35,10 @@ class PixArtAdapter(BasicBlockAdapter):
     tiny_variants = ("sigma",)
     takes_max_sequence_length = True
     modulation_patterns = ("adaln_single.linear",)  # the blocks' own scale-shift tables add to it
+    keep_out = {
+        "embedders": ("pos_embed", "adaln_single.emb", "caption_projection"),
+        "final projection": ("proj_out",),
+    }
     depth_lists = {"transformer_blocks": "num_layers"}
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:

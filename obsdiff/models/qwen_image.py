@@ -59,6 +59,10 @@ class QwenImageAdapter(TrueCfgAdapter):
         "transformer_blocks.*.txt_mod.1",
         "norm_out.linear",
     )
+    keep_out = {
+        "embedders": ("img_in", "txt_norm", "txt_in", "time_text_embed"),
+        "final projection": ("proj_out",),
+    }
     depth_lists = {"transformer_blocks": "num_layers"}
     joint_blocks = True
 

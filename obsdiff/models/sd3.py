@@ -49,6 +49,10 @@ class SD3Adapter(ModelAdapter):
         "transformer_blocks.*.norm1_context.linear",
         "norm_out.linear",
     )
+    keep_out = {
+        "embedders": ("pos_embed", "time_text_embed", "context_embedder"),
+        "final projection": ("proj_out",),
+    }
     depth_lists = {"transformer_blocks": "num_layers"}
     joint_blocks = True
 

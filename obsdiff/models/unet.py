@@ -33,6 +33,10 @@ class UNetAdapter(BasicBlockAdapter):
     modulation_patterns = (
         "*.resnets.*.time_emb_proj",
     )  # each resnet's scale of the time embedding
+    keep_out = {
+        "embedders": ("conv_in", "time_embedding", "add_embedding"),
+        "final projection": ("conv_norm_out", "conv_out"),
+    }
 
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
         from obsdiff.models import tiny  # diffusers and transformers, for the zoo only

@@ -66,6 +66,13 @@ class WanAdapter(ModelAdapter):
     ffn_modules = ("ffn",)
     # shared by the blocks (which add their own tables), one per expert
     modulation_patterns = ("condition_embedder.time_proj", "*.condition_embedder.time_proj")
+    keep_out = {
+        "embedders": (
+            "rope", "patch_embedding", "condition_embedder.time_embedder",
+            "condition_embedder.text_embedder",
+        ),
+        "final projection": ("proj_out",),
+    }  # fmt: skip
     depth_lists = {"blocks": "num_layers"}
     video = True
 

@@ -107,7 +107,7 @@ def test_every_app_has_a_console_script() -> None:
         assert callable(getattr(importlib.import_module(module), function))
 
 
-APPS = ("sample", "prune", "run", "evaluate", "recover", "report", "export")
+APPS = ("sample", "prune", "run", "evaluate", "recover", "quantize", "report", "export")
 
 
 @pytest.mark.slow
