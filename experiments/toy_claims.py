@@ -1,5 +1,6 @@
 """The paper's claims, tested on the toy benchmark's sweeps (`make bench-quality`), and the
-recovery's (`make bench-recover`) and the compression's (`make bench-compress`).
+recovery's (`make bench-recover`), the compression's (`make bench-compress`) and the
+quantization's (`make bench-quantize`).
 
     python experiments/toy_claims.py outputs/toy_quality [--out experiments/toy_quality/claims.md]
     python experiments/toy_claims.py outputs/toy_recovery --update experiments/toy_quality/claims.md
@@ -61,8 +62,9 @@ def load(root: Path) -> dict[str, list[JobResult]]:
             found[recipe] = [j for j in read_jobs(sweep) if j.completed]
     for folder in sorted(root.glob("recovery_toy_*")):  # bench_recover: oneshot/ + recovered/
         found[folder.name] = [j for j in read_jobs(folder) if j.completed]
-    if any(root.glob("*/results.json")):  # bench_compress: one run a job
-        found[COMPRESS] = [j for j in read_jobs(root) if j.completed]
+    if any(root.glob("*/results.json")):  # bench_compress, bench_quantize: one run a job
+        jobs = [j for j in read_jobs(root) if j.completed]
+        found[QUANTIZE if any("quantize" in j.settings for j in jobs) else COMPRESS] = jobs
     return found
 
 
@@ -545,6 +547,78 @@ def compression_depth(runs: dict[str, list[JobResult]]) -> list[Row]:
     ]
 
 
+QUANTIZE = "toy_quantize"
+QUANTIZED_PRUNES = (("unstructured 50%", "unstructured"), ("2:4", "semi_2_4"),
+                    ("structured 30%", "structured"))  # fmt: skip
+
+
+def quantized(
+    jobs: Sequence[JobResult], granularity: str, scheme: str | None, keep: bool
+) -> JobResult:
+    """The OBS-Diff job of `granularity` quantized with `scheme` (None: not quantized), the
+    do-not-compress list kept (`keep`) or quantized too."""
+    for job in jobs:
+        if job.method != "obsdiff" or job.settings.get("granularity") != granularity:
+            continue
+        if job.settings.get("quantize") != scheme:
+            continue
+        if (
+            scheme is None
+            or str(job.settings.get("quantize.keep_out", True)).lower() == str(keep).lower()
+        ):
+            return job
+    raise LookupError(f"no OBS-Diff {granularity} job quantized with {scheme} (list kept: {keep})")
+
+
+def quantization_on_top(runs: dict[str, list[JobResult]]) -> Row:
+    """OBS-Diff + int8 weight-only minus OBS-Diff alone, at each granularity."""
+    jobs = runs[QUANTIZE]
+    parts, verdicts = [], {metric: [] for metric in RECOVERY_METRICS}
+    for label, granularity in QUANTIZED_PRUNES:
+        plain = quantized(jobs, granularity, None, True)
+        int8 = quantized(jobs, granularity, "int8_weight_only", True)
+        cells = []
+        for metric in RECOVERY_METRICS:
+            d = paired(int8, plain, metric)
+            verdicts[metric].append(no_loss(d, higher_is_better(metric)))
+            cells.append(f"{metric} {text(d)}")
+        parts.append(f"{label}: " + ", ".join(cells))
+    return Row(
+        "int8 weight quantization on top of pruning costs no resolved quality (the practice of "
+        "shipping pruned models quantized)",
+        "OBS-Diff + int8 weight-only (torchao, the do-not-compress list in float32) minus "
+        "OBS-Diff alone; fidelity, feature distance (lower is better), PSNR and SSIM against "
+        "the dense image",
+        "; ".join(parts),
+        "; ".join(f"{metric}: {combine(found)}" for metric, found in verdicts.items())
+        + " (contradicted: a resolved loss)",
+    )
+
+
+def quantization_list(runs: dict[str, list[JobResult]]) -> Row:
+    """int8 with the do-not-compress list kept minus int8 with it quantized too."""
+    jobs = runs[QUANTIZE]
+    parts, verdicts = [], []
+    for label, granularity in QUANTIZED_PRUNES:
+        kept = quantized(jobs, granularity, "int8_weight_only", True)
+        every = quantized(jobs, granularity, "int8_weight_only", False)
+        cells = []
+        for metric in ("psnr", PRIMARY, SECONDARY):
+            d = paired(kept, every, metric)
+            verdicts.append(verdict(d, higher_is_better(metric)))
+            cells.append(f"{metric} {text(d)}")
+        parts.append(f"{label}: " + ", ".join(cells))
+    return Row(
+        "Keeping modulation, embedders and the final projection out of quantization protects "
+        "quality (serving projects' FP8 fixes)",
+        "OBS-Diff + int8 weight-only with the do-not-compress list kept minus with it quantized "
+        "too; PSNR against the dense image, fidelity, feature distance (lower is better)",
+        "; ".join(parts),
+        f"{sum(v == 'reproduced' for v in verdicts)} of {len(verdicts)} differences reproduced "
+        "in the claimed direction; " + combine(verdicts),
+    )
+
+
 CLAIMS: list[Callable[[dict[str, list[JobResult]]], Row | list[Row]]] = [
     table1,
     table2,
@@ -560,6 +634,8 @@ CLAIMS: list[Callable[[dict[str, list[JobResult]]], Row | list[Row]]] = [
     recovery_budget,
     compression_modulation,
     compression_depth,
+    quantization_on_top,
+    quantization_list,
 ]
 
 

@@ -118,9 +118,9 @@ def task(cfg: DictConfig) -> None:
             check_sparse_kernels(str(manifest.get("granularity")), device, dtype)
         model = adapter_from_config(model_config)
         model.check_source()  # the model's files are reachable (a clear error if not)
+        limits = gate_limits(cfg, against_dense=pruned is not None)
         settings = build_eval(cfg.eval, str(device), dense_cache)
         check_evaluable(model, settings)
-        limits = gate_limits(cfg, against_dense=pruned is not None)
         job = EvaluateJob(model, model_config, settings, pruned, pretrained, sparse_kernels, limits)
         return job, device
 

@@ -102,9 +102,9 @@ def task(cfg: DictConfig) -> None:
         model_config = base_config(dict(manifest["model_config"]), pretrained)
         model = adapter_from_config(model_config)
         model.check_source()  # the base model's files are reachable (a clear error if not)
+        limits = gate_limits(cfg, against_dense=True)
         evaluation = build_eval(cfg.eval, str(device), dense_cache)
         check_evaluable(model, evaluation)
-        limits = gate_limits(cfg, against_dense=True)
         job = QuantizeJob(
             pruned_dir, pretrained, quantization, model, model_config, evaluation, limits,
             previous,

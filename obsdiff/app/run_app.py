@@ -131,10 +131,10 @@ def task(cfg: DictConfig) -> float | None:
                 check_widths(quantization, linear_widths(job.model, skeleton))
             except QuantizeError as err:
                 raise ConfigError(str(err)) from None
+        limits = gate_limits(cfg, against_dense=True)
         settings = build_eval(cfg.eval, str(job.device), dense_cache)
         check_evaluable(job.model, settings)
         settings.prompts.check_disjoint(job.prompts.prompts)
-        limits = gate_limits(cfg, against_dense=True)
         return RunJob(job, recovery, quantization, settings, limits), job.device
 
     def work(run: RunJob, context: RunContext) -> RunRecord:

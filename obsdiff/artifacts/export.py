@@ -389,11 +389,15 @@ def _write_quantized(
         shutil.rmtree(folder)
         model.save_pretrained(str(folder), safe_serialization=True)
     if request.components == "copy":
-        return prequantized_load_code(where, extra)
-    loads = [f'{n} = {cls.__name__}.from_pretrained("{where}", subfolder="{n}")' for n in experts]
+        return prequantized_load_code(where, dtype, extra)
+    loads = [
+        f'{n} = {cls.__name__}.from_pretrained("{where}", subfolder="{n}", dtype=torch.{dtype})'
+        for n in experts
+    ]
     joined = ", ".join(f"{n}={n}" for n in experts)
     return "\n".join(
         [
+            "import torch",
             f"from diffusers import DiffusionPipeline, {cls.__name__}  # torchao >= 0.16 too",
             "",
             *loads,

@@ -119,13 +119,15 @@ def quantized_load_code(
     return "\n".join(lines)
 
 
-def prequantized_load_code(where: str, extra: str) -> str:
-    """Plain-diffusers code that loads a pre-quantized export (its config says how)."""
+def prequantized_load_code(where: str, dtype: str, extra: str) -> str:
+    """Plain-diffusers code that loads a pre-quantized export (its config says how; `dtype`:
+    the model's, which diffusers would otherwise take as bfloat16 for a quantized model)."""
     return "\n".join(
         [
+            "import torch",
             "from diffusers import DiffusionPipeline  # and torchao >= 0.16 installed",
             "",
-            f'pipe = DiffusionPipeline.from_pretrained("{where}"{extra})  # quantized as saved',
+            f'pipe = DiffusionPipeline.from_pretrained("{where}", dtype=torch.{dtype}{extra})',
         ]
     )
 

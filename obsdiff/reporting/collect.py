@@ -77,6 +77,7 @@ LABELS = {
     "wall_seconds": "wall s",
     "peak_memory_bytes": "peak memory",
     "statistics_bytes": "statistics bytes",
+    "weight_bytes": "quantized weights (bytes)",
     "speedup": "speed-up",
 }
 SHORTFALL = 0.005  # achieved sparsity this far below the target is flagged
@@ -163,7 +164,7 @@ def _settings(record: RunRecord) -> dict[str, Any]:
     """The run's identity (SETTINGS), then its other command-line settings (a sweep's axes)."""
     names = asdict(record.identity)
     settings = {key: names.get(key) for key in SETTINGS}
-    for axis in ("modulation", "recover"):  # where set: one more axis each
+    for axis in ("modulation", "recover", "quantize"):  # where set: one more axis each
         if names.get(axis) is not None:
             settings[axis] = names[axis]
     settings.update((k, _as_number(v)) for k, v in record.overrides.items() if k not in SETTINGS)
@@ -225,6 +226,9 @@ def read_job(path: Path, name: str) -> JobResult:
         job.run = {
             k: v for k, v in asdict(record.prune).items() if _number(v) and k not in SETTINGS
         }
+    if record.quantize is not None:  # the denoiser's weights in memory, quantized
+        job.run["weight_bytes"] = record.quantize.weight_bytes_after
+        job.run["weight_bytes_unquantized"] = record.quantize.weight_bytes_before
     if record.speed is not None:
         job.run[SPEEDUP] = record.speed.speedup
         if record.speed.speedup_interval is not None:

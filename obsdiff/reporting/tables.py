@@ -42,11 +42,11 @@ from obsdiff.utils.progress import progress
 
 PRUNE_COLUMNS = (
     "target_nonzero", "layer_loss", "calibration_seconds", "solve_seconds", "wall_seconds",
-    "peak_memory_bytes", "statistics_bytes",
+    "peak_memory_bytes", "statistics_bytes", "weight_bytes",
 )  # fmt: skip
 
 
-COUNTS = ("target_nonzero", "peak_memory_bytes", "statistics_bytes")  # shown as 473k, 1.2B
+COUNTS = ("target_nonzero", "peak_memory_bytes", "statistics_bytes", "weight_bytes")
 
 
 def human_count(value: float) -> str:
