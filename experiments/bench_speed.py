@@ -13,6 +13,11 @@ dense / variant over the repeats:
   heads and 6810 neurons left, aligned 27 or 28 heads and 6784 neurons) vs 2:4 (magnitude 2:4
   through `obsdiff.models.sparse`, CUDA only). The paper's setting
   is batch 4 at 1024 x 1024 (4096 image tokens, 333 text tokens); on a CPU batch 1 at 512 x 512.
+- `quantized`: the same block in bfloat16 (float32 on a CPU) against its target linears
+  quantized by torchao, every scheme of `conf/quantize/` the device can run (int8 weight-only
+  and dynamic anywhere; float8 weight-only and dynamic from compute capability 8.9; int4
+  weight-only, groups of 128, from 8.0), and on CUDA 2:4 on the sparse kernels and 2:4 then
+  int8 dynamic (the mask kept, no sparse int8 kernel): what quantizing a pruned model buys.
 - `toy`: the toy model's whole denoiser forward and whole pipeline call (its real settings).
 - `full`: SD3-Medium's whole denoiser at full size (random weights, the first and last block
   kept as the structured default), at 128 x 128 on a CPU and 1024 x 1024 on a GPU; the whole
@@ -46,6 +51,7 @@ from obsdiff.models.surgery import Surgery
 from obsdiff.pruning.magnitude import magnitude_prune
 from obsdiff.pruning.obs_structured import aligned_count
 from obsdiff.pruning.patterns import NM
+from obsdiff.quantization import SCHEMES, QuantizeError, QuantizeSettings, check_device
 
 
 log = logging.getLogger("bench_speed")
@@ -198,29 +204,77 @@ def sd3_denoiser(name: str, layers: int | None, device: str, dtype: torch.dtype)
     return adapter, SD3Transformer2DModel.from_config(config).to(device, dtype).eval(), config
 
 
-def part_block(args: argparse.Namespace, device: str, dtype: torch.dtype) -> list[str]:
-    cuda = device == "cuda"
+def sd35_block(
+    args: argparse.Namespace, device: str, dtype: torch.dtype
+) -> tuple[ModelAdapter, nn.Module, Callable[[nn.Module], Any], str]:
+    """One full SD3.5-Large MMDiT block (the last one is context_pre_only), a call of it on
+    random inputs of the paper's size (a CPU: `--batch`, `--resolution`), and their title."""
     adapter, denoiser, _ = sd3_denoiser("sd35_large", 2, device, dtype)
-    block = denoiser.transformer_blocks[0]  # a full block (the last one is context_pre_only)
-    batch, size = (4, 1024) if cuda else (args.batch, args.resolution)
+    batch, size = (4, 1024) if device == "cuda" else (args.batch, args.resolution)
     tokens, text = (size // 16) ** 2, 333
     g = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(batch, tokens, 2432, generator=g, device=device, dtype=dtype)
     context = torch.randn(batch, text, 2432, generator=g, device=device, dtype=dtype)
     temb = torch.randn(batch, 2432, generator=g, device=device, dtype=dtype)
-    models = variants(adapter, block, lambda b: [("", b)], cuda, aligned=(0.2, 0.3))
-    lines = run_all(
+    title = (
         f"SD3.5-Large MMDiT block, batch {batch}, {size} x {size} ({tokens} + {text} tokens), "
-        f"{dtype}, {device}",
-        models,
-        lambda m: m(hidden_states=hidden, encoder_hidden_states=context, temb=temb),
-        args,
-        cuda,
-        args.compile,
+        f"{dtype}, {device}"
     )
+
+    def call(block: nn.Module) -> Any:
+        return block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+
+    return adapter, denoiser.transformer_blocks[0], call, title
+
+
+def part_block(args: argparse.Namespace, device: str, dtype: torch.dtype) -> list[str]:
+    cuda = device == "cuda"
+    adapter, block, call, title = sd35_block(args, device, dtype)
+    models = variants(adapter, block, lambda b: [("", b)], cuda, aligned=(0.2, 0.3))
+    lines = run_all(title, models, call, args, cuda, args.compile)
     lines.append("  the paper (RTX 4090, batch 4, 1024 x 1024): " + ", ".join(
         f"{k} {v:.2f}x" for k, v in PAPER_TABLE5.items()))  # fmt: skip
     return lines
+
+
+def quantized(adapter: ModelAdapter, block: nn.Module, settings: QuantizeSettings) -> nn.Module:
+    """A copy of `block` with its target linears quantized by torchao (`settings`)."""
+    from torchao.quantization import quantize_
+
+    out = copy.deepcopy(block)
+    for unit in adapter.block_units(out):
+        for name in (n for group in unit for n in group):
+            quantize_(out.get_submodule(name), settings.torchao_config())
+    return out
+
+
+def part_quantized(args: argparse.Namespace, device: str, dtype: torch.dtype) -> list[str]:
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32  # tinygemm's int4 takes bfloat16
+    adapter, block, call, title = sd35_block(args, device, dtype)
+    models: dict[str, nn.Module] = {"dense": block}
+    skipped = []
+    for scheme, kind in SCHEMES.items():
+        settings = QuantizeSettings(scheme, 128 if kind.grouped else None)
+        try:
+            check_device(settings, device)
+        except QuantizeError as err:
+            skipped.append(f"  {scheme}: not measured ({err})")
+            continue
+        models[settings.name] = quantized(adapter, block, settings)
+    if cuda:
+        sparse = copy.deepcopy(block)
+        two_four(adapter, sparse, [("", sparse)])
+        models["2:4 (sparse kernels)"] = sparse
+        masked = copy.deepcopy(block)
+        for unit in adapter.block_units(masked):
+            for name in (n for group in unit for n in group):
+                linear = masked.get_submodule(name)
+                weight, mask = magnitude_prune(linear.weight.data, NM(2, 4))
+                linear.weight.data.copy_(weight.masked_fill(mask, 0))
+        models["2:4 + int8_dynamic"] = quantized(adapter, masked, QuantizeSettings("int8_dynamic"))
+    title += ", target linears quantized (torchao)"
+    return run_all(title, models, call, args, cuda, args.compile) + skipped
 
 
 def denoiser_blocks(adapter: ModelAdapter) -> Callable[[nn.Module], list[tuple[str, nn.Module]]]:
@@ -323,7 +377,7 @@ def part_full(args: argparse.Namespace, device: str, dtype: torch.dtype) -> list
     return lines
 
 
-PARTS = {"block": part_block, "toy": part_toy, "full": part_full}
+PARTS = {"block": part_block, "quantized": part_quantized, "toy": part_toy, "full": part_full}
 
 
 def main(argv: list[str] | None = None) -> int:

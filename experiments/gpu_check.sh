@@ -6,7 +6,9 @@
 #      OBS-Diff, 100 prompts x 25 steps x 512 x 512, float16, 4 packages, printing calibration and
 #      solve time and the peak GPU memory beside the paper's 14.95 min / 24 GB (RTX 4090) and the
 #      memory plan's prediction;
-#   3. the speed benchmark's block (the paper's Table 5 setting, 2:4 on the sparse kernels) and toy;
+#   3. the speed benchmark's block (the paper's Table 5 setting, 2:4 on the sparse kernels) and toy,
+#      and the block quantized by every scheme the GPU runs (int8, float8 from 8.9, int4, 2:4 then
+#      int8 dynamic);
 #   4. with two or more GPUs, the sharded solve's seconds on 1 vs 2 GPUs (NCCL,
 #      experiments/bench_sharded_solve.py: 8 full-width SD3-Medium blocks).
 # It needs the environment (`make install`) and CUDA; it downloads nothing. Not part of CI.
@@ -31,8 +33,8 @@ start=$SECONDS
 echo "gpu-check: paper-setting benchmark in $((SECONDS - start)) s"
 
 start=$SECONDS
-"$PY" experiments/bench_speed.py --parts block toy --repeats 10
-echo "gpu-check: speed benchmark (block with 2:4 on sparse kernels, toy) in $((SECONDS - start)) s"
+"$PY" experiments/bench_speed.py --parts block quantized toy --repeats 10
+echo "gpu-check: speed benchmark (block: 2:4 on sparse kernels, quantized; toy) in $((SECONDS - start)) s"
 
 gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -ge 2 ]; then

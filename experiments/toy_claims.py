@@ -553,21 +553,19 @@ QUANTIZED_PRUNES = (("unstructured 50%", "unstructured"), ("2:4", "semi_2_4"),
 
 
 def quantized(
-    jobs: Sequence[JobResult], granularity: str, scheme: str | None, keep: bool
+    jobs: Sequence[JobResult], granularity: str, scheme: str | None, keep: bool, method: str
 ) -> JobResult:
-    """The OBS-Diff job of `granularity` quantized with `scheme` (None: not quantized), the
+    """The job of `method` at `granularity` quantized with `scheme` (None: not quantized), the
     do-not-compress list kept (`keep`) or quantized too."""
     for job in jobs:
-        if job.method != "obsdiff" or job.settings.get("granularity") != granularity:
+        if job.method != method or job.settings.get("granularity") != granularity:
             continue
         if job.settings.get("quantize") != scheme:
             continue
-        if (
-            scheme is None
-            or str(job.settings.get("quantize.keep_out", True)).lower() == str(keep).lower()
-        ):
+        listed = str(job.settings.get("quantize.keep_out", True)).lower()
+        if scheme is None or listed == str(keep).lower():
             return job
-    raise LookupError(f"no OBS-Diff {granularity} job quantized with {scheme} (list kept: {keep})")
+    raise LookupError(f"no {method} {granularity} job quantized with {scheme} (list: {keep})")
 
 
 def quantization_on_top(runs: dict[str, list[JobResult]]) -> Row:
@@ -575,8 +573,8 @@ def quantization_on_top(runs: dict[str, list[JobResult]]) -> Row:
     jobs = runs[QUANTIZE]
     parts, verdicts = [], {metric: [] for metric in RECOVERY_METRICS}
     for label, granularity in QUANTIZED_PRUNES:
-        plain = quantized(jobs, granularity, None, True)
-        int8 = quantized(jobs, granularity, "int8_weight_only", True)
+        plain = quantized(jobs, granularity, None, True, "obsdiff")
+        int8 = quantized(jobs, granularity, "int8_weight_only", True, "obsdiff")
         cells = []
         for metric in RECOVERY_METRICS:
             d = paired(int8, plain, metric)
@@ -596,12 +594,17 @@ def quantization_on_top(runs: dict[str, list[JobResult]]) -> Row:
 
 
 def quantization_list(runs: dict[str, list[JobResult]]) -> Row:
-    """int8 with the do-not-compress list kept minus int8 with it quantized too."""
+    """int8 with the do-not-compress list kept minus int8 with it quantized too: the dense
+    model (weight-only and dynamic), then OBS-Diff at each granularity."""
     jobs = runs[QUANTIZE]
+    cases = [
+        (f"dense {scheme}", "dense", "unstructured", scheme)
+        for scheme in ("int8_weight_only", "int8_dynamic")
+    ] + [(label, "obsdiff", g, "int8_weight_only") for label, g in QUANTIZED_PRUNES]
     parts, verdicts = [], []
-    for label, granularity in QUANTIZED_PRUNES:
-        kept = quantized(jobs, granularity, "int8_weight_only", True)
-        every = quantized(jobs, granularity, "int8_weight_only", False)
+    for label, method, granularity, scheme in cases:
+        kept = quantized(jobs, granularity, scheme, True, method)
+        every = quantized(jobs, granularity, scheme, False, method)
         cells = []
         for metric in ("psnr", PRIMARY, SECONDARY):
             d = paired(kept, every, metric)
@@ -611,8 +614,9 @@ def quantization_list(runs: dict[str, list[JobResult]]) -> Row:
     return Row(
         "Keeping modulation, embedders and the final projection out of quantization protects "
         "quality (serving projects' FP8 fixes)",
-        "OBS-Diff + int8 weight-only with the do-not-compress list kept minus with it quantized "
-        "too; PSNR against the dense image, fidelity, feature distance (lower is better)",
+        "int8 with the do-not-compress list kept minus with it quantized too, the dense model "
+        "and OBS-Diff; PSNR against the dense image, fidelity, feature distance (lower is "
+        "better)",
         "; ".join(parts),
         f"{sum(v == 'reproduced' for v in verdicts)} of {len(verdicts)} differences reproduced "
         "in the claimed direction; " + combine(verdicts),

@@ -60,9 +60,10 @@ def quantize_and_evaluate(job: QuantizeJob, dense_cache: Path, context: RunConte
         )  # fmt: skip
     pruned = load_pruned(job.pruned_dir, job.pretrained, device=context.device)
     pruned.manifest["quantized_from"] = str(job.pruned_dir.resolve())
-    if context.parallel.is_main:
-        save_pruned(pruned, context.out)
-    result = quantize_pruned(pruned, job.quantization, context.out)
+    written = context.out if context.parallel.is_main else None
+    if written is not None:
+        save_pruned(pruned, written)
+    result = quantize_pruned(pruned, job.quantization, written)
     evaluation = evaluate_pipeline(
         pruned.pipeline, job.model, job.settings, context.out / "eval", context.parallel, dense
     )

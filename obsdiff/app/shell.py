@@ -66,7 +66,9 @@ from obsdiff.utils.progress import quiet_library_bars
 
 log = logging.getLogger(__name__)
 
-TAG_KEYS = ("model", "method", "granularity", "sparsity", "weighting", "packages", "eval_set")
+TAG_KEYS = (
+    "model", "method", "granularity", "sparsity", "weighting", "packages", "eval_set", "quantize",
+)  # fmt: skip
 CONFIG = "config.yaml"
 REFUSED = (
     ".refused"  # in a sweep directory: the jobs refused because their directory held another run

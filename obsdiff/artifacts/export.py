@@ -106,11 +106,6 @@ class ExportRequest:
     prequantized: bool = False  # the denoiser written quantized (torchao's safetensors)
     gate: list[GateCheck] | None = None  # the gate's limits, checked on the run's evaluation
 
-    @property
-    def quantized_at_load(self) -> bool:
-        """The card's code quantizes the weights as they load (a diffusers folder)."""
-        return self.quantization is not None and not self.structured and not self.prequantized
-
 
 def check_export(
     run_dir: str | Path,

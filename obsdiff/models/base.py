@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from obsdiff.models.experts import Experts, called_modules
+from obsdiff.models.experts import Experts, called_modules, single_models
 from obsdiff.models.loading import (
     DTYPES,
     ModelConfigError,
@@ -543,11 +543,12 @@ class ModelAdapter(ABC):
         return [pattern_regex(p) for p in cls.do_not_compress_patterns()]
 
     def modulation_linears(self, denoiser: nn.Module) -> list[str]:
-        """The names of the denoiser's modulation linears (`modulation_patterns`), in module
-        order."""
+        """The names of the denoiser's modulation linears (`modulation_patterns`, matched on
+        each timestep expert's own names), in module order."""
         return [
-            name
-            for name, module in denoiser.named_modules()
+            prefix + name
+            for prefix, model in single_models(denoiser)
+            for name, module in model.named_modules()
             if isinstance(module, nn.Linear)
             and any(fnmatchcase(name, pattern) for pattern in self.modulation_patterns)
         ]

@@ -27,6 +27,15 @@ class Experts(nn.Module):
         raise RuntimeError("Experts is not called: the pipeline calls each expert on its own steps")
 
 
+def single_models(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The single models of a denoiser with the prefix of their names in it: itself (""), or
+    each expert of an `Experts` (`transformer.`, `transformer_2.`), whose own names a family's
+    module patterns describe."""
+    if isinstance(denoiser, Experts):
+        return [(f"{name}.", expert) for name, expert in denoiser.named_children()]
+    return [("", denoiser)]
+
+
 def called_modules(denoiser: nn.Module) -> list[nn.Module]:
     """The modules a pipeline calls: each expert of an `Experts`, else the denoiser itself."""
     return list(denoiser.children()) if isinstance(denoiser, Experts) else [denoiser]

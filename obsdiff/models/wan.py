@@ -65,7 +65,7 @@ class WanAdapter(ModelAdapter):
     takes_max_sequence_length = True
     ffn_modules = ("ffn",)
     # shared by the blocks (which add their own tables), one per expert
-    modulation_patterns = ("condition_embedder.time_proj", "*.condition_embedder.time_proj")
+    modulation_patterns = ("condition_embedder.time_proj",)
     keep_out = {
         "embedders": (
             "rope", "patch_embedding", "condition_embedder.time_embedder",

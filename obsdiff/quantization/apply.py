@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from obsdiff.models.base import ModelAdapter
-from obsdiff.models.experts import Experts
+from obsdiff.models.experts import single_models
 from obsdiff.quantization.settings import QuantizeSettings
 
 
@@ -64,14 +64,6 @@ def weight_bytes(module: nn.Module) -> int:
     return sum(stored_bytes(t.data if isinstance(t, nn.Parameter) else t) for t in tensors)
 
 
-def parts(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The single models of a denoiser with the prefix of their names: itself (""), or each
-    timestep expert of an `Experts` (`transformer.`, `transformer_2.`)."""
-    if isinstance(denoiser, Experts):
-        return [(f"{name}.", expert) for name, expert in denoiser.named_children()]
-    return [("", denoiser)]
-
-
 def quantizable_linears(
     adapter: ModelAdapter, denoiser: nn.Module, keep_out: bool = True
 ) -> list[tuple[str, nn.Linear]]:
@@ -79,7 +71,7 @@ def quantizable_linears(
     list (`keep_out`; matched on each expert's own names), or every one."""
     return [
         (prefix + name, module)
-        for prefix, model in parts(denoiser)
+        for prefix, model in single_models(denoiser)
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and not (keep_out and adapter.is_kept_out(name))
     ]

@@ -23,8 +23,8 @@ from obsdiff.artifacts.record import RunRecord
 from obsdiff.calibration.packages import list_units
 from obsdiff.export import main as export_main
 from obsdiff.models.base import pattern_regex
+from obsdiff.models.experts import single_models
 from obsdiff.quantization import quantizable_linears
-from obsdiff.quantization.apply import parts
 from obsdiff.report import main as report_main
 
 
@@ -64,8 +64,7 @@ def test_every_familys_do_not_compress_list(cls: type[obsdiff.models.ModelAdapte
         adapter = tiny_adapter(model, sampling={"num_inference_steps": 2})
         pipe = adapter.load()
         denoiser = adapter.denoiser(pipe)
-        named |= {name for _, part in parts(denoiser) for name, _ in part.named_modules()}
-        named |= {name for name, _ in denoiser.named_modules()}  # timestep experts' own names
+        named |= {name for _, part in single_models(denoiser) for name, _ in part.named_modules()}
         blocks = (0, len(adapter.blocks(denoiser)))
         targets = {n for ref in list_units(adapter, denoiser, blocks) for n in ref.module_names}
         list_units(adapter, denoiser, blocks, structured=True)  # raises on a listed consumer
@@ -74,7 +73,7 @@ def test_every_familys_do_not_compress_list(cls: type[obsdiff.models.ModelAdapte
         assert all(re.fullmatch(r".*attentions\.\d+\.proj_(in|out)", n) for n in rest), rest
         kept = [
             (name, module)
-            for prefix, part in parts(denoiser)
+            for prefix, part in single_models(denoiser)
             for name, module in part.named_modules()
             if isinstance(module, nn.Linear) and adapter.is_kept_out(name)
         ]
@@ -130,6 +129,20 @@ def test_half_precision_weights_quantize_and_the_list_stays_in_bfloat16() -> Non
     assert quantized.quantization.zeros_kept == quantized.quantization.zeros_before > 0
     assert quantized.denoiser.proj_out.weight.dtype == torch.bfloat16
     assert torch.isfinite(latents(quantized.pipeline, adapter).float()).all()
+
+
+def test_a_structured_quantized_run_exports_as_obsdiffs_folder_and_loads_quantized(
+    tmp_path: Path,
+) -> None:
+    adapter = tiny_adapter("tiny_sd3", sampling={"num_inference_steps": 2})
+    pruned = obsdiff.prune(adapter.load(), "l1", "structured", 0.25, prompts=PROMPTS)
+    obsdiff.quantize(pruned, "int8_dynamic", run_dir=tmp_path / "run")
+    out = obsdiff.export(tmp_path / "run", tmp_path / "export", pipeline=adapter.load())
+    assert (out / "manifest.json").is_file() and not (out / "model_index.json").exists()
+    loaded = obsdiff.load_pruned(out, pipeline=adapter.load())
+    assert loaded.quantization is not None and loaded.quantization.scheme == "int8_dynamic"
+    assert torch.equal(latents(loaded.pipeline, adapter), latents(pruned.pipeline, adapter))
+    assert "## Quantization" in (out / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -204,53 +217,65 @@ def test_a_failed_gate_exits_3_and_the_export_refuses_it(
     assert "which is of the unquantized model" in caplog.text
 
 
-# plain diffusers where obsdiff cannot be imported: the card's code, then the modules' types
+# plain diffusers where obsdiff cannot be imported: each card's code, then the modules' types
 PLAIN = """
-import sys
+import json, sys, torch
 sys.modules["obsdiff"] = None
-{load}
-denoiser = pipe.transformer
-types = {{name: type(module.weight).__name__ for name, module in denoiser.named_modules()
-         if isinstance(module, torch.nn.Linear)}}
-dtypes = {{name: str(module.weight.dtype) for name, module in denoiser.named_modules()
-          if isinstance(module, torch.nn.Linear) and type(module.weight).__name__ == "Parameter"}}
-print(json.dumps({{"types": types, "dtypes": dtypes}}))
+found = {{}}
+for name, load in json.loads(sys.argv[1]).items():
+    exec(load)
+    modules = pipe.transformer.named_modules()
+    linears = [(n, m) for n, m in modules if isinstance(m, torch.nn.Linear)]
+    found[name] = {{
+        "types": {{n: type(m.weight).__name__ for n, m in linears}},
+        "dtypes": sorted({{str(m.weight.dtype) for _, m in linears
+                          if type(m.weight).__name__ == "Parameter"}}),
+    }}
+print(json.dumps(found))
 """
+EXPORTS = ("quantized run", "--quantize", "--quantize --prequantized")
 
 
-def plain_load(card: str) -> dict[str, dict[str, str]]:
-    load = re.search(r"## How to load\n\n```python\n(.*?)```", card, re.S).group(1)  # type: ignore[union-attr]
-    script = "import json, torch\n" + PLAIN.format(load=load)
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+def card_load_code(out: Path) -> str:
+    card = (out / "README.md").read_text()
+    return re.search(r"## How to load\n\n```python\n(.*?)```", card, re.S).group(1)  # type: ignore[union-attr]
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("toy_quantize")
-@pytest.mark.parametrize("prequantized", [False, True], ids=["at load", "prequantized"])
-def test_plain_diffusers_loads_the_quantized_export(
-    toy_runs: dict[str, Path], tmp_path: Path, prequantized: bool
+def test_plain_diffusers_loads_the_quantized_exports(
+    toy_runs: dict[str, Path], tmp_path: Path
 ) -> None:
-    """The quantized run's export (the card's code quantizes at load), and the pruned run's
-    with --quantize --prequantized: the listed modules stay float32 parameters, every other
-    linear is int8, in a process where obsdiff cannot be imported."""
-    if prequantized:
-        out = obsdiff.export(
-            toy_runs["pruned"], tmp_path / "e", quantize="int8_weight_only", prequantized=True
-        )
-    else:
-        out = obsdiff.export(toy_runs["quantized"], tmp_path / "e")
-    loaded = plain_load((out / "README.md").read_text())
+    """The quantized run's export, the pruned run's with --quantize (both quantized at load by
+    the card's code) and with --prequantized too, loaded by each card's code in one process
+    where obsdiff cannot be imported: the listed modules stay float32 parameters, every other
+    linear is int8, as obsdiff's own quantization made them."""
+    loads = {}
+    for how in EXPORTS:
+        out = tmp_path / how.replace("-", "").replace(" ", "_")
+        if how == "quantized run":
+            obsdiff.export(toy_runs["quantized"], out)
+        else:
+            args = [str(toy_runs["pruned"]), str(out), *how.replace("--quantize", "").split()]
+            assert export_main([*args, "--quantize", "int8_weight_only"]) == 0
+        loads[how] = card_load_code(out)
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN.format(), json.dumps(loads)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
     expected = obsdiff.load_pruned(toy_runs["quantized"])
-    for name, module in expected.denoiser.named_modules():
-        if isinstance(module, nn.Linear):
-            assert loaded["types"][name] == type(module.weight).__name__, name
-    kept = [n for n, t in loaded["types"].items() if t == "Parameter"]
-    assert kept and all(expected.adapter.is_kept_out(n) for n in kept)
-    assert set(loaded["dtypes"].values()) == {"torch.float32"}
+    types = {
+        name: type(module.weight).__name__
+        for name, module in expected.denoiser.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+    for how in EXPORTS:
+        assert found[how]["types"] == types, how
+        assert found[how]["dtypes"] == ["torch.float32"], how
+    kept = [name for name, kind in types.items() if kind == "Parameter"]
+    assert kept and all(expected.adapter.is_kept_out(name) for name in kept)
 
 
 @pytest.mark.slow

@@ -119,3 +119,22 @@ def test_each_limit_is_checked_against_the_bound_that_could_break_it() -> None:
     assert checks[1].measured == 29.5 and checks[1].statistic.startswith("lower bound")
     assert checks[3].statistic == "value (no interval)"  # the mean 0.10 alone would pass lpips
     assert math.isnan(checks[4].measured) and checks[4].statistic == "not measured"
+
+
+def test_the_manual_lists_every_familys_do_not_compress_list() -> None:
+    """docs/apps/quantize.md's table names every pattern of every family's list, in the row of
+    the family's name, under the column of its reason."""
+    from obsdiff.models import ADAPTERS
+
+    text = (CONF_DIR.parent / "docs" / "apps" / "quantize.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "`" in line]
+    header = next(line for line in text.splitlines() if line.startswith("| family |"))
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    names = {"sd3": "SD3", "flux": "Flux.1", "unet": "UNet", "pixart": "PixArt", "wan": "Wan",
+             "qwen_image": "Qwen-Image", "flux2": "FLUX.2"}  # fmt: skip
+    for cls in ADAPTERS:
+        (row,) = [r for r in rows if names[cls.family] in r.split("|")[1]]
+        cells = dict(zip(columns, (c.strip() for c in row.strip("|").split("|")), strict=True))
+        for why, patterns in cls.do_not_compress().items():
+            listed = re.findall(r"`([^`]+)`", cells[why])
+            assert listed == list(patterns), (cls.family, why)
