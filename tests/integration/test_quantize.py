@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +39,12 @@ TINY = ["model=tiny_sd3", "calibration=tiny", "model.sampling.num_inference_step
 TINY += ["calibration.num_prompts=2", "packages=1"]
 LOADED = "loaded model"  # the log line of ModelAdapter.load
 QUANTIZED = "Int8Tensor"  # torchao's int8 weight type
+
+
+def options(adapter: obsdiff.models.ModelAdapter) -> dict[str, object]:
+    """`obsdiff.prune`'s sampling for a tiny model: its config's (not its pipeline's defaults,
+    which for Wan are 81 frames at 480 x 832)."""
+    return {"sampling": asdict(adapter.sampling)}
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -78,7 +85,9 @@ def test_every_familys_do_not_compress_list(cls: type[obsdiff.models.ModelAdapte
             if isinstance(module, nn.Linear) and adapter.is_kept_out(name)
         ]
         assert kept, model  # every family keeps something (its embedders at least)
-        pruned = obsdiff.prune(pipe, "magnitude", "unstructured", 0.5, prompts=PROMPTS)
+        pruned = obsdiff.prune(
+            pipe, "magnitude", "unstructured", 0.5, prompts=PROMPTS, **options(adapter)
+        )
         result = obsdiff.quantize(pruned)
         assert result.quantization is not None
         assert result.quantization.layers_quantized == len(reached)
@@ -94,7 +103,9 @@ def test_every_familys_do_not_compress_list(cls: type[obsdiff.models.ModelAdapte
 @pytest.mark.parametrize("scheme", ["int8_weight_only", "int8_dynamic"])
 def test_int8_keeps_every_pruned_zero_and_takes_less_memory(scheme: str) -> None:
     adapter = tiny_adapter("tiny_sd3", sampling={"num_inference_steps": 2})
-    pruned = obsdiff.prune(adapter.load(), "magnitude", "semi_2_4", 0.5, prompts=PROMPTS)
+    pruned = obsdiff.prune(
+        adapter.load(), "magnitude", "semi_2_4", 0.5, prompts=PROMPTS, **options(adapter)
+    )
     before = latents(pruned.pipeline, adapter)
     targets = {r["name"] for r in pruned.manifest["records"] if r.get("type", "layer") == "layer"}
     quantized = obsdiff.quantize(pruned, scheme)
@@ -115,7 +126,9 @@ def test_int8_keeps_every_pruned_zero_and_takes_less_memory(scheme: str) -> None
 
 def test_the_list_quantized_too_when_asked() -> None:
     adapter = tiny_adapter("tiny_flux")
-    pruned = obsdiff.prune(adapter.load(), "magnitude", "unstructured", 0.5, prompts=PROMPTS)
+    pruned = obsdiff.prune(
+        adapter.load(), "magnitude", "unstructured", 0.5, prompts=PROMPTS, **options(adapter)
+    )
     every = obsdiff.quantize(pruned, keep_out=False).quantization
     assert every is not None and every.layers_kept == 0 and every.scheme.endswith("_all")
     assert is_quantized(pruned.denoiser.proj_out) and is_quantized(pruned.denoiser.x_embedder)
@@ -123,7 +136,9 @@ def test_the_list_quantized_too_when_asked() -> None:
 
 def test_half_precision_weights_quantize_and_the_list_stays_in_bfloat16() -> None:
     adapter = tiny_adapter("tiny_sd3", dtype="bfloat16", sampling={"num_inference_steps": 2})
-    pruned = obsdiff.prune(adapter.load(), "magnitude", "semi_2_4", 0.5, prompts=PROMPTS)
+    pruned = obsdiff.prune(
+        adapter.load(), "magnitude", "semi_2_4", 0.5, prompts=PROMPTS, **options(adapter)
+    )
     quantized = obsdiff.quantize(pruned, "int8_weight_only")
     assert quantized.quantization is not None
     assert quantized.quantization.zeros_kept == quantized.quantization.zeros_before > 0
@@ -135,7 +150,9 @@ def test_a_structured_quantized_run_exports_as_obsdiffs_folder_and_loads_quantiz
     tmp_path: Path,
 ) -> None:
     adapter = tiny_adapter("tiny_sd3", sampling={"num_inference_steps": 2})
-    pruned = obsdiff.prune(adapter.load(), "l1", "structured", 0.25, prompts=PROMPTS)
+    pruned = obsdiff.prune(
+        adapter.load(), "l1", "structured", 0.25, prompts=PROMPTS, **options(adapter)
+    )
     obsdiff.quantize(pruned, "int8_dynamic", run_dir=tmp_path / "run")
     out = obsdiff.export(tmp_path / "run", tmp_path / "export", pipeline=adapter.load())
     assert (out / "manifest.json").is_file() and not (out / "model_index.json").exists()
