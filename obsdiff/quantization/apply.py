@@ -2,7 +2,7 @@
 
 `quantize_denoiser` walks the linears in module order and hands each one that is not on the
 family's list to torchao's `quantize_` on its own, with the scheme's config: what diffusers does
-for a model loaded with `TorchAoConfig(FqnToConfig({<list>: None, "_default": <config>}))`, so
+for a model loaded with `TorchAoConfig(FqnToConfig({<list>: None, "re:.*": <config>}))`, so
 that an export's load code (`fqn_to_config_code`) quantizes exactly the layers obsdiff did.
 """
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from app_runner import run_app
+from app_runner import run_in_process
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
@@ -113,10 +113,10 @@ APPS = ("sample", "prune", "run", "evaluate", "recover", "quantize", "report", "
 @pytest.mark.slow
 def test_sample_app_runs_every_tiny_model(tmp_path: Path) -> None:
     """What `make sample` does: one multirun job per tiny model, images and a record each."""
-    result = run_app(
+    result = run_in_process(  # its entry point, in this process
         "obsdiff.sample", "--multirun", "model=glob(tiny_*)", f"paths.output_root={tmp_path}"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:]
     records = sorted(tmp_path.glob("sample/multiruns/*/*/samples.json"))
     assert len(records) == len(TINY_MODELS)
     for record in records:
