@@ -13,7 +13,11 @@ Memory: each target weight's gradient is turned into its score in a hook the mom
 accumulated (`register_post_accumulate_grad_hook`) and freed at once, so the pass holds the
 activations of one backward, one layer's gradient and the scores (one float32 per weight; a
 structured prune may sum them per head or neuron as it goes). Non-target parameters take no
-gradient. This departs from the official code, which accumulates the gradients over the levels
+gradient. The clean latents of the loss are the dense model's own samples of the calibration
+prompts, encoded by its VAE (`dense_samples`: data-free, as the recovery's inputs), noised with
+one fixed noise at every level, as the official code noises its one batch.
+
+This departs from the official code, which accumulates the gradients over the levels
 and scores |w ⊙ Σ_t g_t| once: obsdiff scores each backward's gradient, Σ_t |w ⊙ g_t|, so that
 no gradient outlives its layer (the two agree when one level is used; the official form would
 hold a second copy of every target weight).
@@ -24,9 +28,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from obsdiff.models.base import ModelAdapter, prediction
+from obsdiff.models.training import is_flow_matching, noised_call, text_call, training_schedule
+from obsdiff.utils.nested import map_tensors
+from obsdiff.utils.seeds import image_generators
+
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 log = logging.getLogger(__name__)
@@ -122,3 +136,60 @@ def taylor_scores(
         len(used), used[0], used[-1], losses[0], losses[-1], threshold,
     )  # fmt: skip
     return TaylorScores(scores, used, losses)
+
+
+def level_fraction(schedule: Any, level: int, levels: int) -> float:
+    """The training level `level` of `levels`, counted from the low-noise end, as the fraction
+    u in [0, 1) that `noised_call` takes: DDPM's t = u x 1000 grows with u (t = 0, 1, ... as
+    the official loop), flow matching's sigma falls with it (its timesteps run from sigma 1)."""
+    fraction = (level + 0.5) / levels
+    return 1.0 - fraction if is_flow_matching(schedule) else level / levels
+
+
+def dense_samples(
+    adapter: ModelAdapter, pipe: DiffusionPipeline, prompts: list[str], seed: int
+) -> tuple[tuple[tuple[Any, ...], dict[str, Any]], torch.Tensor]:
+    """The prompts' conditioning as the pipeline passes it (`text_call`, guidance off) and the
+    clean latents of the training loss: the dense pipeline's own images of the prompts (image i
+    from seed + i) encoded by its VAE (`ModelAdapter.encode_latents`)."""
+    if adapter.video:
+        raise ValueError(
+            f"Taylor scores of a video family ({adapter.family}) need its frames encoded as a "
+            "video latent; not available yet: use another method for it"
+        )
+    generators = image_generators(seed, 0, len(prompts))
+    with torch.no_grad():
+        out = pipe(prompt=prompts, generator=generators, output_type="pt", **adapter.call_kwargs())
+        images = out.images.to(pipe.vae.device, pipe.vae.dtype) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+        latents = adapter.encode_latents(pipe.vae, images)
+    return text_call(adapter, pipe, prompts), latents
+
+
+def training_loss(
+    adapter: ModelAdapter,
+    pipe: DiffusionPipeline,
+    prompts: list[str],
+    levels: int = OFFICIAL_LEVELS,
+    seed: int = 0,
+) -> Callable[[int], torch.Tensor]:
+    """`loss_at(level)` for `taylor_scores`: the denoiser's own training loss (velocity MSE for
+    flow matching, noise or velocity MSE otherwise) on `dense_samples` noised by one fixed
+    noise at training level `level` of `levels` from the low-noise end, every prompt at once."""
+    schedule = training_schedule(pipe)
+    template, latents = dense_samples(adapter, pipe, prompts, seed)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    denoiser = adapter.denoiser(pipe)
+    device = next(denoiser.parameters()).device
+
+    def loss_at(level: int) -> torch.Tensor:
+        u = torch.full((len(prompts),), level_fraction(schedule, level, levels))
+        (args, kwargs), target = noised_call(adapter, schedule, template, latents, noise, u)
+        args, kwargs = map_tensors((args, kwargs), lambda t: t.to(device))
+        output = prediction(denoiser(*args, **kwargs)).float()
+        truth = target.to(device).float()
+        if output.shape[1] == 2 * truth.shape[1]:  # a learned variance (PixArt): the mean half
+            output = output[:, : truth.shape[1]]
+        return nn.functional.mse_loss(output, truth)
+
+    return loss_at

@@ -1,0 +1,57 @@
+"""Diff-Pruning's Taylor pass on every image family's tiny model: the dense model's own samples
+as clean latents, its own training loss walked from the low-noise end, a score for every
+weight of every pruning target; a video family refused with one message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from registry import TINY_BY_ADAPTER, tiny_adapter
+
+from obsdiff.calibration.packages import list_units
+from obsdiff.calibration.taylor import level_fraction, taylor_scores, training_loss
+from obsdiff.models.training import is_flow_matching, training_schedule
+
+
+pytestmark = pytest.mark.integration
+
+FAMILIES = [models[0] for models in TINY_BY_ADAPTER.values()]
+PROMPTS = ["a red circle", "a blue square on green"]
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_every_target_weight_gets_a_score_from_the_low_noise_end(model: str) -> None:
+    adapter = tiny_adapter(model, sampling={"num_inference_steps": 2})
+    pipe = adapter.load()
+    pipe.set_progress_bar_config(disable=True)
+    if adapter.video:
+        with pytest.raises(ValueError, match="need its frames encoded as a video latent"):
+            training_loss(adapter, pipe, PROMPTS, levels=4)
+        return
+    denoiser = adapter.denoiser(pipe)
+    blocks = (0, len(adapter.blocks(denoiser)))
+    names = [n for ref in list_units(adapter, denoiser, blocks) for n in ref.module_names]
+    targets = {name: denoiser.get_submodule(name) for name in names}
+    before = {name: linear.weight.detach().clone() for name, linear in targets.items()}
+    scores = taylor_scores(
+        denoiser, targets, training_loss(adapter, pipe, PROMPTS, levels=4), threshold=1e-9,
+        levels=4,
+    )  # type: ignore[arg-type]  # fmt: skip
+    assert scores.levels == [0, 1, 2, 3] and all(loss > 0 for loss in scores.losses)
+    for name, score in scores.weights.items():
+        assert score.shape == targets[name].weight.shape and torch.isfinite(score).all(), name
+        assert (score >= 0).all(), name
+        assert torch.equal(targets[name].weight, before[name])  # scored, not changed
+    # a weight whose output nothing reads has no gradient: only the text stream of an MMDiT's
+    # last joint block, whose text output the model drops (SD3's text queries, Qwen-Image's
+    # whole text side), which Diff-Pruning cuts first
+    last = adapter.blocks(denoiser)[-1][0]
+    text = ("add_q_proj", "to_add_out", "txt_mlp", "ff_context")
+    unread = [name for name, score in scores.weights.items() if score.sum() == 0]
+    assert all(n.startswith(last) and any(t in n for t in text) for n in unread), unread
+    assert len(unread) < len(targets) / 4
+    assert all(p.grad is None for p in denoiser.parameters())
+
+    schedule = training_schedule(pipe)  # the walk starts at the least noise
+    first, second = (level_fraction(schedule, level, 4) for level in (0, 1))
+    assert (first > second) if is_flow_matching(schedule) else (first < second)
