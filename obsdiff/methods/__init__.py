@@ -3,6 +3,7 @@
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.dense import Dense
 from obsdiff.methods.depth import BlockCosine, BlockOutputLoss, DepthCriterion
+from obsdiff.methods.diff_pruning import DiffPruning
 from obsdiff.methods.dsnot import DSnoT
 from obsdiff.methods.granularity import Granularity
 from obsdiff.methods.l1 import L1
@@ -23,7 +24,17 @@ from obsdiff.methods.wanda import Wanda
 # Each method by the name of its config option (conf/method/<name>.yaml): the Python API's names.
 METHODS: dict[str, type[PruningMethod]] = {
     cls.name: cls
-    for cls in (ObsDiff, Wanda, DSnoT, Magnitude, L1, Dense, BlockCosine, BlockOutputLoss)
+    for cls in (
+        ObsDiff,
+        Wanda,
+        DSnoT,
+        Magnitude,
+        L1,
+        DiffPruning,
+        Dense,
+        BlockCosine,
+        BlockOutputLoss,
+    )  # fmt: skip
 }
 
 __all__ = [
@@ -32,6 +43,7 @@ __all__ = [
     "BlockOutputLoss",
     "DSnoT",
     "Dense",
+    "DiffPruning",
     "DepthCriterion",
     "Granularity",
     "InputGroup",

@@ -2,7 +2,8 @@
 
 A method is a dataclass of its parameters that answers:
 - which calibration statistics it reads (`needs_hessian`, `needs_moments`; neither: no
-  calibration pass);
+  calibration pass), or whether it reads the training loss's gradients instead
+  (`needs_gradients`: one Taylor pass before the packages, `obsdiff.pruning.taylor`);
 - at a pattern granularity (unstructured, N:M), how one linear is pruned given the statistics of
   the input it reads (`prune_linear`); a method that solves several input groups at once
   overrides `prune_groups` and says which groups go together (`solve_units`);
@@ -37,6 +38,7 @@ class PruningMethod:
     granularities: ClassVar[tuple[str, ...]]  # kinds of obsdiff.methods.Granularity
     needs_hessian: ClassVar[bool] = False
     needs_moments: ClassVar[bool] = False
+    needs_gradients: ClassVar[bool] = False  # Taylor scores from the training loss (Diff-Pruning)
 
     @property
     def needs_calibration(self) -> bool:

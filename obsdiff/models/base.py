@@ -396,6 +396,11 @@ class ModelAdapter(ABC):
             return components[names[0]]  # type: ignore[no-any-return]
         return Experts({name: components[name] for name in names})
 
+    def denoiser_at(self, pipe: DiffusionPipeline, timestep: float) -> nn.Module:
+        """The denoiser the pipeline calls at `timestep` (0..1000): its one denoiser, or the
+        timestep expert whose steps hold it."""
+        return self.denoiser_of(pipe.components)
+
     def set_denoiser(self, pipe: DiffusionPipeline, denoiser: nn.Module) -> None:
         """Put `denoiser` (a `denoiser` of this family, e.g. the dense one for timing) into
         `pipe` in place of its own."""

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from obsdiff.models.base import ModelAdapter
+from obsdiff.models.experts import called_modules
 from obsdiff.models.sampling import CFG_DOUBLED_BATCH
 from obsdiff.utils.nested import map_tensors
 
@@ -48,7 +49,7 @@ def text_call(
     """The first denoiser call of `pipe` sampling `captions` with classifier-free guidance off
     (one sample a caption), on the CPU: the conditioning as the pipeline passes it. Its latent
     and timestep are the sampler's, for `noised_call` to replace."""
-    denoiser: nn.Module = adapter.denoiser(pipe)
+    called = called_modules(adapter.denoiser(pipe))  # timestep experts: whichever comes first
 
     def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         raise _Captured(map_tensors(args, _on_cpu), map_tensors(kwargs, _on_cpu))
@@ -59,14 +60,15 @@ def text_call(
     if adapter.cfg_mode() == CFG_DOUBLED_BATCH:  # guidance 1: a conditional batch only
         kwargs["guidance_scale"] = 1.0  # (Flux's guidance is embedded; its true CFG dropped)
     kwargs["num_inference_steps"] = 2  # the first call is taken (one step: Qwen-Image's sigmas NaN)
-    handle = denoiser.register_forward_pre_hook(capture, with_kwargs=True)
+    handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in called]
     try:
         with torch.no_grad():
             pipe(prompt=captions, output_type="latent", **kwargs)
     except _Captured as captured:
         return captured.args, captured.kwargs
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     raise RuntimeError(f"{type(pipe).__name__} never called its denoiser")
 
 
@@ -97,6 +99,18 @@ def training_schedule(pipe: DiffusionPipeline) -> Any:
     return FlowMatchEulerDiscreteScheduler.from_config(config)
 
 
+def _flow_index(schedule: Any, u: torch.Tensor) -> torch.Tensor:
+    return (u * len(schedule.timesteps)).long().clamp(0, len(schedule.timesteps) - 1)
+
+
+def training_timestep(schedule: Any, u: torch.Tensor) -> torch.Tensor:
+    """The timesteps (B,) in [0, 1000] of training levels `u` (B,) in [0, 1) of `schedule`."""
+    if is_flow_matching(schedule):
+        return schedule.timesteps[_flow_index(schedule, u)]  # type: ignore[no-any-return]
+    steps = schedule.config.num_train_timesteps
+    return (u * steps).long().clamp(0, steps - 1)
+
+
 def noised_call(
     adapter: ModelAdapter,
     schedule: Any,
@@ -109,16 +123,14 @@ def noised_call(
     B, C, F, h, w: the VAE's normalised latents) noised by `noise` at the training levels `u`
     (B,) in [0, 1) of `schedule` (`training_schedule`); and the target of the model's training
     loss, in the layout of the denoiser's prediction."""
+    timestep = training_timestep(schedule, u)
     if is_flow_matching(schedule):
-        index = (u * len(schedule.timesteps)).long().clamp(0, len(schedule.timesteps) - 1)
+        index = _flow_index(schedule, u)
         sigma = schedule.sigmas[index].to(latents.dtype)
         sigma = sigma.view(-1, *[1] * (latents.dim() - 1))  # over (C, [F,] h, w)
-        timestep = schedule.timesteps[index]  # (B,) in [0, 1000]
         noised = (1 - sigma) * latents + sigma * noise
         target = noise - latents
     else:
-        steps = schedule.config.num_train_timesteps
-        timestep = (u * steps).long().clamp(0, steps - 1)
         noised = schedule.add_noise(latents, noise, timestep)
         velocity = schedule.config.prediction_type == "v_prediction"
         target = schedule.get_velocity(latents, noise, timestep) if velocity else noise

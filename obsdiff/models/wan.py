@@ -116,6 +116,15 @@ class WanAdapter(ModelAdapter):
         low = [i for i in range(len(scheduler.timesteps)) if i not in high]
         return dict(zip(names, (high, low), strict=True))
 
+    def denoiser_at(self, pipe: DiffusionPipeline, timestep: float) -> nn.Module:
+        """Of two experts, `transformer` from `boundary_ratio` x the training steps up (the
+        high-noise steps), `transformer_2` below, as WanPipeline picks them."""
+        names = self.expert_names(pipe.components)
+        if len(names) == 1:
+            return super().denoiser_at(pipe, timestep)
+        boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+        return getattr(pipe, names[0] if timestep >= boundary else names[1])  # type: ignore[no-any-return]
+
     def build_tiny(self, variant: str, seed: int) -> DiffusionPipeline:
         from obsdiff.models import tiny  # diffusers and transformers, for the zoo only
 
@@ -193,10 +202,12 @@ class WanAdapter(ModelAdapter):
         return (self.sampling.num_frames - 1) // TEMPORAL_FACTOR + 1
 
     def encode_latents(self, vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """Images as one-frame videos (B, C, 1, h, w), normalised by the VAE's per-channel
-        `latents_mean` and `latents_std` (what the pipeline undoes before decoding)."""
+        """Images (B, 3, H, W) as one-frame videos (B, C, 1, h, w), or videos (B, 3, F, H, W)
+        as theirs, normalised by the VAE's per-channel `latents_mean` and `latents_std` (what
+        the pipeline undoes before decoding)."""
         config: Any = getattr(vae, "config")  # noqa: B009 - nn.Module types it as a Module
-        encoded = vae.encode(images[:, :, None]).latent_dist.mode()  # type: ignore[operator]
+        videos = images if images.dim() == 5 else images[:, :, None]
+        encoded = vae.encode(videos).latent_dist.mode()  # type: ignore[operator]
         mean = torch.tensor(config.latents_mean, dtype=encoded.dtype, device=encoded.device)
         std = torch.tensor(config.latents_std, dtype=encoded.dtype, device=encoded.device)
         return (encoded - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)

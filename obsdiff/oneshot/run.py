@@ -29,6 +29,7 @@ from obsdiff.calibration.sequential import (
     embed_batches,
     peak_statistics_bytes,
 )
+from obsdiff.calibration.taylor import training_loss
 from obsdiff.methods.depth import DepthCriterion
 from obsdiff.methods.package import (
     BlockRecord,
@@ -42,6 +43,7 @@ from obsdiff.models.experts import called_modules
 from obsdiff.models.surgery import shapes
 from obsdiff.oneshot.checkpoint import Checkpointer, check_previous_run
 from obsdiff.oneshot.job import JobError, PruneJob, depth_candidates, plan_packages
+from obsdiff.pruning.taylor import TaylorScores, taylor_scores
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.flops import pipeline_flops
 from obsdiff.utils.memory import peak_memory_bytes, reset_peak_memory
@@ -99,6 +101,9 @@ def prune_pipeline(
 
     checkpointer = Checkpointer(run_dir, job.run_key, denoiser, len(packages))
     previous = checkpointer.restore()
+    taylor = None
+    if job.method.needs_gradients and previous.packages_done < len(packages):
+        taylor = taylor_pass(job, pipe, denoiser, dict(targets))
     embeddings = []
     shard = parallel.shard(len(job.prompts.prompts))
     depth = isinstance(job.target, Depth)
@@ -175,6 +180,11 @@ def prune_pipeline(
         statistics_bytes=statistics_peak,
     )
     manifest = _manifest(job, result, report, packages, denoiser)
+    if taylor is not None:  # the levels the scores came from, with their losses
+        manifest["taylor"] = {
+            "levels": taylor.levels,
+            "losses": [round(v, 6) for v in taylor.losses],
+        }
     if list(experts) != [""]:  # the steps each expert ran, and their weights
         manifest["experts"] = {
             name: {"steps": steps, "weights": [round(float(by_expert[name][i]), 6) for i in steps]}
@@ -200,6 +210,20 @@ def prune_pipeline(
         report.solve_seconds,
     )
     return pruned
+
+
+def taylor_pass(
+    job: PruneJob, pipe: DiffusionPipeline, denoiser: nn.Module, targets: dict[str, nn.Linear]
+) -> TaylorScores:
+    """A gradient method's scores of the dense model's target linears (Diff-Pruning's), on one
+    batch of the calibration prompts, handed to the method before the packages run."""
+    method = job.method
+    threshold, levels = getattr(method, "threshold"), getattr(method, "levels")  # noqa: B009
+    prompts = job.prompts.prompts[: job.calibration.batch_size]
+    loss_at = training_loss(job.model, pipe, prompts, levels, job.calibration.seed)
+    scores = taylor_scores(denoiser, targets, loss_at, threshold, levels)
+    getattr(method, "use_scores")(scores)  # noqa: B009
+    return scores
 
 
 def _nonzero(module: nn.Module) -> int:

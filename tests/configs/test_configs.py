@@ -49,6 +49,18 @@ def test_every_model_config_is_in_the_readmes_model_table_and_only_those() -> No
 
 
 @pytest.mark.unit
+def test_every_method_is_in_the_readmes_method_table_and_only_those() -> None:
+    from obsdiff.methods import METHODS
+
+    readme = (CONF_DIR.parent / "README.md").read_text()
+    table = readme.split("[start:methods]", 1)[1].split("[end:methods]", 1)[0]
+    documented = set(re.findall(r"`([a-z0-9_]+)`", "\n".join(
+        line.split(" | ")[0] for line in table.splitlines() if line.startswith("| `")
+    )))  # fmt: skip
+    assert documented == set(METHODS)
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
 def test_model_config_instantiates(name: str, compose_sample) -> None:  # type: ignore[no-untyped-def]
     adapter = instantiate_model(compose_sample(f"model={name}").model)

@@ -44,6 +44,8 @@ def load(path: Path) -> dict:  # type: ignore[type-arg]
         ("obsdiff.prune", ["runner=ddp"], "runner.accelerator"),
         ("obsdiff.prune", ["packages=1000"], "packages=1000"),  # from the model's config
         ("obsdiff.prune", ["method.head_saliency=nosuch"], "method.head_saliency='nosuch'; use"),
+        ("obsdiff.prune", ["method=diff_pruning", "method.threshold=0"], "method.threshold=0.0"),
+        ("obsdiff.prune", ["method=diff_pruning", "method.levels=0"], "method.levels"),
         (
             "obsdiff.prune",
             ["method.head_saliency=nosuch", "granularity=structured", "sparsity=0.25"],

@@ -1,6 +1,6 @@
 """Diff-Pruning's Taylor pass on every image family's tiny model: the dense model's own samples
 as clean latents, its own training loss walked from the low-noise end, a score for every
-weight of every pruning target; a video family refused with one message."""
+weight of every pruning target (a video family's from its videos)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch
 from registry import TINY_BY_ADAPTER, tiny_adapter
 
 from obsdiff.calibration.packages import list_units
-from obsdiff.calibration.taylor import level_fraction, taylor_scores, training_loss
+from obsdiff.calibration.taylor import level_fraction, training_loss
 from obsdiff.models.training import is_flow_matching, training_schedule
+from obsdiff.pruning.taylor import taylor_scores
 
 
 pytestmark = pytest.mark.integration
@@ -24,10 +25,6 @@ def test_every_target_weight_gets_a_score_from_the_low_noise_end(model: str) -> 
     adapter = tiny_adapter(model, sampling={"num_inference_steps": 2})
     pipe = adapter.load()
     pipe.set_progress_bar_config(disable=True)
-    if adapter.video:
-        with pytest.raises(ValueError, match="need its frames encoded as a video latent"):
-            training_loss(adapter, pipe, PROMPTS, levels=4)
-        return
     denoiser = adapter.denoiser(pipe)
     blocks = (0, len(adapter.blocks(denoiser)))
     names = [n for ref in list_units(adapter, denoiser, blocks) for n in ref.module_names]
@@ -55,3 +52,29 @@ def test_every_target_weight_gets_a_score_from_the_low_noise_end(model: str) -> 
     schedule = training_schedule(pipe)  # the walk starts at the least noise
     first, second = (level_fraction(schedule, level, 4) for level in (0, 1))
     assert (first > second) if is_flow_matching(schedule) else (first < second)
+
+
+def test_each_timestep_expert_is_scored_on_its_own_levels() -> None:
+    """Wan 2.2-A14B: a level at or above the boundary (t >= 875) reaches the high-noise expert
+    alone, a level below it the low-noise one: walked from the low-noise end, the first levels
+    score only `transformer_2`, the whole walk both."""
+    adapter = tiny_adapter("tiny_wan_a14b", sampling={"num_inference_steps": 2})
+    pipe = adapter.load()
+    pipe.set_progress_bar_config(disable=True)
+    denoiser = adapter.denoiser(pipe)
+    blocks = (0, len(adapter.blocks(denoiser)))
+    names = [n for ref in list_units(adapter, denoiser, blocks) for n in ref.module_names]
+    targets = {name: denoiser.get_submodule(name) for name in names}
+
+    def totals(levels: int) -> dict[str, float]:
+        loss = training_loss(adapter, pipe, PROMPTS, levels=8)
+        scores = taylor_scores(denoiser, targets, loss, threshold=1e-9, levels=levels)
+        by_expert = {"transformer": 0.0, "transformer_2": 0.0}
+        for name, score in scores.weights.items():
+            by_expert[name.split(".")[0]] += float(score.sum())
+        return by_expert
+
+    first = totals(2)  # sigmas 1/16 and 3/16 of the way: the low-noise expert's steps
+    assert first["transformer"] == 0 and first["transformer_2"] > 0
+    every = totals(8)
+    assert every["transformer"] > 0 and every["transformer_2"] > 0

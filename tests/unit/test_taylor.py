@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from obsdiff.calibration.taylor import check_threshold, taylor_scores
+from obsdiff.pruning.taylor import check_threshold, taylor_scores
 
 
 pytestmark = pytest.mark.unit
