@@ -4,12 +4,16 @@ weight of every pruning target (a video family's from its videos)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from registry import TINY_BY_ADAPTER, tiny_adapter
+from torch import nn
 
 from obsdiff.calibration.packages import list_units
 from obsdiff.calibration.taylor import level_fraction, training_loss
+from obsdiff.models import ModelAdapter
 from obsdiff.models.training import is_flow_matching, training_schedule
 from obsdiff.pruning.taylor import taylor_scores
 
@@ -20,15 +24,20 @@ FAMILIES = [models[0] for models in TINY_BY_ADAPTER.values()]
 PROMPTS = ["a red circle", "a blue square on green"]
 
 
-@pytest.mark.parametrize("model", FAMILIES)
-def test_every_target_weight_gets_a_score_from_the_low_noise_end(model: str) -> None:
+def setup(model: str) -> tuple[ModelAdapter, Any, nn.Module, dict[str, nn.Module]]:
+    """The tiny model's adapter, pipeline, denoiser and its pruning targets (every block)."""
     adapter = tiny_adapter(model, sampling={"num_inference_steps": 2})
     pipe = adapter.load()
     pipe.set_progress_bar_config(disable=True)
     denoiser = adapter.denoiser(pipe)
     blocks = (0, len(adapter.blocks(denoiser)))
     names = [n for ref in list_units(adapter, denoiser, blocks) for n in ref.module_names]
-    targets = {name: denoiser.get_submodule(name) for name in names}
+    return adapter, pipe, denoiser, {name: denoiser.get_submodule(name) for name in names}
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_every_target_weight_gets_a_score_from_the_low_noise_end(model: str) -> None:
+    adapter, pipe, denoiser, targets = setup(model)
     before = {name: linear.weight.detach().clone() for name, linear in targets.items()}
     scores = taylor_scores(
         denoiser, targets, training_loss(adapter, pipe, PROMPTS, levels=4), threshold=1e-9,
@@ -58,13 +67,7 @@ def test_each_timestep_expert_is_scored_on_its_own_levels() -> None:
     """Wan 2.2-A14B: a level at or above the boundary (t >= 875) reaches the high-noise expert
     alone, a level below it the low-noise one: walked from the low-noise end, the first levels
     score only `transformer_2`, the whole walk both."""
-    adapter = tiny_adapter("tiny_wan_a14b", sampling={"num_inference_steps": 2})
-    pipe = adapter.load()
-    pipe.set_progress_bar_config(disable=True)
-    denoiser = adapter.denoiser(pipe)
-    blocks = (0, len(adapter.blocks(denoiser)))
-    names = [n for ref in list_units(adapter, denoiser, blocks) for n in ref.module_names]
-    targets = {name: denoiser.get_submodule(name) for name in names}
+    adapter, pipe, denoiser, targets = setup("tiny_wan_a14b")
 
     def totals(levels: int) -> dict[str, float]:
         loss = training_loss(adapter, pipe, PROMPTS, levels=8)
