@@ -31,6 +31,16 @@ CALIBRATION_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
+# A method's settings that keep its tests fast where its defaults are sized for real models
+# (Diff-Pruning walks up to 1000 training levels: a backward each).
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {"diff_pruning": {"levels": 4}}
+
+
+def method_overrides(name: str) -> list[str]:
+    """`METHOD_OVERRIDES` of method `name` as command-line overrides."""
+    return [f"method.{key}={value!r}" for key, value in METHOD_OVERRIDES.get(name, {}).items()]
+
+
 def calibration_overrides(name: str) -> list[str]:
     """`CALIBRATION_OVERRIDES` of model config `name` as command-line overrides."""
     sampling = CALIBRATION_OVERRIDES.get(name, {})

@@ -20,6 +20,7 @@ from registry import (
     TINY_MODELS,
     calibration_overrides,
     covering,
+    method_overrides,
     prunes,
 )
 
@@ -84,6 +85,7 @@ def test_prune_matrix(
     model: str, method: str, granularity: str, compose_prune, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     overrides = [f"model={model}", f"method={method}", f"granularity={granularity}"]
+    overrides += method_overrides(method)
     pruned = prune(compose_prune, tmp_path, *overrides, *calibration_overrides(model))
     results = pruned.result
     assert results is not None
@@ -351,6 +353,7 @@ def test_structured_prune(
         f"method={method}",
         "sparsity=0.25",
     ]
+    overrides += method_overrides(method)
     pruned = prune(compose_prune, tmp_path, *overrides, *calibration_overrides(model))
     results = pruned.result
     assert results is not None
