@@ -34,7 +34,7 @@ METHODS: dict[str, type[PruningMethod]] = {
         Dense,
         BlockCosine,
         BlockOutputLoss,
-    )  # fmt: skip
+    )
 }
 
 __all__ = [

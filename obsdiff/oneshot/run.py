@@ -31,6 +31,7 @@ from obsdiff.calibration.sequential import (
 )
 from obsdiff.calibration.taylor import training_loss
 from obsdiff.methods.depth import DepthCriterion
+from obsdiff.methods.diff_pruning import DiffPruning
 from obsdiff.methods.package import (
     BlockRecord,
     Depth,
@@ -218,11 +219,11 @@ def taylor_pass(
     """A gradient method's scores of the dense model's target linears (Diff-Pruning's), on one
     batch of the calibration prompts, handed to the method before the packages run."""
     method = job.method
-    threshold, levels = getattr(method, "threshold"), getattr(method, "levels")  # noqa: B009
+    assert isinstance(method, DiffPruning)  # the one method that reads gradients
     prompts = job.prompts.prompts[: job.calibration.batch_size]
-    loss_at = training_loss(job.model, pipe, prompts, levels, job.calibration.seed)
-    scores = taylor_scores(denoiser, targets, loss_at, threshold, levels)
-    getattr(method, "use_scores")(scores)  # noqa: B009
+    loss_at = training_loss(job.model, pipe, prompts, method.levels, job.calibration.seed)
+    scores = taylor_scores(denoiser, targets, loss_at, method.threshold, method.levels)
+    method.use_scores(scores)
     return scores
 
 
