@@ -24,6 +24,7 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +65,11 @@ ROLE_MODELS = ("toy", "sd3_medium", "sd35_large", "flux_dev", "sdxl_base", "pixa
 log = logging.getLogger("bench_compress")
 
 
-def run_jobs(out: Path) -> int:
+def run_jobs(out: Path, jobs: dict[str, list[str]]) -> int:
+    """Each job as one `obsdiff.run` of the toy into `out/<job>` (a finished one is skipped by
+    the app); the number that failed."""
     failed = 0
-    for name, settings in JOBS.items():
+    for name, settings in jobs.items():
         command = [sys.executable, "-m", "obsdiff.run", *COMMON, *settings]
         command += [f"hydra.run.dir={out / name}"]
         log.info("$ %s", " ".join(command))
@@ -165,16 +168,25 @@ def summary(out: Path, reports: Path) -> None:
     print("\n".join(lines))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "toy_compress")
-    parser.add_argument("--reports", type=Path, default=REPO_ROOT / "experiments" / "toy_compress")
+def toy_benchmark(
+    argv: list[str] | None,
+    description: str,
+    folder: str,
+    jobs: dict[str, list[str]],
+    summary: Callable[[Path, Path], None],
+) -> int:
+    """A toy benchmark's command line: its jobs into `outputs/<folder>`, the report, the claims
+    rows (`experiments/toy_claims.py`), then `summary(out, reports)` into `experiments/<folder>`;
+    `--only jobs` or `--only summary`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / folder)
+    parser.add_argument("--reports", type=Path, default=REPO_ROOT / "experiments" / folder)
     parser.add_argument("--only", choices=("jobs", "summary"), default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     failed = 0
     if args.only in (None, "jobs"):
-        failed += run_jobs(args.out)
+        failed += run_jobs(args.out, jobs)
         report = [sys.executable, "-m", "obsdiff.report", str(args.out)]
         failed += subprocess.run([*report, "--out", str(args.reports / "report")]).returncode != 0
         claims = [
@@ -185,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "summary"):
         summary(args.out, args.reports)
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return toy_benchmark(argv, __doc__.split("\n")[0], "toy_compress", JOBS, summary)
 
 
 if __name__ == "__main__":

@@ -20,23 +20,18 @@ kernels) are `make gpu-check`'s.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from bench_compress import cell, toy_benchmark  # the toy benchmarks' shared command line
 
 import obsdiff
 from obsdiff.artifacts.record import RecordError, RunRecord
 from obsdiff.quantization import weight_bytes
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["+experiment=toy", "save=true", "eval.efficiency.repeats=6", "tracking.mode=disabled"]
 DENSE = ["method=dense", "granularity=unstructured", "sparsity=0.0"]
 PRUNES = {
     "dense": DENSE,
@@ -59,20 +54,6 @@ JOBS: dict[str, list[str]] = {  # the job's folder: its settings
     },
 }  # fmt: skip
 METRICS = ("prompt_fidelity", "psnr", "ssim", "toy_feature_distance")
-
-log = logging.getLogger("bench_quantize")
-
-
-def run_jobs(out: Path) -> int:
-    failed = 0
-    for name, settings in JOBS.items():
-        command = [sys.executable, "-m", "obsdiff.run", *COMMON, *settings]
-        command += [f"hydra.run.dir={out / name}"]
-        log.info("$ %s", " ".join(command))
-        started = time.perf_counter()
-        failed += subprocess.run(command, cwd=REPO_ROOT).returncode != 0
-        log.info("%s: %.0f s", name, time.perf_counter() - started)
-    return failed
 
 
 def prequantized_bytes(run_dir: Path, record: RunRecord) -> int | None:
@@ -120,15 +101,6 @@ def job_row(name: str, run_dir: Path) -> dict[str, Any] | None:
     return row
 
 
-def cell(value: Any, interval: Any = None, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    text = f"{value:.{digits}g}"
-    if interval:
-        text += f" [{interval[0]:.{digits}g}, {interval[1]:.{digits}g}]"
-    return text
-
-
 def summary(out: Path, reports: Path) -> None:
     rows = [row for name in JOBS if (row := job_row(name, out / name)) is not None]
     reports.mkdir(parents=True, exist_ok=True)
@@ -172,25 +144,7 @@ def summary(out: Path, reports: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "toy_quantize")
-    parser.add_argument("--reports", type=Path, default=REPO_ROOT / "experiments" / "toy_quantize")
-    parser.add_argument("--only", choices=("jobs", "summary"), default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    failed = 0
-    if args.only in (None, "jobs"):
-        failed += run_jobs(args.out)
-        report = [sys.executable, "-m", "obsdiff.report", str(args.out)]
-        failed += subprocess.run([*report, "--out", str(args.reports / "report")]).returncode != 0
-        claims = [
-            sys.executable, str(REPO_ROOT / "experiments" / "toy_claims.py"), str(args.out),
-            "--update", str(REPO_ROOT / "experiments" / "toy_quality" / "claims.md"),
-        ]  # fmt: skip
-        failed += subprocess.run(claims).returncode != 0
-    if args.only in (None, "summary"):
-        summary(args.out, args.reports)
-    return 1 if failed else 0
+    return toy_benchmark(argv, __doc__.split("\n")[0], "toy_quantize", JOBS, summary)
 
 
 if __name__ == "__main__":
