@@ -40,6 +40,7 @@ from obsdiff.methods.package import (
     Structured,
     StructuredBlock,
     Target,
+    UnitGroup,
 )
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.experts import expert_of
@@ -203,6 +204,19 @@ def structured_blocks(
             )
         )
     return blocks
+
+
+def unit_groups(
+    adapter: ModelAdapter, denoiser: nn.Module, packages: list[list[UnitRef]]
+) -> list[UnitGroup]:
+    """Every head and neuron group the packages will prune (`structured_blocks`), in the
+    denoiser's names: what a method that scores units before the packages run reads."""
+    return [
+        group
+        for package in packages
+        for block in structured_blocks(adapter, denoiser, package)
+        for group in block.unit_groups()
+    ]
 
 
 def statistics_bytes(

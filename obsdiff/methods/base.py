@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from obsdiff.methods.granularity import GRANULARITY_OPTIONS
-from obsdiff.methods.package import InputGroup, LayerRecord, write_weight
+from obsdiff.methods.package import InputGroup, LayerRecord, UnitGroup, write_weight
 from obsdiff.pruning.obs import obs_workspace_bytes
 from obsdiff.pruning.patterns import Pattern
 from obsdiff.pruning.statistics import InputStatistics
@@ -96,6 +96,11 @@ class PruningMethod:
             return obs_workspace_bytes(inputs, rows)
         return FLOAT32 * 3 * rows * inputs
 
+    def scoring_bytes(self, shapes: list[tuple[int, int]], structured: bool) -> int:
+        """Memory of the method's own pass before the packages (a gradient method's scores),
+        over the (out, in) shapes of the linears it scores; 0 for a method without one."""
+        return 0
+
     # ---------------------------------------------------------- structured
     def select_heads(
         self,
@@ -104,9 +109,11 @@ class PruningMethod:
         producers: list[torch.Tensor],
         head_dim: int,
         count: int,
+        where: UnitGroup,
     ) -> tuple[list[torch.Tensor], list[int]]:
         """Structured: which `count` heads go, and the consumers' new weights (columns of the
-        heads' range, (rows, heads * head_dim) each). Producers are (heads * head_dim, in)."""
+        heads' range, (rows, heads * head_dim) each). Producers are (heads * head_dim, in);
+        `where` names the group and its linears (for scores kept by name)."""
         raise ValueError(f"method {self.name!r} does not support structured pruning")
 
     def select_neurons(
@@ -115,7 +122,9 @@ class PruningMethod:
         hessian: torch.Tensor | None,
         producers: list[torch.Tensor],
         count: int,
+        where: UnitGroup,
     ) -> tuple[torch.Tensor, list[int]]:
         """Structured: which `count` FFN neurons go, and the down-projection's new weight
-        ((rows, width)). Producers are the (width, in) row blocks of the up-projection(s)."""
+        ((rows, width)). Producers are the (width, in) row blocks of the up-projection(s);
+        `where` names the group and its linears."""
         raise ValueError(f"method {self.name!r} does not support structured pruning")

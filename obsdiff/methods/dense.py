@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from obsdiff.methods.base import PruningMethod
+from obsdiff.methods.package import UnitGroup
 from obsdiff.pruning.patterns import Pattern
 from obsdiff.pruning.statistics import InputStatistics
 
@@ -28,6 +29,7 @@ class Dense(PruningMethod):
         producers: list[torch.Tensor],
         head_dim: int,
         count: int,
+        where: UnitGroup,
     ) -> tuple[list[torch.Tensor], list[int]]:
         return consumers, []
 
@@ -37,5 +39,6 @@ class Dense(PruningMethod):
         hessian: torch.Tensor | None,
         producers: list[torch.Tensor],
         count: int,
+        where: UnitGroup,
     ) -> tuple[torch.Tensor, list[int]]:
         return consumer, []

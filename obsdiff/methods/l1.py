@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from obsdiff.methods.base import PruningMethod
+from obsdiff.methods.package import UnitGroup
 from obsdiff.pruning.l1 import l1_select, l1_unit_scores
 
 
@@ -23,6 +24,7 @@ class L1(PruningMethod):
         producers: list[torch.Tensor],
         head_dim: int,
         count: int,
+        where: UnitGroup,
     ) -> tuple[list[torch.Tensor], list[int]]:
         removed = l1_select(l1_unit_scores(producers, unit_size=head_dim), count)
         return consumers, removed.tolist()
@@ -33,5 +35,6 @@ class L1(PruningMethod):
         hessian: torch.Tensor | None,
         producers: list[torch.Tensor],
         count: int,
+        where: UnitGroup,
     ) -> tuple[torch.Tensor, list[int]]:
         return consumer, l1_select(l1_unit_scores(producers), count).tolist()

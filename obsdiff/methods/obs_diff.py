@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from obsdiff.methods.base import PruningMethod
-from obsdiff.methods.package import InputGroup, LayerRecord, write_weight
+from obsdiff.methods.package import InputGroup, LayerRecord, UnitGroup, write_weight
 from obsdiff.pruning.obs import ObsProblem, obs_batches, obs_prune_problems
 from obsdiff.pruning.obs_structured import HEAD_SALIENCIES, obs_prune_heads, obs_prune_neurons
 from obsdiff.pruning.patterns import Pattern
@@ -74,6 +74,7 @@ class ObsDiff(PruningMethod):
         producers: list[torch.Tensor],
         head_dim: int,
         count: int,
+        where: UnitGroup,
     ) -> tuple[list[torch.Tensor], list[int]]:
         result = obs_prune_heads(
             consumers,
@@ -93,6 +94,7 @@ class ObsDiff(PruningMethod):
         hessian: torch.Tensor | None,
         producers: list[torch.Tensor],
         count: int,
+        where: UnitGroup,
     ) -> tuple[torch.Tensor, list[int]]:
         assert hessian is not None
         result = obs_prune_neurons(

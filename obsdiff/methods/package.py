@@ -73,6 +73,27 @@ class InputGroup:
         return replace(self, stats=self.stats.to(self.modules[0].weight.device))
 
 
+@dataclass(frozen=True)
+class UnitGroup:
+    """A head or neuron group as a structured method sees it, in the denoiser's names.
+
+    `key`: the group's name in its `StructuredRecord` (`<block>.<attention>` for heads,
+    `<block>.<down-projection>` for neurons). Unit u is rows [o + u w, o + (u + 1) w) of each
+    producer and columns [o + u w, o + (u + 1) w) of each consumer, (qualified linear name, o)
+    each, w = `unit_width` (a head's width, 1 for a neuron); `width` channels in all."""
+
+    key: str
+    kind: str  # "heads" or "neurons"
+    producers: tuple[tuple[str, int], ...]
+    consumers: tuple[tuple[str, int], ...]
+    width: int
+    unit_width: int
+
+    @property
+    def units(self) -> int:
+        return self.width // self.unit_width
+
+
 @dataclass
 class StructuredBlock:
     """One block's head and neuron groups whose consumers all lie in the package."""
@@ -81,6 +102,37 @@ class StructuredBlock:
     module: nn.Module
     heads: list[HeadGroup]
     neurons: list[NeuronGroup]
+
+    def head_units(self, group: HeadGroup) -> UnitGroup:
+        """A head group of this block in the denoiser's names; its heads as the attention
+        module counts them now."""
+        heads = int(self.module.get_submodule(group.attention).heads)  # type: ignore[arg-type]
+        return UnitGroup(
+            f"{self.name}.{group.attention}",
+            "heads",
+            tuple((f"{self.name}.{n}", o) for n, o in group.producers),
+            tuple((f"{self.name}.{n}", o) for n, o in group.consumers),
+            group.width,
+            group.width // heads,
+        )
+
+    def neuron_units(self, group: NeuronGroup) -> UnitGroup:
+        """A neuron group of this block in the denoiser's names."""
+        name, offset = group.consumer
+        return UnitGroup(
+            f"{self.name}.{name}",
+            "neurons",
+            tuple((f"{self.name}.{n}", o) for n, o in group.producers),
+            ((f"{self.name}.{name}", offset),),
+            group.width,
+            1,
+        )
+
+    def unit_groups(self) -> list[UnitGroup]:
+        """Every head group, then every neuron group."""
+        return [self.head_units(g) for g in self.heads] + [
+            self.neuron_units(g) for g in self.neurons
+        ]
 
 
 @dataclass

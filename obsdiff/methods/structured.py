@@ -25,9 +25,8 @@ def prune_structured(
     for block in package.blocks:
         module, surgery = block.module, Surgery()
         for group in block.heads:
-            n_heads = int(module.get_submodule(group.attention).heads)  # type: ignore[arg-type]
-            width = group.width
-            head_dim = width // n_heads
+            where = block.head_units(group)
+            width, head_dim, n_heads = group.width, where.unit_width, where.units
             consumers = [
                 linear_at(module, n).weight.data[:, o : o + width] for n, o in group.consumers
             ]
@@ -41,6 +40,7 @@ def prune_structured(
                 producers,
                 head_dim,
                 aligned_count(n_heads, sparsity, head_dim, align),
+                where,
             )
             for (name, offset), weight in zip(group.consumers, new_weights, strict=True):
                 target = linear_at(module, name).weight.data
@@ -59,6 +59,7 @@ def prune_structured(
                 package.hessian(f"{block.name}.{name}", offset, width),
                 producers,
                 aligned_count(width, sparsity, 1, align),
+                block.neuron_units(neuron_group),
             )
             down[:, offset : offset + width] = new_weight.to(down.dtype)
             surgery.remove_neurons(neuron_group, removed)

@@ -13,6 +13,9 @@ What the prune run holds on its device at its peak, and what the plan counts:
   the only term the package count changes (the paper's Table 7); with a statistics cache
   (`job.statistics_cache`) the first package holds both kinds; with `offload.statistics` they
   are held in CPU memory instead (the plan's host term);
+- a gradient method's scores (Diff-Pruning: `PruningMethod.scoring_bytes`, one float32 per
+  weight or, structured, per row and column, plus one layer's gradient), held before the
+  packages run, against which the statistics count (the larger of the two);
 - the solve of the costliest work unit (`PruningMethod.solve_units`: OBS-Diff batches layers of
   equal size up to `solve_batch_gb`), each input group's `PruningMethod.solve_bytes` (for OBS
   `obs_workspace_bytes`), plus, with offloaded statistics, the unit's statistics moved to the
@@ -35,7 +38,7 @@ import torch
 from torch import nn
 
 from obsdiff.calibration.packages import UnitRef
-from obsdiff.calibration.sequential import package_statistics_bytes
+from obsdiff.calibration.sequential import package_statistics_bytes, unit_groups
 from obsdiff.methods.package import Depth, Structured
 from obsdiff.models.experts import Experts
 from obsdiff.models.roles import ParameterRoles, parameter_roles
@@ -61,6 +64,7 @@ class MemoryPlan:
     components: dict[str, int]  # weights of each pipeline component at the model's dtype
     package_statistics: list[int]  # calibration statistics of each package
     solve_bytes: int  # the costliest work unit's solve workspace
+    scoring_bytes: int = 0  # a method's pass before the packages (Diff-Pruning's Taylor scores)
     denoisers: tuple[str, ...] = ()  # the denoiser's component names (timestep experts: each)
     offload_statistics: bool = False  # statistics in CPU memory
     offload_components: bool = False  # only the denoiser on the device
@@ -93,9 +97,11 @@ class MemoryPlan:
 
     @property
     def predicted_peak_bytes(self) -> int:
-        """On the device: weights + the largest package's statistics (unless offloaded) +
-        the costliest solve."""
-        return self.weights_bytes + self.device_statistics_bytes + self.solve_bytes
+        """On the device: weights + the larger of the method's scoring pass and the largest
+        package's statistics (unless offloaded) + the costliest solve (the scores are freed
+        as their packages are pruned, the statistics come after the pass)."""
+        held = max(self.scoring_bytes, self.device_statistics_bytes)
+        return self.weights_bytes + held + self.solve_bytes
 
     def fits(self, budget_bytes: float) -> bool:
         return self.predicted_peak_bytes <= budget_bytes
@@ -125,6 +131,11 @@ class MemoryPlan:
             f"{where}  (all packages: {self.statistics_total_bytes / GB:.3f} GB)"
         )
         lines.append(f"  {'solve, costliest unit':<28} {self.solve_bytes / GB:9.3f} GB")
+        if self.scoring_bytes:
+            lines.append(
+                f"  {'scoring pass (gradients)':<28} {self.scoring_bytes / GB:9.3f} GB"
+                "  (+ one backward's activations: not predicted)"
+            )
         lines.append(
             f"  {'predicted peak':<28} {self.predicted_peak_bytes / GB:9.3f} GB"
             "  (+ activations, CUDA context: not predicted)"
@@ -170,6 +181,17 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
         units = [[i] for i in range(len(shapes))] if structured else method.solve_units(shapes)
         costliest = max([costliest, *(sum(group_bytes[i] for i in unit) for unit in units)])
     roles = parameter_roles(job.model, denoiser)
+    structured = isinstance(job.target, Structured)
+    scored = (
+        {
+            n
+            for g in unit_groups(job.model, denoiser, packages)
+            for n, _ in g.producers + g.consumers
+        }
+        if structured
+        else {name for name, _ in targets}
+    )
+    scored_shapes = [tuple(linear_at(denoiser, n).weight.shape) for n in sorted(scored)]
     return MemoryPlan(
         model=job.model.name,
         dtype=job.model.dtype,
@@ -178,6 +200,7 @@ def memory_plan(job: PruneJob, components: dict[str, nn.Module] | None = None) -
         components={name: module_bytes(m) for name, m in components.items()},
         package_statistics=per_package,
         solve_bytes=costliest,
+        scoring_bytes=method.scoring_bytes(scored_shapes, structured),  # type: ignore[arg-type]
         denoisers=job.model.expert_names(components),
         offload_statistics=offload and method.needs_calibration,
         offload_components=job.placement.offload.components,

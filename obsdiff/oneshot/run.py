@@ -28,6 +28,7 @@ from obsdiff.calibration.sequential import (
     calibrate_and_prune,
     embed_batches,
     peak_statistics_bytes,
+    unit_groups,
 )
 from obsdiff.calibration.taylor import training_loss
 from obsdiff.methods.depth import DepthCriterion
@@ -41,6 +42,7 @@ from obsdiff.methods.package import (
     achieved_sparsity,
 )
 from obsdiff.models.experts import called_modules
+from obsdiff.models.structure import linear_at
 from obsdiff.models.surgery import shapes
 from obsdiff.oneshot.checkpoint import Checkpointer, check_previous_run
 from obsdiff.oneshot.job import JobError, PruneJob, depth_candidates, plan_packages
@@ -104,7 +106,7 @@ def prune_pipeline(
     previous = checkpointer.restore()
     taylor = None
     if job.method.needs_gradients and previous.packages_done < len(packages):
-        taylor = taylor_pass(job, pipe, denoiser, dict(targets))
+        taylor = taylor_pass(job, pipe, denoiser, packages, dict(targets))
     embeddings = []
     shard = parallel.shard(len(job.prompts.prompts))
     depth = isinstance(job.target, Depth)
@@ -214,15 +216,30 @@ def prune_pipeline(
 
 
 def taylor_pass(
-    job: PruneJob, pipe: DiffusionPipeline, denoiser: nn.Module, targets: dict[str, nn.Linear]
+    job: PruneJob,
+    pipe: DiffusionPipeline,
+    denoiser: nn.Module,
+    packages: list[list[UnitRef]],
+    targets: dict[str, nn.Linear],
 ) -> TaylorScores:
     """A gradient method's scores of the dense model's target linears (Diff-Pruning's), on one
-    batch of the calibration prompts, handed to the method before the packages run."""
+    batch of the calibration prompts, handed to the method before the packages run: per weight
+    for a pattern prune; per row and column of every producer and consumer of the head and
+    neuron groups for a structured one."""
     method = job.method
     assert isinstance(method, DiffPruning)  # the one method that reads gradients
+    structured = isinstance(job.target, Structured)
+    if structured:
+        targets = {
+            name: linear_at(denoiser, name)
+            for group in unit_groups(job.model, denoiser, packages)
+            for name, _ in group.producers + group.consumers
+        }
     prompts = job.prompts.prompts[: job.calibration.batch_size]
     loss_at = training_loss(job.model, pipe, prompts, method.levels, job.calibration.seed)
-    scores = taylor_scores(denoiser, targets, loss_at, method.threshold, method.levels)
+    scores = taylor_scores(
+        denoiser, targets, loss_at, method.threshold, method.levels, per_weight=not structured
+    )
     method.use_scores(scores)
     return scores
 

@@ -35,7 +35,8 @@ def l1_unit_scores(
 
 
 def l1_select(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Sorted indices of the `count` units with the smallest L1 score (ties by index)."""
+    """Sorted indices of the `count` units with the smallest score (ties by index): L1's, and
+    any other method's that drops its lowest-scoring units."""
     if not 0 <= count < scores.numel():
         raise ValueError(f"cannot remove {count} of {scores.numel()} units")
     return torch.sort(torch.sort(scores, stable=True).indices[:count]).values

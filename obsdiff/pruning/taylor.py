@@ -11,9 +11,9 @@ denoiser's training loss on clean latents noised there).
 
 Memory: each target weight's gradient is turned into its score in a hook the moment it is
 accumulated (`register_post_accumulate_grad_hook`) and freed at once, so the pass holds the
-activations of one backward, one layer's gradient and the scores (one float32 per weight; a
-structured prune may sum them per head or neuron as it goes). Non-target parameters take no
-gradient.
+activations of one backward, one layer's gradient and its score, and the scores kept: one
+float32 per weight for a pattern prune, one per row and column for a structured one (a head's or
+neuron's score is a sum of rows and columns). Non-target parameters take no gradient.
 
 This departs from the official code, which accumulates the gradients over the levels
 and scores |w ⊙ Σ_t g_t| once: obsdiff scores each backward's gradient, Σ_t |w ⊙ g_t|, so that
@@ -39,18 +39,26 @@ OFFICIAL_LEVELS = 1000  # its timesteps, walked from t = 0
 
 @dataclass
 class TaylorScores:
-    """Per-weight Taylor scores of the target linears (float32, each weight's shape) and the
-    levels that fed them, low-noise end first, with their losses."""
+    """Taylor scores of the target linears (float32) and the levels that fed them, low-noise end
+    first, with their losses: per weight (each weight's shape; kept when asked for: a pattern
+    prune), and always summed per output row (`rows`, (out,)) and per input column (`columns`,
+    (in,)), which is all a structured prune reads: a head's or neuron's score is the sum over
+    its rows of the producers and its columns of the consumers."""
 
     weights: dict[str, torch.Tensor]
+    rows: dict[str, torch.Tensor]
+    columns: dict[str, torch.Tensor]
     levels: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
     def group(self, name: str, rows: slice | None = None, columns: slice | None = None) -> float:
-        """The score of a group of one linear's weights: the sum of its members' (a head's or
-        a neuron's rows of a producer, columns of a consumer)."""
-        block = self.weights[name]
-        return float(block[rows or slice(None), columns or slice(None)].sum())
+        """The score of a group of one linear's weights: whole rows (a head's or a neuron's
+        rows of a producer) or whole columns (of a consumer)."""
+        if (rows is None) == (columns is None):
+            raise ValueError("give the group's rows or its columns")
+        if rows is not None:
+            return float(self.rows[name][rows].sum())
+        return float(self.columns[name][columns].sum())
 
 
 def check_threshold(threshold: float, key: str = "method.threshold") -> None:
@@ -68,28 +76,42 @@ def taylor_scores(
     loss_at: Callable[[int], torch.Tensor],
     threshold: float = OFFICIAL_THRESHOLD,
     levels: int = OFFICIAL_LEVELS,
+    per_weight: bool = True,
 ) -> TaylorScores:
     """Walk the levels 0, 1, ... (`loss_at(level)`: the training loss there, a scalar with a
     graph through `targets`, linears of `model`), backpropagate each, accumulate Σ |w ⊙ g| per
     weight of every target linear; stop after the first level whose loss is below `threshold`
     times the largest so far (it is scored too, as the official loop scores it), or after
     `levels`. Every other parameter of `model` is frozen meanwhile (no gradient, no memory),
-    and every flag is put back."""
+    and every flag is put back. Without `per_weight` only the row and column sums are kept
+    (a structured prune's: (out + in) floats a linear instead of out x in)."""
     check_threshold(threshold)
     if levels < 1:
         raise ValueError(f"method.levels={levels} must be >= 1")
-    scores = {
-        name: torch.zeros(linear.weight.shape, dtype=torch.float32, device=linear.weight.device)
-        for name, linear in targets.items()
-    }
+
+    def zeros(*shape: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+
+    weights, rows, columns = {}, {}, {}
+    for name, linear in targets.items():
+        out_features, in_features = linear.weight.shape
+        device = linear.weight.device
+        if per_weight:
+            weights[name] = zeros(out_features, in_features, device=device)
+        rows[name] = zeros(out_features, device=device)
+        columns[name] = zeros(in_features, device=device)
     handles = []
     flags = [(p, p.requires_grad) for p in model.parameters()]
 
     def scorer(name: str) -> Callable[[torch.Tensor], None]:
         def hook(weight: torch.Tensor) -> None:
             assert weight.grad is not None
-            scores[name] += (weight.detach() * weight.grad).abs().float()
+            score = (weight.detach() * weight.grad).abs().float()  # (out, in)
             weight.grad = None  # freed as soon as it is scored
+            rows[name] += score.sum(1)
+            columns[name] += score.sum(0)
+            if per_weight:
+                weights[name] += score
 
         return hook
 
@@ -123,4 +145,4 @@ def taylor_scores(
         "largest)",
         len(used), used[0], used[-1], losses[0], losses[-1], threshold,
     )  # fmt: skip
-    return TaylorScores(scores, used, losses)
+    return TaylorScores(weights, rows, columns, used, losses)

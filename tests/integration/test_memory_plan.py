@@ -233,3 +233,37 @@ def test_real_models_fail_offline_with_one_clear_message(model: str) -> None:
     with pytest.raises(ModelLoadError, match=f"hf download {re.escape(adapter.pretrained)}"):
         adapter.check_source()
     assert obsdiff.memory_plan(model, packages=4).predicted_peak_bytes > 0
+
+
+@pytest.mark.parametrize(
+    ("model", "granularity", "sparsity"),
+    [("toy", "unstructured", "0.5"), ("tiny_flux", "structured", "0.25")],
+)
+def test_the_plan_counts_the_taylor_scores_the_run_keeps(
+    model: str, granularity: str, sparsity: str, compose_prune, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Diff-Pruning's scoring line: the scores the Taylor pass keeps (per weight; structured,
+    per row and column), byte for byte, plus the largest scored linear's gradient and score."""
+    from obsdiff.oneshot import run
+
+    overrides = [f"model={model}", "method=diff_pruning", "method.levels=2"]
+    overrides += [f"granularity={granularity}", f"sparsity={sparsity}", "packages=2"]
+    job = build_prune_job(compose_prune(*FAST, *overrides))
+    plan = memory_plan(job)
+    kept: list[tuple[int, int]] = []
+    real = run.taylor_scores
+
+    def measuring(denoiser, targets, *args, **kwargs):  # type: ignore[no-untyped-def]
+        scores = real(denoiser, targets, *args, **kwargs)
+        tensors = [*scores.weights.values(), *scores.rows.values(), *scores.columns.values()]
+        largest = max(m.weight.numel() for m in targets.values())
+        kept.append((sum(4 * t.numel() for t in tensors), largest))
+        return scores
+
+    monkeypatch.setattr(run, "taylor_scores", measuring)
+    prune_pipeline(replace(job, save=False), tmp_path)
+    [(scores, largest)] = kept
+    assert plan.scoring_bytes == scores + 2 * 4 * largest > 0
+    assert "scoring pass (gradients)" in plan.table()
+    if granularity == "structured":
+        assert scores < plan.weights_bytes / 10  # rows and columns, not a copy of the weights

@@ -96,3 +96,46 @@ def test_only_the_targets_take_gradients_and_every_flag_is_restored() -> None:
 def test_a_threshold_outside_zero_one_is_refused(threshold: float) -> None:
     with pytest.raises(ValueError, match=rf"method.threshold={threshold} must lie in \(0, 1\]"):
         check_threshold(threshold)
+
+
+def test_rows_and_columns_are_the_weights_sums_and_a_structured_walk_keeps_only_them() -> None:
+    model, targets, loss_at = model_and_loss()
+    full = taylor_scores(model, targets, loss_at, threshold=1e-9, levels=2)
+    lines = taylor_scores(model, targets, loss_at, threshold=1e-9, levels=2, per_weight=False)
+    assert lines.weights == {}
+    for name in targets:
+        torch.testing.assert_close(full.rows[name], full.weights[name].sum(1))
+        torch.testing.assert_close(full.columns[name], full.weights[name].sum(0))
+        torch.testing.assert_close(lines.rows[name], full.rows[name], rtol=0, atol=0)
+        torch.testing.assert_close(lines.columns[name], full.columns[name], rtol=0, atol=0)
+
+
+def test_a_neurons_score_bounds_the_first_order_loss_change_of_zeroing_it() -> None:
+    """Zeroing a hidden neuron (its row of the first linear, its column of the second) changes
+    the loss, to first order, by sum w g over its weights: the derivative along scaling them all
+    by 1 - s, by finite differences in float64. Diff-Pruning's group score
+    (`DiffPruning.unit_scores`) is sum |w g| over the same weights: the official importance, at
+    least that change, equal to it where the members' w g share one sign (a single weight)."""
+    from obsdiff.methods import DiffPruning
+    from obsdiff.methods.package import UnitGroup
+
+    model, targets, loss_at = model_and_loss()
+    method = DiffPruning(levels=1)
+    method.use_scores(taylor_scores(model, targets, loss_at, levels=1, per_weight=False))
+    scores = method.unit_scores(UnitGroup("net", "neurons", (("0", 0),), (("2", 0),), 16, 1))
+    first, second = model[0].weight, model[2].weight
+    g_first, g_second = torch.autograd.grad(loss_at(0), [first, second])
+    w_g = (first * g_first).sum(1) + (second * g_second).sum(0)  # (16,) signed, per neuron
+    w_g_abs = (first * g_first).abs().sum(1) + (second * g_second).abs().sum(0)
+    torch.testing.assert_close(scores, w_g_abs.detach(), rtol=1e-6, atol=0)
+    with torch.no_grad():
+        base = float(loss_at(0))
+        for neuron in range(16):
+            row, column = first[neuron].clone(), second[:, neuron].clone()
+            eps = 1e-6
+            first[neuron] *= 1 - eps
+            second[:, neuron] *= 1 - eps
+            change = (base - float(loss_at(0))) / eps
+            first[neuron], second[:, neuron] = row, column
+            assert change == pytest.approx(float(w_g[neuron]), rel=1e-4, abs=1e-10)
+            assert abs(change) <= float(scores[neuron]) * (1 + 1e-4)
