@@ -33,7 +33,7 @@ endif
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install lock check-lock imagereward-env train-toy bench-quality bench-recover bench-compress bench-quantize bench-token-cap run sample test test-fast test-all test-gpu gpu-check lint format typecheck docs docs-serve bench-kernels bench-prune bench-speed bench-sharded clean clean-outputs FORCE
+.PHONY: help install lock check-lock imagereward-env train-toy bench-quality bench-recover bench-compress bench-quantize bench-baselines bench-token-cap run sample test test-fast test-all test-gpu gpu-check lint format typecheck docs docs-serve bench-kernels bench-prune bench-speed bench-sharded clean clean-outputs FORCE
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -138,6 +138,9 @@ bench-compress: $(STAMP) ## compression on the toy: low-rank modulation, OBS-Dif
 
 bench-quantize: $(STAMP) ## pruned + int8 (torchao) on the toy, the do-not-compress list kept and not (about 30 min), summary, claims rows
 	$(PY) experiments/bench_quantize.py
+
+bench-baselines: $(STAMP) ## Diff-Pruning, EcoDiff, importance-weighted OBS vs OBS-Diff, L1, Wanda on the toy (about 1.5 h), summary, claims rows
+	$(PY) experiments/bench_baselines.py
 
 bench-token-cap: $(STAMP) ## calibration.max_tokens on the tiny video model: how the pruned weights change with the cap (~15 s)
 	$(PY) experiments/bench_token_cap.py > experiments/video/token_cap.md

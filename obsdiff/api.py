@@ -22,7 +22,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +335,11 @@ def _prompt_list(prompts: Sequence[str], what: str) -> list[str]:
     return listed
 
 
+def _parameters(cls: type[PruningMethod]) -> set[str]:
+    """The parameters of a method class (its dataclass fields)."""
+    return {f.name for f in fields(cls)}  # type: ignore[arg-type]
+
+
 def _job(
     adapter: ModelAdapter,
     method: str | PruningMethod,
@@ -352,6 +357,11 @@ def _job(
     if isinstance(method, str):
         if method not in METHODS:
             raise ValueError(f"method={method!r}; use one of {', '.join(METHODS)}")
+        unknown = sorted(set(method_options) - _parameters(METHODS[method]))
+        if unknown:  # e.g. token_weighting, an ObsDiff option, given to Wanda
+            owners = [name for name, cls in METHODS.items() if unknown[0] in _parameters(cls)]
+            hint = f"; it is an option of method={' or '.join(owners)}" if owners else ""
+            raise ValueError(f"method {method!r} has no option {unknown[0]!r}{hint}")
         method = METHODS[method](**method_options)
     if isinstance(granularity, str):
         granularity = Granularity.from_name(granularity)

@@ -32,8 +32,12 @@ CALIBRATION_OVERRIDES: dict[str, dict[str, Any]] = {
 
 
 # A method's settings that keep its tests fast where its defaults are sized for real models
-# (Diff-Pruning walks up to 1000 training levels: a backward each).
-METHOD_OVERRIDES: dict[str, dict[str, Any]] = {"diff_pruning": {"levels": 4}}
+# (Diff-Pruning walks up to 1000 training levels: a backward each; EcoDiff trains its masks
+# through the whole sampler for 4 epochs, up to 4 times while it bisects beta).
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
+    "diff_pruning": {"levels": 4},
+    "ecodiff": {"epochs": 1, "accumulate": 1, "bisection_steps": 1, "warmup_steps": 0},
+}
 
 
 def method_overrides(name: str) -> list[str]:

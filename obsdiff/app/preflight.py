@@ -22,6 +22,7 @@ to Hydra.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import logging
@@ -47,6 +48,7 @@ from obsdiff.calibration.sequential import CalibrationSettings
 from obsdiff.eval.gate import EXAMPLE as GATE_EXAMPLE
 from obsdiff.eval.gate import parse_gate
 from obsdiff.eval.options import EvalOptions
+from obsdiff.methods import METHODS
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.methods.modulation import LowRankModulation
@@ -184,6 +186,12 @@ def _unknown_key(key: str, base: DictConfig, app: str) -> str:
             f"{key}: {parent_key}=none has no keys; choose an option first "
             f"({parent_key}=<option>, see conf/{parent_key}/)"
         )
+    owners = _methods_with_key(name) if parent_key == "method" else []
+    if owners:  # a parameter of another method (`method.token_weighting` with method=wanda)
+        current = OmegaConf.select(base, "hydra.runtime.choices.method", default=None)
+        given = f"method={current}" if current else "this method"
+        options = " or ".join(f"method={option}" for option in owners)
+        return f"{key}: {given} has no such key, {options} has; use {options} or drop {key}"
     known = [str(k) for k in parent if k != "hydra"] if isinstance(parent, DictConfig) else []
     where = f"'{parent_key}'" if parent_key else f"`{app}`"
     return (
@@ -192,9 +200,19 @@ def _unknown_key(key: str, base: DictConfig, app: str) -> str:
     )
 
 
-def _closest(name: str, known: Sequence[str], parent: str = "") -> str:
+def _methods_with_key(name: str) -> list[str]:
+    """The methods (options of the `method` group) that have parameter `name`."""
+    return [
+        option
+        for option, cls in METHODS.items()
+        if name in {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    ]
+
+
+def _closest(name: str, known: Sequence[str], parent: str = "", prefix: str = "") -> str:
+    """' (did you mean <parent>.<match> or ...?)', each match after `prefix` too; or ''."""
     matches = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    prefix = f"{parent}." if parent else ""
+    prefix = f"{parent}.{prefix}" if parent else prefix
     return f" (did you mean {' or '.join(prefix + m for m in matches)}?)" if matches else ""
 
 
@@ -207,7 +225,7 @@ def _missing_option(err: MissingConfigException) -> str:
         return _first_line(err)
     return (
         f"{group}={option}: config group '{group}' has no option '{option}'"
-        f"{_closest(option, options).replace('did you mean ', f'did you mean {group}=')}; "
+        f"{_closest(option, options, prefix=f'{group}=')}; "
         f"its options: {', '.join(options)}"
     )
 

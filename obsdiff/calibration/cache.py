@@ -2,7 +2,8 @@
 
 The first package of a prune run sees the dense model: its statistics depend on the model and
 the calibration (prompts, sampling, weighting, batches, seeds, CFG half, Hessian precision, the
-package's layers, the number of ranks summing them), not on the method, granularity or sparsity.
+package's layers, the number of ranks summing them), not on the method, granularity or sparsity
+(but for a method's token weighting, `ObsDiff.token_weighting`, which weights the Hessians).
 Jobs of a sweep that share those reuse one calibration pass for it: the only pass when
 `packages=1`. Later packages see the earlier ones pruned, so they are never cached.
 

@@ -25,14 +25,17 @@ from torch import nn
 
 from obsdiff.calibration.cache import StatisticsCache
 from obsdiff.calibration.hooks import StatisticsHooks, StepTracker
+from obsdiff.calibration.importance import empty_conditioning, importance_maps
 from obsdiff.calibration.packages import UnitRef
 from obsdiff.calibration.solve import solve_package
+from obsdiff.calibration.token_maps import ImportanceMaps
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.modulation import (
     LowRankModulation,
     compress_modulation,
     modulation_statistics,
 )
+from obsdiff.methods.obs_diff import NO_TOKEN_WEIGHTING
 from obsdiff.methods.package import (
     InputGroup,
     Package,
@@ -44,6 +47,7 @@ from obsdiff.methods.package import (
 )
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.experts import expert_of
+from obsdiff.models.sampling import CFG_NONE
 from obsdiff.models.structure import linear_at
 from obsdiff.pruning.statistics import InputStatistics
 from obsdiff.runners.parallel import DataParallel
@@ -312,14 +316,60 @@ def calibrate_and_prune(
     pass (a pass of their own where the method calibrates nothing or the cache holds the
     package's: the modulation reads the conditioning vector alone, which no pruning changes),
     and the linears are factorised after that package's solve, so the later packages calibrate
-    on the compressed modulation."""
+    on the compressed modulation.
+
+    A method with `token_weighting` (importance-weighted OBS) gets its importance maps from one
+    dense sampling pass over the calibration prompts before the first package
+    (`obsdiff.calibration.importance`; its seconds count as calibration), which every package's
+    statistics hooks weight the token rows with."""
     parallel = parallel or DataParallel()
     denoiser = adapter.denoiser(pipe)
     by_expert = step_weights if isinstance(step_weights, dict) else {"": step_weights}
+    weighting = str(getattr(method, "token_weighting", NO_TOKEN_WEIGHTING))
+    weighted = weighting != NO_TOKEN_WEIGHTING and start_package < len(packages)
+    unconditional = None
+    if weighted and adapter.cfg_mode() == CFG_NONE:  # while the text encoders are on the device
+        counts = [next(iter(batch.values())).shape[0] for batch in embeddings]
+        unconditional = empty_conditioning(adapter, pipe, counts)
     with components_released(pipe, denoiser, placement.offload.components):
         tracker = StepTracker()
         report = LoopReport(packages_done=start_package)
         cfg_mode = adapter.cfg_mode()
+        found: list[ImportanceMaps] = []
+
+        def maps() -> ImportanceMaps | None:
+            """The importance maps of a weighted method, computed on first use."""
+            if weighted and not found:
+                if start_package > 0:
+                    log.warning(
+                        "resuming at package %d with method.token_weighting=%s: the importance "
+                        "maps come from the model as restored (packages 1-%d pruned), not the "
+                        "dense one",
+                        start_package + 1,
+                        weighting,
+                        start_package,
+                    )
+                steps = len(next(iter(by_expert.values())))
+                found.append(
+                    importance_maps(
+                        pipe,
+                        adapter,
+                        embeddings,
+                        steps,
+                        settings.seed,
+                        first_prompt,
+                        unconditional,
+                        weighting,
+                    )
+                )
+            return found[0] if found else None
+
+        # the maps now, on the dense model; a lone package the cache may serve needs them only
+        # if it calibrates (then on the dense model still, timed with its calibration)
+        if len(packages) - start_package > 1 or cache is None or cache_key is None:
+            ahead = maps()
+            if ahead is not None:
+                report.calibration_seconds += ahead.seconds
         for index in progress(range(start_package, len(packages)), "packages", "package"):
             cached = cache is not None and cache_key is not None and index == 0
             package = build_package(
@@ -354,6 +404,7 @@ def calibrate_and_prune(
                     include_uncond=settings.include_uncond,
                     max_tokens=settings.max_tokens,
                     seed=settings.seed,
+                    importance=maps() if fed else None,
                 )
                 with hooks.attached(), torch.inference_mode():
                     offset = first_prompt
@@ -361,6 +412,7 @@ def calibrate_and_prune(
                     for batch in progress(embeddings, desc, "batch", leave=False):
                         count = next(iter(batch.values())).shape[0]
                         tracker.reset()
+                        hooks.batch(offset, count)
                         generators = image_generators(settings.seed, offset, count)
                         adapter.calibration_call(pipe, batch, generators, tracker.on_step_end)
                         offset += count

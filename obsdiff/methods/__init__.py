@@ -5,6 +5,7 @@ from obsdiff.methods.dense import Dense
 from obsdiff.methods.depth import BlockCosine, BlockOutputLoss, DepthCriterion
 from obsdiff.methods.diff_pruning import DiffPruning
 from obsdiff.methods.dsnot import DSnoT
+from obsdiff.methods.ecodiff import EcoDiff
 from obsdiff.methods.granularity import Granularity
 from obsdiff.methods.l1 import L1
 from obsdiff.methods.magnitude import Magnitude
@@ -31,6 +32,7 @@ METHODS: dict[str, type[PruningMethod]] = {
         Magnitude,
         L1,
         DiffPruning,
+        EcoDiff,
         Dense,
         BlockCosine,
         BlockOutputLoss,
@@ -44,6 +46,7 @@ __all__ = [
     "DSnoT",
     "Dense",
     "DiffPruning",
+    "EcoDiff",
     "DepthCriterion",
     "Granularity",
     "InputGroup",

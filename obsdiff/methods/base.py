@@ -102,6 +102,10 @@ class PruningMethod:
         return 0
 
     # ---------------------------------------------------------- structured
+    def check_counts(self, removed: int, units: int) -> None:
+        """Structured: ValueError if the method cannot remove `removed` of the `units` heads
+        and neurons of the groups a job prunes (checked before any weight loads)."""
+
     def select_heads(
         self,
         consumers: list[torch.Tensor],

@@ -14,6 +14,12 @@ from obsdiff.pruning.patterns import Pattern
 from obsdiff.pruning.statistics import NORMALISERS
 
 
+# How the token rows of a calibration call are weighted in the Hessian
+# (`obsdiff.calibration.importance`): `none`, every row alike (the paper); `cfg_response`, by the
+# dense model's classifier-free-guidance response at the token's position.
+NO_TOKEN_WEIGHTING, CFG_RESPONSE = TOKEN_WEIGHTINGS = ("none", "cfg_response")
+
+
 @dataclass
 class ObsDiff(PruningMethod):
     """OBS-Diff (the paper): OBS with the timestep-aware Hessian, module packages.
@@ -29,6 +35,10 @@ class ObsDiff(PruningMethod):
         rrf_k: The reciprocal rank fusion constant across the two MMDiT streams (Eq. 8).
         solve_batch_gb: Equal-size layers are solved in batches of at most this workspace (GB;
             null: any size).
+        token_weighting: Importance-weighted OBS: each token row x_i enters the Hessian as
+            w_i x_i^T x_i. `none` (the paper: every row alike) or `cfg_response` (w from the
+            dense model's |eps(x_t, c) - eps(x_t, uncond)| at the token's position, mean 1 per
+            sample; one more dense sampling pass over the calibration prompts).
     """
 
     percdamp: float = 0.01
@@ -38,6 +48,7 @@ class ObsDiff(PruningMethod):
     head_saliency: str = "reference"
     rrf_k: float = 60.0
     solve_batch_gb: float | None = 1.0
+    token_weighting: str = NO_TOKEN_WEIGHTING
 
     name = "obsdiff"
     granularities = ("unstructured", "nm", "structured")
@@ -58,6 +69,11 @@ class ObsDiff(PruningMethod):
             raise ValueError(
                 f"method.head_saliency={self.head_saliency!r}; use one of "
                 f"{', '.join(HEAD_SALIENCIES)}"
+            )
+        if self.token_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(
+                f"method.token_weighting={self.token_weighting!r}; use one of "
+                f"{', '.join(TOKEN_WEIGHTINGS)}"
             )
 
     @property

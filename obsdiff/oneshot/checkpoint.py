@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 from torch import nn
 
 from obsdiff.artifacts.pruned import MANIFEST
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 PROGRESS = "progress.json"
+SCORES = "scores.safetensors"  # a method's pass before the packages (Taylor scores, masks)
+SCORES_INFO = "scores.json"
 LEGACY_WEIGHTS = "denoiser.safetensors"  # older checkpoints: one weights file of this name
 PROGRESS_FIELDS: dict[str, type | tuple[type, ...]] = {  # what a resume reads, and its type
     "run_key": str,
@@ -135,6 +138,23 @@ class Checkpointer:
         for old in self.dir.glob("denoiser*.safetensors"):
             if old.name != weights:
                 old.unlink()
+
+    def save_scores(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        """The pass before the packages (a gradient method's scores or masks), kept so that a
+        resume does not redo it: the tensors, then the JSON that commits them."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        save_tensors(self.dir / SCORES, tensors)
+        write_json(self.dir / SCORES_INFO, {"run_key": self.run_key, **info})
+
+    def restore_scores(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """What `save_scores` kept for this run, or None (a fresh run, or a pass cut short)."""
+        info = _json_object(self.dir / SCORES_INFO) if (self.dir / SCORES_INFO).is_file() else None
+        if info is None or info.pop("run_key", None) != self.run_key:
+            return None
+        if safetensors_problem(self.dir / SCORES) is not None:
+            return None
+        log.info("resuming with the scores of the first pass (%s)", self.dir / SCORES)
+        return safetensors.torch.load_file(str(self.dir / SCORES)), info
 
     def restore(self) -> LoopReport:
         """Weights, shapes and records of the finished packages (nothing when starting fresh)."""

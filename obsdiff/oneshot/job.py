@@ -18,6 +18,7 @@ from obsdiff.calibration.sequential import CalibrationSettings, Placement
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.methods.modulation import LowRankModulation
+from obsdiff.methods.obs_diff import NO_TOKEN_WEIGHTING
 from obsdiff.methods.package import Depth, Structured, Target
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.experts import Experts
@@ -109,9 +110,12 @@ class PruneJob:
         self, first: list[UnitRef], world_size: int, weights: str | None = None
     ) -> dict[str, Any]:
         """Everything the first package's statistics depend on (it sees the dense model):
-        `obsdiff.calibration.cache`'s key. Not the method, granularity or sparsity. `weights`:
-        a hash of a pipeline in memory's weights (a checkpoint's files name its own)."""
+        `obsdiff.calibration.cache`'s key. Not the method, granularity or sparsity, but a
+        method's token weighting (`ObsDiff.token_weighting`), which weights its Hessians.
+        `weights`: a hash of a pipeline in memory's weights (a checkpoint's files name its
+        own)."""
         settings = self.settings()
+        token_weighting = getattr(self.method, "token_weighting", NO_TOKEN_WEIGHTING)
         return {
             "model": settings["model"],
             "weights": weights or self.model.weights_fingerprint(),
@@ -121,7 +125,7 @@ class PruneJob:
             "groups": [[f"{u.block_name}.{n}" for n in group] for u in first for group in u.groups],
             "world_size": world_size,
             "device": self.device.type,
-        }
+        } | ({} if token_weighting == NO_TOKEN_WEIGHTING else {"token_weighting": token_weighting})
 
     @property
     def run_key(self) -> str:
@@ -153,7 +157,13 @@ def plan_packages(
     targets = _target_modules(denoiser, packages)
     if structured:
         assert isinstance(job.target, Structured)
-        _check_structured(job.model, denoiser, units, job.sparsity, job.target.align)
+        removed, total = _check_structured(
+            job.model, denoiser, units, job.sparsity, job.target.align
+        )
+        try:
+            job.method.check_counts(removed, total)
+        except ValueError as err:
+            raise JobError(f"method={job.method.name} sparsity={job.sparsity}: {err}") from err
     else:
         _check_nm_columns(targets, job.target)
     return packages, targets
@@ -232,9 +242,11 @@ def _check_structured(
     units: list[UnitRef],
     sparsity: float,
     align: int | None = None,
-) -> None:
+) -> tuple[int, int]:
     """Every head group splits evenly into heads, every FFN into its recorded width, and the
-    sparsity (rounded to `align`) leaves at least one head and one neuron in each."""
+    sparsity (rounded to `align`) leaves at least one head and one neuron in each; returns the
+    units it removes and the units there are, over all groups."""
+    removed, total = 0, 0
     for block_name in dict.fromkeys(unit.block_name for unit in units):
         block = denoiser.get_submodule(block_name)
         heads, neurons = adapter.structured_groups(block)
@@ -254,21 +266,24 @@ def _check_structured(
                     )
             head_dim = group.width // count
             where = f"heads of {block_name}.{group.attention}"
-            _check_keeps_one(sparsity, count, where, head_dim, align)
+            removed += _check_keeps_one(sparsity, count, where, head_dim, align)
+            total += count
         for neuron_group in neurons:
             where = f"FFN neurons of {block_name}.{neuron_group.consumer[0]}"
-            _check_keeps_one(sparsity, neuron_group.width, where, 1, align)
+            removed += _check_keeps_one(sparsity, neuron_group.width, where, 1, align)
+            total += neuron_group.width
             for name, offset in neuron_group.producers:
                 if linear_at(block, name).out_features < offset + neuron_group.width:
                     raise JobError(
                         f"{block_name}.{name} has fewer outputs than the {neuron_group.width} "
                         "FFN neurons its down-projection reads"
                     )
+    return removed, total
 
 
 def _check_keeps_one(
     sparsity: float, units: int, what: str, unit_width: int = 1, align: int | None = None
-) -> None:
+) -> int:
     try:
         removed = aligned_count(units, sparsity, unit_width, align)
     except ValueError as err:
@@ -279,3 +294,4 @@ def _check_keeps_one(
             f"{removed}); structured pruning keeps at least one: use a sparsity below "
             f"{(units - 0.5) / units:.3f}"
         )
+    return removed

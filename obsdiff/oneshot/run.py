@@ -22,6 +22,7 @@ from obsdiff.artifacts.pruned import PrunedModel, save_pruned
 from obsdiff.artifacts.record import PruneResult
 from obsdiff.calibration.cache import StatisticsCache, cache_key
 from obsdiff.calibration.depth import prune_depth
+from obsdiff.calibration.ecodiff import MaskResult, train_masks_for
 from obsdiff.calibration.packages import UnitRef
 from obsdiff.calibration.sequential import (
     LoopReport,
@@ -33,6 +34,7 @@ from obsdiff.calibration.sequential import (
 from obsdiff.calibration.taylor import training_loss
 from obsdiff.methods.depth import DepthCriterion
 from obsdiff.methods.diff_pruning import DiffPruning
+from obsdiff.methods.ecodiff import EcoDiff
 from obsdiff.methods.package import (
     BlockRecord,
     Depth,
@@ -46,6 +48,7 @@ from obsdiff.models.structure import linear_at
 from obsdiff.models.surgery import shapes
 from obsdiff.oneshot.checkpoint import Checkpointer, check_previous_run
 from obsdiff.oneshot.job import JobError, PruneJob, depth_candidates, plan_packages
+from obsdiff.pruning.obs_structured import aligned_count
 from obsdiff.pruning.taylor import TaylorScores, taylor_scores
 from obsdiff.runners.parallel import DataParallel
 from obsdiff.utils.flops import pipeline_flops
@@ -104,9 +107,9 @@ def prune_pipeline(
 
     checkpointer = Checkpointer(run_dir, job.run_key, denoiser, len(packages))
     previous = checkpointer.restore()
-    taylor = None
+    first_pass = None  # a gradient method's: what the manifest says of it
     if job.method.needs_gradients and previous.packages_done < len(packages):
-        taylor = taylor_pass(job, pipe, denoiser, packages, dict(targets))
+        first_pass = scoring_pass(job, pipe, denoiser, packages, dict(targets), checkpointer)
     embeddings = []
     shard = parallel.shard(len(job.prompts.prompts))
     depth = isinstance(job.target, Depth)
@@ -183,11 +186,8 @@ def prune_pipeline(
         statistics_bytes=statistics_peak,
     )
     manifest = _manifest(job, result, report, packages, denoiser)
-    if taylor is not None:  # the levels the scores came from, with their losses
-        manifest["taylor"] = {
-            "levels": taylor.levels,
-            "losses": [round(v, 6) for v in taylor.losses],
-        }
+    if first_pass is not None:  # Taylor levels and losses, or the masks' trainings
+        manifest.update(first_pass)
     if list(experts) != [""]:  # the steps each expert ran, and their weights
         manifest["experts"] = {
             name: {"steps": steps, "weights": [round(float(by_expert[name][i]), 6) for i in steps]}
@@ -215,6 +215,43 @@ def prune_pipeline(
     return pruned
 
 
+def scoring_pass(
+    job: PruneJob,
+    pipe: DiffusionPipeline,
+    denoiser: nn.Module,
+    packages: list[list[UnitRef]],
+    targets: dict[str, nn.Linear],
+    checkpointer: Checkpointer,
+) -> dict[str, Any]:
+    """A gradient method's pass before the packages, on the dense model (Diff-Pruning's Taylor
+    scores, EcoDiff's masks), handed to the method; kept in the checkpoint, so that a resume
+    reads it instead of computing it again on a partly pruned model. Returns the manifest's
+    section about it."""
+    method = job.method
+    kept = checkpointer.restore_scores()
+    if isinstance(method, EcoDiff):
+        if kept is None:
+            result = mask_pass(job, pipe, denoiser, packages)
+            info: dict[str, Any] = {
+                "beta": result.beta,
+                "trainings": [list(t) for t in result.trainings],
+                "losses": [round(v, 6) for v in result.losses],
+            }
+            kept = (result.logits, info)
+            checkpointer.save_scores(*kept)
+        method.use_logits(kept[0])
+        return {"ecodiff": kept[1]}
+    assert isinstance(method, DiffPruning)  # the other method that reads gradients
+    if kept is None:
+        scores = taylor_pass(job, pipe, denoiser, packages, targets)
+        losses = [round(v, 6) for v in scores.losses]
+        kept = (scores.as_tensors(), {"levels": scores.levels, "losses": losses})
+        checkpointer.save_scores(*kept)
+    tensors, about = kept
+    method.use_scores(TaylorScores.from_tensors(tensors, about["levels"], about["losses"]))
+    return {"taylor": about}
+
+
 def taylor_pass(
     job: PruneJob,
     pipe: DiffusionPipeline,
@@ -222,12 +259,11 @@ def taylor_pass(
     packages: list[list[UnitRef]],
     targets: dict[str, nn.Linear],
 ) -> TaylorScores:
-    """A gradient method's scores of the dense model's target linears (Diff-Pruning's), on one
-    batch of the calibration prompts, handed to the method before the packages run: per weight
-    for a pattern prune; per row and column of every producer and consumer of the head and
-    neuron groups for a structured one."""
+    """Diff-Pruning's scores of the dense model's target linears, on one batch of the
+    calibration prompts: per weight for a pattern prune; per row and column of every producer
+    and consumer of the head and neuron groups for a structured one."""
     method = job.method
-    assert isinstance(method, DiffPruning)  # the one method that reads gradients
+    assert isinstance(method, DiffPruning)
     structured = isinstance(job.target, Structured)
     if structured:
         targets = {
@@ -237,11 +273,26 @@ def taylor_pass(
         }
     prompts = job.prompts.prompts[: job.calibration.batch_size]
     loss_at = training_loss(job.model, pipe, prompts, method.levels, job.calibration.seed)
-    scores = taylor_scores(
+    return taylor_scores(
         denoiser, targets, loss_at, method.threshold, method.levels, per_weight=not structured
     )
-    method.use_scores(scores)
-    return scores
+
+
+def mask_pass(
+    job: PruneJob, pipe: DiffusionPipeline, denoiser: nn.Module, packages: list[list[UnitRef]]
+) -> MaskResult:
+    """EcoDiff's gates of every head and neuron group the packages prune, trained on the
+    calibration prompts (beta bisected to the units the sparsity removes)."""
+    method = job.method
+    assert isinstance(method, EcoDiff) and isinstance(job.target, Structured)
+    groups = unit_groups(job.model, denoiser, packages)
+    counts = [aligned_count(g.units, job.sparsity, g.unit_width, job.target.align) for g in groups]
+    embeddings = embed_batches(
+        job.model, pipe, job.prompts.prompts, job.calibration.batch_size, job.device
+    )
+    return train_masks_for(
+        job.model, pipe, groups, counts, embeddings, method, job.calibration.seed
+    )
 
 
 def _nonzero(module: nn.Module) -> int:

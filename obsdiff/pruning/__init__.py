@@ -14,6 +14,7 @@ Baselines                       magnitude_prune, wanda_prune, wanda_scores, dsno
 """
 
 from obsdiff.pruning.dsnot import dsnot_prune, dsnot_refine
+from obsdiff.pruning.gates import closed_units, gate_values
 from obsdiff.pruning.l1 import l1_select, l1_unit_scores
 from obsdiff.pruning.magnitude import magnitude_mask, magnitude_prune
 from obsdiff.pruning.obs import (
@@ -46,6 +47,7 @@ from obsdiff.pruning.schedules import (
     uniform,
 )
 from obsdiff.pruning.statistics import InputStatistics
+from obsdiff.pruning.taylor import TaylorScores, taylor_scores
 from obsdiff.pruning.wanda import wanda_mask, wanda_prune, wanda_scores
 
 
@@ -57,10 +59,13 @@ __all__ = [
     "ObsProblem",
     "ObsResult",
     "StructuredResult",
+    "TaylorScores",
     "Unstructured",
+    "closed_units",
     "dsnot_prune",
     "dsnot_refine",
     "explicit",
+    "gate_values",
     "head_saliency",
     "inverse_cholesky_upper",
     "l1_select",
@@ -81,6 +86,7 @@ __all__ = [
     "reciprocal_rank_fusion",
     "rrf_choice",
     "structured_count",
+    "taylor_scores",
     "timestep_weights",
     "uniform",
     "wanda_mask",

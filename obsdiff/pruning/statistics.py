@@ -17,6 +17,11 @@ Normalisation. The Hessian is H = 2 * sum_t alpha_t X_t^T X_t / normaliser. With
 the number of samples in the batch (the CFG-doubled batch counts both halves); with "token" it
 divides by sum_t alpha_t * tokens_t. The choice only rescales H, which changes neither OBS masks
 nor updates (damping is relative), but it sets the scale of reported losses.
+
+Token weights. With `token_weights` (importance-weighted OBS, `ObsDiff.token_weighting`) each
+token row x_i enters the Hessian as w_i x_i^T x_i; the weights have mean 1 over each sample's
+tokens, so the counts (and the normaliser) are those of the unweighted rows, and H keeps its
+scale. Only the Hessian is weighted: the moments of Wanda and DSnoT are not.
 """
 
 from __future__ import annotations
@@ -125,11 +130,21 @@ class InputStatistics:
 
     # ----------------------------------------------------------------- feeding
     @torch.no_grad()
-    def update(self, x: torch.Tensor, weight: float = 1.0, token_scale: float = 1.0) -> None:
+    def update(
+        self,
+        x: torch.Tensor,
+        weight: float = 1.0,
+        token_scale: float = 1.0,
+        token_weights: torch.Tensor | None = None,
+    ) -> None:
         """Add one batch. x: (B, ..., features), B samples (a 1-D x is one sample).
         `token_scale`: x holds a sample of each sample's tokens, 1 / token_scale of them; the
         token sums (and token counts) are scaled up to estimate the whole call's, the sample
-        counts are not (`obsdiff.calibration.hooks.token_sample`)."""
+        counts are not (`obsdiff.calibration.hooks.token_sample`). `token_weights`: a
+        non-negative weight w_i per token row, shaped as (or broadcastable to) x.shape[:-1]:
+        row i enters X^T X as w_i x_i^T x_i (importance-weighted OBS); the counts and the
+        moments (Wanda, DSnoT) are not weighted. None: every row weighs 1 (all-ones weights
+        give the same bits)."""
         if x.shape[-1] != self.features:
             raise ValueError(f"input has {x.shape[-1]} features, statistics expect {self.features}")
         if weight <= 0:
@@ -139,7 +154,11 @@ class InputStatistics:
         tokens = rows.shape[0] * token_scale
         scaled = weight * token_scale  # of the token sums
         if self.xtx is not None:
-            _accumulate(self.xtx, _xtx(rows, self.hessian_precision), scaled)  # alpha X^T X
+            weighted = rows
+            if token_weights is not None:  # sqrt(w_i) x_i: (sqrt(w) X)^T (sqrt(w) X) = X^T W X
+                root = token_weights.to(rows.device, torch.float32).expand(x.shape[:-1]).sqrt()
+                weighted = rows * root.reshape(-1, 1)  # (tokens, n)
+            _accumulate(self.xtx, _xtx(weighted, self.hessian_precision), scaled)  # alpha X^T W X
         if self.column_sum is not None:
             assert self.column_sq_sum is not None and self.variance_sum is not None
             _accumulate(self.column_sum, rows.sum(0), scaled)

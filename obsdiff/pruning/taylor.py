@@ -51,6 +51,23 @@ class TaylorScores:
     levels: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
+    def as_tensors(self) -> dict[str, torch.Tensor]:
+        """Every score tensor by `<kind>:<linear name>` (kind: weights, rows, columns), to be
+        kept in a safetensors file."""
+        kinds = {"weights": self.weights, "rows": self.rows, "columns": self.columns}
+        return {f"{kind}:{name}": t for kind, scores in kinds.items() for name, t in scores.items()}
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], levels: list[int], losses: list[float]
+    ) -> TaylorScores:
+        """The scores `as_tensors` gave, with their levels and losses."""
+        kinds: dict[str, dict[str, torch.Tensor]] = {"weights": {}, "rows": {}, "columns": {}}
+        for key, tensor in tensors.items():
+            kind, name = key.split(":", 1)
+            kinds[kind][name] = tensor
+        return cls(kinds["weights"], kinds["rows"], kinds["columns"], list(levels), list(losses))
+
     def group(self, name: str, rows: slice | None = None, columns: slice | None = None) -> float:
         """The score of a group of one linear's weights: whole rows (a head's or a neuron's
         rows of a producer) or whole columns (of a consumer)."""

@@ -48,6 +48,21 @@ def load(path: Path) -> dict:  # type: ignore[type-arg]
         ("obsdiff.prune", ["method=diff_pruning", "method.levels=0"], "method.levels"),
         (
             "obsdiff.prune",
+            ["method=ecodiff", "granularity=structured", "sparsity=0.25", "method.beta=0"],
+            "method.beta=0.0 must be > 0",
+        ),
+        (
+            "obsdiff.prune",  # 4 heads, 128 neurons: round(4 x 0.003) = round(128 x 0.003) = 0
+            ["method=ecodiff", "granularity=structured", "sparsity=0.003"],
+            "the sparsity removes none of the",
+        ),
+        (
+            "obsdiff.prune",
+            ["method=ecodiff", "sparsity=0.5"],
+            "method 'ecodiff' does not support unstructured pruning",
+        ),
+        (
+            "obsdiff.prune",
             ["method.head_saliency=nosuch", "granularity=structured", "sparsity=0.25"],
             "method.head_saliency='nosuch'; use one of reference, eq7, exact",
         ),

@@ -51,6 +51,15 @@ STRUCTURED_CASES = covering(
     TINY_MODELS, [m for m in STRUCTURED_METHODS if prunes(m)], ["structured"]
 )
 STRUCTURED_CASES.append(("tiny_sd3", "dense", "structured"))
+# the field's diffusion-specific baselines (the methods with a gradient pass: Diff-Pruning,
+# EcoDiff) on the toy and every tiny family, each
+STRUCTURED_CASES += [
+    (model, method, "structured")
+    for method in STRUCTURED_METHODS
+    if METHODS[method].needs_gradients
+    for model in ["toy", *TINY_MODELS]
+    if (model, method, "structured") not in STRUCTURED_CASES
+]
 
 
 def _overridden(group: str, overrides: tuple[str, ...]) -> bool:

@@ -122,6 +122,7 @@ def test_anything_the_statistics_depend_on_changes_the_key(job_for) -> None:  # 
         "blocks=[1,4]",
         "packages=1",  # the first package holds other layers
         "granularity=structured",
+        "method.token_weighting=cfg_response",  # weighted Hessians
     ]
     keys = {override: key(override) for override in changed}
     for override, found in keys.items():
