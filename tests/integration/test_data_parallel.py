@@ -47,14 +47,16 @@ def run(tmp_path: Path, *overrides: str) -> tuple[Path, str]:
 @pytest.mark.timeout(600)  # about 23 s here: sized for a loaded machine
 def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
     """Structured: statistics all-reduced, then the same heads, neurons and surgery on every rank
-    (the unstructured path shares the reduction; one run keeps the suite fast).
+    (the unstructured path shares the reduction; one run keeps the suite fast). The statistics
+    are importance-weighted (`method.token_weighting=cfg_response`): each rank computes the
+    maps of its own prompts and finds them by their numbers.
 
     The decisions (which heads and neurons go) must agree exactly. The weights agree to float32
     round-off only: the all-reduce adds two partial sums where one process adds one running sum,
     and the processes run their kernels with other thread counts, so each Hessian entry (a float32
     sum of ~10^3 products here) may differ by a few ulps times the number of terms (~1e-4
     relative), which the OBS compensation carries into the kept weights."""
-    overrides = ["granularity=structured", "sparsity=0.25"]
+    overrides = ["granularity=structured", "sparsity=0.25", "method.token_weighting=cfg_response"]
     single, _ = run(tmp_path / "single", *overrides)
     parallel, output = run(tmp_path / "ddp", "runner=ddp_cpu", *overrides)
     pruned = RunRecord.read(parallel).prune

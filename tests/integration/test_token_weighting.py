@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from app_runner import run_app
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from registry import SHIPPED_MODELS, TINY_MODELS, calibration_overrides, tiny_adapter
@@ -372,27 +371,3 @@ def test_a_method_without_a_hessian_is_refused_before_loading(
     message = "method 'wanda' has no option 'token_weighting'; it is an option of method=obsdiff"
     with pytest.raises(ValueError, match=message):
         obsdiff.prune(tiny_sd3_pipeline(), "wanda", prompts=["a"], token_weighting="cfg_response")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)  # about 25 s here: two app runs, one of two gloo processes
-def test_two_gloo_processes_weight_as_one(tmp_path: Path) -> None:
-    """Each rank computes the maps of its own prompts and finds them by their numbers: the same
-    masks as one process, the weights to float32 round-off (the all-reduce sums in another
-    order; `test_data_parallel`)."""
-    common = [
-        "model=tiny_sd3", "calibration=tiny", "model.sampling.num_inference_steps=2",
-        "calibration.num_prompts=4", "calibration.batch_size=1", "packages=2", *WEIGHTED,
-    ]  # fmt: skip
-    weights = []
-    for runner in ("single", "ddp_cpu"):
-        out = tmp_path / runner
-        result = run_app("obsdiff.prune", *common, f"runner={runner}", f"paths.output_root={out}")
-        assert result.returncode == 0, result.stderr[-3000:]
-        (run_dir,) = [p.parent for p in out.glob("prune/runs/*/results.json")]
-        weights.append(safetensors.torch.load_file(str(run_dir / "denoiser.safetensors")))
-    single, parallel = weights
-    assert single.keys() == parallel.keys()
-    for name in single:
-        assert torch.equal(single[name] == 0, parallel[name] == 0), name
-        torch.testing.assert_close(single[name], parallel[name], rtol=1e-4, atol=1e-5)
