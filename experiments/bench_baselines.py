@@ -1,5 +1,6 @@
 """The field's other pruning methods against OBS-Diff, on the toy (`make bench-baselines`):
-Diff-Pruning, EcoDiff and importance-weighted OBS beside OBS-Diff, L1 and Wanda, structured at
+Diff-Pruning, EcoDiff and importance-weighted OBS (the CFG-response and the attention maps)
+beside OBS-Diff, L1 and Wanda, structured at
 10/20/30% and unstructured at 50/70%, one-shot, and at structured 30% after the same recovery
 (the toy analogue of the paper's Table 10: OBS-Diff + fine-tuning against Diff-Pruning +
 fine-tuning), each against the dense model on the same prompts and seeds.
@@ -8,7 +9,8 @@ fine-tuning), each against the dense model on the same prompts and seeds.
     python experiments/bench_baselines.py --only summary      # the summary of finished jobs
 
 Every job is one `obsdiff.run` of the toy (`+experiment=toy`: its 32 calibration prompts, 72
-held-out prompts, 576 images a model) into `<out>/<job>/`; a rerun skips finished jobs.
+held-out prompts, 576 images a model) into `<out>/<job>/`, two at a time on one thread each
+(`--workers`); a rerun skips finished jobs.
 `obsdiff.report` reads them all into `--reports/report/` (paired 95% intervals between jobs),
 `experiments/toy_claims.py` adds the baselines' rows to the claims table, and the summary
 (`--reports/summary.md`, `summary.json`) gives each job's parameters, pruning seconds and peak
@@ -19,7 +21,8 @@ Method settings: every method at its defaults (Diff-Pruning's official threshold
 1000 levels on the toy's flow matching loss), but EcoDiff, trained on the 32 calibration
 prompts one at a time (its official batch of 1) with its FLUX learning rate 0.5 for heads and
 neurons: at its SDXL rate (0.1) the toy's 32 optimizer steps a training cannot move a logit from
-3 below 0. Recovery: `recover=distill`, 500 steps (bench-recover's first budget).
+3 below 0. Recovery: `recover=distill`, 500 steps (bench-recover's first budget), for OBS-Diff and
+Diff-Pruning (the paper's Table 10 pair).
 """
 
 from __future__ import annotations
@@ -37,18 +40,21 @@ STRUCTURED = ["granularity=structured"]
 ECODIFF = ["method=ecodiff", "calibration.batch_size=1", "method.lr_heads=0.5",
            "method.lr_neurons=0.5"]  # fmt: skip
 CFG_RESPONSE = ["method=obsdiff", "method.token_weighting=cfg_response"]
+ATTENTION = ["method=obsdiff", "method.token_weighting=attention"]
 STRUCTURED_METHODS: dict[str, list[str]] = {
     "obsdiff": ["method=obsdiff"],
     "l1": ["method=l1"],
     "diff_pruning": ["method=diff_pruning"],
     "ecodiff": ECODIFF,
     "obsdiff_cfg_response": CFG_RESPONSE,
+    "obsdiff_attention": ATTENTION,
 }
 UNSTRUCTURED_METHODS: dict[str, list[str]] = {
     "obsdiff": ["method=obsdiff"],
     "wanda": ["method=wanda"],
     "diff_pruning": ["method=diff_pruning"],
     "obsdiff_cfg_response": CFG_RESPONSE,
+    "obsdiff_attention": ATTENTION,
 }
 RECOVERED = ["recover=distill", "recover.steps=500"]
 JOBS: dict[str, list[str]] = {  # the job's folder: its settings
@@ -66,11 +72,13 @@ JOBS: dict[str, list[str]] = {  # the job's folder: its settings
     **{
         f"{name}_structured30_recovered": [*STRUCTURED, "sparsity=0.3", *settings, *RECOVERED]
         for name, settings in STRUCTURED_METHODS.items()
-        if name in ("obsdiff", "diff_pruning", "ecodiff")
+        if name in ("obsdiff", "diff_pruning")
     },
 }  # fmt: skip
-# the token-weighted jobs last: a partial run has every other method's cells first
-JOBS = dict(sorted(JOBS.items(), key=lambda job: "cfg_response" in job[0]))
+# the longest first (EcoDiff's trainings, Diff-Pruning's 1000 backwards), side by side with the rest
+JOBS = dict(
+    sorted(JOBS.items(), key=lambda job: not job[0].startswith(("ecodiff", "diff_pruning")))
+)
 METRICS = ("prompt_fidelity", "psnr", "ssim", "toy_feature_distance")
 
 
@@ -134,7 +142,7 @@ def summary(out: Path, reports: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return toy_benchmark(argv, __doc__.split("\n")[0], "toy_baselines", JOBS, summary)
+    return toy_benchmark(argv, __doc__.split("\n")[0], "toy_baselines", JOBS, summary, workers=2)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +67,27 @@ ROLE_MODELS = ("toy", "sd3_medium", "sd35_large", "flux_dev", "sdxl_base", "pixa
 log = logging.getLogger("bench_compress")
 
 
-def run_jobs(out: Path, jobs: dict[str, list[str]]) -> int:
+def run_jobs(out: Path, jobs: dict[str, list[str]], workers: int = 1) -> int:
     """Each job as one `obsdiff.run` of the toy into `out/<job>` (a finished one is skipped by
-    the app); the number that failed."""
-    failed = 0
-    for name, settings in jobs.items():
-        command = [sys.executable, "-m", "obsdiff.run", *COMMON, *settings]
+    the app), `workers` at a time, each then on cores / workers threads (the toy's small
+    matrices gain little from a second thread; two jobs side by side gain almost twice); the
+    number that failed."""
+    env = dict(os.environ)
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+
+    def run(name: str) -> bool:
+        command = [sys.executable, "-m", "obsdiff.run", *COMMON, *jobs[name]]
         command += [f"hydra.run.dir={out / name}"]
         log.info("$ %s", " ".join(command))
         started = time.perf_counter()
-        failed += subprocess.run(command, cwd=REPO_ROOT).returncode != 0
+        failed = subprocess.run(command, cwd=REPO_ROOT, env=env).returncode != 0
         log.info("%s: %.0f s", name, time.perf_counter() - started)
-    return failed
+        return failed
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return sum(pool.map(run, jobs))
 
 
 def job_row(name: str, run_dir: Path) -> dict[str, Any] | None:
@@ -174,19 +185,21 @@ def toy_benchmark(
     folder: str,
     jobs: dict[str, list[str]],
     summary: Callable[[Path, Path], None],
+    workers: int = 1,
 ) -> int:
     """A toy benchmark's command line: its jobs into `outputs/<folder>`, the report, the claims
     rows (`experiments/toy_claims.py`), then `summary(out, reports)` into `experiments/<folder>`;
-    `--only jobs` or `--only summary`."""
+    `--only jobs` or `--only summary`; `workers` jobs at a time (`--workers`)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / folder)
     parser.add_argument("--reports", type=Path, default=REPO_ROOT / "experiments" / folder)
     parser.add_argument("--only", choices=("jobs", "summary"), default=None)
+    parser.add_argument("--workers", type=int, default=workers, help="jobs at a time")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     failed = 0
     if args.only in (None, "jobs"):
-        failed += run_jobs(args.out, jobs)
+        failed += run_jobs(args.out, jobs, args.workers)
         report = [sys.executable, "-m", "obsdiff.report", str(args.out)]
         failed += subprocess.run([*report, "--out", str(args.reports / "report")]).returncode != 0
         claims = [

@@ -683,13 +683,17 @@ def baselines_ecodiff(runs: dict[str, list[JobResult]]) -> Row:
 
 def baselines_token_weighting(runs: dict[str, list[JobResult]]) -> Row:
     cells = [*ONE_SHOT_STRUCTURED, *ONE_SHOT_UNSTRUCTURED]
-    result, found = baseline_versus(runs, "obsdiff_cfg_response", "obsdiff", cells)
+    parts, verdicts = [], []
+    for weighting in ("cfg_response", "attention"):
+        result, found = baseline_versus(runs, f"obsdiff_{weighting}", "obsdiff", cells)
+        parts.append(f"{weighting}: {result}")
+        verdicts.append(f"{weighting}: {found}")
     return Row(
         "Importance-weighted OBS beats OBS-Diff (the 2026 successor's claim)",
-        "OBS-Diff with each token's Hessian term weighted by the CFG response map minus "
-        "OBS-Diff, structured 10/20/30% and unstructured 50/70%, one-shot",
-        result,
-        found,
+        "OBS-Diff with each token's Hessian term weighted by the CFG response map, and by the "
+        "attention map, minus OBS-Diff, structured 10/20/30% and unstructured 50/70%, one-shot",
+        "; ".join(parts),
+        "; ".join(verdicts),
     )
 
 

@@ -20,10 +20,12 @@ the same prompt and seed, with an L1 pull on the gates.
   training closed.
 
 Departures from the official code, each for obsdiff's setting: the pull is the mean of the
-evaluation gates (the official code regularises its lambdas with shifted bounds); the optimiser
-is AdamW without weight decay under the official constant learning rates and warm-up; the
+evaluation gates (the official code regularises its lambdas with shifted bounds); a training
+gate's noise is drawn once a trajectory (the official hooks draw it at every denoiser call),
+so that the recomputed calls of the backward see the gates of the forward; the optimiser is
+AdamW without weight decay under the official constant learning rates and warm-up; the
 norm-channel masks FLUX also gets there are not trained (obsdiff's structured granularity is
-heads and neurons).
+heads and neurons); a data-parallel run trains the same gates on every rank.
 """
 
 from __future__ import annotations

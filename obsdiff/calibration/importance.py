@@ -12,6 +12,17 @@ call of a step (true CFG); where sampling runs no CFG (guidance-distilled Flux a
 guidance <= 1) the pass calls the denoiser once more per call with the empty prompt's
 conditioning (`empty_conditioning`, as `obsdiff.models.training.text_call` captures it).
 
+`attention`: the map of step t of a prompt is the attention each image position receives in
+the dense denoiser's conditional call, averaged over its queries and heads (every query: the
+image's own and, in joint attention, the text's), then over the attention layers whose keys hold
+the image (self and joint attention; cross-attention's keys are the text), each layer's map
+brought to the token grid (a UNet's coarser levels repeated 2 x 2) and given mean 1 first, so
+that every layer counts alike. The probabilities are recomputed beside each attention call of
+that pass (`recording_attention`: `torch.nn.functional.scaled_dot_product_attention`, which
+diffusers' attention processors call, wrapped; queries in chunks, so one chunk's
+probabilities are held at a time), as no fused kernel returns them. A joint attention's keys are
+[text, image] (Flux, FLUX.2, Qwen-Image) or [image, text] (SD3): `ModelAdapter.joint_attention`.
+
 From a map to a linear's tokens (`obsdiff.calibration.token_maps`): the map is stored at the
 denoiser's token grid (`to_token_grid`), raster order, mean 1 a sample, and pooled there to the
 grid a linear reads.
@@ -22,7 +33,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from obsdiff.calibration.hooks import StepTracker
-from obsdiff.calibration.token_maps import ImportanceMaps, mean_one
-from obsdiff.methods.obs_diff import CFG_RESPONSE
-from obsdiff.models.base import ModelAdapter, prediction
+from obsdiff.calibration.token_maps import ImportanceMaps, level_sizes, mean_one
+from obsdiff.methods.obs_diff import ATTENTION, CFG_RESPONSE
+from obsdiff.models.base import TEXT_FIRST, ModelAdapter, prediction
 from obsdiff.models.experts import called_modules
 from obsdiff.models.sampling import CFG_DOUBLED_BATCH, CFG_NONE, CFG_SEPARATE_CALLS
 from obsdiff.models.training import text_call
@@ -90,6 +102,94 @@ def to_token_grid(
     return pooled.reshape(*lead, h // size, w // size)
 
 
+def attention_received(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """The attention each key receives, softmax(q k^T scale + mask) averaged over the queries
+    and heads, in float32: (B, Lk), each row summing to 1. query (B, H, Lq, D), key
+    (B, H_k, Lk, D) (grouped keys repeated; 3-D inputs are one head); `attn_mask`: boolean
+    (True: attend) or additive, broadcastable to (B, H, Lq, Lk); queries `chunk` at a time."""
+    if query.dim() == 3:
+        query, key = query.unsqueeze(1), key.unsqueeze(1)
+        attn_mask = None if attn_mask is None else attn_mask.unsqueeze(1)
+    heads, keys = query.shape[1], key.shape[-2]
+    if key.shape[1] != heads:
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    keys_t = key.float().transpose(-1, -2)  # (B, H, D, Lk)
+    total = torch.zeros(query.shape[0], heads, keys, dtype=torch.float32, device=query.device)
+    for start in range(0, query.shape[-2], chunk):
+        logits = query[..., start : start + chunk, :].float() @ keys_t * scale  # (B, H, c, Lk)
+        if attn_mask is not None:
+            mask = (
+                attn_mask if attn_mask.shape[-2] == 1 else attn_mask[..., start : start + chunk, :]
+            )
+            if mask.dtype == torch.bool:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            else:
+                logits = logits + mask.float()
+        total += logits.softmax(-1).nan_to_num(0.0).sum(-2)  # (B, H, Lk)
+    return total.mean(1) / query.shape[-2]  # (B, Lk)
+
+
+@contextmanager
+def recording_attention(received: list[torch.Tensor], on: Callable[[], bool]) -> Iterator[None]:
+    """Within the block, each call of `torch.nn.functional.scaled_dot_product_attention` while
+    `on()` also appends `attention_received` of its query and key to `received`; its output is
+    the original function's."""
+    original = F.scaled_dot_product_attention
+
+    def recording(query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if on():
+            mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
+            received.append(attention_received(query, key, mask, kwargs.get("scale")))
+        return original(query, key, *args, **kwargs)
+
+    F.scaled_dot_product_attention = recording  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original  # type: ignore[assignment]
+
+
+def attention_map(
+    received: list[torch.Tensor],
+    grid: tuple[int, ...],
+    text_tokens: int | None,
+    text_first: bool,
+) -> torch.Tensor | None:
+    """The map (B, *grid) of one call from its layers' `attention_received` (B, Lk): the
+    layers whose keys are a level of the token grid, or [text, level] ([level, text] unless
+    `text_first`), each brought to the grid (a coarser level's positions repeated 2 x 2, cut to
+    the grid) and scaled to mean 1, then averaged; None if no layer's keys hold the image."""
+    sizes = level_sizes(grid)
+    total, layers = None, 0
+    for row in received:
+        length = row.shape[1]
+        if length in sizes:
+            level, image = sizes.index(length), row
+        elif text_tokens is not None and length - text_tokens in sizes:
+            level = sizes.index(length - text_tokens)
+            image = row[:, text_tokens:] if text_first else row[:, : length - text_tokens]
+        else:  # cross-attention (the text's keys) or a layout of no level
+            continue
+        factor = 2**level
+        height, width = grid[-2:]
+        coarse = image.reshape(
+            row.shape[0], *grid[:-2], -(-height // factor), -(-width // factor)
+        )  # (B, [F,] h_l, w_l)
+        fine = coarse.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+        fine = fine[..., :height, :width]  # (B, *grid)
+        layer = mean_one(fine.flatten(1)).reshape(fine.shape)
+        total = layer if total is None else total + layer
+        layers += 1
+    return None if total is None else total / layers
+
+
 def _argument(slot: int | str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return args[slot] if isinstance(slot, int) else kwargs[slot]
 
@@ -119,17 +219,18 @@ def importance_maps(
     unconditional: dict[int, Call] | None = None,
     kind: str = CFG_RESPONSE,
 ) -> ImportanceMaps:
-    """The `cfg_response` maps of the calibration prompts (`embeddings`: this rank's batches,
-    the first being prompt number `first_prompt`, image i from seed + i as in the package
-    passes) from one dense sampling pass, at each of `steps` denoising steps.
+    """The `kind` maps (`cfg_response` or `attention`) of the calibration prompts
+    (`embeddings`: this rank's batches, the first being prompt number `first_prompt`, image i
+    from seed + i as in the package passes) from one dense sampling pass, at each of `steps`
+    denoising steps.
     `unconditional`: `empty_conditioning` for each batch size, needed where the sampling runs
     no CFG (`ModelAdapter.cfg_mode`)."""
-    if kind != CFG_RESPONSE:
-        raise ValueError(f"token weighting {kind!r} has no importance maps; use {CFG_RESPONSE}")
+    if kind not in (CFG_RESPONSE, ATTENTION):
+        raise ValueError(f"token weighting {kind!r} has no importance maps")
     started = time.perf_counter()
     denoiser = adapter.denoiser(pipe)
     cfg_mode = adapter.cfg_mode()
-    if cfg_mode == CFG_NONE and unconditional is None:
+    if kind == CFG_RESPONSE and cfg_mode == CFG_NONE and unconditional is None:
         raise ValueError("a sampling without CFG needs the empty prompt's conditioning")
     device = next(denoiser.parameters()).device
     counts = [next(iter(batch.values())).shape[0] for batch in embeddings]
@@ -140,14 +241,19 @@ def importance_maps(
     filled = torch.zeros(total, steps, dtype=torch.bool)
     tracker = StepTracker()
     state: dict[str, Any] = {"busy": False, "pending": None, "offset": 0, "template": None}
+    state.update(recording=False, text=None)  # attention: the call's, and its text length
+    received: list[torch.Tensor] = []  # attention: each layer's of the running call
 
     def count_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not state["busy"]:
             tracker.call_in_step += 1
+            received.clear()  # the conditional call, or a doubled batch holding it
+            state["recording"] = cfg_mode != CFG_SEPARATE_CALLS or tracker.call_in_step <= 1
+            text = kwargs.get("encoder_hidden_states")
+            state["text"] = text.shape[-2] if isinstance(text, torch.Tensor) else None
 
-    def store(response: torch.Tensor, module: nn.Module) -> None:
-        grid = to_token_grid(response, module, packed)  # (B, *grid)
-        flat = mean_one(grid.flatten(1)).reshape(grid.shape).cpu()
+    def store(grid: torch.Tensor) -> None:
+        flat = mean_one(grid.flatten(1)).reshape(grid.shape).cpu()  # (B, *grid)
         step = min(tracker.step, steps - 1)
         if by_step[step] is None:
             by_step[step] = torch.ones(total, *flat.shape[1:], dtype=torch.float32)
@@ -164,6 +270,21 @@ def importance_maps(
             return
         predicted = prediction(output)
         latent = _argument(adapter.latent_argument, args, kwargs)
+        if kind == ATTENTION:
+            if not state["recording"]:
+                return
+            state["recording"] = False
+            half = predicted.shape[0] // 2 if cfg_mode == CFG_DOUBLED_BATCH else 0
+            cond = predicted[half:]  # (B, ...): the conditional samples
+            blank = to_token_grid(response_map(cond, cond, latent[half:]), module, packed)
+            found = attention_map(
+                [r[half:] for r in received], tuple(blank.shape[1:]), state["text"],
+                adapter.joint_attention == TEXT_FIRST,
+            )  # fmt: skip
+            received.clear()
+            if found is not None:
+                store(found)
+            return
         if cfg_mode == CFG_DOUBLED_BATCH:  # [uncond, cond]
             uncond, cond = predicted.chunk(2)
             latent = latent[: cond.shape[0]]
@@ -180,14 +301,15 @@ def importance_maps(
             finally:
                 state["busy"] = False
             cond = predicted
-        store(response_map(cond, uncond, latent), module)
+        store(to_token_grid(response_map(cond, uncond, latent), module, packed))
 
     handles = []
     for called in called_modules(denoiser):
         handles.append(called.register_forward_pre_hook(count_call, with_kwargs=True))
         handles.append(called.register_forward_hook(on_output, with_kwargs=True))
+    recording = recording_attention(received, lambda: bool(state["recording"]))
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), recording if kind == ATTENTION else nullcontext():
             for batch, count in progress(
                 list(zip(embeddings, counts, strict=True)), "importance maps", "batch"
             ):
@@ -213,7 +335,7 @@ def importance_maps(
         "importance maps (%s): one dense pass over %d prompts%s, %.1f s, %.1f MiB",
         kind,
         total,
-        " with the empty prompt's branch" if cfg_mode == CFG_NONE else "",
+        " with the empty prompt's branch" if kind == CFG_RESPONSE and cfg_mode == CFG_NONE else "",
         result.seconds,
         result.nbytes() / 2**20,
     )

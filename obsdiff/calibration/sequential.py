@@ -35,7 +35,7 @@ from obsdiff.methods.modulation import (
     compress_modulation,
     modulation_statistics,
 )
-from obsdiff.methods.obs_diff import NO_TOKEN_WEIGHTING
+from obsdiff.methods.obs_diff import CFG_RESPONSE, NO_TOKEN_WEIGHTING
 from obsdiff.methods.package import (
     InputGroup,
     Package,
@@ -328,7 +328,8 @@ def calibrate_and_prune(
     weighting = str(getattr(method, "token_weighting", NO_TOKEN_WEIGHTING))
     weighted = weighting != NO_TOKEN_WEIGHTING and start_package < len(packages)
     unconditional = None
-    if weighted and adapter.cfg_mode() == CFG_NONE:  # while the text encoders are on the device
+    needs_branch = weighted and weighting == CFG_RESPONSE and adapter.cfg_mode() == CFG_NONE
+    if needs_branch:  # the empty prompt's conditioning, while the text encoders are on the device
         counts = [next(iter(batch.values())).shape[0] for batch in embeddings]
         unconditional = empty_conditioning(adapter, pipe, counts)
     with components_released(pipe, denoiser, placement.offload.components):

@@ -16,8 +16,13 @@ from obsdiff.pruning.statistics import NORMALISERS
 
 # How the token rows of a calibration call are weighted in the Hessian
 # (`obsdiff.calibration.importance`): `none`, every row alike (the paper); `cfg_response`, by the
-# dense model's classifier-free-guidance response at the token's position.
-NO_TOKEN_WEIGHTING, CFG_RESPONSE = TOKEN_WEIGHTINGS = ("none", "cfg_response")
+# dense model's classifier-free-guidance response at the token's position; `attention`, by the
+# attention the position receives in the dense model's self and joint attention.
+NO_TOKEN_WEIGHTING, CFG_RESPONSE, ATTENTION = TOKEN_WEIGHTINGS = (
+    "none",
+    "cfg_response",
+    "attention",
+)
 
 
 @dataclass
@@ -38,7 +43,9 @@ class ObsDiff(PruningMethod):
         token_weighting: Importance-weighted OBS: each token row x_i enters the Hessian as
             w_i x_i^T x_i. `none` (the paper: every row alike) or `cfg_response` (w from the
             dense model's |eps(x_t, c) - eps(x_t, uncond)| at the token's position, mean 1 per
-            sample; one more dense sampling pass over the calibration prompts).
+            sample) or `attention` (w from the attention the position receives in the dense
+            model's self and joint attention); either takes one more dense sampling pass over
+            the calibration prompts.
     """
 
     percdamp: float = 0.01

@@ -55,6 +55,9 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # files shipped with ob
 ARCHITECTURES = DATA_DIR / "architectures"
 
 
+TEXT_FIRST, IMAGE_FIRST = "text_first", "image_first"  # `ModelAdapter.joint_attention`
+
+
 def pattern_regex(pattern: str) -> str:
     """A module name pattern (fnmatch's `*`, any characters; no `?` or `[`) as the regular
     expression that fully matches the module it names and every module under it."""
@@ -86,6 +89,10 @@ class ModelAdapter(ABC):
     joint_blocks: ClassVar[bool] = False
     # where its pipeline puts the latent and the timestep in a denoiser call (a position or a
     # keyword), and what it divides the scheduler's timestep (0..1000) by (Flux: 1000)
+    # the order of a joint attention's keys, [text, image] or [image, text] (importance-weighted
+    # OBS's attention maps, `obsdiff.calibration.importance`); None: the family's attention maps
+    # cannot be read
+    joint_attention: ClassVar[str | None] = TEXT_FIRST
     latent_argument: ClassVar[int | str] = "hidden_states"
     timestep_argument: ClassVar[int | str] = "timestep"
     timestep_divisor: ClassVar[float] = 1.0

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from obsdiff.models.base import ModelAdapter, component_config
+from obsdiff.models.base import IMAGE_FIRST, ModelAdapter, component_config
 from obsdiff.models.sampling import embedding_kwargs
 from obsdiff.models.structure import (
     MMDIT_UNITS,
@@ -44,6 +44,7 @@ class SD3Adapter(ModelAdapter):
     denoiser_attr = "transformer"
     tiny_variants = ("sd3", "sd35")
     takes_max_sequence_length = True
+    joint_attention = IMAGE_FIRST  # JointAttnProcessor2_0: [image, text]
     modulation_patterns = (
         "transformer_blocks.*.norm1.linear",
         "transformer_blocks.*.norm1_context.linear",

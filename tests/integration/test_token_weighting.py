@@ -1,8 +1,8 @@
-"""Importance-weighted OBS (`method.token_weighting=cfg_response`) on every tiny family and the
-toy (from the registries): the maps of the dense pass, where each target linear's tokens lie, the
-hook-fed weighted Hessians against their closed form (CFG halves, token samples, prompt
-numbers), the prune with exact sparsity that reloads, `none` as before, and the statistics cache
-kept apart."""
+"""Importance-weighted OBS (`method.token_weighting=cfg_response` or `attention`) on every tiny
+family and the toy (from the registries): the maps of the dense pass, where each target
+linear's tokens lie, the hook-fed weighted Hessians against their closed form (CFG halves, token
+samples, prompt numbers), the attention maps against the softmax they recompute, the prune
+with exact sparsity that reloads, `none` as before, and the statistics cache kept apart."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from obsdiff.calibration.token_maps import (
     token_weights,
 )
 from obsdiff.eval.generation import generate
+from obsdiff.methods.obs_diff import NO_TOKEN_WEIGHTING, TOKEN_WEIGHTINGS
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.experts import called_modules
 from obsdiff.models.sampling import CFG_DOUBLED_BATCH, CFG_NONE, CFG_SEPARATE_CALLS
@@ -50,6 +51,7 @@ pytestmark = pytest.mark.integration
 PROMPTS = ["a red circle", "a green square", "a blue cat", "two dogs"]
 FAST = ["model.sampling.num_inference_steps=2", "packages=2", "calibration.num_prompts=2"]
 WEIGHTED = ["method=obsdiff", "method.token_weighting=cfg_response"]
+WEIGHTINGS = [w for w in TOKEN_WEIGHTINGS if w != NO_TOKEN_WEIGHTING]
 # the first linear of the groups that read the text stream alone (MMDiT context streams,
 # cross-attention keys and values); single-stream blocks read [text, image]
 TEXT_STREAM = ("add_q_proj", "to_add_out", "ff_context.", "txt_mlp.", "attn2.to_k")
@@ -257,11 +259,13 @@ def target_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return {layer["name"]: saved[layer["name"] + ".weight"] for layer in manifest["records"]}
 
 
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
 @pytest.mark.parametrize("model", TINY_MODELS + SHIPPED_MODELS)
-def test_cfg_response_prunes_every_model_exactly_and_reloads(
-    model: str, compose_prune, tmp_path: Path
+def test_each_weighting_prunes_every_model_exactly_and_reloads(
+    model: str, weighting: str, compose_prune, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    overrides = [f"model={model}", *WEIGHTED, *calibration_overrides(model)]
+    weighted = ["method=obsdiff", f"method.token_weighting={weighting}"]
+    overrides = [f"model={model}", *weighted, *calibration_overrides(model)]
     pruned = prune_pipeline(build_prune_job(compose_prune(*overrides)), tmp_path)
     result = pruned.result
     assert result is not None and result.target_parameters is not None
@@ -270,7 +274,7 @@ def test_cfg_response_prunes_every_model_exactly_and_reloads(
     assert sum(int((w == 0).sum()) for w in weights.values()) == expected
     assert result.achieved_sparsity == pytest.approx(expected / result.target_parameters)
     reloaded = load_pruned(tmp_path)
-    assert reloaded.manifest["method"]["token_weighting"] == "cfg_response"  # and its run key
+    assert reloaded.manifest["method"]["token_weighting"] == weighting  # and its run key
     unweighted = [o for o in overrides if "token_weighting" not in o]
     assert reloaded.manifest["run_key"] != build_prune_job(compose_prune(*unweighted)).run_key
     a = generate(
@@ -371,3 +375,89 @@ def test_a_method_without_a_hessian_is_refused_before_loading(
     message = "method 'wanda' has no option 'token_weighting'; it is an option of method=obsdiff"
     with pytest.raises(ValueError, match=message):
         obsdiff.prune(tiny_sd3_pipeline(), "wanda", prompts=["a"], token_weighting="cfg_response")
+
+
+def test_attention_maps_are_the_attention_each_image_position_receives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the tiny SD3 (joint attention of [image, text] keys): the maps of a step are the mean
+    over the calls' joint attention layers of the attention each image position receives,
+    recomputed here from the layers' queries and keys; the wrapped attention function is put
+    back after the pass, and the sampling it served is unchanged."""
+    import torch.nn.functional as F
+
+    from obsdiff.calibration.importance import attention_received
+
+    adapter, pipe = loaded("tiny_sd3")
+    batches = embed(adapter, pipe, PROMPTS[:2], 2)
+    original = F.scaled_dot_product_attention
+    seen: list[torch.Tensor] = []
+
+    def spy(query, key, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(attention_received(query.double(), key.double()))  # (2B, image + text)
+        return original(query, key, *args, **kwargs)
+
+    before = generate(pipe, adapter, PROMPTS[:1], seed=0, batch_size=1, output_type="latent")
+    maps = importance_maps(pipe, adapter, batches, 2, seed=0, kind="attention")
+    assert F.scaled_dot_product_attention is original
+    after = generate(pipe, adapter, PROMPTS[:1], seed=0, batch_size=1, output_type="latent")
+    assert torch.equal(before[0], after[0])
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    tracker = StepTracker()
+    calls = len(adapter.denoiser(pipe).transformer_blocks)
+    adapter.calibration_call(pipe, batches[0], image_generators(0, 0, 2), tracker.on_step_end)
+    grid = tuple(maps.by_step[0].shape[1:])
+    positions = grid[0] * grid[1]
+    for step in range(2):
+        layers = seen[step * calls : (step + 1) * calls]
+        expected = torch.zeros(2, positions, dtype=torch.float64)
+        for received in layers:
+            image = received[2:, :positions]  # the conditional half; [image, text] keys
+            expected += image / image.mean(1, keepdim=True)
+        expected /= calls
+        found = maps.by_step[step].flatten(1).double()
+        torch.testing.assert_close(
+            found, expected / expected.mean(1, keepdim=True), rtol=1e-4, atol=1e-5
+        )
+
+
+def test_attention_received_is_the_softmax_it_recomputes() -> None:
+    """In float64 against softmax(q k^T / sqrt(d) + mask) formed whole: chunks of queries,
+    grouped keys, boolean and additive masks."""
+    from obsdiff.calibration.importance import attention_received
+
+    torch.manual_seed(0)
+    query = torch.randn(2, 4, 7, 8, dtype=torch.float64)
+    key = torch.randn(2, 2, 5, 8, dtype=torch.float64)  # 2 key heads for 4 query heads
+    keep = torch.rand(2, 1, 7, 5) > 0.3
+    keep[..., 0] = True
+    for mask in (None, keep, torch.randn(2, 1, 7, 5, dtype=torch.float64)):
+        full = query @ key.repeat_interleave(2, 1).transpose(-1, -2) / 8**0.5
+        if mask is not None:
+            full = (
+                full.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else full + mask
+            )
+        expected = full.softmax(-1).mean(1).mean(1)  # (B, Lk)
+        found = attention_received(query, key, mask, chunk=3)
+        torch.testing.assert_close(found, expected.float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(found.sum(1), torch.ones(2), rtol=1e-5, atol=1e-6)
+
+
+def test_a_family_whose_attention_maps_cannot_be_read_is_refused_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app_runner import TINY_PRUNE, run_in_process
+
+    from obsdiff.models import SD3Adapter
+
+    monkeypatch.setattr(SD3Adapter, "joint_attention", None)
+    result = run_in_process(
+        "obsdiff.prune", *TINY_PRUNE, "method.token_weighting=attention",
+        f"paths.output_root={tmp_path}",
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert output.count("[ERROR]") == 1
+    assert "attention maps of model=tiny_sd3 (sd3) cannot be read" in output
+    assert "use method.token_weighting=cfg_response" in output
+    assert "loaded model" not in output and not any(tmp_path.iterdir())
