@@ -41,9 +41,9 @@ from obsdiff.oneshot.job import PruneJob
 from obsdiff.oneshot.settings import PruneSettings, calibration_prompts
 from obsdiff.prompts.eval_sets import EvalPrompts, coco_captions, prompt_file
 from obsdiff.prompts.files import BUNDLED_PROMPTS
+from obsdiff.prompts.image_folder import read_image_folder
 from obsdiff.pruning.schedules import TimestepWeighting
 from obsdiff.recovery.checkpoint import RecoveryCheckpoint, RecoveryCheckpointError, recovery_key
-from obsdiff.recovery.images import read_image_folder
 from obsdiff.recovery.lora import check_lora_rank, lora_targets
 from obsdiff.recovery.settings import RecoverySettings
 from obsdiff.runners.fabric import RunnerSettings

@@ -23,6 +23,7 @@ import torch
 
 from obsdiff.methods.granularity import GRANULARITY_OPTIONS
 from obsdiff.methods.package import InputGroup, LayerRecord, UnitGroup, write_weight
+from obsdiff.models.base import ModelAdapter
 from obsdiff.pruning.obs import obs_workspace_bytes
 from obsdiff.pruning.patterns import Pattern
 from obsdiff.pruning.statistics import InputStatistics
@@ -95,6 +96,10 @@ class PruningMethod:
         if self.needs_hessian:
             return obs_workspace_bytes(inputs, rows)
         return FLOAT32 * 3 * rows * inputs
+
+    def check_model(self, model: ModelAdapter) -> None:
+        """ValueError if the method cannot prune this model's family as configured (checked
+        before any weight loads): a method that reads what only some families offer."""
 
     def scoring_bytes(self, shapes: list[tuple[int, int]], structured: bool) -> int:
         """Memory of the method's own pass before the packages (a gradient method's scores),

@@ -25,6 +25,8 @@ import torch
 
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.package import InputGroup, LayerRecord, UnitGroup, write_weight
+from obsdiff.models.base import ModelAdapter
+from obsdiff.prompts.image_folder import read_image_folder
 from obsdiff.pruning.l1 import l1_select
 from obsdiff.pruning.patterns import Pattern, mask_for
 from obsdiff.pruning.taylor import (
@@ -43,6 +45,10 @@ class DiffPruning(PruningMethod):
         threshold: The walk over the training levels stops after the first whose loss is below
             this share of the largest (the official 0.05); in (0, 1].
         levels: The training levels walked, from the low-noise end (the official 1000).
+        images: An image-text folder (`obsdiff.prompts.image_folder`): its first
+            `calibration.batch_size` images, encoded by the VAE, are the clean latents and
+            their captions the conditioning (the official code's one batch of real images).
+            Null: the dense model's own samples of the calibration prompts (data-free).
     """
 
     name = "diff_pruning"
@@ -51,12 +57,23 @@ class DiffPruning(PruningMethod):
 
     threshold: float = OFFICIAL_THRESHOLD
     levels: int = field(default=OFFICIAL_LEVELS, metadata={"minimum": 1})
+    images: str | None = None
 
     def __post_init__(self) -> None:
         check_threshold(self.threshold)
         if self.levels < 1:
             raise ValueError(f"method.levels={self.levels} must be >= 1")
+        if self.images is not None:
+            read_image_folder(self.images, "method.images")  # readable, every image captioned
         self._scores: TaylorScores | None = None
+
+    def check_model(self, model: ModelAdapter) -> None:
+        if self.images is not None and model.video:
+            raise ValueError(
+                f"method.images={self.images}: model={model.name} makes videos, whose clean "
+                "latents an image folder cannot give; leave method.images unset (the model's "
+                "own videos of the calibration prompts)"
+            )
 
     def scoring_bytes(self, shapes: list[tuple[int, int]], structured: bool) -> int:
         """The Taylor pass's scores (float32: per row and column, and per weight unless

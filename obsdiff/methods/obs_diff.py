@@ -8,6 +8,7 @@ import torch
 
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.package import InputGroup, LayerRecord, UnitGroup, write_weight
+from obsdiff.models.base import ModelAdapter
 from obsdiff.pruning.obs import ObsProblem, obs_batches, obs_prune_problems
 from obsdiff.pruning.obs_structured import HEAD_SALIENCIES, obs_prune_heads, obs_prune_neurons
 from obsdiff.pruning.patterns import Pattern
@@ -81,6 +82,13 @@ class ObsDiff(PruningMethod):
             raise ValueError(
                 f"method.token_weighting={self.token_weighting!r}; use one of "
                 f"{', '.join(TOKEN_WEIGHTINGS)}"
+            )
+
+    def check_model(self, model: ModelAdapter) -> None:
+        if self.token_weighting == ATTENTION and model.joint_attention is None:
+            raise ValueError(
+                f"method.token_weighting=attention: the attention maps of model={model.name} "
+                f"({model.family}) cannot be read; use method.token_weighting=cfg_response"
             )
 
     @property

@@ -18,7 +18,7 @@ from obsdiff.calibration.sequential import CalibrationSettings, Placement
 from obsdiff.methods.base import PruningMethod
 from obsdiff.methods.granularity import Granularity
 from obsdiff.methods.modulation import LowRankModulation
-from obsdiff.methods.obs_diff import ATTENTION, NO_TOKEN_WEIGHTING
+from obsdiff.methods.obs_diff import NO_TOKEN_WEIGHTING
 from obsdiff.methods.package import Depth, Structured, Target
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.experts import Experts
@@ -148,14 +148,10 @@ def plan_packages(
     if isinstance(job.target, Depth):  # whole blocks: no packages, no target linears
         depth_candidates(job, denoiser)
         return [], []
-    if (
-        getattr(job.method, "token_weighting", None) == ATTENTION
-        and job.model.joint_attention is None
-    ):
-        raise JobError(
-            f"method.token_weighting=attention: the attention maps of model={job.model.name} "
-            f"({job.model.family}) cannot be read; use method.token_weighting=cfg_response"
-        )
+    try:
+        job.method.check_model(job.model)
+    except ValueError as err:
+        raise JobError(str(err)) from err
     structured = isinstance(job.target, Structured)
     try:
         units = list_units(job.model, denoiser, job.blocks, structured=structured)

@@ -48,6 +48,7 @@ from obsdiff.models.structure import linear_at
 from obsdiff.models.surgery import shapes
 from obsdiff.oneshot.checkpoint import Checkpointer, check_previous_run
 from obsdiff.oneshot.job import JobError, PruneJob, depth_candidates, plan_packages
+from obsdiff.prompts.image_folder import read_image_folder
 from obsdiff.pruning.obs_structured import aligned_count
 from obsdiff.pruning.taylor import TaylorScores, taylor_scores
 from obsdiff.runners.parallel import DataParallel
@@ -272,7 +273,10 @@ def taylor_pass(
             for name, _ in group.producers + group.consumers
         }
     prompts = job.prompts.prompts[: job.calibration.batch_size]
-    loss_at = training_loss(job.model, pipe, prompts, method.levels, job.calibration.seed)
+    images = None  # one batch of the folder's images, as the official code's one batch
+    if method.images is not None:
+        images = read_image_folder(method.images, "method.images")[: job.calibration.batch_size]
+    loss_at = training_loss(job.model, pipe, prompts, method.levels, job.calibration.seed, images)
     return taylor_scores(
         denoiser, targets, loss_at, method.threshold, method.levels, per_weight=not structured
     )

@@ -1,13 +1,11 @@
-"""Real images as the recovery's data (`recover.images`): an image-text folder, encoded once.
+"""Real images as the recovery's data (`recover.images`): an image-text folder
+(`obsdiff.prompts.image_folder`: images with their captions), encoded once.
 
-The folder holds images (png, jpg, jpeg, webp) and their captions, either in `metadata.jsonl`
-(one `{"file_name": ..., "text": ...}` a line: the Hugging Face `imagefolder` layout) or in a
-`.txt` file of the same name beside each image. Each image is resized (shorter side) and centre
-cropped to the model's sampling resolution and encoded once by the VAE (the mode of its latent
-distribution, normalised as the pipeline does: minus the shift factor, times the scaling
-factor); each caption's conditioning is taken once from the pipeline itself
-(`obsdiff.models.training.text_call`). A training draw picks images, a noise level with the
-model's training density and a noise, drops captions to the empty one with
+Each image is resized (shorter side) and centre cropped to the model's sampling resolution and
+encoded once by the VAE (the mode of its latent distribution, normalised as the pipeline does:
+minus the shift factor, times the scaling factor); each caption's conditioning is taken once
+from the pipeline itself (`obsdiff.models.training.text_call`). A training draw picks images, a
+noise level with the model's training density and a noise, drops captions to the empty one with
 `caption_dropout`, and noises the latents into the denoiser's call (`noised_call`), with the
 target of the model's own training loss; every draw is a function of the seed and its index
 alone, so a resumed recovery draws the same.
@@ -15,13 +13,11 @@ alone, so a resumed recovery draws the same.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image
 
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.training import (
@@ -30,6 +26,7 @@ from obsdiff.models.training import (
     text_call,
     training_schedule,
 )
+from obsdiff.prompts.image_folder import pixels
 from obsdiff.recovery.data import DenoiserCall
 from obsdiff.utils.nested import map_tensors, tensors_in
 from obsdiff.utils.progress import progress
@@ -38,62 +35,7 @@ from obsdiff.utils.progress import progress
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-METADATA = "metadata.jsonl"
-
 Call = tuple[tuple[Any, ...], dict[str, Any]]
-
-
-def read_image_folder(folder: str | Path) -> list[tuple[Path, str]]:
-    """The folder's (image, caption) pairs, sorted by file name; ValueError naming
-    `recover.images` and the fix for a missing folder, no images or a missing caption."""
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise ValueError(f"recover.images={folder}: no such folder; give a folder of images")
-    if (root / METADATA).is_file():
-        pairs = []
-        for number, line in enumerate((root / METADATA).read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                pairs.append((root / str(entry["file_name"]), str(entry["text"])))
-            except (ValueError, KeyError, TypeError):
-                raise ValueError(
-                    f"recover.images: {root / METADATA} line {number} is not "
-                    '{"file_name": ..., "text": ...}'
-                ) from None
-        missing = [str(p) for p, _ in pairs if not p.is_file()]
-        if missing:
-            raise ValueError(f"recover.images: {METADATA} names missing images, e.g. {missing[0]}")
-    else:
-        images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        uncaptioned = [p.name for p in images if not p.with_suffix(".txt").is_file()]
-        if uncaptioned:
-            raise ValueError(
-                f"recover.images: {uncaptioned[0]} has no caption; put it in "
-                f"{Path(uncaptioned[0]).with_suffix('.txt')} beside it, or all captions in "
-                f"{root / METADATA}"
-            )
-        pairs = [(p, p.with_suffix(".txt").read_text().strip()) for p in images]
-    if not pairs:
-        raise ValueError(
-            f"recover.images={folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) with captions"
-        )
-    return sorted(pairs, key=lambda pair: str(pair[0]))
-
-
-def pixels(path: Path, height: int, width: int) -> torch.Tensor:
-    """The image resized (shorter side) and centre cropped to height x width, in [-1, 1]
-    (3, height, width)."""
-    image = Image.open(path).convert("RGB")
-    scale = max(height / image.height, width / image.width)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    image = image.crop((left, top, left + width, top + height))
-    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return data.view(height, width, 3).permute(2, 0, 1).float() / 127.5 - 1
 
 
 @dataclass

@@ -20,9 +20,10 @@ from obsdiff.artifacts.pruned import PrunedModel
 from obsdiff.artifacts.record import RecoveryResult
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.experts import check_one_denoiser
+from obsdiff.prompts.image_folder import read_image_folder
 from obsdiff.recovery.checkpoint import RecoveryCheckpoint, recovery_key
 from obsdiff.recovery.data import DenoiserCall, draw_calls, record_calls, step_density
-from obsdiff.recovery.images import encode_images, read_image_folder
+from obsdiff.recovery.images import encode_images
 from obsdiff.recovery.loop import distil
 from obsdiff.recovery.lora import check_lora_rank, lora_targets, merged, with_lora
 from obsdiff.recovery.settings import RecoverySettings

@@ -48,6 +48,11 @@ def load(path: Path) -> dict:  # type: ignore[type-arg]
         ("obsdiff.prune", ["method=diff_pruning", "method.levels=0"], "method.levels"),
         (
             "obsdiff.prune",
+            ["method=diff_pruning", "method.images=/no/such"],
+            "method.images=/no/such: no such folder",
+        ),
+        (
+            "obsdiff.prune",
             ["method=ecodiff", "granularity=structured", "sparsity=0.25", "method.beta=0"],
             "method.beta=0.0 must be > 0",
         ),

@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from app_runner import TINY_PRUNE, run_in_process
 from diffusers import DiffusionPipeline
+from images import image_folder
 from lightning.fabric.loggers import Logger
 from peft.tuners.lora.layer import LoraLayer
-from PIL import Image, ImageDraw
 from torch import nn
 
 import obsdiff
@@ -28,13 +28,13 @@ from obsdiff.artifacts.record import RunRecord
 from obsdiff.models.base import prediction
 from obsdiff.models.tiny import tiny_sd3_pipeline
 from obsdiff.prompts.files import BUNDLED_PROMPTS as CALIBRATION_PROMPTS
+from obsdiff.prompts.image_folder import read_image_folder
 from obsdiff.recovery.checkpoint import (
     RECOVERY_CHECKPOINT,
     RecoveryCheckpoint,
     RecoveryCheckpointError,
 )
 from obsdiff.recovery.data import DenoiserCall, draw_calls, record_calls, step_density
-from obsdiff.recovery.images import read_image_folder
 from obsdiff.recovery.losses import feature_loss
 from obsdiff.recovery.run import kept_weights, recover_pruned
 from obsdiff.recovery.settings import RecoverySettings
@@ -275,27 +275,6 @@ def test_two_gloo_ranks_recover_as_one_process_accumulating_twice(tmp_path: Path
     assert progress["step"] == 3 and set(written) == set(ranks[0])
     for name, weight in ranks[0].items():  # float32: the last step's weights, whole
         assert torch.equal(written[name], weight), name
-
-
-def image_folder(folder: Path, count: int, metadata: bool = False) -> Path:
-    """`count` small images of coloured shapes, their captions beside them (or in
-    metadata.jsonl)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    colours = ["red", "green", "blue", "yellow"]
-    lines = []
-    for index in range(count):
-        colour = colours[index % len(colours)]
-        image = Image.new("RGB", (48, 40), "white")
-        ImageDraw.Draw(image).ellipse((8, 6, 36, 34), fill=colour)
-        image.save(folder / f"{index}.png")
-        caption = f"a {colour} circle"
-        if metadata:
-            lines.append(json.dumps({"file_name": f"{index}.png", "text": caption}))
-        else:
-            (folder / f"{index}.txt").write_text(caption)
-    if metadata:
-        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 def test_an_image_folder_trains_with_the_models_own_loss_keeping_the_zeros(

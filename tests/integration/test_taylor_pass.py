@@ -81,3 +81,51 @@ def test_each_timestep_expert_is_scored_on_its_own_levels() -> None:
     assert first["transformer"] == 0 and first["transformer_2"] > 0
     every = totals(8)
     assert every["transformer"] > 0 and every["transformer_2"] > 0
+
+
+def test_an_image_folder_gives_the_clean_latents_and_conditioning(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`method.images`: the folder's first images (resized and cropped to the sampling size,
+    encoded by the VAE) with their captions' conditioning feed the loss, in place of the model's
+    own samples of the prompts: other losses, other scores; the prune records the folder."""
+    from images import image_folder
+
+    import obsdiff
+    from obsdiff.calibration.taylor import folder_samples
+    from obsdiff.models.tiny import tiny_sd3_pipeline
+    from obsdiff.prompts.image_folder import read_image_folder
+
+    folder = image_folder(tmp_path / "images", 3)
+    adapter, pipe, denoiser, targets = setup("tiny_sd3")
+    pairs = read_image_folder(folder, "method.images")[:2]
+    (args, kwargs), latents = folder_samples(adapter, pipe, pairs)
+    assert latents.shape[0] == 2 and latents.shape[1:] == adapter.latent_shape(pipe.components)
+    own = taylor_scores(denoiser, targets, training_loss(adapter, pipe, PROMPTS, 4), 1e-9, 2)
+    real = training_loss(adapter, pipe, PROMPTS, 4, images=pairs)
+    scores = taylor_scores(denoiser, targets, real, 1e-9, 2)
+    assert scores.losses != own.losses
+    name = next(iter(targets))
+    assert not torch.equal(scores.weights[name], own.weights[name])
+    sampling = {"num_inference_steps": 2, "guidance_scale": 4.0, "height": 32, "width": 32}
+    model = obsdiff.prune(
+        tiny_sd3_pipeline(), "diff_pruning", "unstructured", 0.5, prompts=PROMPTS,
+        sampling=sampling, levels=2, images=str(folder),
+    )  # fmt: skip
+    assert model.manifest["method"]["images"] == str(folder)
+    assert model.manifest["taylor"]["levels"] == [0, 1]
+
+
+def test_an_image_folder_for_a_video_model_is_refused_before_loading(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from app_runner import TINY_PRUNE, run_in_process
+    from images import image_folder
+
+    folder = image_folder(tmp_path / "images", 2)
+    result = run_in_process(
+        "obsdiff.prune", *TINY_PRUNE, "model=tiny_wan", "method=diff_pruning",
+        f"method.images={folder}", f"paths.output_root={tmp_path / 'runs'}",
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert output.count("[ERROR]") == 1
+    assert "makes videos, whose clean latents an image folder cannot give" in output
+    runs = tmp_path / "runs"
+    assert "loaded model" not in output and not (runs.exists() and any(runs.iterdir()))
