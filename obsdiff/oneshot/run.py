@@ -110,7 +110,9 @@ def prune_pipeline(
     previous = checkpointer.restore()
     first_pass = None  # a gradient method's: what the manifest says of it
     if job.method.needs_gradients and previous.packages_done < len(packages):
-        first_pass = scoring_pass(job, pipe, denoiser, packages, dict(targets), checkpointer)
+        first_pass = scoring_pass(
+            job, pipe, denoiser, packages, dict(targets), checkpointer, parallel.is_main
+        )
     embeddings = []
     shard = parallel.shard(len(job.prompts.prompts))
     depth = isinstance(job.target, Depth)
@@ -223,11 +225,12 @@ def scoring_pass(
     packages: list[list[UnitRef]],
     targets: dict[str, nn.Linear],
     checkpointer: Checkpointer,
+    keep: bool = True,
 ) -> dict[str, Any]:
     """A gradient method's pass before the packages, on the dense model (Diff-Pruning's Taylor
-    scores, EcoDiff's masks), handed to the method; kept in the checkpoint, so that a resume
-    reads it instead of computing it again on a partly pruned model. Returns the manifest's
-    section about it."""
+    scores, EcoDiff's masks), handed to the method; kept in the checkpoint (by the process
+    that writes, `keep`: rank 0), so that a resume reads it instead of computing it again on a
+    partly pruned model. Returns the manifest's section about it."""
     method = job.method
     kept = checkpointer.restore_scores()
     if isinstance(method, EcoDiff):
@@ -239,7 +242,8 @@ def scoring_pass(
                 "losses": [round(v, 6) for v in result.losses],
             }
             kept = (result.logits, info)
-            checkpointer.save_scores(*kept)
+            if keep:
+                checkpointer.save_scores(*kept)
         method.use_logits(kept[0])
         return {"ecodiff": kept[1]}
     assert isinstance(method, DiffPruning)  # the other method that reads gradients
@@ -247,7 +251,8 @@ def scoring_pass(
         scores = taylor_pass(job, pipe, denoiser, packages, targets)
         losses = [round(v, 6) for v in scores.losses]
         kept = (scores.as_tensors(), {"levels": scores.levels, "losses": losses})
-        checkpointer.save_scores(*kept)
+        if keep:
+            checkpointer.save_scores(*kept)
     tensors, about = kept
     method.use_scores(TaylorScores.from_tensors(tensors, about["levels"], about["losses"]))
     return {"taylor": about}
