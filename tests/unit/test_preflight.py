@@ -38,7 +38,7 @@ def refusal(config: str, argv: list[str], capsys: pytest.CaptureFixture[str]) ->
             ["method=wanda", "method.token_weighting=cfg_response"],
             ["method=wanda has no such key, method=obsdiff has", "use method=obsdiff or drop"],
         ),
-        ("prune", ["method.token_weighting=attention"], ["'attention'; use one of none, cfg"]),
+        ("prune", ["method.token_weighting=saliency"], ["'saliency'; use one of none, cfg"]),
         ("prune", ["method=nosuch"], ["method=nosuch", "no option 'nosuch'", "obsdiff, wanda"]),
         ("prune", ["method=obsdif"], ["did you mean method=obsdiff or method=ecodiff?"]),
         ("prune", ["weighting=nosuch"], ["weighting=nosuch", "log_decrease"]),

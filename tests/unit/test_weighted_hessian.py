@@ -146,6 +146,7 @@ def test_token_positions_are_token_samples() -> None:
 
 
 def test_an_unknown_token_weighting_is_refused() -> None:
-    with pytest.raises(ValueError, match="method.token_weighting='attention'; use one of none"):
-        ObsDiff(token_weighting="attention")
+    options = "use one of none, cfg_response, attention"
+    with pytest.raises(ValueError, match=f"method.token_weighting='saliency'; {options}"):
+        ObsDiff(token_weighting="saliency")
     assert ObsDiff().describe()["token_weighting"] == "none"
