@@ -15,7 +15,13 @@ import safetensors.torch
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from registry import SHIPPED_MODELS, TINY_MODELS, calibration_overrides, tiny_adapter
+from registry import (
+    SHIPPED_MODELS,
+    TINY_BY_ADAPTER,
+    TINY_MODELS,
+    calibration_overrides,
+    tiny_adapter,
+)
 
 import obsdiff
 from obsdiff.app.config import CONF_DIR
@@ -35,7 +41,7 @@ from obsdiff.calibration.token_maps import (
     token_weights,
 )
 from obsdiff.eval.generation import generate
-from obsdiff.methods.obs_diff import NO_TOKEN_WEIGHTING, TOKEN_WEIGHTINGS
+from obsdiff.methods.obs_diff import CFG_RESPONSE, NO_TOKEN_WEIGHTING, TOKEN_WEIGHTINGS
 from obsdiff.models.base import ModelAdapter
 from obsdiff.models.experts import called_modules
 from obsdiff.models.sampling import CFG_DOUBLED_BATCH, CFG_NONE, CFG_SEPARATE_CALLS
@@ -51,7 +57,14 @@ pytestmark = pytest.mark.integration
 PROMPTS = ["a red circle", "a green square", "a blue cat", "two dogs"]
 FAST = ["model.sampling.num_inference_steps=2", "packages=2", "calibration.num_prompts=2"]
 WEIGHTED = ["method=obsdiff", "method.token_weighting=cfg_response"]
-WEIGHTINGS = [w for w in TOKEN_WEIGHTINGS if w != NO_TOKEN_WEIGHTING]
+# cfg_response on every model; the other weightings on one model of each family (their maps'
+# layouts are each family's) and the toy
+PRUNE_CASES = [(model, CFG_RESPONSE) for model in TINY_MODELS + SHIPPED_MODELS] + [
+    (model, weighting)
+    for weighting in TOKEN_WEIGHTINGS
+    if weighting not in (NO_TOKEN_WEIGHTING, CFG_RESPONSE)
+    for model in [models[0] for models in TINY_BY_ADAPTER.values()] + SHIPPED_MODELS
+]
 # the first linear of the groups that read the text stream alone (MMDiT context streams,
 # cross-attention keys and values); single-stream blocks read [text, image]
 TEXT_STREAM = ("add_q_proj", "to_add_out", "ff_context.", "txt_mlp.", "attn2.to_k")
@@ -259,9 +272,8 @@ def target_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return {layer["name"]: saved[layer["name"] + ".weight"] for layer in manifest["records"]}
 
 
-@pytest.mark.parametrize("weighting", WEIGHTINGS)
-@pytest.mark.parametrize("model", TINY_MODELS + SHIPPED_MODELS)
-def test_each_weighting_prunes_every_model_exactly_and_reloads(
+@pytest.mark.parametrize(("model", "weighting"), PRUNE_CASES)
+def test_each_weighting_prunes_exactly_and_reloads(
     model: str, weighting: str, compose_prune, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     weighted = ["method=obsdiff", f"method.token_weighting={weighting}"]
