@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-from bench_compress import cell, toy_benchmark  # the toy benchmarks' shared command line
-
-from obsdiff.artifacts.record import RecordError, RunRecord
+from bench_compress import METRICS, cell, job_row, toy_benchmark  # the toy benchmarks' shared parts
 
 
 STRUCTURED = ["granularity=structured"]
@@ -79,33 +76,6 @@ JOBS: dict[str, list[str]] = {  # the job's folder: its settings
 JOBS = dict(
     sorted(JOBS.items(), key=lambda job: not job[0].startswith(("ecodiff", "diff_pruning")))
 )
-METRICS = ("prompt_fidelity", "psnr", "ssim", "toy_feature_distance")
-
-
-def job_row(name: str, run_dir: Path) -> dict[str, Any] | None:
-    """One finished job's figures (None while it is not finished)."""
-    try:
-        record = RunRecord.read(run_dir)
-    except RecordError:
-        return None
-    if not record.completed or record.prune is None or record.eval is None:
-        return None
-    metrics, intervals = record.eval.metrics, record.eval.intervals
-    row: dict[str, Any] = {
-        "job": name,
-        "achieved_sparsity": record.prune.achieved_sparsity,
-        "parameters": record.prune.params_after,
-        "parameters_dense": record.prune.params_before,
-        "prune_seconds": record.prune.wall_seconds,
-        "peak_memory_bytes": record.prune.peak_memory_bytes,
-        "recovery_seconds": None if record.recover is None else round(record.recover.seconds),
-    }
-    for key in METRICS:
-        row[key] = metrics.get(key)
-        row[f"{key}_interval"] = intervals.get(key)
-    if record.dense is not None:
-        row["dense_prompt_fidelity"] = record.dense.metrics.get("prompt_fidelity")
-    return row
 
 
 def summary(out: Path, reports: Path) -> None:

@@ -101,8 +101,11 @@ def job_row(name: str, run_dir: Path) -> dict[str, Any] | None:
     metrics, intervals = record.eval.metrics, record.eval.intervals
     row: dict[str, Any] = {
         "job": name,
+        "achieved_sparsity": record.prune.achieved_sparsity,
         "parameters": record.prune.params_after,
         "parameters_dense": record.prune.params_before,
+        "prune_seconds": record.prune.wall_seconds,
+        "peak_memory_bytes": record.prune.peak_memory_bytes,
         "bytes_on_disk": (run_dir / "denoiser.safetensors").stat().st_size,
         "recovery_seconds": None if record.recover is None else round(record.recover.seconds),
     }

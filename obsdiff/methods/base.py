@@ -24,6 +24,7 @@ import torch
 from obsdiff.methods.granularity import GRANULARITY_OPTIONS
 from obsdiff.methods.package import InputGroup, LayerRecord, UnitGroup, write_weight
 from obsdiff.models.base import ModelAdapter
+from obsdiff.pruning.l1 import l1_select
 from obsdiff.pruning.obs import obs_workspace_bytes
 from obsdiff.pruning.patterns import Pattern
 from obsdiff.pruning.statistics import InputStatistics
@@ -137,3 +138,34 @@ class PruningMethod:
         ((rows, width)). Producers are the (width, in) row blocks of the up-projection(s);
         `where` names the group and its linears."""
         raise ValueError(f"method {self.name!r} does not support structured pruning")
+
+
+class ScoredUnits(PruningMethod):
+    """A structured method that scored or learnt its units before the packages (Diff-Pruning's
+    Taylor sums, EcoDiff's gate logits): each group drops its `count` lowest-scoring units,
+    ties by index, and no weight is compensated."""
+
+    def unit_scores(self, where: UnitGroup) -> torch.Tensor:
+        """Each unit's score of the group (units,), higher is kept."""
+        raise NotImplementedError
+
+    def select_heads(
+        self,
+        consumers: list[torch.Tensor],
+        hessians: list[torch.Tensor | None],
+        producers: list[torch.Tensor],
+        head_dim: int,
+        count: int,
+        where: UnitGroup,
+    ) -> tuple[list[torch.Tensor], list[int]]:
+        return consumers, l1_select(self.unit_scores(where), count).tolist()
+
+    def select_neurons(
+        self,
+        consumer: torch.Tensor,
+        hessian: torch.Tensor | None,
+        producers: list[torch.Tensor],
+        count: int,
+        where: UnitGroup,
+    ) -> tuple[torch.Tensor, list[int]]:
+        return consumer, l1_select(self.unit_scores(where), count).tolist()

@@ -23,11 +23,10 @@ from typing import ClassVar
 
 import torch
 
-from obsdiff.methods.base import PruningMethod
+from obsdiff.methods.base import ScoredUnits
 from obsdiff.methods.package import InputGroup, LayerRecord, UnitGroup, write_weight
 from obsdiff.models.base import ModelAdapter
 from obsdiff.prompts.image_folder import read_image_folder
-from obsdiff.pruning.l1 import l1_select
 from obsdiff.pruning.patterns import Pattern, mask_for
 from obsdiff.pruning.taylor import (
     OFFICIAL_LEVELS,
@@ -38,7 +37,7 @@ from obsdiff.pruning.taylor import (
 
 
 @dataclass
-class DiffPruning(PruningMethod):
+class DiffPruning(ScoredUnits):
     """Diff-Pruning's Taylor importance.
 
     Attributes:
@@ -104,27 +103,6 @@ class DiffPruning(PruningMethod):
                 part = lines[name][offset : offset + where.width].double().cpu()  # (width,)
                 total += part.reshape(where.units, where.unit_width).sum(1)
         return total
-
-    def select_heads(
-        self,
-        consumers: list[torch.Tensor],
-        hessians: list[torch.Tensor | None],
-        producers: list[torch.Tensor],
-        head_dim: int,
-        count: int,
-        where: UnitGroup,
-    ) -> tuple[list[torch.Tensor], list[int]]:
-        return consumers, l1_select(self.unit_scores(where), count).tolist()
-
-    def select_neurons(
-        self,
-        consumer: torch.Tensor,
-        hessian: torch.Tensor | None,
-        producers: list[torch.Tensor],
-        count: int,
-        where: UnitGroup,
-    ) -> tuple[torch.Tensor, list[int]]:
-        return consumer, l1_select(self.unit_scores(where), count).tolist()
 
     def prune_groups(self, groups: list[InputGroup], pattern: Pattern) -> list[LayerRecord]:
         records = []

@@ -17,14 +17,13 @@ from typing import ClassVar
 
 import torch
 
-from obsdiff.methods.base import PruningMethod
+from obsdiff.methods.base import ScoredUnits
 from obsdiff.methods.package import UnitGroup
 from obsdiff.pruning.gates import MASKINGS
-from obsdiff.pruning.l1 import l1_select
 
 
 @dataclass
-class EcoDiff(PruningMethod):
+class EcoDiff(ScoredUnits):
     """EcoDiff's learned masks.
 
     Attributes:
@@ -86,28 +85,8 @@ class EcoDiff(PruningMethod):
         """The trained logits by group key, which the selection reads."""
         self._logits = logits
 
-    def _lowest(self, where: UnitGroup, count: int) -> list[int]:
+    def unit_scores(self, where: UnitGroup) -> torch.Tensor:
+        """The group's trained logits (units,)."""
         if self._logits is None:
             raise RuntimeError("ecodiff: no trained masks; prune_pipeline trains them first")
-        return l1_select(self._logits[where.key].detach().double().cpu(), count).tolist()
-
-    def select_heads(
-        self,
-        consumers: list[torch.Tensor],
-        hessians: list[torch.Tensor | None],
-        producers: list[torch.Tensor],
-        head_dim: int,
-        count: int,
-        where: UnitGroup,
-    ) -> tuple[list[torch.Tensor], list[int]]:
-        return consumers, self._lowest(where, count)
-
-    def select_neurons(
-        self,
-        consumer: torch.Tensor,
-        hessian: torch.Tensor | None,
-        producers: list[torch.Tensor],
-        count: int,
-        where: UnitGroup,
-    ) -> tuple[torch.Tensor, list[int]]:
-        return consumer, self._lowest(where, count)
+        return self._logits[where.key].detach().double().cpu()
